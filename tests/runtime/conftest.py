@@ -42,3 +42,35 @@ def splits(digits_arrays):
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """A real, throw-away PostgreSQL server for the session (the ``pgserver`` package's
+    binaries, in the ``dev`` extra), on a Unix socket in a temp folder; stopped and deleted
+    at the end. Skips when pgserver or psycopg is not installed."""
+    import warnings
+
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        pgserver = pytest.importorskip("pgserver")
+    pytest.importorskip("psycopg")
+    srv = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="delete")
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture()
+def pg_url(pg_server, request) -> str:
+    """A ``postgresql://`` URL to a fresh, empty schema on :func:`pg_server` (a schema,
+    not a database: creating a database copies and logs a template of several MB)."""
+    import re
+    import uuid
+
+    import psycopg
+
+    name = (f"t_{re.sub(r'[^a-z0-9]+', '_', request.node.name.lower())[:40]}"
+            f"_{uuid.uuid4().hex[:8]}")
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{name}"')
+    return f"{pg_server.get_uri()}&options=-csearch_path%3D{name}"
