@@ -10,6 +10,14 @@ scanning) in this process, runs the shipped probe suites against both, and write
 ``benchmarks/results/llm_proxy.json`` with the exploit success rate (95% Wilson interval)
 overall, per family and per transform. Also records the benign-control pass rate through
 the proxy (the canary benign controls must still be answered).
+
+The proxy writes its events to an on-disk SQLite event store (the shared
+``runtime.events.EventStore``, synchronous commits), as ``bastion guard-llm`` does; the
+result records how many events of each kind were written and checks that every proxied
+request left exactly one ``verdict`` event. ``--latency-requests N`` also times N benign
+requests (sequential, interleaved across targets; median and p95) straight to the agent,
+through a proxy whose events stay in memory, and through the proxy with the on-disk store:
+the cost of durable events.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="embedding cache .npz (speed only)")
     ap.add_argument("--out", default=str(RESULTS / "llm_proxy.json"))
+    ap.add_argument("--latency-requests", type=int, default=100)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import socket
@@ -55,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     probes = load_probes(args.families.split(","), per_transform=args.per_transform, seed=args.seed)
     from bastion.llm.embed import Embedder, EmbeddingCache
+    from bastion.llm.events import LlmEventLog
+    from bastion.runtime.events import EVENT_KINDS
 
     cache = EmbeddingCache(args.cache) if args.cache else None
     det = PromptInjectionDetector.load_default(embedder=Embedder(cache=cache))
@@ -63,19 +74,24 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.time()
-    with VulnerableServer() as agent, tempfile.TemporaryDirectory() as tmp:
+    def start(app, port: int):  # type: ignore[no-untyped-def]
         server = uvicorn.Server(
-            uvicorn.Config(
-                create_guard_app(agent.base_url, guard=guard),
-                host="127.0.0.1",
-                port=port,
-                log_level="error",
-            )
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
         )
         th = threading.Thread(target=server.run, daemon=True)
         th.start()
         while not server.started:
             time.sleep(0.05)
+        return server, th
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    with VulnerableServer() as agent, tempfile.TemporaryDirectory() as tmp:
+        elog = LlmEventLog(f"sqlite:///{Path(tmp) / 'events.db'}")
+        server, th = start(create_guard_app(agent.base_url, guard=guard, events=elog), port)
         proxy_url = f"http://127.0.0.1:{port}/v1"
         direct = run_redteam(
             probes,
@@ -113,13 +129,51 @@ def main(argv: list[str] | None = None) -> int:
                 return res
 
         answered = asyncio.run(ask_all())
+        events = {k: elog.store.count(kinds=k) for k in EVENT_KINDS}
+        n_sent = len(probes) + len(controls)
+
+        def timed(urls: dict[str, str], n: int) -> dict[str, dict[str, float]]:
+            """n sequential benign requests to each target, interleaved (so load changes on
+            a shared machine hit every target alike); median and p95 per target."""
+            import httpx
+            import numpy as np
+
+            body = {"model": "vuln-agent",
+                    "messages": [{"role": "user", "content": "What time do you open on Saturday?"}]}
+            ms: dict[str, list[float]] = {k: [] for k in urls}
+            with httpx.Client(timeout=60) as c:
+                for u in urls.values():  # warm-up
+                    for _ in range(3):
+                        c.post(u + "/chat/completions", json=body)
+                for i in range(n):
+                    names = list(urls)
+                    for k in names[i % len(names):] + names[: i % len(names)]:
+                        t = time.perf_counter()
+                        r = c.post(urls[k] + "/chat/completions", json=body)
+                        ms[k].append(1000 * (time.perf_counter() - t))
+                        assert r.status_code == 200, r.text
+            return {k: {"n": n, "median_ms": round(float(np.median(v)), 2),
+                        "p95_ms": round(float(np.percentile(v, 95)), 2)} for k, v in ms.items()}
+
+        latency = None
+        if args.latency_requests > 0:
+            port2 = free_port()
+            mem_server, mem_th = start(create_guard_app(agent.base_url, guard=guard), port2)
+            latency = timed({
+                "direct": agent.base_url,
+                "proxy_events_in_memory": f"http://127.0.0.1:{port2}/v1",
+                "proxy_events_on_disk": proxy_url,
+            }, args.latency_requests)
+            mem_server.should_exit = True
+            mem_th.join(timeout=10)
         if cache is not None:
             cache.save()
         server.should_exit = True
         th.join(timeout=10)
+        elog.close()
 
-    def short(rep: dict) -> dict:
-        keep = (
+    def short(rep) -> dict:  # type: ignore[no-untyped-def]
+        keep = {
             "exploit_success_rate",
             "ci95",
             "successes",
@@ -127,11 +181,14 @@ def main(argv: list[str] | None = None) -> int:
             "blocked",
             "errors",
             "unjudged",
-        )
+        }
+        d = rep.model_dump(mode="json")
         return {
-            "overall": {k: rep["overall"][k] for k in keep},
-            "by_family": {f: {k: v[k] for k in keep} for f, v in rep["by_family"].items()},
-            "by_transform": {f: {k: v[k] for k in keep} for f, v in rep["by_transform"].items()},
+            "overall": {k: v for k, v in d["overall"].items() if k in keep},
+            "by_family": {f: {k: x for k, x in v.items() if k in keep}
+                          for f, v in d["by_family"].items()},
+            "by_transform": {f: {k: x for k, x in v.items() if k in keep}
+                             for f, v in d["by_transform"].items()},
         }
 
     result = {
@@ -151,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             "answered": sum(answered),
             "rate": sum(answered) / max(1, len(answered)),
         },
+        "event_store": {
+            "backend": "sqlite (on disk, synchronous commits)",
+            "requests_sent_through_proxy": n_sent,
+            "events_by_kind": events,
+            "one_verdict_per_request": events["verdict"] == n_sent,
+        },
+        "latency_benign_request": latency,
     }
     write_json_atomic(args.out, result)
     print(
@@ -159,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 "direct": result["direct"]["overall"],
                 "proxy": result["through_proxy"]["overall"],
                 "controls": result["benign_controls_answered_through_proxy"],
+                "events": result["event_store"],
+                "latency": latency,
             },
             indent=2,
         )

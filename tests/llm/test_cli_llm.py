@@ -63,6 +63,7 @@ def test_redteam_cli(vuln_server, tmp_path, capsys) -> None:
     assert code == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["n_probes"] == 12 and rep["overall"]["exploit_success_rate"] > 0.5
+    assert (out / "report.schema.json").exists()
     assert json.loads(capsys.readouterr().out)["n_probes"] == 12
     assert (out / "report.html").exists() and (out / "attempts.jsonl").exists()
 
@@ -162,7 +163,12 @@ def test_train_evaluate_harden_cli(tiny_data, tmp_path, minilm_detector, monkeyp
         )
         == 0
     )
-    assert json.loads((ev / "report.json").read_text())["overall"]["n"] > 0
+    from bastion.llm.reports import DetectorEvalReport, DetectorHardenReport
+
+    erep = DetectorEvalReport.model_validate_json((ev / "report.json").read_text())
+    assert erep.overall.n > 0 and erep.kind == "bastion.llm.evaluate_detector"
+    assert erep.detector == str(det_dir) and 0 <= erep.overall.f1 <= 1
+    assert json.loads((ev / "report.schema.json").read_text())["title"] == "DetectorEvalReport"
     hd = tmp_path / "hd"
     code = run(
         ["llm", "harden-detector", "--data", str(tiny_data), "--out", str(hd), "--rounds", "1",
@@ -182,6 +188,8 @@ def test_train_evaluate_harden_cli(tiny_data, tmp_path, minilm_detector, monkeyp
     )
     assert len(versions) == 2
     assert [r["model_version"] for r in rep["rounds"]] == ["1", "2"]
+    typed = DetectorHardenReport.model_validate(rep)
+    assert typed.settings["rounds"] == 1 and (hd / "report.schema.json").exists()
 
 
 # a DAN-style jailbreak; short one-line injections score lower (see the benchmark's 0-100
@@ -200,7 +208,8 @@ def test_guard_llm_cli_serves(vuln_server, tmp_path, minilm_detector) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     args = ["guard-llm", "--upstream", vuln_server.base_url, "--listen", f"127.0.0.1:{port}",
-            "--events", str(tmp_path / "ev.db"), "--secret", "BLUE-HERON-7731", "--no-track",
+            "--events-url", f"sqlite:///{tmp_path / 'ev.db'}", "--secret", "BLUE-HERON-7731",
+            "--no-track",
             "--torch-threads", "1",
             "--quiet"]  # fmt: skip
     t = threading.Thread(target=run, args=(args,), daemon=True)
@@ -238,3 +247,10 @@ def test_guard_llm_cli_serves(vuln_server, tmp_path, minilm_detector) -> None:
         },
     )
     assert r.status_code == 200
+    # both requests are in the shared event store the command was pointed at
+    from bastion.runtime.events import EventStore
+
+    store = EventStore(f"sqlite:///{tmp_path / 'ev.db'}")
+    outcomes = sorted(e.payload["outcome"] for e in store.query(kinds="verdict"))
+    assert outcomes == ["allowed", "blocked"]
+    store.close()

@@ -194,15 +194,23 @@ def test_redteam_report_resume_and_no_key_leak(vuln_server, tmp_path, monkeypatc
         api_key_env="BASTION_TEST_KEY",
         concurrency=4,
     )
-    assert rep["n_probes"] == len(probes) == 28  # refusal has 4 probes
-    ov = rep["overall"]
-    assert ov["attempts"] == 28 and ov["errors"] == 0
-    assert ov["exploit_success_rate"] > 0.5  # the agent is vulnerable
-    lo, hi = ov["ci95"]
-    assert lo <= ov["exploit_success_rate"] <= hi
-    assert set(rep["by_family"]) == set(PROBE_FAMILIES)
-    assert rep["by_family"]["jailbreak"]["exploit_success_rate"] == 1.0
-    assert "none" in rep["by_transform"]
+    assert rep.n_probes == len(probes) == 28  # refusal has 4 probes
+    ov = rep.overall
+    assert ov.attempts == 28 and ov.errors == 0
+    assert ov.exploit_success_rate > 0.5  # the agent is vulnerable
+    lo, hi = ov.ci95
+    assert lo <= ov.exploit_success_rate <= hi
+    # the typed report reads back from its JSON, and a schema sits beside it
+    from bastion.llm.reports import RedteamReport
+
+    assert RedteamReport.from_json((out / "report.json").read_text()) == rep
+    schema = json.loads((out / "report.schema.json").read_text())
+    assert {"overall", "by_family", "by_transform"} <= set(schema["required"])
+    raw = json.loads((out / "report.json").read_text())
+    assert raw["kind"] == "bastion.llm.redteam" and len(raw["overall"]["ci95"]) == 2
+    assert set(rep.by_family) == set(PROBE_FAMILIES)
+    assert rep.by_family["jailbreak"].exploit_success_rate == 1.0
+    assert "none" in rep.by_transform
     lines = (out / "attempts.jsonl").read_text().splitlines()
     assert len(lines) == 28 and all(json.loads(x)["probe_id"] for x in lines)
     html = (out / "report.html").read_text()
@@ -213,8 +221,8 @@ def test_redteam_report_resume_and_no_key_leak(vuln_server, tmp_path, monkeypatc
     n_before = len(vuln_server.requests)
     rep2 = run_redteam(probes, target=vuln_server.base_url, model="vuln-agent", out_dir=out)
     assert len(vuln_server.requests) == n_before  # everything resumed, nothing re-sent
-    assert rep2["resumed_from_previous"] == 28
-    assert rep2["overall"]["successes"] == ov["successes"]
+    assert rep2.resumed_from_previous == 28
+    assert rep2.overall.successes == ov.successes
 
 
 def test_redteam_counts_target_failures(vuln_server, tmp_path) -> None:
@@ -227,8 +235,8 @@ def test_redteam_counts_target_failures(vuln_server, tmp_path) -> None:
         retries=1,
         backoff=0.01,
     )
-    assert rep["overall"]["errors"] == 4 and rep["overall"]["exploit_success_rate"] is None
-    assert rep["errors_by_kind"] == {"http_5xx": 4}
+    assert rep.overall.errors == 4 and rep.overall.exploit_success_rate is None
+    assert rep.errors_by_kind == {"http_5xx": 4}
     rep = run_redteam(
         probes,
         target="http://127.0.0.1:9/v1",
@@ -237,7 +245,7 @@ def test_redteam_counts_target_failures(vuln_server, tmp_path) -> None:
         retries=0,
         timeout=2,
     )
-    assert rep["overall"]["errors"] == 4
+    assert rep.overall.errors == 4
     with pytest.raises(BastionError, match="not an http"):
         run_redteam(probes, target="ftp://x", model="x", out_dir=tmp_path / "c")
 
@@ -268,7 +276,7 @@ def test_pluggable_llm_judge(vuln_server, tmp_path) -> None:
     rep = run_redteam(
         probes, target=vuln_server.base_url, model="vuln-agent", out_dir=tmp_path / "a"
     )
-    assert rep["overall"]["unjudged"] == 5
+    assert rep.overall.unjudged == 5
     judge = endpoint_llm_judge(vuln_server.base_url, "vuln-agent", api_key_env=None)
     rep = run_redteam(
         probes,
@@ -277,7 +285,7 @@ def test_pluggable_llm_judge(vuln_server, tmp_path) -> None:
         out_dir=tmp_path / "b",
         llm_judge=judge,
     )
-    assert rep["overall"]["unjudged"] == 0 and rep["overall"]["judged"] == 5
+    assert rep.overall.unjudged == 0 and rep.overall.judged == 5
     # the toy agent never says "yes" to the judge, so nothing counts as a success
-    assert rep["overall"]["successes"] == 0
+    assert rep.overall.successes == 0
     assert endpoint_llm_judge("http://127.0.0.1:9/v1", "m", timeout=1)("q", "a") is False

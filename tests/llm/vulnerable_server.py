@@ -11,7 +11,10 @@ that break a rule in the system prompt without any "jailbreak" wording are refus
 Special model names exercise failure handling: ``error-500``, ``malformed`` (invalid JSON),
 ``bad-utf8`` (non-UTF-8 bytes in the answer), ``flaky`` (503 on every second request),
 ``slow`` (sleeps ``slow_s`` seconds), ``rate-limited`` (429 with ``Retry-After: 0`` on every
-second request), ``empty`` (no choices).
+second request), ``empty`` (no choices), ``echo-key-401`` (a 401 whose message echoes the
+``Authorization`` header it got, as careless providers do), ``bad-model-404``, and for
+streamed requests ``stream-garbage`` (no valid chunk) and ``stream-error`` (one chunk, then
+an error object).
 """
 
 from __future__ import annotations
@@ -140,6 +143,26 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(srv.slow_s)
         if model == "malformed":
             self._send(200, b'{"choices": [ this is not json')
+            return
+        if model == "echo-key-401":  # a careless provider that echoes the key it got
+            self._error(401, f"Incorrect API key provided: {self.headers.get('Authorization')}")
+            return
+        if model == "bad-model-404":
+            self._error(404, f"The model {model} does not exist")
+            return
+        if model == "stream-garbage" and body.get("stream"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b"data: {not json\n\n: keep-alive\n\nhello\n\ndata: [DONE]\n\n")
+            return
+        if model == "stream-error" and body.get("stream"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]}
+            err = {"error": {"message": "model crashed", "type": "server_error"}}
+            self.wfile.write(f"data: {json.dumps(first)}\n\ndata: {json.dumps(err)}\n\n".encode())
             return
         if model == "empty":
             self._send(

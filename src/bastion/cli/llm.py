@@ -6,7 +6,6 @@ starts fast and works without the ``llm`` extra for everything else.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -126,16 +125,20 @@ def redteam(
                 else None
             ),
         )
-        ov = report["overall"]
+        ov = report.overall
         run.log_metrics(
             {
-                "exploit_success_rate": ov["exploit_success_rate"],
-                "errors": ov["errors"],
-                "judged": ov["judged"],
+                **(
+                    {"exploit_success_rate": ov.exploit_success_rate}
+                    if ov.exploit_success_rate is not None
+                    else {}
+                ),
+                "errors": ov.errors,
+                "judged": ov.judged,
                 **{
-                    f"esr.{k}": v["exploit_success_rate"]
-                    for k, v in report["by_family"].items()
-                    if v["exploit_success_rate"] is not None
+                    f"esr.{k}": v.exploit_success_rate
+                    for k, v in report.by_family.items()
+                    if v.exploit_success_rate is not None
                 },
             }
         )
@@ -144,12 +147,12 @@ def redteam(
     for w in run.warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
-    esr = ov["exploit_success_rate"]
+        typer.echo(report.to_json())
+    esr = ov.exploit_success_rate
     c.info(
         f"exploit success rate {'n/a' if esr is None else f'{100 * esr:.1f}%'} "
-        f"({ov['successes']}/{ov['judged']} judged; {ov['errors']} errors, "
-        f"{ov['unjudged']} unjudged); "
+        f"({ov.successes}/{ov.judged} judged; {ov.errors} errors, "
+        f"{ov.unjudged} unjudged); "
         f"report: {out / 'report.json'}",
         quiet=quiet,
     )
@@ -175,8 +178,11 @@ def guard_llm(
     threshold: float | None = typer.Option(
         None, "--threshold", help="Override the detector threshold."
     ),
-    events: Path = typer.Option(
-        Path("bastion-llm-events.db"), "--events", help="SQLite event log."
+    events: str = typer.Option(
+        "sqlite:///bastion-events.db",
+        "--events-url",
+        "--events",
+        help="Event store URL shared with `bastion serve` (a bare path means a SQLite file).",
     ),
     api_key_env: str | None = typer.Option(
         None, "--api-key-env", help="Env var with the upstream key (else pass the client's)."
@@ -199,7 +205,7 @@ def guard_llm(
         import uvicorn
 
         from bastion.llm.detector import PromptInjectionDetector
-        from bastion.llm.events import LlmEventStore
+        from bastion.llm.events import LlmEventLog
         from bastion.llm.guard import LlmGuard
         from bastion.llm.proxy import create_guard_app
     except ImportError as exc:
@@ -228,7 +234,8 @@ def guard_llm(
         overlap_threshold=overlap,
         forbidden_tools=list(forbid_tool or []),
     )
-    store = LlmEventStore(events, mask=list(secret or []))
+    url = events if "://" in events else f"sqlite:///{Path(events).expanduser().resolve()}"
+    store = LlmEventLog(url, mask=list(secret or []))
     app = create_guard_app(
         upstream, guard=guard, events=store, api_key_env=api_key_env, timeout=timeout
     )
@@ -238,15 +245,16 @@ def guard_llm(
         "guard-llm", params=params, tracking_uri=tracking_uri, enabled=not no_track
     ) as run:
         c.info(
-            f"guarding {redact_url(upstream)} on http://{host}:{port_s}/v1 (policy {policy})",
+            f"guarding {redact_url(upstream)} on http://{host}:{port_s}/v1 (policy {policy}); "
+            f"events: {redact_url(url)}",
             quiet=quiet,
         )
         uvicorn.run(app, host=host, port=int(port_s), log_level="warning" if quiet else "info")
         run.log_metrics(
             {
-                "events": store.count(),
-                "flagged": store.count("input_flagged"),
-                "leaks": store.count("output_leak"),
+                "requests": store.written["verdict"],
+                "decisions": store.written["audit"],
+                "leaks": store.written["alert"],
             }
         )
     store.close()
@@ -323,9 +331,9 @@ def evaluate_detector_cmd(
     debug: bool = c.DebugOpt,
 ) -> None:
     """Evaluate a detector: AUROC, F1, TPR@1%FPR, length slices, subtypes, hard negatives."""
-    from bastion._util import write_json_atomic, write_text_atomic
     from bastion.llm.datasets import load_prompt_jsonl
     from bastion.llm.detector import PromptInjectionDetector
+    from bastion.llm.reports import DetectorEvalReport, write_llm_report
     from bastion.llm.training import evaluate_on_records, render_eval_html
     from bastion.registry.tracking import track_run
 
@@ -349,17 +357,26 @@ def evaluate_detector_cmd(
         "llm-evaluate-detector", params=params, tracking_uri=tracking_uri, enabled=not no_track
     ) as run:
         ev = evaluate_on_records(det, rows, harmful=htexts)
-        write_json_atomic(out / "report.json", ev)
-        write_text_atomic(
-            out / "report.html", render_eval_html(ev, title="Prompt-injection detector evaluation")
+        report = DetectorEvalReport.model_validate(
+            {**ev, "data": str(data), "detector": str(detector or "shipped"),
+             "split": split or None}
         )
-        o = ev["overall"]
-        run.log_metrics({k: o[k] for k in ("auroc", "f1", "tpr_at_1pct_fpr", "fpr")})
+        write_llm_report(
+            report, render_eval_html(ev, title="Prompt-injection detector evaluation"), out
+        )
+        o = report.overall
+        run.log_metrics(
+            {k: getattr(o, k) for k in ("auroc", "f1", "tpr_at_1pct_fpr", "fpr")
+             if getattr(o, k) is not None}
+        )
         run.log_artifact(out / "report.json")
-    o = ev["overall"]
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "n/a" if v is None else format(v, spec)
+
     c.info(
-        f"AUROC {o['auroc']:.4f}, TPR@1%FPR {o['tpr_at_1pct_fpr']:.3f}, F1 {o['f1']:.3f}; "
-        f"report: {out / 'report.json'}",
+        f"AUROC {fmt(o.auroc, '.4f')}, TPR@1%FPR {fmt(o.tpr_at_1pct_fpr, '.3f')}, "
+        f"F1 {o.f1:.3f}; report: {out / 'report.json'}",
         quiet=quiet,
     )
 
@@ -395,10 +412,10 @@ def harden_detector_cmd(
     debug: bool = c.DebugOpt,
 ) -> None:
     """Adversarial training rounds: evasion rate, TPR and hard-negative FPR per round."""
-    from bastion._util import write_json_atomic
     from bastion.llm.embed import Embedder, EmbeddingCache
     from bastion.llm.harden import harden_detector
     from bastion.llm.jobs import harden_report_html, prepare_harden_data, register_round
+    from bastion.llm.reports import DetectorHardenReport, write_llm_report
     from bastion.registry.tracking import track_run
 
     out = c.prepare_out_dir(out)
@@ -451,11 +468,12 @@ def harden_detector_cmd(
         )
         if emb_cache is not None:
             emb_cache.save()
-        report = {"kind": "bastion.llm.harden", "data": str(data), **result.to_dict()}
-        write_json_atomic(out / "report.json", report)
-        from bastion._util import write_text_atomic
-
-        write_text_atomic(out / "report.html", harden_report_html(report))
+        report = DetectorHardenReport.model_validate(
+            {"data": str(data), "settings": {**params, "fpr": fpr, "limit": limit,
+                                             "transforms": transforms},
+             **result.to_dict()}
+        )
+        write_llm_report(report, harden_report_html(report), out)
         run.log_artifact(out / "report.json")
     for w in run.warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)

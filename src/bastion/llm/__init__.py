@@ -5,8 +5,8 @@ Public API (imported lazily, so ``import bastion.llm`` stays light)::
     from bastion.llm import (
         normalize, apply_transform, TRANSFORMS,             # obfuscation and its undoing
         PromptInjectionDetector,                            # fit / score / calibrate / predict
-        load_probes, run_redteam,                           # red team an OpenAI-compatible API
-        LlmGuard, create_guard_app, LlmEventStore,          # the guard proxy
+        load_probes, run_redteam, RedteamReport,            # red team an OpenAI-compatible API
+        LlmGuard, create_guard_app, LlmEventLog,            # the guard proxy
         harden_detector, make_variants,                     # adversarial training loop
         train_detector, evaluate_on_records,                # JSONL training / evaluation
     )
@@ -30,11 +30,12 @@ _EXPORTS = {
     "load_probes": "bastion.llm.probes",
     "Probe": "bastion.llm.probes",
     "run_redteam": "bastion.llm.redteam",
+    "RedteamReport": "bastion.llm.reports",
     "ChatClient": "bastion.llm.client",
     "judge": "bastion.llm.judges",
     "LlmGuard": "bastion.llm.guard",
     "create_guard_app": "bastion.llm.proxy",
-    "LlmEventStore": "bastion.llm.events",
+    "LlmEventLog": "bastion.llm.events",
     "harden_detector": "bastion.llm.harden",
     "make_variants": "bastion.llm.harden",
     "train_detector": "bastion.llm.training",

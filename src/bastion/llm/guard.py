@@ -47,18 +47,27 @@ class ScoringDetector(Protocol):
 
 @dataclass
 class Flag:
+    """One flagged message: its position in the request, role, score and the action the
+    policy took (``block``, ``strip`` or ``wrap``); ``excerpt`` is its first 200
+    characters, unmasked (mask before storing it)."""
+
     index: int
     role: str
     score: float
     excerpt: str
+    action: str = "block"
 
 
 @dataclass
 class ScreenResult:
+    """The screened request: the messages to forward, what was flagged, and the score of
+    every screened message as ``(index, role, score)``."""
+
     messages: list[dict[str, Any]]
     flags: list[Flag] = field(default_factory=list)
     blocked: bool = False
     action: str = "allow"
+    scores: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -123,6 +132,14 @@ class LlmGuard:
     def threshold(self) -> float:
         return float(self.detector.threshold_)
 
+    def describe(self) -> dict[str, Any]:
+        """The policy in force, for the audit log: never the secrets, only how many."""
+        return {"policy": self.policy, "tool_policy": self.tool_policy,
+                "threshold": self.threshold, "overlap_threshold": self.overlap_threshold,
+                "forbidden_tools": list(self.forbidden_tools), "n_secrets": len(self.secrets),
+                "screen_roles": list(self.screen_roles),
+                "detector": type(self.detector).__name__}
+
     def _policy_for(self, role: str) -> str:
         return self.tool_policy if role in ("tool", "function") else self.policy
 
@@ -157,11 +174,12 @@ class LlmGuard:
             return res
         scores = self.detector.score(texts)
         for i, t, s in zip(idx, texts, scores, strict=True):
+            role = str(messages[i].get("role"))
+            res.scores.append((i, role, float(s)))
             if s < self.threshold:
                 continue
-            role = str(messages[i].get("role"))
-            res.flags.append(Flag(i, role, float(s), t[:200]))
             action = self._policy_for(role)
+            res.flags.append(Flag(i, role, float(s), t[:200], action))
             if action == "block":
                 res.blocked = True
                 res.action = "block"

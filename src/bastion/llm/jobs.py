@@ -1,4 +1,5 @@
-"""Glue for the hardening command: data preparation, MLflow model versions, HTML report."""
+"""Glue for the hardening command: data preparation, MLflow model versions, HTML report
+(of a typed :class:`~bastion.llm.reports.DetectorHardenReport`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from bastion.errors import DataError
 from bastion.llm.datasets import load_prompt_jsonl
 from bastion.llm.detector import PromptInjectionDetector
+from bastion.llm.reports import DetectorHardenReport
 from bastion.llm.training import split_calibration
 from bastion.registry.tracking import TrackedRun
 from bastion.reporting.html import HtmlPage
@@ -91,20 +93,22 @@ def register_round(
         return None
 
 
-def harden_report_html(report: dict[str, Any]) -> str:
-    page = HtmlPage("Detector hardening", subtitle=str(report.get("data", "")))
-    rounds = report["rounds"]
+def harden_report_html(report: DetectorHardenReport) -> str:
+    """One HTML page for a detector-hardening report: the rounds, the evasion goal, and
+    evasion by operation in the last round."""
+    page = HtmlPage("Detector hardening", subtitle=report.data)
+    rounds = report.rounds
     page.heading("Per round")
     page.table(
         [
             [
-                r["round"],
-                r["evasion_rate"],
-                r["tpr_heldout"],
-                r["fpr_hard_negatives"],
-                r["fpr_benign_calibration"],
-                r["n_added"],
-                r.get("model_version") or "",
+                r.round,
+                r.evasion_rate,
+                r.tpr_heldout,
+                r.fpr_hard_negatives,
+                r.fpr_benign_calibration,
+                r.n_added,
+                r.model_version or "",
             ]
             for r in rounds
         ],
@@ -119,12 +123,12 @@ def harden_report_html(report: dict[str, Any]) -> str:
         ],
     )
     first, last = rounds[0], rounds[-1]
-    if last["fpr_hard_negatives"] > first["fpr_hard_negatives"]:
+    if last.fpr_hard_negatives > first.fpr_hard_negatives:
         page.warning("the hard-negative false-positive rate rose during hardening")
-    if last["evasion_rate"] <= 0.05:
-        page.good(f"evasion of fresh variants {100 * last['evasion_rate']:.1f}% (goal: under 5%)")
+    if last.evasion_rate <= 0.05:
+        page.good(f"evasion of fresh variants {100 * last.evasion_rate:.1f}% (goal: under 5%)")
     else:
-        page.bad(f"evasion of fresh variants {100 * last['evasion_rate']:.1f}% (goal: under 5%)")
+        page.bad(f"evasion of fresh variants {100 * last.evasion_rate:.1f}% (goal: under 5%)")
     page.heading("Evasion by operation (last round)")
-    page.table([[k, v] for k, v in last["evasion_by_op"].items()], ["operation", "evasion"])
+    page.table([[k, v] for k, v in last.evasion_by_op.items()], ["operation", "evasion"])
     return page.render()

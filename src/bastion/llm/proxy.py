@@ -2,11 +2,19 @@
 
 ``create_guard_app(upstream, guard=...)`` returns a FastAPI app serving
 ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models`` (forwarded),
-``GET /metrics`` (Prometheus) and ``GET /healthz``. For each request it:
+``GET /v1/events`` (the LLM events of the store; admin token only), ``GET /metrics``
+(Prometheus) and ``GET /healthz``. For each chat request it:
 
-1. validates the body (a client mistake is a 4xx with an OpenAI-style error object,
-   never a 500): bad JSON or schema -> 400, body over ``max_body_bytes`` -> 413, untrusted
-   text over ``max_scan_chars`` -> 413 (it could not be screened whole);
+1. validates the body. A client's mistake is a 4xx with an OpenAI-style error object
+   (``{"error": {"message", "type", "param", "code"}}``), never a 500: bad JSON, bytes
+   that are not UTF-8, or a body that does not match the schema (no ``model``, no or
+   empty ``messages``) -> 400; lone UTF-16 surrogates in a string -> 400
+   ``invalid_unicode``; NaN or Infinity -> 400 ``invalid_number``; a bad ``X-Client-Id``
+   -> 400 ``bad_client_id``; a body over
+   ``max_body_bytes`` (by ``Content-Length`` or counted, for chunked uploads) -> 413
+   ``request_too_large``; untrusted text over ``max_scan_chars`` -> 413
+   ``content_too_long`` (it could not be screened whole). An empty prompt is valid and
+   forwarded;
 2. screens user and tool content with :class:`~bastion.llm.guard.LlmGuard` and blocks (400,
    ``code: bastion_blocked_prompt_injection``), strips or wraps what is flagged;
 3. forwards to ``{upstream}/chat/completions`` (the API key from ``api_key_env`` if set,
@@ -18,33 +26,57 @@
    with the notice. Text already relayed before a system-prompt overlap crosses the
    threshold has reached the client: streaming trades a little exposure for latency.
 
-Upstream trouble: unreachable -> 502, timeout -> 504, upstream 5xx -> 502, upstream 4xx
-is passed through. Every decision is written to the :class:`~bastion.llm.events.LlmEventStore`.
+Upstream trouble is never the client's fault and never a 500: unreachable -> 502
+``upstream_unreachable``, timeout -> 504 ``upstream_timeout``, 5xx -> 502
+``upstream_error``, an answer that is not a chat completion (or a stream without one
+valid chunk) -> 502 ``upstream_malformed``, an answer over ``max_answer_bytes`` -> 502
+``upstream_answer_too_large``; an upstream 4xx is passed through (its error object, with
+the upstream key and secrets masked). A stream that breaks after it started ends with an
+OpenAI-style ``data: {"error": ...}`` frame. Every case is counted in
+``bastion_llm_requests_total{outcome}`` and ``bastion_llm_errors_total{code}``.
+
+Events go to the shared Bastion event store (:class:`~bastion.llm.events.LlmEventLog`):
+one ``verdict`` per chat request, an ``audit`` record per policy decision, an ``alert``
+per withheld leak; they are written off the event loop, once per request, before the
+answer (or the end of the stream) goes out.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
+import math
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bastion.llm.client import parse_sse_lines, redact_url
-from bastion.llm.events import LlmEventStore
-from bastion.llm.guard import WITHHELD, LlmGuard, system_prompt_of
+from bastion.llm.events import LlmEventLog
+from bastion.llm.guard import WITHHELD, LlmGuard, ScreenResult, _content_text, system_prompt_of
+from bastion.runtime import events as ev
 
-__all__ = ["create_guard_app", "ChatRequest", "ChatMessage"]
+__all__ = ["create_guard_app", "ChatRequest", "ChatMessage", "ADMIN_TOKEN_ENV"]
+
+log = logging.getLogger("bastion.llm.proxy")
+
+#: the admin token that opens ``GET /v1/events`` (the model service reads the same one)
+ADMIN_TOKEN_ENV = "BASTION_ADMIN_TOKEN"
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class ChatMessage(BaseModel):
@@ -60,7 +92,7 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     model: str
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
 
 
@@ -71,11 +103,32 @@ def _error(
     type_: str = "invalid_request_error",
     code: str | None = None,
     param: str | None = None,
-) -> Any:
+) -> JSONResponse:
     return JSONResponse(
         status_code=status,
         content={"error": {"message": message, "type": type_, "param": param, "code": code}},
     )
+
+
+def _bad_value(o: Any) -> str | None:
+    """Why a parsed body cannot be forwarded as JSON: ``invalid_unicode`` (a lone UTF-16
+    surrogate) or ``invalid_number`` (NaN or Infinity, which Python's parser accepts but
+    JSON does not); None when it can."""
+    if isinstance(o, str):
+        return "invalid_unicode" if _SURROGATE.search(o) else None
+    if isinstance(o, float):
+        return None if math.isfinite(o) else "invalid_number"
+    if isinstance(o, dict):
+        for k, v in o.items():
+            why = _bad_value(k) or _bad_value(v)
+            if why:
+                return why
+    if isinstance(o, list):
+        for v in o:
+            why = _bad_value(v)
+            if why:
+                return why
+    return None
 
 
 class _Metrics:
@@ -87,6 +140,12 @@ class _Metrics:
             "bastion_llm_requests_total",
             "Chat requests by outcome",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "bastion_llm_errors_total",
+            "Rejected or failed requests by error code (client and upstream)",
+            ["code"],
             registry=self.registry,
         )
         self.flagged = Counter(
@@ -106,6 +165,11 @@ class _Metrics:
             "Forbidden tool calls dropped",
             registry=self.registry,
         )
+        self.event_failures = Counter(
+            "bastion_llm_event_write_failures_total",
+            "Requests whose events could not be written to the event store",
+            registry=self.registry,
+        )
         self.screen_s = Histogram(
             "bastion_llm_screen_seconds", "Time to screen a request", registry=self.registry
         )
@@ -114,19 +178,52 @@ class _Metrics:
         )
 
 
+@dataclass
+class _Req:
+    """What one chat request did, gathered for its events."""
+
+    rid: str
+    client_id: str
+    model: str | None = None
+    stream: bool = False
+    verdict: str = "allow"
+    reasons: list[dict[str, Any]] = field(default_factory=list)
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    threshold: float | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    answer: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    written: bool = False
+
+
 def create_guard_app(
     upstream: str,
     *,
     guard: LlmGuard,
-    events: LlmEventStore | None = None,
+    events: LlmEventLog | ev.EventStore | str | None = None,
     api_key_env: str | None = None,
+    admin_token: str | None = None,
     timeout: float = 60.0,
     max_body_bytes: int = 4_000_000,
     max_scan_chars: int = 200_000,
+    max_answer_bytes: int = 20_000_000,
     hold_back_chars: int = 64,
 ) -> Any:
-    """Build the guard proxy app (see module doc). ``upstream`` is a base URL like
-    ``http://host:8000/v1``."""
+    """Build the guard proxy app (see module doc).
+
+    Args:
+        upstream: a base URL like ``http://host:8000/v1``.
+        guard: the screening logic and policy.
+        events: where events go: an :class:`LlmEventLog`, an
+            :class:`~bastion.runtime.events.EventStore`, a store URL, or None (an
+            in-memory store, lost at exit). Secrets, the upstream key and the admin
+            token are masked in whatever is written.
+        api_key_env: environment variable with the upstream key (else the client's own
+            ``Authorization`` header is forwarded).
+        admin_token: opens ``GET /v1/events``; default ``$BASTION_ADMIN_TOKEN``; with
+            neither, that route answers 403.
+    """
     if not upstream.startswith(("http://", "https://")):
         from bastion.errors import BastionError
 
@@ -135,22 +232,31 @@ def create_guard_app(
             hint="pass a base URL like http://host:8000/v1",
         )
     base = upstream.rstrip("/")
-    store = events if events is not None else LlmEventStore(":memory:", mask=guard.secrets)
-    metrics = _Metrics()
     key = os.environ.get(api_key_env) if api_key_env else None
+    token = admin_token or os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None
+    elog = events if isinstance(events, LlmEventLog) else LlmEventLog(
+        events if events is not None else "sqlite:///:memory:")
+    elog.add_mask(*guard.secrets, key, token)
+    metrics = _Metrics()
     state: dict[str, httpx.AsyncClient] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state["client"] = httpx.AsyncClient(timeout=timeout)
+        await write([elog.audit_row(
+            "start", "llm_guard", f"guard proxy started in front of {redact_url(base)}",
+            {"upstream": redact_url(base), "upstream_key": "configured" if key else "client's",
+             "max_scan_chars": max_scan_chars, "max_body_bytes": max_body_bytes,
+             **guard.describe()})], None)
         try:
             yield
         finally:
             await state["client"].aclose()
 
     app = FastAPI(title="Bastion LLM guard", lifespan=lifespan)
+    app.add_middleware(_CountBody, limit=max_body_bytes)
     app.state.guard = guard
-    app.state.events = store
+    app.state.events = elog
     app.state.metrics = metrics
 
     def client() -> httpx.AsyncClient:
@@ -158,37 +264,91 @@ def create_guard_app(
             state["client"] = httpx.AsyncClient(timeout=timeout)
         return state["client"]
 
+    async def write(rows: list[dict[str, Any]], rq: _Req | None) -> None:
+        if rq is not None:
+            rq.written = True
+        try:
+            await run_in_threadpool(elog.write, rows)
+        except Exception as exc:  # never fail the client for the log; count and say so
+            metrics.event_failures.inc()
+            log.warning("cannot write %d guard events: %s", len(rows), type(exc).__name__)
+
+    def verdict_row(rq: _Req, outcome: str, status: int) -> dict[str, Any]:
+        p: dict[str, Any] = {
+            "stage": "request", "verdict": rq.verdict, "outcome": outcome, "status": status,
+            "model": rq.model, "stream": rq.stream, "threshold": rq.threshold,
+            "reasons": rq.reasons, "scores": rq.scores,
+            "latency_s": round(time.perf_counter() - rq.t0, 4),
+        }
+        if rq.answer:
+            p["answer"] = rq.answer
+        if rq.error:
+            p["error"] = rq.error
+        return elog.row(ev.VERDICT, p, request_id=rq.rid, client_id=rq.client_id)
+
+    async def finish(rq: _Req, outcome: str, response: Response) -> Response:
+        """Count the outcome, write the request's events, then answer."""
+        metrics.requests.labels(outcome).inc()
+        await write([*rq.rows, verdict_row(rq, outcome, response.status_code)], rq)
+        return response
+
+    async def client_error(rq: _Req | None, status: int, message: str, code: str,
+                           param: str | None = None) -> Response:
+        metrics.errors.labels(code).inc()
+        resp = _error(status, message, code=code, param=param)
+        if rq is None:
+            rq = _Req(rid=uuid.uuid4().hex, client_id="anonymous")
+        rq.verdict = "reject"
+        rq.error = {"code": code, "message": message}
+        return await finish(rq, "client_error", resp)
+
+    async def upstream_error(rq: _Req, status: int, message: str, code: str,
+                             upstream_status: int | None = None) -> Response:
+        metrics.errors.labels(code).inc()
+        rq.error = {"code": code, "message": message, "upstream_status": upstream_status}
+        return await finish(rq, "upstream_error", _error(status, message, type_="upstream_error",
+                                                         code=code))
+
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         errs = exc.errors()
         first = errs[0] if errs else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = first.get("msg", "invalid request")
-        metrics.requests.labels("client_error").inc()
-        store.record(uuid.uuid4().hex, "client_error", action="error", reason=f"{loc}: {msg}")
-        return _error(
-            400, f"invalid request body: {loc + ': ' if loc else ''}{msg}", param=loc or None
-        )
+        return await client_error(
+            None, 400, f"invalid request body: {loc + ': ' if loc else ''}{msg}",
+            "invalid_request_body", param=loc or None)
+
+    _codes = {400: "invalid_request_body", 404: "not_found", 405: "method_not_allowed",
+              413: "request_too_large"}
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), type_="invalid_request_error")
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = _codes.get(exc.status_code, f"http_{exc.status_code}")
+        detail = str(exc.detail)
+        if exc.status_code == 413:
+            detail = f"request body over {max_body_bytes} bytes"
+        if request.method == "POST" and request.url.path.endswith("/chat/completions"):
+            return await client_error(None, exc.status_code, detail, code)
+        metrics.errors.labels(code).inc()
+        return _error(exc.status_code, detail, code=code)
 
     @app.exception_handler(Exception)
-    async def _internal(
-        request: Request, exc: Exception
-    ) -> JSONResponse:  # our bug, not the client's
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # our bug, not the client's
         metrics.requests.labels("internal_error").inc()
+        log.error("guard proxy bug: %s", type(exc).__name__)
         return _error(500, f"internal guard error: {type(exc).__name__}", type_="server_error")
 
     @app.middleware("http")
     async def _size_limit(request: Request, call_next: Any) -> Any:
         cl = request.headers.get("content-length")
         if cl and cl.isdigit() and int(cl) > max_body_bytes:
-            metrics.requests.labels("client_error").inc()
-            return _error(
-                413, f"request body over {max_body_bytes} bytes", code="request_too_large"
-            )
+            msg = f"request body over {max_body_bytes} bytes"
+            if request.method == "POST" and request.url.path.endswith("/chat/completions"):
+                return await client_error(None, 413, msg, "request_too_large")
+            metrics.errors.labels("request_too_large").inc()
+            return _error(413, msg, code="request_too_large")
         return await call_next(request)
 
     @app.get("/healthz")
@@ -200,6 +360,33 @@ def create_guard_app(
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/events")
+    async def events_endpoint(
+        request: Request,
+        kind: list[str] | None = Query(default=None),
+        request_id: str | None = Query(default=None, max_length=256),
+        client_id: str | None = Query(default=None, max_length=128),
+        since: float | None = Query(default=None),
+        limit: int = Query(default=100, ge=1, le=1000),
+    ) -> Response:
+        """The LLM events of the store, newest first (admin token required)."""
+        if token is None:
+            return _error(403, f"the events route is disabled: set {ADMIN_TOKEN_ENV}",
+                          type_="permission_error", code="admin_disabled")
+        scheme, _, cred = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                cred.strip().encode("utf-8"), token.encode("utf-8")):
+            return _error(401, "the events route needs 'Authorization: Bearer <admin token>'",
+                          type_="authentication_error", code="bad_token")
+        kinds = [k for part in (kind or []) for k in part.split(",") if k] or None
+        bad = [k for k in kinds or [] if k not in ev.EVENT_KINDS]
+        if bad:
+            return _error(400, f"unknown event kind(s) {bad}; use {', '.join(ev.EVENT_KINDS)}",
+                          code="bad_kind", param="kind")
+        rows = await run_in_threadpool(elog.query, kinds=kinds, request_id=request_id,
+                                       client_id=client_id, since=since, limit=limit)
+        return JSONResponse({"count": len(rows), "events": [e.as_dict() for e in rows]})
 
     def _headers(request: Request) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
@@ -214,17 +401,92 @@ def create_guard_app(
         try:
             r = await client().get(f"{base}/models", headers=_headers(request))
         except httpx.HTTPError as exc:
+            metrics.errors.labels("upstream_unreachable").inc()
             return _error(
-                502, f"upstream unreachable: {type(exc).__name__}", type_="upstream_error"
+                502, f"upstream unreachable: {type(exc).__name__}", type_="upstream_error",
+                code="upstream_unreachable",
             )
         return Response(
-            r.content, status_code=r.status_code, media_type=r.headers.get("content-type")
+            elog.scrub(r.content.decode("utf-8", errors="replace")).encode(),
+            status_code=r.status_code,
+            media_type=r.headers.get("content-type"),
         )
 
+    def _screen_record(rq: _Req, screened: ScreenResult, messages: list[dict[str, Any]]) -> None:
+        rq.threshold = guard.threshold
+        rq.scores = [{"index": i, "role": r, "score": round(s, 4)} for i, r, s in screened.scores]
+        for f in screened.flags:
+            metrics.flagged.labels(f.role, f.action).inc()
+            m = messages[f.index]
+            reason = {
+                "index": f.index, "role": f.role,
+                "source": "tool" if f.role in ("tool", "function") else "message",
+                "score": round(f.score, 4), "threshold": guard.threshold,
+                "action": f.action, "excerpt": elog.excerpt(f.excerpt),
+            }
+            for k in ("name", "tool_call_id"):
+                if isinstance(m.get(k), str):
+                    reason[k] = m[k][:128]
+            rq.reasons.append(reason)
+            rq.rows.append(elog.audit_row(
+                f.action, "prompt_injection",
+                f"{f.action} {reason['source']} content of message {f.index} ({f.role}): "
+                f"detector score {f.score:.3f} >= threshold {guard.threshold:.3f}",
+                {"index": f.index, "role": f.role, "score": f.score,
+                 "threshold": guard.threshold, "excerpt": reason["excerpt"]},
+                request_id=rq.rid, client_id=rq.client_id))
+        rq.verdict = screened.action
+
+    def _leak_rows(rq: _Req, kind: str | None, score: float) -> None:
+        monitor = f"llm_{kind or 'unknown'}_leak"
+        what = "a configured secret" if kind == "secret" else "the system prompt"
+        metrics.leaks.labels(kind or "").inc()
+        rq.answer["withheld"] = kind
+        rq.answer["leak_score"] = round(score, 4)
+        rq.rows.append(elog.row(ev.ALERT, {
+            "monitor": monitor, "severity": "critical" if kind == "secret" else "warning",
+            "message": f"the upstream answer would have disclosed {what}; withheld",
+            "value": score, "threshold": 1.0 if kind == "secret" else guard.overlap_threshold,
+        }, request_id=rq.rid, client_id=rq.client_id))
+        rq.rows.append(elog.audit_row(
+            "redact", monitor, f"answer withheld: it would have disclosed {what}",
+            {"kind": kind, "score": score}, request_id=rq.rid, client_id=rq.client_id))
+
+    def _tool_rows(rq: _Req, dropped: list[str], kept: int) -> None:
+        metrics.tools.inc(len(dropped))
+        rq.answer["tool_calls_dropped"] = dropped
+        rq.rows.append(elog.audit_row(
+            "drop_tool_calls", "forbidden_tool",
+            f"dropped calls to forbidden tool(s) {', '.join(dropped)}; kept {kept}",
+            {"dropped": dropped, "kept": kept}, request_id=rq.rid, client_id=rq.client_id))
+
+    async def _read_capped(resp: httpx.Response) -> bytes | None:
+        buf = bytearray()
+        async for chunk in resp.aiter_bytes():
+            buf += chunk
+            if len(buf) > max_answer_bytes:
+                return None
+        return bytes(buf)
+
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request) -> Any:
-        rid = uuid.uuid4().hex
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        rq = _Req(rid=uuid.uuid4().hex, client_id="anonymous", model=body.model,
+                  stream=bool(body.stream))
+        cid = request.headers.get("x-client-id")
+        if cid is not None and not CLIENT_ID_PATTERN.match(cid):
+            return await client_error(rq, 400, "X-Client-Id must be 1-128 characters from "
+                                      "A-Z a-z 0-9 _ . : @ -", "bad_client_id")
+        user = getattr(body, "user", None)
+        rq.client_id = cid or (user if isinstance(user, str) and CLIENT_ID_PATTERN.match(user)
+                               else "anonymous")
         payload = body.model_dump(exclude_unset=True)
+        why = _bad_value(payload)
+        if why == "invalid_unicode":
+            return await client_error(rq, 400, "the request holds lone UTF-16 surrogates "
+                                      "(not valid Unicode text)", why)
+        if why:
+            return await client_error(rq, 400, "the request holds NaN or Infinity, which "
+                                      "JSON does not allow", why)
         messages = payload["messages"]
         untrusted = sum(
             len(m.get("content") or "")
@@ -234,112 +496,82 @@ def create_guard_app(
             if m.get("role") in guard.screen_roles
         )
         if untrusted > max_scan_chars:
-            metrics.requests.labels("client_error").inc()
-            store.record(
-                rid, "client_error", action="error", reason="too long to screen", chars=untrusted
-            )
-            return _error(
-                413,
-                f"untrusted content over {max_scan_chars} characters cannot be screened",
-                code="content_too_long",
-            )
+            return await client_error(
+                rq, 413, f"untrusted content over {max_scan_chars} characters cannot be "
+                f"screened ({untrusted} characters)", "content_too_long")
         t0 = time.perf_counter()
         screened = await run_in_threadpool(guard.screen, messages)
         metrics.screen_s.observe(time.perf_counter() - t0)
-        for f in screened.flags:
-            action = guard._policy_for(f.role)
-            metrics.flagged.labels(f.role, action).inc()
-            store.record(
-                rid, "input_flagged", action=action, role=f.role, score=f.score, excerpt=f.excerpt
-            )
+        _screen_record(rq, screened, messages)
         if screened.blocked:
-            metrics.requests.labels("blocked").inc()
-            return _error(
+            return await finish(rq, "blocked", _error(
                 400,
                 "the request was blocked by Bastion guard: it looks like a prompt injection",
                 type_="invalid_request_error",
                 code="bastion_blocked_prompt_injection",
-            )
+            ))
         payload["messages"] = screened.messages
         system_prompt = system_prompt_of(messages)
-        url = f"{base}/chat/completions"
         headers = _headers(request)
         t1 = time.perf_counter()
         try:
-            req = client().build_request("POST", url, json=payload, headers=headers)
-            resp = await client().send(req, stream=bool(payload.get("stream")))
+            req = client().build_request("POST", f"{base}/chat/completions", json=payload,
+                                         headers=headers)
+            resp = await client().send(req, stream=True)
         except httpx.TimeoutException:
-            metrics.requests.labels("upstream_error").inc()
-            store.record(rid, "upstream_error", action="error", reason="timeout")
-            return _error(
-                504, "upstream timed out", type_="upstream_error", code="upstream_timeout"
-            )
+            return await upstream_error(rq, 504, "upstream timed out", "upstream_timeout")
         except httpx.HTTPError as exc:
-            metrics.requests.labels("upstream_error").inc()
-            store.record(rid, "upstream_error", action="error", reason=type(exc).__name__)
-            return _error(
-                502,
-                f"upstream unreachable: {type(exc).__name__}",
-                type_="upstream_error",
-                code="upstream_unreachable",
-            )
+            return await upstream_error(rq, 502, f"upstream unreachable: {type(exc).__name__}",
+                                        "upstream_unreachable")
         if resp.status_code >= 400:
-            raw = await resp.aread()
-            await resp.aclose()
-            metrics.requests.labels("upstream_error").inc()
-            store.record(rid, "upstream_error", action="error", status=resp.status_code)
-            if resp.status_code >= 500:
-                return _error(
-                    502,
-                    f"upstream answered HTTP {resp.status_code}",
-                    type_="upstream_error",
-                    code="upstream_error",
-                )
             try:
-                obj = json.loads(raw.decode("utf-8", errors="replace"))
-                if isinstance(obj, dict) and "error" in obj:
-                    return JSONResponse(obj, status_code=resp.status_code)
+                raw = await _read_capped(resp) or b""
+            except httpx.HTTPError:
+                raw = b""
+            finally:
+                await resp.aclose()
+            if resp.status_code >= 500:
+                return await upstream_error(rq, 502, f"upstream answered HTTP {resp.status_code}",
+                                            "upstream_error", resp.status_code)
+            code = f"upstream_http_{resp.status_code}"
+            metrics.errors.labels(code).inc()
+            rq.error = {"code": code, "upstream_status": resp.status_code}
+            try:
+                obj = json.loads(elog.scrub(raw.decode("utf-8", errors="replace")))
             except json.JSONDecodeError:
-                pass
-            return _error(
-                resp.status_code,
-                f"upstream answered HTTP {resp.status_code}",
-                type_="upstream_error",
-            )
+                obj = None
+            if not (isinstance(obj, dict) and isinstance(obj.get("error"), dict)):
+                obj = {"error": {"message": f"upstream answered HTTP {resp.status_code}",
+                                 "type": "upstream_error", "param": None, "code": code}}
+            return await finish(rq, "upstream_error", JSONResponse(obj, resp.status_code))
         if payload.get("stream"):
-            return StreamingResponse(
-                _relay_stream(resp, rid, system_prompt, t1),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        raw = await resp.aread()
-        metrics.upstream_s.observe(time.perf_counter() - t1)
+            return await _start_stream(rq, resp, system_prompt, t1)
         try:
-            data = json.loads(raw.decode("utf-8", errors="replace"))
+            answer = await _read_capped(resp)
+        except httpx.TimeoutException:
+            return await upstream_error(rq, 504, "upstream timed out", "upstream_timeout")
+        except httpx.HTTPError as exc:
+            return await upstream_error(rq, 502, f"upstream broke off: {type(exc).__name__}",
+                                        "upstream_unreachable")
+        finally:
+            await resp.aclose()
+        metrics.upstream_s.observe(time.perf_counter() - t1)
+        if answer is None:
+            return await upstream_error(rq, 502, f"upstream answer over {max_answer_bytes} "
+                                        "bytes", "upstream_answer_too_large")
+        try:
+            data = json.loads(answer.decode("utf-8", errors="replace"))
             msg = data["choices"][0]["message"]
             if not isinstance(msg, dict):
                 raise TypeError
         except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            metrics.requests.labels("upstream_error").inc()
-            store.record(rid, "upstream_error", action="error", reason="malformed answer")
-            return _error(
-                502,
-                "upstream answer is malformed",
-                type_="upstream_error",
-                code="upstream_malformed",
-            )
-        content = msg.get("content") if isinstance(msg.get("content"), str) else ""
+            return await upstream_error(rq, 502, "upstream answer is malformed",
+                                        "upstream_malformed")
+        content = _content_text(msg) or ""  # text or content parts
+        rq.answer["chars"] = len(content)
         verdict = guard.scan_output(content or "", system_prompt)
         if verdict.leak:
-            metrics.leaks.labels(verdict.kind or "").inc()
-            store.record(
-                rid,
-                "output_leak",
-                action="redact",
-                role="assistant",
-                score=verdict.score,
-                leak=verdict.kind,
-            )
+            _leak_rows(rq, verdict.kind, verdict.score)
             msg["content"] = WITHHELD
             msg.pop("tool_calls", None)
             data["choices"][0]["finish_reason"] = "content_filter"
@@ -347,10 +579,7 @@ def create_guard_app(
         if isinstance(calls, list) and calls:
             kept, dropped = guard.filter_tool_calls(calls)
             if dropped:
-                metrics.tools.inc(len(dropped))
-                store.record(
-                    rid, "tool_blocked", action="drop", role="assistant", tools=",".join(dropped)
-                )
+                _tool_rows(rq, dropped, len(kept))
                 if kept:
                     msg["tool_calls"] = kept
                 else:
@@ -360,108 +589,224 @@ def create_guard_app(
                     ) + f"[tool call to {', '.join(dropped)} blocked by Bastion guard]"
                     data["choices"][0]["finish_reason"] = "content_filter"
         outcome = "redacted" if verdict.leak else ("flagged" if screened.flags else "allowed")
-        metrics.requests.labels(outcome).inc()
-        store.record(rid, "request", action=screened.action, outcome=outcome)
-        return JSONResponse(data)
+        return await finish(rq, outcome, JSONResponse(data))
+
+    async def _start_stream(rq: _Req, resp: httpx.Response, system_prompt: str, t1: float
+                            ) -> Response:
+        """Read up to the first valid chunk before answering, so an upstream that streams
+        nothing usable is a 502, not an empty 200."""
+        lines = resp.aiter_lines()
+        first: list[dict[str, Any]] = []
+        seen = 0
+        try:
+            async for line in lines:
+                seen += len(line)
+                chunk = _chunk_of(line)
+                if chunk is _DONE:
+                    break
+                if chunk is not None:
+                    first.append(chunk)
+                    break
+                if seen > max_answer_bytes:
+                    break
+        except httpx.TimeoutException:
+            await resp.aclose()
+            return await upstream_error(rq, 504, "upstream timed out", "upstream_timeout")
+        except httpx.HTTPError as exc:
+            await resp.aclose()
+            return await upstream_error(rq, 502, f"upstream broke off: {type(exc).__name__}",
+                                        "upstream_unreachable")
+        if not first:
+            await resp.aclose()
+            return await upstream_error(rq, 502, "upstream stream holds no chat-completion "
+                                        "chunk", "upstream_malformed")
+        if "error" in first[0] and not first[0].get("choices"):
+            await resp.aclose()
+            return await upstream_error(rq, 502, "upstream answered its stream with an error",
+                                        "upstream_error")
+        return StreamingResponse(
+            _relay_stream(rq, resp, lines, first, system_prompt, t1),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     async def _relay_stream(
-        resp: httpx.Response, rid: str, system_prompt: str, t1: float
+        rq: _Req, resp: httpx.Response, lines: AsyncIterator[str],
+        first_chunks: list[dict[str, Any]], system_prompt: str, t1: float,
     ) -> AsyncIterator[bytes]:
         text = ""
         sent = 0
         meta: dict[str, Any] = {}
-        finish: str | None = None
+        finish_reason: str | None = None
         calls_lines: list[str] = []
+        outcome = "client_disconnected"
 
-        def frame(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        def frame(delta: dict[str, Any], reason: str | None = None) -> bytes:
             obj = {
-                "id": meta.get("id", f"chatcmpl-{rid}"),
+                "id": meta.get("id") or f"chatcmpl-{rq.rid}",
                 "object": "chat.completion.chunk",
-                "created": meta.get("created", int(time.time())),
-                "model": meta.get("model", ""),
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                "created": meta.get("created") or int(time.time()),
+                "model": meta.get("model") or "",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
             }
             return f"data: {json.dumps(obj)}\n\n".encode()
+
+        async def chunks() -> AsyncIterator[dict[str, Any]]:
+            for c in first_chunks:
+                yield c
+            async for line in lines:
+                nxt = _chunk_of(line)
+                if nxt is _DONE:
+                    return
+                if nxt is not None:
+                    yield nxt
+
+        async def flush(outcome_: str) -> None:
+            metrics.requests.labels(outcome_).inc()
+            await write([*rq.rows, verdict_row(rq, outcome_, 200)], rq)
 
         leaked = None
         first = True
         try:
-            async for line in resp.aiter_lines():
-                line = line.strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(data)
-                except json.JSONDecodeError:
-                    continue  # skip a malformed chunk rather than break the stream
-                if not isinstance(chunk, dict):
-                    continue
-                for k in ("id", "created", "model"):
-                    meta.setdefault(k, chunk.get(k))
-                for ch in chunk.get("choices") or []:
-                    delta = ch.get("delta") or {}
-                    if isinstance(delta.get("content"), str):
-                        text += delta["content"]
-                    if delta.get("tool_calls"):
-                        calls_lines.append(
-                            "data: "
-                            + json.dumps(
-                                {"choices": [{"delta": {"tool_calls": delta["tool_calls"]}}]}
-                            )
-                        )
-                    if ch.get("finish_reason"):
-                        finish = ch["finish_reason"]
-                verdict = guard.scan_output(text, system_prompt)
-                if verdict.leak:
-                    leaked = verdict
-                    break
-                safe_upto = max(sent, len(text) - hold_back_chars)
-                if safe_upto > sent or first:
-                    delta_out: dict[str, Any] = {"content": text[sent:safe_upto]}
-                    if first:
-                        delta_out["role"] = "assistant"
-                        first = False
-                    yield frame(delta_out)
-                    sent = safe_upto
+            try:
+                async for chunk in chunks():
+                    if "error" in chunk and not chunk.get("choices"):
+                        raise _StreamError
+                    for k in ("id", "created", "model"):
+                        meta.setdefault(k, chunk.get(k))
+                    for ch in chunk.get("choices") or []:
+                        if not isinstance(ch, dict):
+                            continue
+                        delta: dict[str, Any] = (
+                            ch["delta"] if isinstance(ch.get("delta"), dict) else {})
+                        if isinstance(delta.get("content"), str):
+                            text += delta["content"]
+                        if isinstance(delta.get("tool_calls"), list):
+                            calls_lines.append("data: " + json.dumps(
+                                {"choices": [{"delta": {"tool_calls": delta["tool_calls"]}}]}))
+                        if ch.get("finish_reason"):
+                            finish_reason = str(ch["finish_reason"])
+                    if len(text) > max_answer_bytes:
+                        raise _TooLarge
+                    verdict = guard.scan_output(text, system_prompt)
+                    if verdict.leak:
+                        leaked = verdict
+                        break
+                    safe_upto = max(sent, len(text) - hold_back_chars)
+                    if safe_upto > sent or first:
+                        delta_out: dict[str, Any] = {"content": text[sent:safe_upto]}
+                        if first:
+                            delta_out["role"] = "assistant"
+                            first = False
+                        yield frame(delta_out)
+                        sent = safe_upto
+            except (httpx.HTTPError, _TooLarge, _StreamError) as exc:
+                code = ("upstream_answer_too_large" if isinstance(exc, _TooLarge)
+                        else "upstream_error" if isinstance(exc, _StreamError)
+                        else "upstream_timeout" if isinstance(exc, httpx.TimeoutException)
+                        else "upstream_unreachable")
+                metrics.errors.labels(code).inc()
+                rq.error = {"code": code, "message": "the upstream stream broke off"}
+                outcome = "upstream_error"
+                err = {"message": "the upstream stream broke off", "type": "upstream_error",
+                       "param": None, "code": code}
+                yield f"data: {json.dumps({'error': err})}\n\n".encode()
+                await flush(outcome)
+                yield b"data: [DONE]\n\n"
+                return
             metrics.upstream_s.observe(time.perf_counter() - t1)
+            rq.answer["chars"] = len(text)
             if leaked is not None:
-                metrics.leaks.labels(leaked.kind or "").inc()
-                store.record(
-                    rid,
-                    "output_leak",
-                    action="redact",
-                    role="assistant",
-                    score=leaked.score,
-                    leak=leaked.kind,
-                )
-                metrics.requests.labels("redacted").inc()
+                _leak_rows(rq, leaked.kind, leaked.score)
+                outcome = "redacted"
                 yield frame({"content": " " + WITHHELD}, "content_filter")
             else:
                 if sent < len(text):
                     yield frame({"content": text[sent:]})
                 if calls_lines:
-                    _, calls = parse_sse_lines(calls_lines)
+                    try:
+                        _, calls = parse_sse_lines(calls_lines)
+                    except (ValueError, TypeError):
+                        calls = []
                     kept, dropped = guard.filter_tool_calls(calls)
                     if dropped:
-                        metrics.tools.inc(len(dropped))
-                        store.record(
-                            rid,
-                            "tool_blocked",
-                            action="drop",
-                            role="assistant",
-                            tools=",".join(dropped),
-                        )
-                        finish = "content_filter" if not kept else finish
+                        _tool_rows(rq, dropped, len(kept))
+                        finish_reason = "content_filter" if not kept else finish_reason
                     if kept:
-                        yield frame({"tool_calls": [{"index": i, **c} for i, c in enumerate(kept)]})
-                metrics.requests.labels("allowed").inc()
-                store.record(rid, "request", action="allow", outcome="allowed", stream=True)
-                yield frame({}, finish or "stop")
+                        yield frame({"tool_calls": [{"index": i, **c}
+                                                    for i, c in enumerate(kept)]})
+                outcome = "flagged" if rq.reasons else "allowed"
+                yield frame({}, finish_reason or "stop")
+            await flush(outcome)
             yield b"data: [DONE]\n\n"
         finally:
             await resp.aclose()
+            if not rq.written:  # the client went away (or we were cancelled)
+                metrics.requests.labels(outcome).inc()
+                rows = [*rq.rows, verdict_row(rq, outcome, 200)]
+                rq.written = True
+                try:  # in a finally that may be cancelled: write without awaiting
+                    elog.write(rows)
+                except Exception as exc:
+                    metrics.event_failures.inc()
+                    log.warning("cannot write %d guard events: %s", len(rows),
+                                type(exc).__name__)
 
     return app
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _CountBody:
+    """Count the bytes of a request body as they arrive (chunked uploads have no
+    ``Content-Length``) and stop reading at ``limit`` with a 413, which the app's error
+    handler turns into an OpenAI-style error."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, int(limit)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            msg = await receive()
+            if msg.get("type") == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, "request body too large")
+            return msg
+
+        await self.app(scope, counted, send)
+
+
+class _StreamError(Exception):
+    """The upstream sent an error object in its stream."""
+
+
+_DONE: dict[str, Any] = {}
+
+
+def _chunk_of(line: str) -> dict[str, Any] | None:
+    """The JSON object of one SSE ``data:`` line, ``_DONE`` for ``[DONE]``, None for
+    anything else (comments, keep-alives, malformed chunks)."""
+    line = line.strip()
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return _DONE
+    try:
+        chunk = json.loads(data)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(chunk, dict):
+        return None
+    if isinstance(chunk.get("choices"), list) or "error" in chunk:
+        return chunk
+    return None

@@ -5,7 +5,8 @@ timeouts, retries and an optional rate limit), judges each answer deterministica
 (:mod:`bastion.llm.judges`), appends one JSON line per attempt to ``DIR/attempts.jsonl``
 (a rerun with ``resume=True`` skips probes already judged), and writes ``DIR/report.json``
 and ``DIR/report.html``: exploit success rate overall, per probe family and per transform
-with 95% Wilson intervals, plus counts of errors by kind.
+with 95% Wilson intervals, plus counts of errors by kind: a typed
+:class:`~bastion.llm.reports.RedteamReport` (``report.schema.json`` beside it).
 
 Outcomes: ``success`` (the exploit worked), ``defended`` (it did not), ``blocked`` (a guard
 refused the request with a ``bastion_blocked`` error; counts as defended), ``unjudged`` (no
@@ -26,12 +27,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion._util import write_json_atomic, write_text_atomic
 from bastion.errors import BastionError
 from bastion.llm.client import ChatClient, ChatResult, redact_url
 from bastion.llm.judges import LlmJudge, judge
 from bastion.llm.metrics import wilson_interval
 from bastion.llm.probes import Probe
+from bastion.llm.reports import RateSummary, RedteamConfig, RedteamReport, write_llm_report
 from bastion.reporting.html import HtmlPage
 
 __all__ = ["run_redteam", "summarize_attempts", "render_report_html"]
@@ -40,32 +41,33 @@ ATTEMPTS_FILE = "attempts.jsonl"
 JUDGED = ("success", "defended", "blocked")
 
 
-def _rate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _rate(rows: Sequence[dict[str, Any]]) -> RateSummary:
     c = Counter(r["outcome"] for r in rows)
     n = sum(c[o] for o in JUDGED)
     s = c["success"]
     lo, hi = wilson_interval(s, n)
-    return {
-        "attempts": len(rows),
-        "judged": n,
-        "successes": s,
-        "exploit_success_rate": (s / n) if n else None,
-        "ci95": [lo, hi],
-        "blocked": c["blocked"],
-        "errors": c["error"],
-        "unjudged": c["unjudged"],
-    }
+    return RateSummary(
+        attempts=len(rows),
+        judged=n,
+        successes=s,
+        exploit_success_rate=(s / n) if n else None,
+        ci95=(lo, hi),
+        blocked=c["blocked"],
+        errors=c["error"],
+        unjudged=c["unjudged"],
+    )
 
 
 def summarize_attempts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Exploit success rates (overall, per family, per transform) from attempt rows."""
+    """Exploit success rates (overall, per family, per transform, per judge) and errors by
+    kind from attempt rows: the rate fields of :class:`RedteamReport`."""
     by_fam: dict[str, list[dict[str, Any]]] = defaultdict(list)
     by_tr: dict[str, list[dict[str, Any]]] = defaultdict(list)
     by_judge: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_fam[r["family"]].append(r)
         by_tr[r["transform"]].append(r)
-        by_judge[r["judge"]].append(r)
+        by_judge[str(r["judge"])].append(r)
     errors = Counter(r.get("error_kind") for r in rows if r["outcome"] == "error")
     return {
         "overall": _rate(rows),
@@ -173,11 +175,12 @@ def run_redteam(
     llm_judge: LlmJudge | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+) -> RedteamReport:
     """Run ``probes`` against ``target`` (a base URL like ``http://host:port/v1``) and write
-    ``attempts.jsonl``, ``report.json`` and ``report.html`` into ``out_dir``.
+    ``attempts.jsonl``, ``report.json``, ``report.schema.json`` and ``report.html`` into
+    ``out_dir``.
 
-    Returns the report as a dict. Target failures never raise; they are counted.
+    Returns the report. Target failures never raise; they are counted.
     """
     if not probes:
         raise BastionError("no probes to run", hint="check --probes and --limit")
@@ -223,56 +226,53 @@ def run_redteam(
         if r.get("probe_id") in wanted:
             latest[r["probe_id"]] = r
     rows = list(latest.values())
-    report = {
-        "kind": "bastion.llm.redteam",
-        "target": redact_url(target),
-        "model": model,
-        "n_probes": len(probes),
-        "resumed_from_previous": len(probes) - len(todo),
-        "duration_s": round(time.time() - t0, 3),
-        "config": {
-            "concurrency": concurrency,
-            "timeout": timeout,
-            "retries": retries,
-            "rate_limit": rate_limit,
-            "stream": stream,
-            "llm_judge": llm_judge is not None,
-            "seed": seed,
-        },
+    report = RedteamReport(
+        target=redact_url(target),
+        model=model,
+        n_probes=len(probes),
+        resumed_from_previous=len(probes) - len(todo),
+        duration_s=round(time.time() - t0, 3),
+        config=RedteamConfig(
+            concurrency=concurrency,
+            timeout=timeout,
+            retries=retries,
+            rate_limit=rate_limit,
+            stream=stream,
+            llm_judge=llm_judge is not None,
+            seed=seed,
+        ),
         **summarize_attempts(rows),
-    }
-    write_json_atomic(out / "report.json", report)
-    write_text_atomic(out / "report.html", render_report_html(report))
+    )
+    write_llm_report(report, render_report_html(report), out)
     return report
 
 
-def _fmt_rate(r: dict[str, Any]) -> list[Any]:
-    esr = r["exploit_success_rate"]
-    lo, hi = r["ci95"]
+def _fmt_rate(r: RateSummary) -> list[Any]:
+    esr = r.exploit_success_rate
+    lo, hi = r.ci95
     return [
-        r["attempts"],
-        r["judged"],
-        r["successes"],
+        r.attempts,
+        r.judged,
+        r.successes,
         "n/a" if esr is None else f"{100 * esr:.1f}%",
         f"{100 * lo:.1f}-{100 * hi:.1f}%",
-        r["blocked"],
-        r["errors"],
-        r["unjudged"],
+        r.blocked,
+        r.errors,
+        r.unjudged,
     ]
 
 
 _HEAD = ["", "attempts", "judged", "successes", "ESR", "95% CI", "blocked", "errors", "unjudged"]
 
 
-def render_report_html(report: dict[str, Any]) -> str:
+def render_report_html(report: RedteamReport) -> str:
     """One self-contained HTML page for a red-team report."""
     page = HtmlPage(
         "Prompt-injection red team",
-        subtitle=f"target {report['target']} - model {report['model']} - "
-        f"{report['n_probes']} probes",
+        subtitle=f"target {report.target} - model {report.model} - {report.n_probes} probes",
     )
-    ov = report["overall"]
-    esr = ov["exploit_success_rate"]
+    ov = report.overall
+    esr = ov.exploit_success_rate
     page.heading("Exploit success rate")
     if esr is None:
         page.warning("no attempt could be judged")
@@ -280,20 +280,20 @@ def render_report_html(report: dict[str, Any]) -> str:
         page.bad(f"{100 * esr:.1f}% of judged attacks succeeded")
     else:
         page.good(f"{100 * esr:.1f}% of judged attacks succeeded")
-    if ov["errors"]:
-        page.warning(f"{ov['errors']} attempts failed at the target and are not judged")
-    if ov["unjudged"]:
+    if ov.errors:
+        page.warning(f"{ov.errors} attempts failed at the target and are not judged")
+    if ov.unjudged:
         page.paragraph(
-            f"{ov['unjudged']} attempts need an LLM judge (off by default) and are not counted."
+            f"{ov.unjudged} attempts need an LLM judge (off by default) and are not counted."
         )
     page.table([["overall", *_fmt_rate(ov)]], _HEAD)
     page.heading("Per probe family")
-    page.table([[k, *_fmt_rate(v)] for k, v in report["by_family"].items()], _HEAD)
+    page.table([[k, *_fmt_rate(v)] for k, v in report.by_family.items()], _HEAD)
     page.heading("Per transform")
-    page.table([[k, *_fmt_rate(v)] for k, v in report["by_transform"].items()], _HEAD)
+    page.table([[k, *_fmt_rate(v)] for k, v in report.by_transform.items()], _HEAD)
     page.heading("Per judge")
-    page.table([[k, *_fmt_rate(v)] for k, v in report["by_judge"].items()], _HEAD)
-    if report.get("errors_by_kind"):
+    page.table([[k, *_fmt_rate(v)] for k, v in report.by_judge.items()], _HEAD)
+    if report.errors_by_kind:
         page.heading("Errors")
-        page.table([[k, v] for k, v in report["errors_by_kind"].items()], ["kind", "count"])
+        page.table([[k, v] for k, v in report.errors_by_kind.items()], ["kind", "count"])
     return page.render()
