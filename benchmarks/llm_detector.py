@@ -4,10 +4,10 @@
 
 Scores the detector (default: the one shipped in the package) on every ``split=test`` row
 of ``$BASTION_SHARED/datasets/prompt-injection/prompts.jsonl`` and on the plain harmful
-requests, and writes ``benchmarks/results/llm_detector.json``: AUROC, F1, TPR at 1% FPR
-(overall, on hard negatives versus attacks, on length-matched slices, by subtype) and the
-false-positive rate on harmful requests. Goals (issue 6): AUROC >= 0.99 and TPR >= 90% at
-1% FPR.
+requests (their ``split=test`` rows; the train rows are training negatives), and writes
+``benchmarks/results/llm_detector.json``: AUROC, F1, TPR at 1% FPR (overall, on hard
+negatives versus attacks, on length-matched slices, by subtype) and the false-positive
+rate on harmful requests. Goals (issue 6): AUROC >= 0.99 and TPR >= 90% at 1% FPR.
 """
 
 from __future__ import annotations
@@ -47,8 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         else PromptInjectionDetector.load_default(embedder=emb)
     )
     test = load_prompt_jsonl(DATA / "prompts.jsonl", split="test")
+    # only the test split of the harmful requests: the shipped detector saw the train split
+    # as negatives during training
     harmful = [
-        r.text for r in load_prompt_jsonl(DATA / "harmful_requests.jsonl", default_label="harmful")
+        r.text
+        for r in load_prompt_jsonl(
+            DATA / "harmful_requests.jsonl", split="test", default_label="harmful"
+        )
     ]
     t0 = time.time()
     ev = evaluate_on_records(det, test, harmful=harmful)
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "llm_detector",
         "detector": args.detector or "shipped",
-        "data": "prompts.jsonl split=test",
+        "data": "prompts.jsonl split=test; harmful_requests.jsonl split=test",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "seconds": round(time.time() - t0, 1),
         "goals": {"auroc": 0.99, "tpr_at_1pct_fpr": 0.90},

@@ -4,13 +4,15 @@
         [--eval-variants 300] [--cache FILE] [--ship]
 
 Trains the detector on the ``split=train`` rows of the shared corpus (a fifth of the benign
-rows held back for threshold calibration at 1% FPR), then runs the hardening loop: fresh
-obfuscated/mutated variants of the *held-out* attacks measure evasion each round, evading
-variants of the *training* attacks are added and the detector retrained. Writes
-``benchmarks/results/llm_harden.json`` with per-round evasion, TPR and hard-negative FPR,
-and the full held-out evaluation before and after. ``--ship`` writes the final detector
-into the package (``bastion/llm/data/detector``). Goal (issue 6): evasion under 5% after,
-with the hard-negative FPR no worse than before.
+rows held back for threshold calibration at 1% FPR; injections weighted
+``--injection-weight``; the ``split=train`` plain harmful requests added as negatives with
+weight ``--harmful-weight``, their ``split=test`` rows only evaluated), then runs the
+hardening loop: fresh obfuscated/mutated variants of the *held-out* attacks measure
+evasion each round, evading variants of the *training* attacks are added and the detector
+retrained. Writes ``benchmarks/results/llm_harden.json`` with per-round evasion, TPR and
+hard-negative FPR, and the full held-out evaluation before and after. ``--ship`` writes
+the final detector into the package (``bastion/llm/data/detector``). Goal (issue 6):
+evasion under 5% after, with the hard-negative FPR no worse than before.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help="embedding cache .npz")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "llm_harden_rounds"))
     ap.add_argument("--ship", action="store_true")
+    ap.add_argument(
+        "--injection-weight", type=float, default=4.0, help="sample weight of injection rows"
+    )
+    ap.add_argument(
+        "--harmful-weight",
+        type=float,
+        default=0.3,
+        help="sample weight of the plain harmful requests (split=train) added as negatives",
+    )
     ap.add_argument("--out", default=str(RESULTS / "llm_harden.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,9 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     emb = Embedder(cache=cache)
     d = prepare_harden_data(DATA / "prompts.jsonl", seed=args.seed)
     test = load_prompt_jsonl(DATA / "prompts.jsonl", split="test")
-    harmful = [
-        r.text for r in load_prompt_jsonl(DATA / "harmful_requests.jsonl", default_label="harmful")
-    ]
+    injections = {
+        r.text for r in load_prompt_jsonl(DATA / "prompts.jsonl") if r.label == "injection"
+    }
+    harm_rows = load_prompt_jsonl(DATA / "harmful_requests.jsonl", default_label="harmful")
+    # plain harmful requests: the train split is a negative class in training, the test
+    # split is only ever evaluated ("harmful topic" is not "attack")
+    harmful_train = [r.text for r in harm_rows if r.split == "train"]
+    harmful = [r.text for r in harm_rows if r.split == "test"]
+    train_texts = list(d["train_texts"]) + harmful_train
+    train_y = list(d["train_y"]) + [0] * len(harmful_train)
+    train_w = [args.injection_weight if t in injections else 1.0 for t in d["train_texts"]] + [
+        args.harmful_weight
+    ] * len(harmful_train)
     t0 = time.time()
     evals = {}
 
@@ -78,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return None
 
     res = harden_detector(
-        train_texts=d["train_texts"],
-        train_y=d["train_y"],
+        train_texts=train_texts,
+        train_y=train_y,
+        train_weights=train_w,
         heldout_attacks=d["heldout_attacks"],
         hard_negatives=d["hard_negatives"],
         calibration_benign=d["calibration_benign"],
@@ -99,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "llm_harden",
         "params": vars(args),
         "seconds": round(time.time() - t0, 1),
-        "n_train": len(d["train_texts"]),
+        "n_train": len(train_texts),
+        "n_harmful_train_negatives": len(harmful_train),
+        "n_harmful_eval": len(harmful),
         "n_heldout_attacks": len(d["heldout_attacks"]),
         "n_hard_negatives": len(d["hard_negatives"]),
         "rounds": rounds,

@@ -1,4 +1,4 @@
-"""A prompt-injection and jailbreak detector: normalise, chunk, embed, classify, take the max.
+"""A prompt-injection and jailbreak detector: normalise, chunk, featurise, classify, take the max.
 
 :class:`PromptInjectionDetector` follows the Bastion detector contract: ``fit(texts, y)``,
 ``score(texts)`` (probability of an attack, higher is more suspicious), ``calibrate(benign,
@@ -6,14 +6,23 @@ fpr=0.01)`` sets ``threshold_``, ``predict(texts)`` returns a boolean array.
 
 Pipeline for one text: :func:`~bastion.llm.normalize.normalize` (undo obfuscation) ->
 :func:`~bastion.llm.embed.chunk_text` (overlapping windows of about 500 characters) ->
-MiniLM sentence embeddings -> a logistic-regression head -> maximum over chunks.
+features -> a logistic-regression head -> maximum over chunks. The features of a chunk are
+its MiniLM sentence embedding (meaning) and, side by side, hashed TF-IDF character 3-5-grams
+and word 1-2-grams (exact wording that embeddings blur: "ignore previous instructions",
+"system prompt", "DAN", markup of planted instructions). The n-grams are hashed with
+scikit-learn's ``HashingVectorizer`` (murmurhash3, stateless), so only their IDF weights and
+coefficients are stored, as plain arrays.
 
-Training is chunk-level with one round of multiple-instance refinement: first every chunk of
-an attack counts as an attack; then, for attacks with several chunks, only the chunks the
-first head already finds suspicious (or the most suspicious one) stay positive, so benign
-text around a planted injection (an e-mail, a document) is not learned as "attack".
+Training is chunk-level with ``mil_rounds`` (default one) rounds of multiple-instance
+refinement: first every chunk of an attack counts as an attack; then, for attacks with
+several chunks, only the chunks the previous head finds suspicious (or the most suspicious
+one) stay positive, so benign text around a planted injection (an e-mail, a document) is
+not learned as "attack". Classes are balanced; per-text ``sample_weight`` multiplies that
+(the shipped detector weighs injections 4x, so that the rarer planted-instruction attacks
+are not drowned by jailbreaks, and plain harmful requests, a negative class, 0.3x).
 
-Persistence (never pickle): ``head.safetensors`` (``coef``, ``intercept``) and
+Persistence (never pickle): ``head.safetensors`` (``coef``, ``intercept`` and, with n-gram
+features, ``coef_char``/``idf_char``/``coef_word``/``idf_word``) and
 ``detector.json`` (threshold, chunking, versions, training summary). A detector trained on
 the shared corpus ships inside the package (:meth:`PromptInjectionDetector.load_default`)
 with a ``NOTICE`` listing its training data and licences.
@@ -37,7 +46,76 @@ from bastion.llm.normalize import NORMALIZER_VERSION, normalize
 
 __all__ = ["PromptInjectionDetector", "DEFAULT_DETECTOR_DIR"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+# the hashed n-gram blocks: name -> HashingVectorizer settings (lowercase: texts are
+# already case-folded by the normaliser)
+NGRAM_BLOCKS: dict[str, dict[str, Any]] = {
+    "char": {"analyzer": "char_wb", "ngram_range": (3, 5)},
+    "word": {"analyzer": "word", "ngram_range": (1, 2), "token_pattern": r"(?u)\b\w+\b"},
+}
+
+
+class _Ngrams:
+    """Hashed TF-IDF n-gram blocks: sublinear term frequency times IDF, unit length per
+    block. Stateless hashing; :meth:`fit` learns only the IDF vector of each block."""
+
+    def __init__(self, n_features: int) -> None:
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        self.n_features = n_features
+        self.vec = {
+            k: HashingVectorizer(
+                n_features=n_features,
+                alternate_sign=False,
+                norm=None,
+                lowercase=True,
+                dtype=np.float32,
+                **spec,
+            )
+            for k, spec in NGRAM_BLOCKS.items()
+        }
+        self.idf: dict[str, np.ndarray] = {}
+
+    def _tf(self, name: str, texts: list[str]) -> Any:
+        x = self.vec[name].transform(texts).tocsr()
+        x.data = np.log1p(x.data).astype(np.float32)
+        return x
+
+    def fit(self, texts: list[str]) -> _Ngrams:
+        for k in self.vec:
+            x = self._tf(k, texts)
+            df = np.bincount(x.indices, minlength=self.n_features).astype(np.float64)
+            n = x.shape[0]
+            self.idf[k] = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
+        return self
+
+    def logit(self, texts: list[str], coef: np.ndarray) -> np.ndarray:
+        """``transform(texts) @ coef`` without building the stacked matrix (scoring path)."""
+        out = np.zeros(len(texts), dtype=np.float64)
+        for b, k in enumerate(self.vec):
+            x = self._tf(k, texts)
+            cb = coef[b * self.n_features : (b + 1) * self.n_features]
+            vals = x.data.astype(np.float64) * self.idf[k][x.indices]
+            rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+            norm = np.sqrt(np.bincount(rows, weights=vals * vals, minlength=x.shape[0]))
+            dot = np.bincount(rows, weights=vals * cb[x.indices], minlength=x.shape[0])
+            out += np.divide(dot, norm, out=np.zeros_like(dot), where=norm > 0)
+        return out
+
+    def transform(self, texts: list[str]) -> Any:
+        """``(len(texts), n_blocks * n_features)`` sparse features."""
+        from scipy import sparse
+        from sklearn.preprocessing import normalize as l2
+
+        blocks = []
+        for k in self.vec:
+            x = self._tf(k, texts)
+            x = x.multiply(self.idf[k][None, :]).tocsr()
+            blocks.append(l2(x, norm="l2", copy=False))
+        return sparse.hstack(blocks, format="csr", dtype=np.float32)
+
+
 DEFAULT_DETECTOR_DIR = "detector"
 
 
@@ -59,10 +137,15 @@ def _as_texts(texts: Sequence[str | bytes] | str) -> list[str]:
 
 
 class PromptInjectionDetector:
-    """Embedding + logistic-regression prompt-injection detector (see module doc).
+    """Embedding + n-gram logistic-regression prompt-injection detector (see module doc).
 
     Args:
         C: inverse L2 regularisation of the logistic-regression head.
+        ngram_features: hashed features per n-gram block (character 3-5-grams, word
+            1-2-grams); ``0`` uses the embedding alone.
+        emb_scale: weight of the (unit-length) embedding next to the (unit-length) n-gram
+            blocks during training; folded into the stored coefficients.
+        mil_rounds: rounds of multiple-instance refinement (see module doc).
         chunk_chars: characters per chunk; ``overlap``: characters shared by neighbours.
         max_chunks: chunks scored per text at most; for longer texts the first and last
             ``max_chunks // 2`` chunks are scored (the middle of an enormous text is not).
@@ -81,8 +164,18 @@ class PromptInjectionDetector:
         use_normalizer: bool = True,
         embedder: Embedder | None = None,
         seed: int = 0,
+        ngram_features: int = 2**17,
+        emb_scale: float = 1.0,
+        mil_rounds: int = 1,
     ) -> None:
+        if ngram_features < 0:
+            raise DataError(f"ngram_features must be >= 0, got {ngram_features}")
         self.C = C
+        self.ngram_features = int(ngram_features)
+        self.emb_scale = float(emb_scale)
+        self.mil_rounds = int(mil_rounds)
+        self._ngrams: _Ngrams | None = None
+        self.coef_ngram_: np.ndarray | None = None
         self.chunk_chars = chunk_chars
         self.overlap = overlap
         self.max_chunks = max_chunks
@@ -125,14 +218,27 @@ class PromptInjectionDetector:
                 hint="call fit(texts, labels) or PromptInjectionDetector.load_default()",
             )
 
-    def _chunk_scores(self, emb: np.ndarray) -> np.ndarray:
+    def _chunk_scores(self, chunks: list[str], emb: np.ndarray) -> np.ndarray:
         self._check_fitted()
         assert self.coef_ is not None and self.intercept_ is not None
-        return _sigmoid(emb @ self.coef_ + self.intercept_)
+        z = emb @ self.coef_ + self.intercept_
+        if self._ngrams is not None and self.coef_ngram_ is not None:
+            z = z + self._ngrams.logit(chunks, self.coef_ngram_)
+        return _sigmoid(z)
 
     # -- contract -------------------------------------------------------------------
-    def fit(self, texts: Sequence[str], y: Sequence[int] | np.ndarray) -> PromptInjectionDetector:
-        """Train the head on ``texts`` with labels ``y`` (1 = injection/jailbreak)."""
+    def fit(
+        self,
+        texts: Sequence[str],
+        y: Sequence[int] | np.ndarray,
+        *,
+        sample_weight: Sequence[float] | np.ndarray | None = None,
+    ) -> PromptInjectionDetector:
+        """Train the head on ``texts`` with labels ``y`` (1 = injection/jailbreak).
+
+        Classes are balanced; ``sample_weight`` (one per text, e.g. more weight for hard
+        negatives) multiplies that balance."""
+        from scipy import sparse
         from sklearn.linear_model import LogisticRegression
 
         tx = _as_texts(texts)
@@ -141,29 +247,56 @@ class PromptInjectionDetector:
             raise DataError(f"{len(tx)} texts but {len(yy)} labels")
         if len(set(yy.tolist())) != 2 or not set(yy.tolist()) <= {0, 1}:
             raise DataError("labels must be 0 (benign) and 1 (attack), with both present")
+        sw = (
+            np.ones(len(tx))
+            if sample_weight is None
+            else np.asarray(sample_weight, dtype=np.float64).ravel()
+        )
+        if len(sw) != len(tx) or not np.all(np.isfinite(sw)) or np.any(sw < 0):
+            raise DataError("sample_weight needs one finite, non-negative weight per text")
         chunks, owner = self._chunked(tx)
         emb = self._emb.encode(chunks)
         yc = yy[owner]
+        wc = sw[owner]
+        if self.ngram_features:
+            self._ngrams = _Ngrams(self.ngram_features).fit(chunks)
+            feats: Any = sparse.hstack(
+                [sparse.csr_matrix(emb * self.emb_scale), self._ngrams.transform(chunks)],
+                format="csr",
+            )
+        else:
+            self._ngrams = None
+            feats = emb
+        d = emb.shape[1]
 
         def train(mask: np.ndarray) -> None:
-            clf = LogisticRegression(
-                C=self.C, class_weight="balanced", max_iter=2000, random_state=self.seed
-            )
-            clf.fit(emb[mask], yc[mask])
-            self.coef_ = clf.coef_[0].astype(np.float32)
+            # class balance by hand so that sample weights multiply it
+            w = wc[mask].copy()
+            ym = yc[mask]
+            for c in (0, 1):
+                tot = w[ym == c].sum()
+                if tot > 0:
+                    w[ym == c] *= len(ym) / (2.0 * tot)
+            clf = LogisticRegression(C=self.C, max_iter=3000, random_state=self.seed)
+            clf.fit(feats[mask], ym, sample_weight=w)
+            coef = clf.coef_[0]
+            self.coef_ = (coef[:d] * self.emb_scale).astype(np.float32)
+            self.coef_ngram_ = coef[d:].astype(np.float32) if self.ngram_features else None
             self.intercept_ = float(clf.intercept_[0])
 
         train(np.ones(len(chunks), dtype=bool))
         # multiple-instance refinement: keep suspicious chunks of multi-chunk attacks
-        s = self._chunk_scores(emb)
-        keep = np.ones(len(chunks), dtype=bool)
         counts = np.bincount(owner, minlength=len(tx))
-        for i in np.flatnonzero((yy == 1) & (counts > 1)):
-            idx = np.flatnonzero(owner == i)
-            k = s[idx] >= 0.5
-            k[np.argmax(s[idx])] = True
-            keep[idx[~k]] = False
-        if not keep.all():
+        multi = np.flatnonzero((yy == 1) & (counts > 1))
+        keep = np.ones(len(chunks), dtype=bool)
+        for _ in range(self.mil_rounds if len(multi) else 0):
+            s = self._chunk_scores(chunks, emb)
+            keep = np.ones(len(chunks), dtype=bool)
+            for i in multi:
+                idx = np.flatnonzero(owner == i)
+                k = s[idx] >= 0.5
+                k[np.argmax(s[idx])] = True
+                keep[idx[~k]] = False
             train(keep)
         self.meta_ = {
             "n_texts": int(len(tx)),
@@ -180,7 +313,7 @@ class PromptInjectionDetector:
         if not tx:
             return np.zeros(0, dtype=np.float64)
         chunks, owner = self._chunked(tx)
-        s = self._chunk_scores(self._emb.encode(chunks))
+        s = self._chunk_scores(chunks, self._emb.encode(chunks))
         out = np.full(len(tx), -np.inf)
         np.maximum.at(out, owner, s)
         return out.astype(np.float64)
@@ -188,7 +321,7 @@ class PromptInjectionDetector:
     def score_chunks(self, text: str | bytes) -> list[tuple[str, float]]:
         """``(chunk, score)`` for every scored chunk of one text."""
         ch = self.chunks(text)
-        s = self._chunk_scores(self._emb.encode(ch))
+        s = self._chunk_scores(ch, self._emb.encode(ch))
         return list(zip(ch, s.astype(float).tolist(), strict=True))
 
     def calibrate(
@@ -230,14 +363,19 @@ class PromptInjectionDetector:
         assert self.coef_ is not None
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "coef": np.ascontiguousarray(self.coef_, dtype=np.float32),
+            "intercept": np.asarray([self.intercept_], dtype=np.float32),
+        }
+        if self._ngrams is not None and self.coef_ngram_ is not None:
+            n = self._ngrams.n_features
+            for i, k in enumerate(self._ngrams.vec):
+                tensors[f"coef_{k}"] = np.ascontiguousarray(
+                    self.coef_ngram_[i * n : (i + 1) * n], dtype=np.float32
+                )
+                tensors[f"idf_{k}"] = np.ascontiguousarray(self._ngrams.idf[k], dtype=np.float32)
         with atomic_path(d / "head.safetensors") as tmp:
-            save_file(
-                {
-                    "coef": np.ascontiguousarray(self.coef_, dtype=np.float32),
-                    "intercept": np.asarray([self.intercept_], dtype=np.float32),
-                },
-                str(tmp),
-            )
+            save_file(tensors, str(tmp))
         write_json_atomic(
             d / "detector.json",
             {
@@ -246,6 +384,19 @@ class PromptInjectionDetector:
                 "embedder": EMBEDDER_NAME,
                 "normalizer_version": NORMALIZER_VERSION,
                 "head": "logistic_regression",
+                "ngrams": (
+                    {
+                        "hashing": "sklearn HashingVectorizer (murmurhash3), alternate_sign=False",
+                        "n_features": self._ngrams.n_features,
+                        "blocks": {
+                            k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in b.items()}
+                            for k, b in NGRAM_BLOCKS.items()
+                        },
+                        "tf": "log1p",
+                    }
+                    if self._ngrams is not None
+                    else None
+                ),
                 "threshold": self.threshold_,
                 "calibration": self.calibration_,
                 "params": {
@@ -255,6 +406,9 @@ class PromptInjectionDetector:
                     "max_chunks": self.max_chunks,
                     "use_normalizer": self.use_normalizer,
                     "seed": self.seed,
+                    "ngram_features": self.ngram_features if self._ngrams is not None else 0,
+                    "emb_scale": self.emb_scale,
+                    "mil_rounds": self.mil_rounds,
                 },
                 "meta": self.meta_,
             },
@@ -290,10 +444,32 @@ class PromptInjectionDetector:
             use_normalizer=p.get("use_normalizer", True),
             seed=p.get("seed", 0),
             embedder=embedder,
+            ngram_features=int(p.get("ngram_features", 0)),
+            emb_scale=float(p.get("emb_scale", 1.0)),
+            mil_rounds=int(p.get("mil_rounds", 1)),
         )
+        if int(meta.get("format_version", 1)) > FORMAT_VERSION:
+            raise ModelError(
+                f"detector in {d} has format {meta.get('format_version')}",
+                hint="it was written by a newer Bastion; upgrade",
+            )
         coef = tensors["coef"].astype(np.float32).ravel()
         if coef.shape != (det._emb.dim,):
             raise ModelError(f"detector head in {d} has shape {coef.shape}")
+        if det.ngram_features:
+            ng = _Ngrams(det.ngram_features)
+            parts = []
+            for k in ng.vec:
+                ck, ik = tensors.get(f"coef_{k}"), tensors.get(f"idf_{k}")
+                if ck is None or ik is None:
+                    raise ModelError(f"detector head in {d} lacks the {k} n-gram weights")
+                ck, ik = ck.astype(np.float32).ravel(), ik.astype(np.float32).ravel()
+                if ck.shape != (det.ngram_features,) or ik.shape != (det.ngram_features,):
+                    raise ModelError(f"{k} n-gram weights in {d} have the wrong shape")
+                ng.idf[k] = ik
+                parts.append(ck)
+            det._ngrams = ng
+            det.coef_ngram_ = np.concatenate(parts)
         det.coef_ = coef
         det.intercept_ = float(tensors["intercept"].ravel()[0])
         det.threshold_ = float(meta.get("threshold", 0.5))

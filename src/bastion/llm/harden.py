@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from bastion.errors import DataError
 from bastion.llm.detector import PromptInjectionDetector
 from bastion.llm.embed import Embedder
 from bastion.llm.transforms import TRANSFORMS, apply_transform
@@ -146,6 +147,7 @@ def harden_detector(
     on_round: Callable[[HardenRound, PromptInjectionDetector], str | None] | None = None,
     initial: PromptInjectionDetector | None = None,
     calibration_benign: Sequence[str] | None = None,
+    train_weights: Sequence[float] | None = None,
 ) -> HardenResult:
     """Run the adversarial training loop (see module doc).
 
@@ -153,10 +155,15 @@ def harden_detector(
     return a model-version string (the CLI registers each round in MLflow there).
     ``calibration_benign`` (benign texts kept out of training) sets the threshold; by
     default the benign training texts do, which gives an optimistic threshold.
+    ``train_weights`` (one per training text) are passed to
+    :meth:`PromptInjectionDetector.fit` as sample weights; added variants weigh 1.
     """
     params = dict(detector_params or {})
     tx = list(train_texts)
     ty = [int(v) for v in train_y]
+    tw = [1.0] * len(tx) if train_weights is None else [float(w) for w in train_weights]
+    if len(tw) != len(tx):
+        raise DataError(f"{len(tx)} training texts but {len(tw)} weights")
     attacks = [t for t, y in zip(tx, ty, strict=True) if y == 1]
     benign = (
         list(calibration_benign)
@@ -164,13 +171,13 @@ def harden_detector(
         else [t for t, y in zip(tx, ty, strict=True) if y == 0]
     )
 
-    def fit(texts: list[str], labels: list[int]) -> PromptInjectionDetector:
+    def fit(texts: list[str], labels: list[int], weights: list[float]) -> PromptInjectionDetector:
         d = PromptInjectionDetector(embedder=embedder, seed=seed, **params)
-        d.fit(texts, labels)
+        d.fit(texts, labels, sample_weight=weights)
         d.calibrate(benign, fpr=fpr)
         return d
 
-    det = initial if initial is not None else fit(tx, ty)
+    det = initial if initial is not None else fit(tx, ty, tw)
     if initial is not None and embedder is not None:
         det.embedder = embedder
     result = HardenResult()
@@ -219,8 +226,9 @@ def harden_detector(
         evading = [v for (v, _), s in zip(cand, cs, strict=True) if s < det.threshold_]
         tx = tx + evading
         ty = ty + [1] * len(evading)
+        tw = tw + [1.0] * len(evading)
         added_total += len(evading)
-        det = fit(tx, ty)
+        det = fit(tx, ty, tw)
         benign_scores = det.score(benign)
     result.detector = det
     return result

@@ -124,7 +124,7 @@ def train_detector(
 
 
 def render_eval_html(ev: dict[str, Any] | None, *, title: str) -> str:
-    page = HtmlPage(title, subtitle="MiniLM embeddings + logistic-regression head")
+    page = HtmlPage(title, subtitle="MiniLM embeddings + hashed n-grams, logistic-regression head")
     if not ev:
         page.warning("no held-out rows (split=test) to evaluate on")
         return page.render()
