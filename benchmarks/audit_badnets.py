@@ -2,10 +2,15 @@
 
 For each poison rate: attack success rate (ASR) and clean-accuracy cost of a BadNets
 backdoor (3x3 white patch, bottom-right, target 0); detection recall/precision at a 5%
-removal budget for Bastion's spectral signatures and activation clustering (and the
-peer library's ActivationDefence / SpectralSignatureDefense when it is installed, on
-the same data and the same trained model), each with its wall time; then ASR and clean
-accuracy after removing what activation clustering flags and retraining.
+removal budget for Bastion's spectral signatures, activation clustering and STRIP on the
+training set (and the peer library's ActivationDefence / SpectralSignatureDefense when it
+is installed, on the same data and the same trained model), each with its wall time; then
+ASR and clean accuracy after removing what STRIP (the audit's default with a model)
+flags and retraining. When the poison rate exceeds the removal budget, the budget cannot
+hold every poison, so the retraining is also run at a budget of 1.5x the poison rate.
+STRIP is also run on the unpoisoned set with the clean model, and the number of samples
+above the fixed threshold ``--strip-threshold`` is reported for every set (threshold mode
+of the sanitiser: how much it removes on clean data).
 
 Goal from the issue: at 5% poison, >= 95% of poisons found while removing <= 5% of the
 data, and ASR < 5% after retraining.
@@ -27,7 +32,11 @@ import torch
 from bastion.attacks.poisoning import BadNets, attack_success_rate
 from bastion.attacks.privacy._training import train_torch, zoo_model
 from bastion.data import load_data
-from bastion.detect.poison import ActivationClusteringDetector, SpectralSignatureDetector
+from bastion.detect.poison import (
+    ActivationClusteringDetector,
+    SpectralSignatureDetector,
+    StripPoisonDetector,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -103,6 +112,8 @@ def main() -> None:
     ap.add_argument("--second-pass", type=float, default=0.0,
                     help="after sanitising and retraining, detect again on the kept data "
                     "with the retrained model and remove this share more (0: off)")
+    ap.add_argument("--strip-threshold", type=float, default=-0.05,
+                    help="fixed STRIP score threshold (minus the mean entropy) to report")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "audit_badnets.json"))
     a = ap.parse_args()
@@ -123,6 +134,13 @@ def main() -> None:
         "config": vars(a), "clean_accuracy": _acc(clean, xt, yt),
         "clean_train_time_s": time.perf_counter() - t, "rates": {}}
     print("clean accuracy", res["clean_accuracy"], flush=True)
+    t = time.perf_counter()
+    s_clean = StripPoisonDetector(model=clean, seed=a.seed).fit_score(x, y)
+    res["strip_on_unpoisoned_data"] = {
+        "time_s": time.perf_counter() - t, "threshold": a.strip_threshold,
+        "flagged_at_threshold": int((s_clean > a.strip_threshold).sum()),
+        "flagged_share_at_threshold": float((s_clean > a.strip_threshold).mean())}
+    print("strip on clean data", res["strip_on_unpoisoned_data"], flush=True)
     for rate in [float(r) for r in a.rates.split(",")]:
         bd = BadNets(target=0, rate=rate, patch_size=3, seed=a.seed)
         pr = bd.poison(x, y, n_classes=10)
@@ -136,26 +154,35 @@ def main() -> None:
         flags = {}
         for name, det in (("bastion spectral signatures", SpectralSignatureDetector(model=m)),
                           ("bastion activation clustering (PCA)",
-                           ActivationClusteringDetector(model=m, seed=a.seed))):
+                           ActivationClusteringDetector(model=m, seed=a.seed)),
+                          ("bastion STRIP on the training set",
+                           StripPoisonDetector(model=m, seed=a.seed))):
             t = time.perf_counter()
             s = det.fit_score(pr.x, pr.y)
             flag = _top(s, a.budget)
-            flags[name] = flag
+            flags[name] = s
             det_rows[name] = {**_rp(flag, pr.poison_mask), "time_s": time.perf_counter() - t}
+            if isinstance(det, StripPoisonDetector):
+                thr = s > a.strip_threshold
+                det_rows[name]["at_threshold"] = {"threshold": a.strip_threshold,
+                                                  **_rp(thr, pr.poison_mask)}
             print(" ", name, det_rows[name], flush=True)
         if not a.no_peer:
             det_rows.update(_peer(m, pr.x, pr.y, rate))
             print("  peer", {k: v for k, v in det_rows.items() if k.startswith("peer")},
                   flush=True)
         row["detection_at_budget"] = det_rows
-        ac_scores = ActivationClusteringDetector(model=m, seed=a.seed).fit_score(pr.x, pr.y)
+        san_name = "bastion STRIP on the training set"
+        san_scores = flags[san_name]
         budgets = ([a.budget] if a.sanitise_budgets is None
                    else [float(b) for b in a.sanitise_budgets.split(",")])
+        if rate > max(budgets):
+            budgets.append(round(1.5 * rate, 4))
         after = []
         for b in budgets:
-            keep = ~_top(ac_scores, b)
+            keep = ~_top(san_scores, b)
             m2 = train(pr.x[keep], pr.y[keep])
-            after.append({"detector": "bastion activation clustering (PCA)",
+            after.append({"detector": san_name,
                           "removal_budget": b, "removed": int((~keep).sum()),
                           "poisons_left": int(pr.poison_mask[keep].sum()),
                           "clean_accuracy": _acc(m2, xt, yt),

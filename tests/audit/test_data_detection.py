@@ -159,3 +159,44 @@ def test_data_audit_with_a_white_box_model(backdoored, digits_arrays, tmp_path):
     assert all(by[d].recall is not None for d in ("spectral", "activation-clustering", "knn"))
     assert report.n_removed == int(0.1 * len(pr.y)) and not report.skipped
     assert (tmp_path / "removed.json").exists() and "<img" in html
+
+
+def test_strip_poison_detector_finds_badnets_and_spares_clean_data(backdoored, digits_cnn,
+                                                                     digits_arrays):
+    from bastion.detect.poison import StripPoisonDetector
+
+    model, _, pr = backdoored
+    det = StripPoisonDetector(model=model, seed=0).fit(pr.x, pr.y)
+    assert det.scores_.shape == (len(pr.y),) and np.isfinite(det.scores_).all()
+    # the 5% poisons are ranked first: most fall within a 5% removal budget
+    assert _recall_at(det.scores_, pr.poison_mask, 0.05) > 0.7
+    # feature smoothing only raises scores
+    assert (det.scores_ >= -det.entropy_ - 1e-12).all()
+    # at a fixed threshold it flags many poisons but few samples of an unpoisoned set
+    assert (det.scores_[pr.poison_mask] > -0.05).mean() > 0.5
+    x_tr, y_tr, _, _ = digits_arrays
+    clean = StripPoisonDetector(model=digits_cnn, seed=0).fit_score(x_tr, y_tr)
+    assert (clean > -0.05).mean() < 0.03
+    # scoring new samples works and rejects misuse
+    assert det.score(pr.x[:20], pr.y[:20]).shape == (20,)
+    with pytest.raises(BastionError):
+        StripPoisonDetector(model=model).score(pr.x[:5], pr.y[:5])
+    with pytest.raises(ModelError):
+        StripPoisonDetector(model=None)
+
+
+def test_data_audit_defaults_to_strip_with_a_model(backdoored, digits_arrays):
+    from bastion.audit import audit_data
+    from bastion.data.dataset import Dataset
+
+    model, _, pr = backdoored
+    _, _, xt, yt = digits_arrays
+    ds = Dataset("digits-poisoned", pr.x, pr.y, xt, yt, n_classes=10)
+    report, _, res = audit_data(ds, model, budget=0.05, poison_mask=pr.poison_mask,
+                                detectors=["strip", "knn"])
+    assert report.combined_detector == "strip"
+    by = {d.detector: d for d in report.detectors}
+    assert by["sanitiser (strip)"].recall > 0.7
+    assert res.n_flagged == int(0.05 * len(pr.y))
+    with pytest.raises(ModelError):
+        audit_data(ds, None, detectors=["strip"])

@@ -59,3 +59,19 @@ def test_prada_streaming_shape_and_calibration(streams):
         PradaDetector(delta=1.5)
     with pytest.raises(BastionError):
         PradaDetector(min_queries=2)
+
+
+def test_prada_calibration_to_a_false_alarm_rate(streams):
+    from bastion.detect.extraction import PradaDetector
+
+    benign, _, _, _ = streams
+    det = PradaDetector(min_queries=50)
+    mins = sorted(det.min_w(b) for b in benign)
+    strict = det.calibrate(benign, fpr=0.0, margin=0.01)
+    assert strict == pytest.approx(max(mins[0] - 0.01, 1e-3))
+    # allowing a share of the calibration streams to alarm raises delta (more sensitive)
+    loose = det.calibrate(benign, fpr=0.5, margin=0.0)
+    assert loose == pytest.approx(float(np.quantile(mins, 0.5))) and loose >= strict
+    assert PradaDetector().min_queries == 100  # W of a few dozen distances swings widely
+    with pytest.raises(BastionError):
+        det.calibrate(benign, fpr=1.0)

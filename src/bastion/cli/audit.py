@@ -49,10 +49,10 @@ def register(app: typer.Typer) -> None:
         out: Path = c.OutOpt,
         detectors: str | None = typer.Option(
             None, "--detectors", help="Comma list of spectral, activation-clustering, "
-            "confident-learning, knn (default: all that fit the model)."),
+            "confident-learning, knn, strip (default: all that fit the model)."),
         use: str = typer.Option(
             "auto", "--use", help="Scores that sanitise: a detector name, combined, or auto "
-            "(activation-clustering with a white-box model, else confident-learning)."),
+            "(strip with a model, else confident-learning)."),
         budget: float = typer.Option(0.05, "--budget", help="Removal budget (share of train)."),
         threshold: float | None = typer.Option(None, "--threshold",
                                                help="Score threshold instead of a budget."),

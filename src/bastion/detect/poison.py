@@ -28,9 +28,23 @@ Each detector follows the Detector shape with labels: ``fit(x, y)`` (and then
   ``suggested_labels_`` for relabelling.
 - :class:`KnnLabelDetector`: share of the ``k`` nearest neighbours (inputs or features)
   whose label disagrees; ``suggested_labels_`` is the neighbours' majority.
+- :class:`StripPoisonDetector`: STRIP (Gao et al. 2019) applied to the *training set*
+  with the model trained on it: each sample is superimposed on ``n_overlays`` other
+  training samples and scored by minus the mean entropy of the model's predictions (a
+  sample carrying a learned trigger keeps the target class whatever is overlaid). It
+  does not rely on the poisons being a minority of their class, so it works at low and
+  high poison rates alike (MNIST BadNets, 10k images: 1.00 / 0.99 of the poisons within
+  a 5% removal budget at 1% / 5% poison, all of them within 15% at 10% poison, where
+  activation clustering found 0.00 / 0.94 / 0.02 within 5%). It needs a backdoor the
+  model has learned (a trigger that dominates the prediction); it is not a label-noise
+  filter.
+  With a white-box model, each score is raised to the mean score of the sample's ``k``
+  nearest same-label neighbours in feature space (poisons collapse together there), which
+  catches the few poisons whose own STRIP entropy happened to be high.
 
 Spectral signatures and activation clustering need a white-box model's penultimate
-features; the two label-noise filters need only the data (or a black box's outputs).
+features; the two label-noise filters need only the data (or a black box's outputs);
+STRIP needs the model's ``predict_proba`` (its feature smoothing, the features).
 """
 
 from __future__ import annotations
@@ -422,11 +436,105 @@ class KnnLabelDetector(_LabelledDetector):
         return self._vote(idx, y)[0]
 
 
+class StripPoisonDetector(_LabelledDetector):
+    """STRIP entropy of every training sample under the model trained on them; see the
+    module docs.
+
+    Args:
+        model: the model trained on the suspect data (``predict_proba`` and ``bounds``;
+            a black box works).
+        n_overlays: training samples superimposed on each sample (model queries per sample).
+        k: feature-space neighbours (same label, the sample included) whose mean score
+            lifts a sample's own score, when the model exposes ``features``; ``k=1`` or a
+            black box: the sample's own score only.
+        mode / alpha: how inputs are superimposed (see
+            :class:`~bastion.detect.backdoor.StripDetector`).
+        seed: random seed of the overlays.
+
+    ``scores_`` (higher = more suspicious) are minus a mean entropy (in nats), so they
+    are on one scale across classes and a global removal budget ranks them directly; a
+    fixed threshold such as ``-0.05`` (mean entropy under 0.05) flagged 0.26% of an
+    unpoisoned MNIST set and 96-100% of BadNets poisons in our benchmark. ``entropy_``
+    keeps each sample's own mean entropy.
+    """
+
+    name = "strip"
+
+    def __init__(self, *, model: Any, n_overlays: int = 10, k: int = 5, mode: str = "add",
+                 alpha: float = 0.5, seed: int = 0) -> None:
+        if model is None or not callable(getattr(model, "predict_proba", None)):
+            raise ModelError("the strip detector needs the model trained on the data "
+                             "(anything with predict_proba)",
+                             hint="give --model; without a model use confident-learning or knn")
+        if int(k) < 1:
+            raise BastionError(f"k must be at least 1, got {k}")
+        self.model = model
+        self.n_overlays = int(n_overlays)
+        self.k = int(k)
+        self.mode = mode
+        self.alpha = float(alpha)
+        self.seed = int(seed)
+
+    def _strip(self) -> Any:
+        from bastion.detect.backdoor import StripDetector
+
+        return StripDetector(model=self.model, n_overlays=self.n_overlays, mode=self.mode,
+                             alpha=self.alpha, seed=self.seed)
+
+    def _smooth(self, own: np.ndarray, f: np.ndarray | None, y: np.ndarray,
+                ref_f: np.ndarray | None, ref_y: np.ndarray, ref_s: np.ndarray,
+                self_included: bool) -> np.ndarray:
+        if f is None or ref_f is None or self.k <= 1:
+            return own
+        from sklearn.neighbors import NearestNeighbors
+
+        out = own.copy()
+        for c in np.unique(y):
+            m = np.flatnonzero(y == c)
+            r = np.flatnonzero(ref_y == c)
+            kk = min(self.k - (0 if self_included else 1), len(r))
+            if kk < 1:
+                continue
+            nb = NearestNeighbors(n_neighbors=kk).fit(ref_f[r]).kneighbors(f[m])[1]
+            neigh = ref_s[r][nb].sum(1)
+            mean = neigh / kk if self_included else (neigh + own[m]) / (kk + 1)
+            out[m] = np.maximum(own[m], mean)
+        return out
+
+    def _features_or_none(self, x: np.ndarray) -> np.ndarray | None:
+        if self.k <= 1 or not callable(getattr(self.model, "features", None)):
+            return None
+        return extract_features(self.model, x, what=self.name)
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> StripPoisonDetector:
+        x, y = _check_xy(x, y)
+        if len(x) < 2:
+            raise DataError("STRIP needs at least two training samples to overlay")
+        self.strip_ = self._strip().fit(np.asarray(x, dtype=np.float32))
+        self.entropy_ = self.strip_.entropy(x)
+        own = -self.entropy_
+        f = self._features_or_none(x)
+        self.ref_f_, self.ref_y_, self.ref_s_ = f, y.copy(), own
+        self.scores_ = self._smooth(own, f, y, f, y, own, self_included=True)
+        return self
+
+    def score(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x, y = _check_xy(x, y)
+        if not hasattr(self, "strip_"):
+            raise BastionError("strip: call fit(x, y) before score()")
+        own = self.strip_.score(x)
+        f = self._features_or_none(x) if self.ref_f_ is not None else None
+        return self._smooth(own, f, y, self.ref_f_, self.ref_y_, self.ref_s_,
+                            self_included=False)
+
+
 DETECTORS: dict[str, type[_LabelledDetector]] = {
     "spectral": SpectralSignatureDetector,
     "activation-clustering": ActivationClusteringDetector,
     "confident-learning": ConfidentLearningDetector,
     "knn": KnnLabelDetector,
+    "strip": StripPoisonDetector,
 }
 WHITE_BOX_DETECTORS = ("spectral", "activation-clustering")
 BLACK_BOX_DETECTORS = ("confident-learning", "knn")
+MODEL_OUTPUT_DETECTORS = ("strip",)  # need the trained model's outputs, not its features
