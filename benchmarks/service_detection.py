@@ -10,7 +10,8 @@ default guard; a healing-controller step (every monitor, alert-only rules) runs 
 2. After that, an evasion campaign (PGD eps 0.2, client ``mallory``, 1 in 4 requests) and,
    separately, a natural drift (all clients, shifted fainter noisier digits): requests
    from the campaign's start until the first alarm of the monitor that should catch it
-   (goal: under 200).
+   (goal: under 200). The per-client monitor fires on a client's flagged share or on
+   its detector scores ranking above the other clients' (the score test).
 
     .venv/bin/python benchmarks/service_detection.py [--clean 10000] [--step 200]
 """
@@ -147,7 +148,7 @@ def main() -> None:
                 "in 4 requests is adversarial); monitors run every 50 requests during the "
                 "campaigns, so the delay has a granularity of 50",
         "goals": {"false_alarms_per_monitor_at_most": 1, "requests_to_first_alarm_below": 200},
-        "time_s": time.perf_counter() - t0})
+        "loadavg_after": list(os.getloadavg()), "time_s": time.perf_counter() - t0})
     print(f"wrote {path}")
 
 

@@ -3,24 +3,27 @@
 The service runs in its own process (uvicorn on 127.0.0.1, one worker), once with the
 guard on (outlier, confidence and squeeze detectors plus per-client extraction watch) and
 once with it off (the bare champion; every prediction still goes to the event store).
-The load generator is this process: ``--clients`` threads, each sending requests back to
-back with httpx, single-item and batched. Reported: latency p50/p99 and throughput, and
-the guard-on / guard-off ratios.
+The load generator runs in separate processes (``multiprocessing``, spawn), each with one
+keep-alive ``http.client`` connection sending pre-encoded JSON bodies back to back:
+latency phases use one connection (no queueing in the server), throughput phases
+``--clients`` connections; single-item and batched. Reported: latency p50/p99,
+throughput, the guard-on / guard-off ratios, and the machine's load average (other work
+on the machine skews every number).
 
 Model: a zoo CNN trained on built-in digits (1x8x8), reference = digits' training split.
 
-    .venv/bin/python benchmarks/service_guard_overhead.py [--requests 600] [--clients 2]
+    .venv/bin/python benchmarks/service_guard_overhead.py [--requests 2000] [--clients 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,42 +74,98 @@ def _train(work: Path) -> Path:
     return save_model(m, work / "model", arch="cnn")
 
 
-def _load(url: str, bodies: list[dict[str, Any]], clients: int) -> dict[str, Any]:
-    import httpx
+def _client_proc(host: str, port: int, bodies: list[bytes], warmup: int, barrier: Any,
+                 out: Any) -> None:
+    """One load-generator process: one keep-alive ``http.client`` connection, requests
+    back to back; puts ``(latencies_s, t_first, t_last, errors)`` on ``out``."""
+    import http.client
 
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+
+    def post(b: bytes) -> int:
+        nonlocal conn
+        for attempt in (0, 1):
+            try:
+                conn.request("POST", "/v1/predict", body=b, headers=headers)
+                r = conn.getresponse()
+                r.read()
+                return r.status
+            except (OSError, http.client.HTTPException):
+                # the server closes a keep-alive connection idle for 5 s (e.g. while the
+                # other clients start): reconnect once
+                conn.close()
+                conn = http.client.HTTPConnection(host, port, timeout=60)
+                if attempt:
+                    raise
+        return 0
+
+    for b in bodies[:warmup]:
+        post(b)
+    barrier.wait()
     lat: list[float] = []
-    lock = threading.Lock()
-    errors = [0]
+    errors = 0
+    t_first = time.perf_counter()
+    for b in bodies:
+        t = time.perf_counter()
+        if post(b) != 200:
+            errors += 1
+        lat.append(time.perf_counter() - t)
+    t_last = time.perf_counter()
+    conn.close()
+    out.put((lat, t_first, t_last, errors))
+
+
+def _cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system) the process ``pid`` has used (Linux ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+def _load(port: int, bodies: list[bytes], clients: int, n_items: int,
+          server_pid: int | None = None) -> dict[str, Any]:
+    """Closed-loop load from ``clients`` separate processes (one connection each); with
+    ``server_pid``, also the server's CPU time per request (less sensitive to other work
+    on the machine than the wall-clock numbers)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(clients)
+    q = ctx.Queue()
     per = [bodies[i::clients] for i in range(clients)]
+    procs = [ctx.Process(target=_client_proc, args=("127.0.0.1", port, p, 20, barrier, q))
+             for p in per]
+    for p in procs:
+        p.start()
+    cpu0 = _cpu_s(server_pid)  # includes the warm-up requests (20 per client)
+    import queue
 
-    def worker(mine: list[dict[str, Any]]) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            for b in mine:
-                t = time.perf_counter()
-                r = c.post("/v1/predict", json=b)
-                dt = time.perf_counter() - t
-                with lock:
-                    lat.append(dt)
-                    if r.status_code != 200:
-                        errors[0] += 1
-
-    # warm-up
-    with httpx.Client(base_url=url, timeout=60) as c:
-        for b in bodies[:20]:
-            c.post("/v1/predict", json=b)
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker, args=(p,)) for p in per]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    wall = time.perf_counter() - t0
-    a = np.asarray(lat) * 1000
-    n_items = sum(len(b["inputs"]) for b in bodies)
-    return {"requests": len(bodies), "errors": errors[0], "p50_ms": float(np.percentile(a, 50)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()),
-            "requests_per_s": len(bodies) / wall, "items_per_s": n_items / wall,
-            "wall_s": wall}
+    got: list[Any] = []
+    deadline = time.monotonic() + 900
+    while len(got) < len(procs):
+        try:
+            got.append(q.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    p.terminate()
+                raise SystemExit("a load-generator process failed (see its traceback)") from None
+    cpu1 = _cpu_s(server_pid)
+    for p in procs:
+        p.join(timeout=60)
+    lat = np.asarray([x for g in got for x in g[0]]) * 1000
+    wall = max(g[2] for g in got) - min(g[1] for g in got)
+    return {"requests": len(bodies), "clients": clients, "errors": sum(g[3] for g in got),
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "mean_ms": float(lat.mean()), "requests_per_s": len(bodies) / wall,
+            "items_per_s": n_items / wall, "wall_s": wall,
+            "server_cpu_ms_per_request": None if cpu0 is None or cpu1 is None else
+            1000 * (cpu1 - cpu0) / (len(bodies) + 20 * clients)}
 
 
 def main() -> None:
@@ -116,9 +175,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--model", default="")
     ap.add_argument("--work", default="")
-    ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--requests", type=int, default=2000,
+                    help="single-item requests per phase")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=8,
+                    help="load-generator processes of the throughput phase")
     args = ap.parse_args()
     if args.serve:
         serve_main(args)
@@ -129,15 +190,25 @@ def main() -> None:
     from bastion.data import load_data
 
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-guard-"))
     model = _train(work)
     ds = load_data("builtin:digits", seed=0)
     x = ds.x_test
-    single = [{"inputs": x[i % len(x)][None].tolist(), "client_id": f"c{i % 8}"}
+
+    def enc(d: dict[str, Any]) -> bytes:
+        return json.dumps(d).encode()
+
+    single = [enc({"inputs": x[i % len(x)][None].tolist(), "client_id": f"c{i % 8}"})
               for i in range(args.requests)]
-    n_b = max(args.requests // 10, 20)
-    batched = [{"inputs": x[(i * args.batch) % (len(x) - args.batch):][:args.batch].tolist(),
-                "client_id": f"c{i % 8}"} for i in range(n_b)]
+    n_b = max(args.requests // 10, 40)
+    batched = [enc({"inputs": x[(i * args.batch) % (len(x) - args.batch):][:args.batch]
+                    .tolist(), "client_id": f"c{i % 8}"}) for i in range(n_b)]
+    # latency: one connection (no queueing in the server); throughput: --clients
+    # connections from as many processes
+    phases = [("single", single, 1, 1), (f"batch{args.batch}", batched, 1, args.batch),
+              ("single_throughput", single, args.clients, 1),
+              (f"batch{args.batch}_throughput", batched, args.clients, args.batch)]
     results: dict[str, Any] = {}
     for guard in ("off", "on"):
         port = _free_port()
@@ -156,9 +227,12 @@ def main() -> None:
                 if time.time() > deadline or proc.poll() is not None:
                     raise SystemExit(f"the guard={guard} server did not start")
                 time.sleep(0.5)
-            results[guard] = {"single": _load(url, single, args.clients),
-                              f"batch{args.batch}": _load(url, batched, args.clients)}
-            print(guard, results[guard], flush=True)
+            results[guard] = {}
+            for name, bodies, clients, per in phases:
+                results[guard][name] = r = _load(port, bodies, clients, per * len(bodies),
+                                                  proc.pid)
+                print(guard, name, {k: round(v, 2) if isinstance(v, float) else v
+                                    for k, v in r.items()}, flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -169,6 +243,10 @@ def main() -> None:
                         "p99_overhead": on["p99_ms"] / off["p99_ms"] - 1,
                         "throughput_ratio": on["requests_per_s"] / off["requests_per_s"]}
     payload = {"settings": vars(args),
+               "load_generator": "separate processes, one keep-alive http.client connection "
+                                 "each; latency phases use 1 connection, throughput phases "
+                                 "--clients connections",
+               "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
                "results": results, "ratios": ratios,
                "goals": {"p50_overhead_below": 0.30, "single_item_rps_guard_on_at_least": 500}}
     path = write_result("service_guard_overhead", payload)

@@ -164,3 +164,32 @@ def test_extraction_detector_in_the_request_path(digits_cnn, digits_arrays, dete
     assert out[-1].verdict == "flag" and out[-1].reasons[-1].fired
     honest = [d.verdict for d in g2.predict(x_te[100:160], client_id="alice")]
     assert honest.count("flag") <= 5
+
+
+def test_predict_many_matches_predict_per_batch(digits_cnn, digits_arrays, detectors,
+                                                tmp_path):
+    _, _, x_te, _ = digits_arrays
+    store = EventStore(f"sqlite:///{tmp_path / 'm.db'}")
+    g = GuardedModel(digits_cnn, detectors=detectors, fallback=_Const(), store=store)
+    g.quarantine("eve")
+    alone = [g.predict(x_te[i:i + k], client_id=c, request_ids=[f"{c}{j}" for j in range(k)])
+             for i, k, c in ((0, 3, "alice"), (3, 1, "bob"), (4, 2, "eve"))]
+    together = g.predict_many([(x_te[i:i + k], c, [f"{c}{j}" for j in range(k)])
+                               for i, k, c in ((0, 3, "alice"), (3, 1, "bob"), (4, 2, "eve"))])
+    assert [len(b) for b in together] == [3, 1, 2]
+    for a, b in zip(alone, together, strict=True):
+        for d1, d2 in zip(a, b, strict=True):
+            assert (d1.index, d1.client_id, d1.request_id, d1.verdict, d1.label,
+                    d1.answered_by) == (d2.index, d2.client_id, d2.request_id, d2.verdict,
+                                        d2.label, d2.answered_by)
+            for r1, r2 in zip(d1.reasons, d2.reasons, strict=True):
+                assert r1.detector == r2.detector and r1.fired == r2.fired
+                if r1.score is not None:
+                    assert r2.score == pytest.approx(r1.score, abs=1e-5)
+    assert all(d.verdict == "block" and d.answered_by == "none" for d in together[2])
+    assert store.count(kinds=ev.PREDICTION) == 12
+    # all or none: one bad batch answers nothing
+    n = store.count(kinds=ev.PREDICTION)
+    with pytest.raises(DataError):
+        g.predict_many([(x_te[:1], "alice", None), (np.full((1, 1, 8, 8), 5.0), "bob", None)])
+    assert store.count(kinds=ev.PREDICTION) == n

@@ -97,3 +97,37 @@ def test_alert_rate_monitors(tmp_path):
     assert not g.fired
     assert not any(x.fired for x in ClientAlertMonitor(expected_rate=0.02).evaluate(
         quiet, after_id=0, upto_id=quiet.last_id()))
+
+
+def _scored(store, client, scores):
+    store.append_many([{"kind": ev.PREDICTION, "client_id": client,
+                        "request_id": f"{client}-{i}",
+                        "payload": {"verdict": "allow", "fired": [],
+                                    "scores": {"outlier": float(s), "extraction": 0.99}}}
+                       for i, s in enumerate(scores)])
+
+
+def test_client_score_test_notices_high_scores_under_the_threshold(tmp_path):
+    from bastion.runtime.monitors import client_score_shift
+
+    rng = np.random.default_rng(3)
+    s = EventStore(f"sqlite:///{tmp_path / 's.db'}")
+    for c in ("alice", "bob", "carol"):
+        _scored(s, c, rng.normal(0, 1, 80))
+    _scored(s, "mallory", rng.normal(1.5, 1, 30))  # higher, but never flagged
+    mon = ClientAlertMonitor(expected_rate=0.02)
+    sigs = mon.evaluate(s, after_id=0, upto_id=s.last_id())
+    fired = [x for x in sigs if x.fired]
+    assert [x.client_id for x in fired] == ["mallory"]
+    assert fired[0].evidence["test"] == "score_shift"
+    assert fired[0].evidence["detector"] == "outlier"  # extraction scores are not used
+    shift = client_score_shift(s.recent(ev.PREDICTION, 1000), min_requests=20)
+    assert shift["mallory"]["auc"] > 0.75 and shift["alice"]["auc"] < 0.6
+    # off: only flagged shares count, and nobody is flagged
+    assert not any(x.fired for x in ClientAlertMonitor(expected_rate=0.02, score_test=False)
+                   .evaluate(s, after_id=0, upto_id=s.last_id()))
+    # the same score distribution for everybody: nobody stands out
+    q = EventStore(f"sqlite:///{tmp_path / 'q.db'}")
+    for c in ("alice", "bob", "carol", "dave"):
+        _scored(q, c, rng.normal(0, 1, 80))
+    assert not any(x.fired for x in mon.evaluate(q, after_id=0, upto_id=q.last_id()))

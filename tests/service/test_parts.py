@@ -102,3 +102,62 @@ def test_metrics_from_events():
     assert 'bastion_healing_actions_total{action="retrain",done="false"} 1.0' in text
     assert 'bastion_monitor_fired{monitor="input_drift"} 1.0' in text
     assert ServiceMetrics().registry is not m.registry
+
+
+def test_request_coalescer_shares_passes_and_keeps_errors_apart():
+    import threading
+    import time
+
+    from bastion.errors import DataError
+    from bastion.service.core import RequestCoalescer
+
+    class FakeGuard:
+        def __init__(self):
+            self.calls = []
+
+        def predict_many(self, batches):
+            self.calls.append([c for _, c, _ in batches])
+            time.sleep(0.02)  # let the other callers queue up
+            if any(c == "bad" for _, c, _ in batches):
+                raise DataError("bad batch")
+            return [[(c, float(x.sum()))] for x, c, _ in batches]
+
+        def predict(self, x, *, client_id):
+            return self.predict_many([(x, client_id, None)])[0]
+
+    g, co = FakeGuard(), RequestCoalescer(max_rows=100)
+    got, errs = {}, {}
+
+    def call(c, v):
+        try:
+            got[c] = co.predict(g, np.full((1, 2), v), c)
+        except DataError as exc:
+            errs[c] = exc
+
+    ts = [threading.Thread(target=call, args=(f"c{i}", i)) for i in range(6)]
+    ts.append(threading.Thread(target=call, args=("bad", 9)))
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert got == {f"c{i}": [(f"c{i}", 2.0 * i)] for i in range(6)}
+    assert list(errs) == ["bad"]  # the failing batch's error reaches only its caller
+    assert max(len(c) for c in g.calls) > 1  # callers that queued up shared a pass
+
+
+def test_predict_response_json_is_the_schema():
+    from bastion.runtime.guard import GuardDecision, Reason
+    from bastion.service.schemas import PredictResponse, predict_response_json
+
+    d = GuardDecision(index=0, request_id="r1", client_id="a", label=2,
+                      probabilities=[0.1, 0.2, 0.7], verdict="flag",
+                      reasons=[Reason(detector="squeeze", score=float("nan"), threshold=0.3,
+                                      fired=False, action="flag"),
+                               Reason(detector="outlier", score=4.0, threshold=3.0,
+                                      fired=True, action="flag")],
+                      answered_by="champion", model_version="3", why="flag: outlier fired")
+    body = predict_response_json("3", "a", [d])
+    r = PredictResponse.model_validate_json(body)
+    assert r.labels == [2] and r.verdicts == ["flag"] and r.request_ids == ["r1"]
+    assert r.predictions[0].reasons[0].score is None  # NaN is written as null
+    assert r.predictions[0].reasons[1].fired and r.model_version == "3"

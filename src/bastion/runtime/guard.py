@@ -96,16 +96,8 @@ class GuardDecision(BaseModel):
     why: str
 
 
-def _extraction_check(det: Any, client_id: str, x: np.ndarray, label: int | None
-                      ) -> tuple[bool, float | None, str | None]:
-    """Ask a per-client extraction detector about one query ``x``; duck-typed.
-
-    The detector may offer ``observe(client_id, x[, label])`` or ``update(client_id, x[,
-    label])`` (e.g. :class:`bastion.detect.extraction.QueryStreamMonitor`; ``label`` is
-    the champion's predicted class) returning a bool, a score (compared with its
-    ``threshold_``) or a dict with ``flagged``/``score``; and optionally
-    ``is_flagged(client_id)``.
-    """
+def _takes_label(det: Any) -> bool:
+    """Whether the extraction detector's ``observe``/``update`` takes a third argument."""
     import inspect
 
     fn = getattr(det, "observe", None) or getattr(det, "update", None)
@@ -113,9 +105,26 @@ def _extraction_check(det: Any, client_id: str, x: np.ndarray, label: int | None
         raise BastionError("the extraction detector has no observe() or update()",
                            hint="give an object with observe(client_id, x)")
     try:
-        takes_label = len(inspect.signature(fn).parameters) >= 3
+        return len(inspect.signature(fn).parameters) >= 3
     except (TypeError, ValueError):
-        takes_label = False
+        return False
+
+
+def _extraction_check(det: Any, client_id: str, x: np.ndarray, label: int | None,
+                      takes_label: bool | None = None
+                      ) -> tuple[bool, float | None, str | None]:
+    """Ask a per-client extraction detector about one query ``x``; duck-typed.
+
+    The detector may offer ``observe(client_id, x[, label])`` or ``update(client_id, x[,
+    label])`` (e.g. :class:`bastion.detect.extraction.QueryStreamMonitor`; ``label`` is
+    the champion's predicted class) returning a bool, a score (compared with its
+    ``threshold_``) or a dict with ``flagged``/``score``; and optionally
+    ``is_flagged(client_id)``. ``takes_label``: the answer of :func:`_takes_label` for
+    ``det``, if known (it is looked up otherwise).
+    """
+    if takes_label is None:
+        takes_label = _takes_label(det)
+    fn = getattr(det, "observe", None) or getattr(det, "update", None)
     res = fn(client_id, x, label) if takes_label else fn(client_id, x)
     score: float | None = None
     flagged = False
@@ -187,6 +196,7 @@ class GuardedModel:
         if fallback is not None:
             self._check_model(fallback)
         self._state_checked = 0.0
+        self._ex_sig: tuple[Any, bool] | None = None  # (extraction detector, takes label)
 
     @staticmethod
     def _check_model(m: Any) -> None:
@@ -272,38 +282,83 @@ class GuardedModel:
     def predict(self, x: Any, *, client_id: str = "anonymous",
                 request_ids: Sequence[str] | None = None) -> list[GuardDecision]:
         """Guarded answers for a batch ``x`` (or one input) from ``client_id``."""
+        return self.predict_many([(x, client_id, request_ids)])[0]
+
+    def predict_many(self, batches: Sequence[tuple[Any, str, Sequence[str] | None]]
+                     ) -> list[list[GuardDecision]]:
+        """Guarded answers for several batches ``(x, client_id, request_ids or None)``
+        at once (e.g. concurrent requests of different clients): one forward pass of the
+        champion, each detector once over every input, one event-store write. Each
+        batch gets the answers :meth:`predict` would give it (the per-client extraction
+        detector sees the batches in the given order). All or none: a bad batch raises
+        :class:`~bastion.errors.DataError` before anything is answered or stored."""
+        if not batches:
+            return []
         if self.store is not None and time.monotonic() - self._state_checked > 1.0:
             self.refresh_state()
-        a = self._inputs(x)
+        arrays: list[np.ndarray] = []
+        cids: list[str] = []
+        rids: list[str] = []
+        index: list[int] = []
+        sizes: list[int] = []
+        for x, client_id, request_ids in batches:
+            ab = self._inputs(x)
+            nb = len(ab)
+            rb = [str(r) for r in request_ids] if request_ids is not None else [
+                uuid.uuid4().hex for _ in range(nb)]
+            if len(rb) != nb:
+                raise DataError(f"{len(rb)} request ids for {nb} inputs")
+            arrays.append(ab)
+            cids += [str(client_id)] * nb
+            rids += rb
+            index += range(nb)
+            sizes.append(nb)
+        a = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         n = len(a)
-        cid = str(client_id)
-        rids = [str(r) for r in request_ids] if request_ids is not None else [
-            uuid.uuid4().hex for _ in range(n)]
-        if len(rids) != n:
-            raise DataError(f"{len(rids)} request ids for {n} inputs")
         with self._lock:
             model, mver = self.model, self.model_version
             fb, fver = self.fallback, self.fallback_version
             traffic = self.traffic if fb is not None else "champion"
-            quarantined = cid in self.quarantined
-        p_champ = np.asarray(model.predict_proba(a), dtype=np.float64)
+            quarantined = [c in self.quarantined for c in cids]
+        # one forward pass of the champion answers the input and every squeezed copy the
+        # squeeze detectors on this champion need (tiny models cost mostly per call)
+        parts, squeeze_rows = [a], {}
+        for name, det in self.detectors.items():
+            if getattr(det, "model", None) is model and callable(
+                    getattr(det, "squeezed", None)) and callable(
+                    getattr(det, "score_from_proba", None)):
+                copies = det.squeezed(a)
+                squeeze_rows[name] = (len(parts), len(copies))
+                parts += copies
+        p_all = np.asarray(model.predict_proba(parts[0] if len(parts) == 1 else
+                                               np.concatenate(parts)), dtype=np.float64)
+        p_champ = p_all[:n]
         reasons: list[list[Reason]] = [[] for _ in range(n)]
+        construct = Reason.model_construct
         for name, det in self.detectors.items():
             action = self.policy.actions.get(name, self.policy.default_action)
             if name.startswith("confidence") and hasattr(det, "from_proba") and \
                     getattr(det, "model", None) is model:
                 s = det.from_proba(p_champ, getattr(det, "kind", "maxprob"))
+            elif name in squeeze_rows:
+                first, k = squeeze_rows[name]
+                s = det.score_from_proba(p_champ, [p_all[(first + j) * n:(first + j + 1) * n]
+                                                   for j in range(k)])
             else:
                 s = np.asarray(det.score(a), dtype=np.float64)
             thr = float(det.threshold_)
             for i in range(n):
-                reasons[i].append(Reason(detector=name, score=float(s[i]), threshold=thr,
-                                         fired=bool(s[i] > thr), action=action))
-        if self.extraction_detector is not None:
-            ex_thr = getattr(self.extraction_detector, "threshold_", None)
+                si = float(s[i])
+                reasons[i].append(construct(detector=name, score=si, threshold=thr,
+                                            fired=si > thr, action=action, note=None))
+        exd = self.extraction_detector
+        if exd is not None:
+            ex_thr = getattr(exd, "threshold_", None)
+            if self._ex_sig is None or self._ex_sig[0] is not exd:
+                self._ex_sig = (exd, _takes_label(exd))
             for i in range(n):
                 hit, ex_score, note = _extraction_check(
-                    self.extraction_detector, cid, a[i], int(np.argmax(p_champ[i])))
+                    exd, cids[i], a[i], int(np.argmax(p_champ[i])), self._ex_sig[1])
                 reasons[i].append(Reason(detector="extraction", score=ex_score,
                                          threshold=None if ex_thr is None else float(ex_thr),
                                          fired=hit, action=self.policy.extraction_action,
@@ -317,7 +372,7 @@ class GuardedModel:
                 v = "block"
             elif acting:
                 v = "flag"
-            if quarantined:
+            if quarantined[i]:
                 reasons[i].append(Reason(detector="quarantine", fired=True, action="block",
                                          note="client is quarantined"))
                 v = "block"
@@ -335,7 +390,7 @@ class GuardedModel:
         for i in range(n):
             v = verdicts[i]
             fired_names = [r.detector for r in reasons[i] if r.fired and r.action != "ignore"]
-            if v == "block" and (quarantined or self.policy.on_block == "refuse"
+            if v == "block" and (quarantined[i] or self.policy.on_block == "refuse"
                                  or i not in fb_rows):
                 by, probs, ver = "none", None, None
                 why = "blocked: " + ", ".join(fired_names) + "; request refused"
@@ -351,13 +406,17 @@ class GuardedModel:
                     f"{v}: {', '.join(fired_names)} fired; "
                     + ("no fallback model, " if fb is None else "") + "answered by the champion")
             out.append(GuardDecision(
-                index=i, request_id=rids[i], client_id=cid,
+                index=index[i], request_id=rids[i], client_id=cids[i],
                 label=None if probs is None else int(np.argmax(probs)),
                 probabilities=None if probs is None else [float(p) for p in probs],
                 verdict=v, reasons=reasons[i], answered_by=by, model_version=ver, why=why))
         if self.store is not None:
             self._log(a, out, p_champ)
-        return out
+        split, k = [], 0
+        for nb in sizes:
+            split.append(out[k:k + nb])
+            k += nb
+        return split
 
     def _log(self, a: np.ndarray, decisions: list[GuardDecision], p_champ: np.ndarray) -> None:
         from bastion.detect.adversarial import _entropy
@@ -366,8 +425,7 @@ class GuardedModel:
         assert store is not None
         ent = _entropy(p_champ)
         rows: list[dict[str, Any]] = []
-        for d in decisions:
-            i = d.index
+        for i, d in enumerate(decisions):  # row i of ``a`` and ``p_champ``
             payload: dict[str, Any] = {
                 "label": d.label, "verdict": d.verdict, "answered_by": d.answered_by,
                 "champion_label": int(np.argmax(p_champ[i])),

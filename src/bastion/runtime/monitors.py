@@ -17,7 +17,9 @@ what a long-running controller sees.
 - :class:`AlertRateMonitor`: the share of flagged/blocked requests against what the
   detectors' calibrated false-positive rates predict (one-sided binomial test).
 - :class:`ClientAlertMonitor`: the same per client (Bonferroni over clients), so one
-  client running an evasion or extraction campaign stands out.
+  client running an evasion or extraction campaign stands out; plus a rank test of each
+  client's detector scores against the other clients' (:func:`client_score_shift`),
+  which notices adversarial inputs that mostly stay under the detectors' thresholds.
 """
 
 from __future__ import annotations
@@ -68,6 +70,87 @@ def _binom_greater(k: int, n: int, p: float) -> float:
         return 1.0
     return float(binomtest(int(k), int(n), min(max(p, 1e-9), 1 - 1e-9),
                            alternative="greater").pvalue)
+
+
+#: score keys of prediction events that are not per-input detector scores
+_NOT_INPUT_SCORES = frozenset({"extraction", "quarantine"})
+
+
+def client_score_shift(events: list[ev.Event], *, min_requests: int = 20,
+                       min_auc: float = 0.75, exclude: frozenset[str] = _NOT_INPUT_SCORES
+                       ) -> dict[str, dict[str, Any]]:
+    """Per client and detector: are the client's detector scores higher than the other
+    clients'? A one-sided Mann-Whitney U test of the client's logged scores
+    (``payload["scores"]``) against every other client's in the same window.
+
+    This uses the whole score distribution, not only the scores above the detector's
+    threshold, so a client whose inputs all lean towards "suspicious" (an evasion
+    campaign: adversarial inputs that mostly stay under the thresholds) stands out after
+    a few dozen requests where the flagged share alone would not. Scores of clients are
+    exchangeable under the null hypothesis (clients sending the same kind of inputs), so
+    the test needs no calibration, and a drift that shifts every client's scores alike
+    does not single anybody out.
+
+    Returns ``{client: {"p_value", "auc", "detector", "n", "n_others"}}`` for each client
+    with at least ``min_requests`` scored requests (and as many from the others): the
+    detector with the smallest p-value (not yet corrected for the number of detectors or
+    clients) and its AUC (the probability that one of the client's scores exceeds one of
+    the others'). ``min_auc`` is not applied here; callers compare ``auc`` with it.
+    """
+    from scipy.stats import mannwhitneyu
+
+    per: dict[str, dict[str, list[float]]] = {}
+    for e in events:
+        sc = e.payload.get("scores")
+        if not e.client_id or not isinstance(sc, dict) or \
+                "quarantine" in (e.payload.get("fired") or []):
+            continue
+        d = per.setdefault(e.client_id, {})
+        for k, v in sc.items():
+            if k not in exclude and isinstance(v, int | float) and np.isfinite(v):
+                d.setdefault(k, []).append(float(v))
+    dets = sorted({k for d in per.values() for k in d})
+    out: dict[str, dict[str, Any]] = {}
+    for c, mine in per.items():
+        best: dict[str, Any] | None = None
+        for k in dets:
+            a = mine.get(k, [])
+            b = [v for o, d in per.items() if o != c for v in d.get(k, [])]
+            if len(a) < min_requests or len(b) < min_requests:
+                continue
+            if np.ptp(a + b) == 0:
+                continue  # every score equal: nothing to rank
+            r = mannwhitneyu(a, b, alternative="greater", method="asymptotic")
+            auc = float(r.statistic) / (len(a) * len(b))
+            if best is None or float(r.pvalue) < best["p_value"]:
+                best = {"p_value": float(r.pvalue), "auc": auc, "detector": k, "n": len(a),
+                        "n_others": len(b), "n_detectors": 0}
+        if best is not None:
+            best["n_detectors"] = len(dets)
+            out[c] = best
+    return out
+
+
+def score_shift_signal(monitor: str, client: str, res: dict[str, Any] | None, k: int, n: int,
+                       m: int, *, alpha: float, min_auc: float,
+                       window: dict[str, Any]) -> Signal | None:
+    """A firing :class:`Signal` when ``res`` (one client's :func:`client_score_shift`
+    entry) is significant after Bonferroni over ``m`` clients and its detectors, with an
+    AUC of at least ``min_auc``; else None. ``k``/``n``: the client's flagged requests."""
+    if res is None:
+        return None
+    p = min(1.0, res["p_value"] * max(m, 1) * max(int(res["n_detectors"]), 1))
+    if p >= alpha or res["auc"] < min_auc:
+        return None
+    return Signal(
+        monitor=monitor, fired=True, severity="critical", client_id=client,
+        message=(f"client {client}: {res['detector']} scores higher than the other "
+                 f"clients' (AUC {res['auc']:.2f} over {res['n']} requests, p = {p:.2g} "
+                 f"after Bonferroni over {m} clients and {res['n_detectors']} detectors; "
+                 f"{k} of {n} requests flagged)"),
+        value=res["auc"], threshold=min_auc,
+        evidence={"test": "score_shift", "flagged": k, "n": n, "p_value_bonferroni": p,
+                  "clients_judged": m, **res}, window=window)
 
 
 class InputDriftMonitor:
@@ -350,17 +433,24 @@ class ClientAlertMonitor:
         expected_rate: the share of clean traffic the guard flags.
         window: predictions considered (all clients).
         min_requests: clients with fewer requests in the window are not judged.
-        alpha: family-wise significance level (Bonferroni over the judged clients).
+        alpha: family-wise significance level (Bonferroni over the judged clients, and
+            over the detectors for the score test).
         min_rate: the client's rate must also reach this share.
+        score_test: also fire when the client's detector scores are significantly higher
+            than the other clients' (:func:`client_score_shift`, Bonferroni over clients
+            and detectors) with an AUC of at least ``min_auc``: this notices an evasion
+            campaign whose inputs mostly stay under the detectors' thresholds.
     """
 
     name = "client_alert_rate"
 
     def __init__(self, *, expected_rate: float = 0.05, window: int = 1000,
-                 min_requests: int = 20, alpha: float = 0.001, min_rate: float = 0.3) -> None:
+                 min_requests: int = 20, alpha: float = 0.001, min_rate: float = 0.3,
+                 score_test: bool = True, min_auc: float = 0.75) -> None:
         self.expected_rate, self.window = float(expected_rate), int(window)
         self.min_requests, self.alpha, self.min_rate = int(min_requests), float(alpha), \
             float(min_rate)
+        self.score_test, self.min_auc = bool(score_test), float(min_auc)
 
     def evaluate(self, store: ev.EventStore, *, after_id: int, upto_id: int) -> list[Signal]:
         events = store.recent(ev.PREDICTION, self.window, after_id=after_id, before_id=upto_id)
@@ -373,9 +463,13 @@ class ClientAlertMonitor:
         judged = {c: v for c, v in per.items() if len(v) >= self.min_requests}
         out = []
         m = max(len(judged), 1)
+        shift = client_score_shift(events, min_requests=self.min_requests) \
+            if self.score_test else {}
         for c, v in sorted(judged.items()):
             k, n = sum(v), len(v)
             p = min(1.0, _binom_greater(k, n, self.expected_rate) * m)
+            sig = score_shift_signal(self.name, c, shift.get(c), k, n, m, alpha=self.alpha,
+                                     min_auc=self.min_auc, window=_window_info(events))
             if p < self.alpha and k / n >= self.min_rate:
                 out.append(Signal(
                     monitor=self.name, fired=True, severity="critical", client_id=c,
@@ -385,6 +479,8 @@ class ClientAlertMonitor:
                     value=k / n, threshold=self.expected_rate,
                     evidence={"flagged": k, "n": n, "p_value_bonferroni": p,
                               "clients_judged": m}, window=_window_info(events)))
+            elif sig is not None:
+                out.append(sig)
         if not out:
             out.append(Signal(monitor=self.name, fired=False, window=_window_info(events),
                               message=f"no client stands out ({len(judged)} judged)",

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bastion.errors import DataError, ModelError
+from bastion.errors import BastionError, DataError, ModelError
 from bastion.runtime import events as ev
 from bastion.runtime.guard import STATE_QUARANTINE, STATE_TRAFFIC, GuardDecision, GuardedModel
 from bastion.service.config import ServiceConfig
@@ -132,6 +132,86 @@ class ExtractionWatch:
             return sorted(self._flagged)
 
 
+class _Pending:
+    __slots__ = ("x", "client_id", "out", "error", "done")
+
+    def __init__(self, x: np.ndarray, client_id: str) -> None:
+        self.x, self.client_id = x, client_id
+        self.out: list[GuardDecision] | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class RequestCoalescer:
+    """Answers concurrent requests together (the guard's work is mostly per call).
+
+    A caller queues its batch; whichever caller finds no pass in progress becomes the
+    leader, takes the queued batches (up to ``max_rows`` inputs) and answers them with
+    one :meth:`~bastion.runtime.guard.GuardedModel.predict_many` call (one forward
+    pass, one event-store write), then wakes the others. A lone request is answered at
+    once (nothing waits for company); under load, requests arriving during a pass share
+    the next one. If a shared pass fails, each batch is retried alone so an error
+    reaches only the caller it belongs to.
+    """
+
+    def __init__(self, max_rows: int = 256) -> None:
+        self.max_rows = max(int(max_rows), 1)
+        self._cv = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._busy = False
+
+    def predict(self, guard: Any, x: np.ndarray, client_id: str) -> list[GuardDecision]:
+        """The guard's answers for ``x`` from ``client_id`` (shared with concurrent
+        callers of the same guard when they overlap)."""
+        p = _Pending(x, client_id)
+        with self._cv:
+            self._queue.append(p)
+            while not p.done:
+                if self._busy:
+                    self._cv.wait()
+                    continue
+                self._busy = True
+                group, rows = [], 0
+                while self._queue and (not group or rows + len(self._queue[0].x)
+                                       <= self.max_rows):
+                    q = self._queue.pop(0)
+                    group.append(q)
+                    rows += len(q.x)
+                self._cv.release()
+                try:
+                    self._answer(guard, group)
+                finally:
+                    self._cv.acquire()
+                    self._busy = False
+                    for g in group:
+                        if g.out is None and g.error is None:
+                            g.error = BastionError("the guard was interrupted before "
+                                                   "answering")
+                        g.done = True
+                    self._cv.notify_all()
+        if p.error is not None:
+            raise p.error
+        assert p.out is not None
+        return p.out
+
+    @staticmethod
+    def _answer(guard: Any, group: list[_Pending]) -> None:
+        try:
+            outs = guard.predict_many([(g.x, g.client_id, None) for g in group])
+            for g, o in zip(group, outs, strict=True):
+                g.out = o
+            return
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].error = exc
+                return
+        for g in group:
+            try:
+                g.out = guard.predict(g.x, client_id=g.client_id)
+            except Exception as exc:
+                g.error = exc
+
+
 class BastionService:
     """See the module docs. Call :meth:`start` for the background loop and :meth:`close`
     at the end."""
@@ -148,6 +228,7 @@ class BastionService:
         self._heal_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._coalescer = RequestCoalescer(max_rows=config.max_batch)
         # ``data``: an already split Dataset (the demo keeps its traffic pool apart)
         self.data = data if data is not None else load_data(config.reference, seed=config.seed)
         self.store = ev.EventStore(config.events_url)
@@ -270,7 +351,7 @@ class BastionService:
 
     def predict(self, a: np.ndarray, *, client_id: str) -> list[GuardDecision]:
         x = self.prepare_inputs(a)
-        out = self.guard.predict(x, client_id=client_id)
+        out = self._coalescer.predict(self.guard, x, client_id)
         m = self.metrics
         m.batch_size.observe(len(out))
         for d in out:
@@ -440,4 +521,5 @@ class BastionService:
         return names
 
 
-__all__ = ["BastionService", "ExtractionWatch", "folder_digest", "model_folder"]
+__all__ = ["BastionService", "ExtractionWatch", "RequestCoalescer", "folder_digest",
+           "model_folder"]

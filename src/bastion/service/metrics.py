@@ -65,7 +65,10 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
     def observe_event(self, kind: str, payload: dict[str, Any]) -> None:
-        """Update the monitor/healing metrics from one stored event."""
+        """Update the monitor/healing metrics from one stored event (the LLM guard
+        proxy's events, ``surface: "llm"`` in a shared store, have their own metrics)."""
+        if payload.get("surface") == "llm":
+            return
         if kind == "alert":
             self.alerts.labels(str(payload.get("monitor", "unknown"))).inc()
         elif kind == "audit":

@@ -7,7 +7,10 @@ quarantine) ordinary clients. :class:`RelativeClientAlertMonitor` (same name,
 ``client_alert_rate``, so the same rules apply) tests a client's flagged share against
 ``max(expected_rate, share of the other clients)``: one client running an evasion or
 extraction campaign stands out; a drift that touches everyone does not (the input-drift,
-health and alert-rate monitors report that instead).
+health and alert-rate monitors report that instead). Both monitors also run the score
+test (:func:`~bastion.runtime.monitors.client_score_shift`): a client whose detector
+scores sit above the other clients' (most adversarial inputs stay under the thresholds,
+but their scores lean high) is singled out after a few dozen requests.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from bastion.runtime import events as ev
-from bastion.runtime.monitors import Signal
+from bastion.runtime.monitors import Signal, client_score_shift, score_shift_signal
 
 
 def _window_info(events: list[ev.Event]) -> dict[str, Any]:
@@ -35,18 +38,21 @@ def _binom_greater(k: int, n: int, p: float) -> float:
 
 
 class RelativeClientAlertMonitor:
-    """See the module docs. Arguments as for ``ClientAlertMonitor``; ``min_ratio``: the
+    """See the module docs. Arguments as for ``ClientAlertMonitor`` (including its score
+    test, which already compares each client with the others); ``min_ratio``: the
     client's share must also be at least this multiple of the others' share."""
 
     name = "client_alert_rate"
 
     def __init__(self, *, expected_rate: float = 0.05, window: int = 1000,
                  min_requests: int = 20, alpha: float = 0.001, min_rate: float = 0.3,
-                 min_ratio: float = 2.0) -> None:
+                 min_ratio: float = 2.0, score_test: bool = True,
+                 min_auc: float = 0.75) -> None:
         self.expected_rate, self.window = float(expected_rate), int(window)
         self.min_requests, self.alpha, self.min_rate = int(min_requests), float(alpha), \
             float(min_rate)
         self.min_ratio = float(min_ratio)
+        self.score_test, self.min_auc = bool(score_test), float(min_auc)
 
     def evaluate(self, store: ev.EventStore, *, after_id: int, upto_id: int) -> list[Signal]:
         events = store.recent(ev.PREDICTION, self.window, after_id=after_id, before_id=upto_id)
@@ -61,6 +67,8 @@ class RelativeClientAlertMonitor:
         judged = {c: v for c, v in per.items() if len(v) >= self.min_requests}
         m = max(len(judged), 1)
         out: list[Signal] = []
+        shift = client_score_shift(events, min_requests=self.min_requests) \
+            if self.score_test else {}
         for c, v in sorted(judged.items()):
             k, n = sum(v), len(v)
             ko, no = total_k - k, total_n - n
@@ -78,6 +86,11 @@ class RelativeClientAlertMonitor:
                              f"{p0:.3f} for the other clients and the expected rate, "
                              f"p = {p:.2g} after Bonferroni over {m} clients)"),
                     value=rate, threshold=p0, evidence=ev_, window=_window_info(events)))
+                continue
+            sig = score_shift_signal(self.name, c, shift.get(c), k, n, m, alpha=self.alpha,
+                                     min_auc=self.min_auc, window=_window_info(events))
+            if sig is not None:
+                out.append(sig)
         if not out:
             out.append(Signal(monitor=self.name, fired=False, window=_window_info(events),
                               message=f"no client stands out ({len(judged)} judged)",

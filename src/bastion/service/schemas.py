@@ -68,12 +68,14 @@ class PredictRequest(_Request):
 
     @field_validator("inputs")
     @classmethod
-    def _check_inputs(cls, v: list[Any]) -> list[Any]:
-        _as_array(v)
-        return v
+    def _check_inputs(cls, v: list[Any]) -> Any:
+        # keep the checked float64 array (converted once, not again by ``array()``)
+        return _as_array(v)
 
     def array(self) -> np.ndarray:
-        return _as_array(self.inputs)
+        """The inputs as a float64 array (checked: rectangular, numeric, finite)."""
+        v = self.inputs
+        return v if isinstance(v, np.ndarray) else _as_array(v)
 
 
 class ReasonOut(BaseModel):
@@ -229,3 +231,29 @@ class DashboardData(BaseModel):
 
 def finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def predict_response_json(model_version: str | None, client_id: str, decisions: Any) -> bytes:
+    """A :class:`PredictResponse` as JSON bytes, built straight from the guard's
+    decisions (same fields and order as ``PredictResponse(...).model_dump_json()``;
+    a non-finite score or threshold becomes ``null``, as pydantic writes it)."""
+    import json
+
+    preds = []
+    for d in decisions:
+        preds.append({
+            "request_id": d.request_id, "label": d.label, "probabilities": d.probabilities,
+            "verdict": d.verdict, "answered_by": d.answered_by,
+            "model_version": d.model_version, "why": d.why,
+            "reasons": [{"detector": r.detector, "score": finite_or_none(r.score),
+                         "threshold": finite_or_none(r.threshold), "fired": bool(r.fired),
+                         "action": r.action, "note": r.note} for r in d.reasons]})
+    body = {"model_version": model_version, "client_id": client_id,
+            "request_ids": [p["request_id"] for p in preds],
+            "labels": [p["label"] for p in preds],
+            "probabilities": [p["probabilities"] for p in preds],
+            "verdicts": [p["verdict"] for p in preds], "predictions": preds}
+    try:
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # a non-finite probability: let pydantic write it (as null)
+        return PredictResponse.model_validate(body).model_dump_json().encode()
