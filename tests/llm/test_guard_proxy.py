@@ -444,6 +444,7 @@ def test_one_store_shared_with_the_model_service(
         with httpx.Client(base_url=svc_t.url, timeout=60) as c:
             shown = c.get("/v1/events", params={"kind": "verdict", "client_id": "chat-app",
                                                 "limit": 1000}).json()
+            dash = c.get("/v1/dashboard/data").json()
     store = rev.EventStore(url)
     assert store.count(kinds=rev.PREDICTION) - before == 4 * n  # none lost, none from chat
     llm = [e for e in store.query(kinds=rev.VERDICT, limit=None) if e.client_id == "chat-app"]
@@ -454,6 +455,9 @@ def test_one_store_shared_with_the_model_service(
     audits = [e for e in store.query(kinds=rev.AUDIT, limit=None)
               if e.payload.get("surface") == "llm" and e.payload["action"] == "block"]
     assert len(audits) == n // 5
+    # ... and the dashboard's healing timeline does not list them
+    assert dash["healing"] and not any(
+        h["payload"].get("surface") == "llm" for h in dash["healing"])
     # the model service's healing counter ignores the proxy's audit records
     from bastion.service.metrics import ServiceMetrics
 
