@@ -8,6 +8,13 @@ catastrophic-overfitting guard on. Published anchor for this network: 98.50% cle
 
     python benchmarks/harden_fast_at_mnist.py                      # as specified
     python benchmarks/harden_fast_at_mnist.py --epochs 3 --n-pgd 500 --n-cascade 200
+    python benchmarks/harden_fast_at_mnist.py --variant nfgsm       # N-FGSM (de Jorge 2022)
+
+``--variant nfgsm`` uses N-FGSM's inner step (random start of ``--noise-mult`` x eps,
+default 2; step eps unless ``--alpha`` is given; no projection back onto the eps-ball).
+``--train-eps`` trains at another budget than the one evaluated (``--eps``).
+Set ``BENCH_THREADS=2`` to use both cores; the JSON records ``os.getloadavg()`` at the
+start and the end (other load on the machine inflates the wall time).
 
 ``--n-pgd`` / ``--n-cascade`` bound the evaluation points (the full test set is 10,000).
 """
@@ -15,8 +22,10 @@ catastrophic-overfitting guard on. Published anchor for this network: 98.50% cle
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
+import torch
 from harden_common import (
     cascade_accuracy,
     clean_accuracy,
@@ -33,7 +42,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--eps", type=float, default=0.3)
-    ap.add_argument("--alpha", type=float, default=0.375)
+    ap.add_argument("--alpha", type=float, default=None,
+                    help="step size (default 0.375 for rs, eps for nfgsm)")
+    ap.add_argument("--variant", choices=["rs", "nfgsm"], default="rs")
+    ap.add_argument("--noise-mult", type=float, default=None)
+    ap.add_argument("--eps-warmup", type=float, default=0.0)
+    ap.add_argument("--train-eps", type=float, default=None)
+    ap.add_argument("--guard-drop", type=float, default=0.2,
+                    help="a collapse is guard PGD accuracy falling more than this below "
+                    "the best epoch's")
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--train-limit", type=int, default=None)
@@ -44,11 +61,18 @@ def main() -> None:
     ap.add_argument("--name", default="harden_fast_at_mnist")
     a = ap.parse_args()
 
+    load_start = os.getloadavg()
     t_wall = time.perf_counter()
     ds = mnist(a.train_limit)
-    tr = AdversarialTrainer(method="fast-at", eps=a.eps, step_size=a.alpha, epochs=a.epochs,
-                            lr=a.lr, lr_schedule="cyclic", batch_size=a.batch_size,
-                            optimizer="adam", guard=True, seed=a.seed)
+    train_eps = a.eps if a.train_eps is None else a.train_eps
+    alpha = a.alpha if a.alpha is not None else (
+        1.25 * train_eps if a.variant == "rs" else train_eps)
+    tr = AdversarialTrainer(method="fast-at", eps=train_eps, step_size=alpha,
+                            epochs=a.epochs, lr=a.lr, lr_schedule="cyclic",
+                            batch_size=a.batch_size, optimizer="adam", guard=True,
+                            fast_variant=a.variant, noise_mult=a.noise_mult,
+                            eps_warmup=a.eps_warmup, guard_drop=a.guard_drop,
+                            seed=a.seed)
     model = tr.fit(fresh_wong_cnn(a.seed), ds, on_epoch=lambda e: print(
         f"epoch {e.epoch}/{e.epochs} loss {e.loss:.3f} guard clean {e.clean_accuracy:.3f} "
         f"robust {e.robust_accuracy:.3f} ({e.time_s:.0f}s)", flush=True))
@@ -68,7 +92,9 @@ def main() -> None:
         "pgd_restarts": a.pgd_restarts, "cascade_accuracy": casc,
         "cascade_points": len(xc), "train_s": train_s, "pgd_eval_s": pgd_s,
         "cascade_eval_s": casc_s, "wall_s": wall, "stopped_early": tr.stopped_early_,
-        "best_epoch": tr.best_epoch_,
+        "best_epoch": tr.best_epoch_, "trainer_settings": tr.settings(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
         "history": [vars(h) for h in tr.history_],
         "anchor": {"clean": 0.985, "pgd50x10": 0.8838, "source": "Wong et al. 2020"},
         "goal": {"clean": 0.985, "pgd50x10": 0.89, "cascade": 0.86, "wall_s": 45 * 60},

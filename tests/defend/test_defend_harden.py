@@ -56,6 +56,12 @@ def test_harden_wrappers_round_trip(method, options, zoo_cnn, digits_ds, tmp_pat
     assert rep.method == method and rep.verdict
     if method == "smooth":
         assert rep.after.certified_accuracy is not None and "0.25" in rep.after.certified_accuracy
+        # before: the undefended model smoothed the same way, on the same points
+        before = rep.before.certified_accuracy
+        assert before is not None and set(before) == set(rep.after.certified_accuracy)
+        assert all(0.0 <= v <= 1.0 for v in before.values())
+        assert before["0"] >= before["0.25"]
+        assert any("undefended model smoothed" in n for n in rep.evaluation)
     if method == "distill":
         assert rep.after.l2_robust_accuracy is not None
     loaded = load_hardened(out / "model")
@@ -113,11 +119,13 @@ def test_cli_end_to_end(model_dir, tmp_path, monkeypatch, capsys):
     code = _cli(["--model", str(model_dir), "--data", "builtin:digits", "--method", "fast-at",
                  "--eps", "0.2", "--epochs", "2", "--seed", "0", "--out", str(out),
                  "--limit", "30", "--attacks", "pgd", "--set", "pgd.steps=5",
-                 "--lr", "0.003", "--batch-size", "64", "--lr-schedule", "constant"],
+                 "--lr", "0.003", "--batch-size", "64", "--lr-schedule", "constant",
+                 "--fast-variant", "nfgsm", "--noise-mult", "1.5"],
                 tmp_path, monkeypatch)
     assert code == 0, capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
     assert rep["method"] == "fast-at" and "before" in rep and "after" in rep
+    assert rep["settings"]["fast_variant"] == "nfgsm" and rep["settings"]["noise_mult"] == 1.5
     assert (out / "report.html").is_file()
     assert (out / "model" / "bastion-model.json").is_file()
     assert (out / "checkpoints" / "state.json").is_file()
@@ -130,6 +138,11 @@ def test_cli_bad_inputs_are_one_line_errors(model_dir, tmp_path, monkeypatch, ca
                 tmp_path, monkeypatch) == 1
     err = capsys.readouterr().err
     assert "larger than the data range" in err and "Traceback" not in err
+    assert not out.exists()
+    assert _cli([*base, "--method", "fast-at", "--fast-variant", "magic", "--out", str(out)],
+                tmp_path, monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert "unknown fast_variant" in err and "Traceback" not in err
     assert not out.exists()
 
     # a corrupt checkpoint: clear error, the earlier report is not overwritten

@@ -24,6 +24,7 @@ def _fit(method, digits_cnn, digits_arrays, **kw):
 @pytest.mark.parametrize("method,kw", [
     ("pgd-at", {}),
     ("fast-at", {"lr_schedule": "constant"}),
+    ("fast-at", {"lr_schedule": "constant", "fast_variant": "nfgsm"}),
     ("trades", {"eps": 0.1, "beta": 1.0, "lr": 1e-3, "epochs": 3}),
 ])
 def test_training_raises_pgd_robustness(method, kw, digits_cnn, digits_arrays, digits_eval):
@@ -131,3 +132,35 @@ def test_mix_warmup_label_smoothing_weight_decay_run(digits_cnn, digits_arrays):
                  lr_schedule="cyclic", optimizer="sgd", lr=0.05)
     assert tr.history_[0].eps == pytest.approx(0.1) and tr.history_[1].eps == pytest.approx(0.2)
     assert np.isfinite(tr.history_[-1].loss)
+
+
+def test_nfgsm_inner_step_is_not_projected_onto_the_ball():
+    from bastion.defend import _inner
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 10)
+
+    def f(x):
+        return x.flatten(1) @ w
+
+    x = torch.rand(32, 1, 8, 8)
+    y = torch.randint(0, 10, (32,))
+    g = torch.Generator().manual_seed(0)
+    rs = _inner.fgsm_rs(f, x, y, eps=0.1, norm="linf", alpha=0.125, bounds=(0.0, 1.0),
+                        generator=g)
+    nf = _inner.fgsm_rs(f, x, y, eps=0.1, norm="linf", alpha=0.1, bounds=(0.0, 1.0),
+                        generator=g, noise=0.2, project_ball=False)
+    assert float((rs - x).abs().max()) <= 0.1 + 1e-6
+    d = (nf - x).abs()
+    assert 0.1 + 1e-3 < float(d.max()) <= 0.3 + 1e-6  # beyond eps, within noise + step
+    assert float(nf.min()) >= 0.0 and float(nf.max()) <= 1.0
+
+
+def test_fast_variant_settings_and_bad_values():
+    tr = AdversarialTrainer(method="fast-at", eps=0.2, fast_variant="nfgsm")
+    assert tr.alpha == pytest.approx(0.2)
+    assert AdversarialTrainer(method="fast-at", eps=0.2).alpha == pytest.approx(0.25)
+    with pytest.raises(BastionError, match="unknown fast_variant"):
+        AdversarialTrainer(method="fast-at", fast_variant="gradalign")
+    with pytest.raises(BastionError, match="noise_mult"):
+        AdversarialTrainer(method="fast-at", noise_mult=-1.0)

@@ -151,6 +151,11 @@ def register(app: typer.Typer) -> None:
             None, "--adv-fraction", help="Weight of adversarial vs clean loss (0..1)."),
         eps_warmup: float | None = typer.Option(
             None, "--eps-warmup", help="Epochs to ramp epsilon up."),
+        fast_variant: str | None = typer.Option(
+            None, "--fast-variant",
+            help="fast-at inner step: rs (Wong et al.) or nfgsm (de Jorge et al.)."),
+        noise_mult: float | None = typer.Option(
+            None, "--noise-mult", help="fast-at random start radius, in multiples of eps."),
         init: str | None = typer.Option(None, "--init", help="finetune or scratch."),
         lr_schedule: str | None = typer.Option(None, "--lr-schedule",
                                                help="constant or cyclic."),
@@ -185,6 +190,7 @@ def register(app: typer.Typer) -> None:
         options = _kv(opt)
         named = {"lr": lr, "batch_size": batch_size, "steps": steps, "beta": beta,
                  "adv_fraction": adv_fraction, "eps_warmup": eps_warmup, "init": init,
+                 "fast_variant": fast_variant, "noise_mult": noise_mult,
                  "lr_schedule": lr_schedule, "weight_decay": weight_decay,
                  "label_smoothing": label_smoothing, "temperature": temperature,
                  "members": members, "member_method": member_method, "bits": bits,

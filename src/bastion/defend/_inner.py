@@ -96,16 +96,26 @@ def fgsm_rs(
     bounds: tuple[float, float],
     rand_init: bool = True,
     generator: torch.Generator | None = None,
+    noise: float | None = None,
+    project_ball: bool = True,
 ) -> torch.Tensor:
     """Fast AT's inner step exactly as in Wong, Rice & Kolter (2020): a uniform start in
     the eps-ball that is *not* clipped to the input box before the gradient (on MNIST,
     where most pixels sit at 0 or 1, clipping would halve the noise on those pixels), one
-    signed step of size ``alpha``, projection onto the ball, then onto the box."""
+    signed step of size ``alpha``, projection onto the ball, then onto the box.
+
+    ``noise`` (default ``eps``) is the radius of the random start and ``project_ball=False``
+    skips the projection onto the eps-ball: with ``noise=2 * eps``, ``alpha=eps`` that is
+    N-FGSM (de Jorge et al. 2022), whose training points may lie up to ``3 * eps`` away
+    from ``x`` (still clipped to the input box)."""
     lo, hi = bounds
     x = x.detach()
-    delta = random_start(x, eps, norm, generator) if rand_init else torch.zeros_like(x)
+    r = eps if noise is None else float(noise)
+    delta = random_start(x, r, norm, generator) if rand_init and r > 0 else torch.zeros_like(x)
     delta.requires_grad_(True)
     loss = F.cross_entropy(f(x + delta), y)
     (grad,) = torch.autograd.grad(loss, [delta])
-    delta = project(ascend(delta.detach(), grad, alpha, norm), eps, norm)
+    delta = ascend(delta.detach(), grad, alpha, norm)
+    if project_ball:
+        delta = project(delta, eps, norm)
     return (x + clip_box(x, delta, lo, hi)).detach()

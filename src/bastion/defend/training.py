@@ -8,7 +8,10 @@ One trainer, :class:`AdversarialTrainer`, configured in ``__init__`` and run wit
 - ``fast-at`` (Wong, Rice & Kolter 2020): FGSM from a uniform random start with step
   ``1.25 * eps``, a cyclic learning rate, and a guard against *catastrophic overfitting*:
   PGD accuracy on a held-out batch after every epoch; when it collapses (falls more than
-  ``guard_drop`` below the best so far) training stops and the best weights are restored;
+  ``guard_drop`` below the best so far) training stops and the best weights are restored.
+  ``fast_variant="nfgsm"`` is N-FGSM (de Jorge et al. 2022) instead: a random start of
+  ``2 * eps`` (``noise_mult``), step ``eps``, and no projection back onto the eps-ball,
+  which avoids catastrophic overfitting at the same cost;
 - ``trades`` (Zhang et al. 2019): ``CE(f(x), y) + beta * KL(f(x) || f(x'))`` with ``x'``
   maximising the KL term;
 - ``noise``: Gaussian data augmentation (the base-classifier training of Cohen et al.
@@ -58,6 +61,7 @@ from bastion.models.torch_model import TorchModel
 
 TRAIN_METHODS: tuple[str, ...] = ("pgd-at", "fast-at", "trades", "noise", "clean")
 ADVERSARIAL_METHODS: tuple[str, ...] = ("pgd-at", "fast-at", "trades")
+FAST_VARIANTS: tuple[str, ...] = ("rs", "nfgsm")
 
 
 @dataclass
@@ -164,6 +168,11 @@ class AdversarialTrainer:
             ``1.25 * eps`` (fast AT).
         random_start: random initialisation of the inner attack (fast AT without it is
             plain FGSM training, which overfits catastrophically).
+        fast_variant: fast AT's inner step: ``rs`` (Wong et al.: start in the eps-ball,
+            step ``1.25 * eps``, project onto the ball) or ``nfgsm`` (de Jorge et al.: start
+            in the ``2 * eps`` box, step ``eps``, no projection).
+        noise_mult: radius of fast AT's random start as a multiple of eps (default 1 for
+            ``rs``, 2 for ``nfgsm``).
         beta: TRADES' weight of the robustness (KL) term.
         adv_fraction: weight of the adversarial loss against the clean loss (not TRADES).
         eps_warmup: epochs over which epsilon ramps linearly from 0.
@@ -200,6 +209,8 @@ class AdversarialTrainer:
         steps: int = 10,
         step_size: float | None = None,
         random_start: bool = True,
+        fast_variant: str = "rs",
+        noise_mult: float | None = None,
         beta: float = 6.0,
         adv_fraction: float = 1.0,
         eps_warmup: float = 0.0,
@@ -225,6 +236,11 @@ class AdversarialTrainer:
         if lr_schedule not in ("constant", "cyclic"):
             raise BastionError(f"unknown lr schedule {lr_schedule!r}",
                                hint="use constant or cyclic")
+        if fast_variant not in FAST_VARIANTS:
+            raise BastionError(f"unknown fast_variant {fast_variant!r}",
+                               hint=f"use one of {', '.join(FAST_VARIANTS)}")
+        if noise_mult is not None and not (math.isfinite(noise_mult) and noise_mult >= 0):
+            raise BastionError(f"noise_mult must be a number >= 0, got {noise_mult}")
         if init not in ("finetune", "scratch"):
             raise BastionError(f"unknown init {init!r}", hint="use finetune or scratch")
         if not 0.0 <= adv_fraction <= 1.0:
@@ -254,6 +270,8 @@ class AdversarialTrainer:
         self.steps = int(steps)
         self.step_size = None if step_size is None else float(step_size)
         self.random_start = bool(random_start)
+        self.fast_variant = fast_variant
+        self.noise_mult = None if noise_mult is None else float(noise_mult)
         self.beta = float(beta)
         self.adv_fraction = float(adv_fraction)
         self.eps_warmup = float(eps_warmup)
@@ -285,7 +303,7 @@ class AdversarialTrainer:
         if self.step_size is not None:
             return self.step_size
         if self.method == "fast-at":
-            return 1.25 * self.eps
+            return (1.0 if self.fast_variant == "nfgsm" else 1.25) * self.eps
         return 2.5 * self.eps / max(1, self.steps)
 
     def _lr_at(self, t: float) -> float:
@@ -331,8 +349,12 @@ class AdversarialTrainer:
             x_adv = pgd_tensor(model, xb, yb, eps=eps, norm=self.norm, steps=self.steps,
                                step_size=alpha, random_start=self.random_start, generator=g)
         elif m == "fast-at":
+            mult = self.noise_mult if self.noise_mult is not None else (
+                2.0 if self.fast_variant == "nfgsm" else 1.0)
             x_adv = _inner.fgsm_rs(f, xb, yb, eps=eps, norm=self.norm, alpha=alpha,
-                                   bounds=bounds, rand_init=self.random_start, generator=g)
+                                   bounds=bounds, rand_init=self.random_start, generator=g,
+                                   noise=mult * eps,
+                                   project_ball=self.fast_variant != "nfgsm")
         else:  # trades
             x_adv = _inner.trades_adv(f, xb, eps=eps, norm=self.norm, steps=self.steps,
                                       alpha=alpha, bounds=bounds, generator=g)
