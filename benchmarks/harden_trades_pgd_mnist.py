@@ -41,6 +41,12 @@ def main() -> None:
     ap.add_argument("--methods", default="pgd-at,trades")
     ap.add_argument("--init", choices=["pretrained", "scratch"], default="pretrained",
                     help="start from the undefended network (robust fine-tuning) or fresh")
+    ap.add_argument("--eps-warmup", type=float, default=0.0,
+                    help="epochs over which epsilon ramps linearly from 0")
+    ap.add_argument("--lr-schedule", default=None,
+                    help="the trainer's lr schedule (e.g. cyclic); default: the trainer's")
+    ap.add_argument("--name", default="harden_trades_pgd_mnist",
+                    help="results file name (without .json)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     ds = mnist(a.train_limit)
@@ -49,7 +55,9 @@ def main() -> None:
     for method in a.methods.split(","):
         t0 = time.perf_counter()
         tr = AdversarialTrainer(method=method, eps=a.eps, steps=a.steps, epochs=a.epochs,
-                                lr=a.lr, batch_size=a.batch_size, beta=a.beta, seed=a.seed)
+                                lr=a.lr, batch_size=a.batch_size, beta=a.beta, seed=a.seed,
+                                eps_warmup=a.eps_warmup,
+                                **({"lr_schedule": a.lr_schedule} if a.lr_schedule else {}))
         model = tr.fit(start_model(a.init, a.seed), ds, on_epoch=lambda e, m=method: print(
             f"{m} epoch {e.epoch}/{e.epochs} guard clean {e.clean_accuracy:.3f} robust "
             f"{e.robust_accuracy:.3f} ({e.time_s:.0f}s)", flush=True))
@@ -63,7 +71,7 @@ def main() -> None:
                         "cascade_eval_s": casc_s,
                         "history": [vars(h) for h in tr.history_]}
         print(method, {k: v for k, v in rows[method].items() if k != "history"}, flush=True)
-    path = write_result("harden_trades_pgd_mnist", {
+    path = write_result(a.name, {
         "settings": vars(a), "n_train": len(ds.x_train), "n_eval": len(x), "results": rows})
     print(path)
 

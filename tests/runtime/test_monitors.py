@@ -131,3 +131,29 @@ def test_client_score_test_notices_high_scores_under_the_threshold(tmp_path):
     for c in ("alice", "bob", "carol", "dave"):
         _scored(q, c, rng.normal(0, 1, 80))
     assert not any(x.fired for x in mon.evaluate(q, after_id=0, upto_id=q.last_id()))
+
+
+def test_client_score_test_judges_against_the_clean_reference_too(tmp_path):
+    """A clean client beside an extraction-like client whose inputs score unusually low is
+    singled out when judged only against the other clients; with the clean reference's
+    scores recorded in the store it is not, and an attacker still is."""
+    from bastion.runtime.monitors import REFERENCE_SCORES_KEY
+
+    rng = np.random.default_rng(5)
+    mon = ClientAlertMonitor(expected_rate=0.02)
+    s = EventStore(f"sqlite:///{tmp_path / 's.db'}")
+    _scored(s, "bob", rng.normal(0, 1, 45))      # clean
+    _scored(s, "eve", rng.normal(-1.5, 0.5, 90))  # near-duplicates: lower than clean
+    fired = [x.client_id for x in mon.evaluate(s, after_id=0, upto_id=s.last_id()) if x.fired]
+    assert fired == ["bob"]  # the flaw the reference fixes
+    s.set_state(REFERENCE_SCORES_KEY, {"outlier": rng.normal(0, 1, 400).tolist()})
+    sigs = mon.evaluate(s, after_id=0, upto_id=s.last_id())
+    assert not any(x.fired for x in sigs)
+    # an evasion client beside a clean one still fires against both
+    a = EventStore(f"sqlite:///{tmp_path / 'a.db'}")
+    a.set_state(REFERENCE_SCORES_KEY, {"outlier": rng.normal(0, 1, 400).tolist()})
+    _scored(a, "bob", rng.normal(0, 1, 60))
+    _scored(a, "mallory", rng.normal(1.5, 1, 40))
+    got = [x for x in mon.evaluate(a, after_id=0, upto_id=a.last_id()) if x.fired]
+    assert [x.client_id for x in got] == ["mallory"]
+    assert got[0].evidence["auc_reference"] > 0.75 and "clean reference" in got[0].message

@@ -76,8 +76,20 @@ def _binom_greater(k: int, n: int, p: float) -> float:
 _NOT_INPUT_SCORES = frozenset({"extraction", "quarantine"})
 
 
+#: store state key: ``{detector: [scores of clean held-out reference inputs]}``, written by
+#: whoever calibrates the guard's detectors (the service), read by the per-client monitors
+REFERENCE_SCORES_KEY = "detector_reference_scores"
+
+
+def reference_scores(store: ev.EventStore) -> dict[str, list[float]] | None:
+    """The clean reference's detector scores recorded in ``store`` (None when absent)."""
+    ref = store.get_state(REFERENCE_SCORES_KEY)
+    return ref if isinstance(ref, dict) and ref else None
+
+
 def client_score_shift(events: list[ev.Event], *, min_requests: int = 20,
-                       min_auc: float = 0.75, exclude: frozenset[str] = _NOT_INPUT_SCORES
+                       min_auc: float = 0.75, exclude: frozenset[str] = _NOT_INPUT_SCORES,
+                       reference: dict[str, list[float]] | None = None
                        ) -> dict[str, dict[str, Any]]:
     """Per client and detector: are the client's detector scores higher than the other
     clients'? A one-sided Mann-Whitney U test of the client's logged scores
@@ -90,6 +102,12 @@ def client_score_shift(events: list[ev.Event], *, min_requests: int = 20,
     exchangeable under the null hypothesis (clients sending the same kind of inputs), so
     the test needs no calibration, and a drift that shifts every client's scores alike
     does not single anybody out.
+
+    With ``reference`` (``{detector: clean held-out scores}``) the client's scores must also
+    be higher than the clean reference's: the reported p-value is the larger of the two
+    tests' and the AUC the smaller (an intersection-union test, still of level alpha). So a
+    clean client is not singled out just because the only other client in the window sends
+    unusually typical inputs (an extraction stream of near-duplicates, say).
 
     Returns ``{client: {"p_value", "auc", "detector", "n", "n_others"}}`` for each client
     with at least ``min_requests`` scored requests (and as many from the others): the
@@ -122,9 +140,19 @@ def client_score_shift(events: list[ev.Event], *, min_requests: int = 20,
                 continue  # every score equal: nothing to rank
             r = mannwhitneyu(a, b, alternative="greater", method="asymptotic")
             auc = float(r.statistic) / (len(a) * len(b))
-            if best is None or float(r.pvalue) < best["p_value"]:
-                best = {"p_value": float(r.pvalue), "auc": auc, "detector": k, "n": len(a),
-                        "n_others": len(b), "n_detectors": 0}
+            pv = float(r.pvalue)
+            extra: dict[str, Any] = {}
+            ref = [float(v) for v in (reference or {}).get(k, [])
+                   if isinstance(v, int | float) and np.isfinite(v)]
+            if len(ref) >= min_requests and np.ptp(a + ref) > 0:
+                rr = mannwhitneyu(a, ref, alternative="greater", method="asymptotic")
+                auc_ref = float(rr.statistic) / (len(a) * len(ref))
+                extra = {"auc_others": auc, "auc_reference": auc_ref,
+                         "n_reference": len(ref)}
+                pv, auc = max(pv, float(rr.pvalue)), min(auc, auc_ref)
+            if best is None or pv < best["p_value"]:
+                best = {"p_value": pv, "auc": auc, "detector": k, "n": len(a),
+                        "n_others": len(b), "n_detectors": 0, **extra}
         if best is not None:
             best["n_detectors"] = len(dets)
             out[c] = best
@@ -145,7 +173,8 @@ def score_shift_signal(monitor: str, client: str, res: dict[str, Any] | None, k:
     return Signal(
         monitor=monitor, fired=True, severity="critical", client_id=client,
         message=(f"client {client}: {res['detector']} scores higher than the other "
-                 f"clients' (AUC {res['auc']:.2f} over {res['n']} requests, p = {p:.2g} "
+                 f"clients'{' and the clean reference' if 'auc_reference' in res else ''}"
+                 f" (AUC {res['auc']:.2f} over {res['n']} requests, p = {p:.2g} "
                  f"after Bonferroni over {m} clients and {res['n_detectors']} detectors; "
                  f"{k} of {n} requests flagged)"),
         value=res["auc"], threshold=min_auc,
@@ -463,7 +492,8 @@ class ClientAlertMonitor:
         judged = {c: v for c, v in per.items() if len(v) >= self.min_requests}
         out = []
         m = max(len(judged), 1)
-        shift = client_score_shift(events, min_requests=self.min_requests) \
+        shift = client_score_shift(events, min_requests=self.min_requests,
+                                   reference=reference_scores(store)) \
             if self.score_test else {}
         for c, v in sorted(judged.items()):
             k, n = sum(v), len(v)

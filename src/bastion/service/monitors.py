@@ -18,7 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 from bastion.runtime import events as ev
-from bastion.runtime.monitors import Signal, client_score_shift, score_shift_signal
+from bastion.runtime.monitors import (
+    Signal,
+    client_score_shift,
+    reference_scores,
+    score_shift_signal,
+)
 
 
 def _window_info(events: list[ev.Event]) -> dict[str, Any]:
@@ -67,7 +72,8 @@ class RelativeClientAlertMonitor:
         judged = {c: v for c, v in per.items() if len(v) >= self.min_requests}
         m = max(len(judged), 1)
         out: list[Signal] = []
-        shift = client_score_shift(events, min_requests=self.min_requests) \
+        shift = client_score_shift(events, min_requests=self.min_requests,
+                                   reference=reference_scores(store)) \
             if self.score_test else {}
         for c, v in sorted(judged.items()):
             k, n = sum(v), len(v)
