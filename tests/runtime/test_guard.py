@@ -193,3 +193,19 @@ def test_predict_many_matches_predict_per_batch(digits_cnn, digits_arrays, detec
     with pytest.raises(DataError):
         g.predict_many([(x_te[:1], "alice", None), (np.full((1, 1, 8, 8), 5.0), "bob", None)])
     assert store.count(kinds=ev.PREDICTION) == n
+
+
+def test_trusted_build_is_model_construct():
+    from bastion.runtime.guard import GuardDecision, Reason, _trusted
+
+    kw = {"detector": "outlier", "score": 0.5, "threshold": None, "fired": True,
+          "action": "flag", "note": None}
+    r = _trusted(Reason, **dict(reversed(kw.items())))  # field order comes from the model
+    assert r == Reason.model_construct(**kw) == Reason(**kw)
+    assert list(r.model_dump()) == list(kw) and r.model_fields_set == set(kw)
+    d = {"index": 0, "request_id": "r", "client_id": "c", "label": 1, "probabilities": [1.0],
+         "verdict": "flag", "reasons": [r], "answered_by": "champion", "model_version": "2",
+         "why": "flag: outlier fired; answered by the champion"}
+    assert _trusted(GuardDecision, **d).model_dump_json() == GuardDecision(**d).model_dump_json()
+    with pytest.raises(KeyError):
+        _trusted(Reason, detector="x")  # every field must be given

@@ -99,6 +99,14 @@ BAD = [
     ("bad-client", {"inputs": [[0.0] * 64], "client_id": "no spaces!"}, None, 422,
      "invalid_request", "client_id"),
     ("deep-nesting", b"[" * 5000 + b"]" * 5000, "application/json", 422, None, ""),
+    ("deep-object", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json",
+     400, "malformed_json", "JSON"),
+    # valid JSON sent as another content type is not read as JSON
+    ("text-plain", b'{"inputs": [[0.0]]}', "text/plain", 400, "malformed_json", "JSON"),
+    ("client-id-newline", {"inputs": [[0.0] * 64], "client_id": "ab\n"}, None, 422,
+     "invalid_request", "client_id"),
+    ("client-id-number", {"inputs": [[0.0] * 64], "client_id": 7}, None, 422,
+     "invalid_request", "client_id"),
 ]
 
 

@@ -19,6 +19,10 @@ def test_knn_outlier_detector_contract(digits):
     clean = det.predict(digits.x_test).mean()
     noise = det.predict(np.random.default_rng(0).uniform(0, 1, (100, 1, 8, 8))).mean()
     assert clean < 0.15 and noise > 0.9
+    q = digits.x_test[:5].reshape(5, -1).astype(np.float64)
+    ref = det.ref_.astype(np.float64)
+    brute = np.sort(np.sqrt(((q[:, None, :] - ref[None]) ** 2).sum(-1)), 1)[:, :5].mean(1)
+    np.testing.assert_allclose(det.score(digits.x_test[:5]), brute, rtol=1e-6, atol=1e-6)
     s1 = det.score(digits.x_test[:5])
     s2 = np.concatenate([det.score(digits.x_test[i:i + 1]) for i in range(5)])
     np.testing.assert_allclose(s1, s2, rtol=1e-6, atol=1e-6)
@@ -145,6 +149,61 @@ def test_request_coalescer_shares_passes_and_keeps_errors_apart():
     assert max(len(c) for c in g.calls) > 1  # callers that queued up shared a pass
 
 
+def test_guard_worker_groups_queued_requests_and_keeps_errors_apart():
+    import threading
+    import time
+
+    from bastion.errors import DataError
+    from bastion.service.core import GuardWorker, RequestCoalescer
+
+    class FakeGuard:
+        def __init__(self):
+            self.calls = []
+
+        def predict_many(self, batches):
+            self.calls.append([c for _, c, _ in batches])
+            time.sleep(0.02)  # let the other requests queue up
+            if any(c == "bad" for _, c, _ in batches):
+                raise DataError("bad batch")
+            return [[(c, float(x.sum()))] for x, c, _ in batches]
+
+        def predict(self, x, *, client_id):
+            return self.predict_many([(x, client_id, None)])[0]
+
+    class FakeService:
+        def __init__(self):
+            self.guard, self._coalescer, self.counted = FakeGuard(), RequestCoalescer(), []
+
+        def _count(self, out):
+            self.counted.append(out)
+
+    svc = FakeService()
+    w = GuardWorker(svc, max_rows=100)  # type: ignore[arg-type]
+    got, errs, done = {}, {}, threading.Event()
+
+    def cb(c):
+        def f(out, err):
+            if err is not None:
+                errs[c] = err
+            else:
+                got[c] = out
+            if len(got) + len(errs) == 7:
+                done.set()
+        return f
+
+    for i in range(6):
+        w.submit(np.full((1, 2), i), f"c{i}", cb(f"c{i}"))
+    w.submit(np.full((1, 2), 9), "bad", cb("bad"))
+    assert done.wait(10)
+    w.close()
+    assert got == {f"c{i}": [(f"c{i}", 2.0 * i)] for i in range(6)}
+    assert list(errs) == ["bad"] and isinstance(errs["bad"], DataError)
+    assert max(len(c) for c in svc.guard.calls) > 1  # queued requests shared a pass
+    assert len(svc.counted) == 6  # the metrics saw every answered request
+    with pytest.raises(Exception, match="shutting down"):
+        w.submit(np.zeros((1, 2)), "late", cb("late"))
+
+
 def test_predict_response_json_is_the_schema():
     from bastion.runtime.guard import GuardDecision, Reason
     from bastion.service.schemas import PredictResponse, predict_response_json
@@ -161,3 +220,15 @@ def test_predict_response_json_is_the_schema():
     assert r.labels == [2] and r.verdicts == ["flag"] and r.request_ids == ["r1"]
     assert r.predictions[0].reasons[0].score is None  # NaN is written as null
     assert r.predictions[0].reasons[1].fired and r.model_version == "3"
+
+
+def test_prada_shapiro_is_scipy_shapiro():
+    # the extraction watch calls the undecorated test on every query: same statistic
+    from scipy.stats import shapiro
+
+    from bastion.detect.extraction import PradaDetector
+
+    d = np.random.default_rng(0).gamma(2.0, size=300)
+    assert PradaDetector._shapiro(list(d)) == pytest.approx(float(shapiro(d).statistic),
+                                                           abs=1e-12)
+    assert PradaDetector._shapiro([1.0] * 10) == 0.0

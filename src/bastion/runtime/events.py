@@ -176,6 +176,12 @@ def _dumps(payload: Mapping[str, Any]) -> str:
     if not isinstance(payload, Mapping):
         raise BastionError(f"an event payload must be a dict, got {type(payload).__name__}")
     try:
+        # the common case (finite numbers, string keys) in one pass; a non-finite float
+        # (ValueError) or an odd key (TypeError) takes the cleaning round trip below
+        return json.dumps(payload, default=_json_default, allow_nan=False)
+    except (TypeError, ValueError):
+        pass
+    try:
         text = json.dumps(dict(payload), default=_json_default, allow_nan=True)
         return json.dumps(_clean(json.loads(text)), allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -96,6 +96,18 @@ class GuardDecision(BaseModel):
     why: str
 
 
+def _trusted(cls: type[BaseModel], **values: Any) -> Any:
+    """``cls.model_construct(**values)`` (no validation) for trusted ``values`` naming
+    every field of ``cls`` (a plain model: no aliases, no private attributes); about 5x
+    cheaper, which matters at several per answered input."""
+    m = cls.__new__(cls)
+    object.__setattr__(m, "__dict__", {k: values[k] for k in cls.__pydantic_fields__})
+    object.__setattr__(m, "__pydantic_fields_set__", set(values))
+    object.__setattr__(m, "__pydantic_extra__", None)
+    object.__setattr__(m, "__pydantic_private__", None)
+    return m
+
+
 def _takes_label(det: Any) -> bool:
     """Whether the extraction detector's ``observe``/``update`` takes a third argument."""
     import inspect
@@ -334,7 +346,9 @@ class GuardedModel:
                                                np.concatenate(parts)), dtype=np.float64)
         p_champ = p_all[:n]
         reasons: list[list[Reason]] = [[] for _ in range(n)]
-        construct = Reason.model_construct
+        def construct(**kw: Any) -> Reason:
+            return _trusted(Reason, **kw)  # type: ignore[no-any-return]
+
         for name, det in self.detectors.items():
             action = self.policy.actions.get(name, self.policy.default_action)
             if name.startswith("confidence") and hasattr(det, "from_proba") and \
@@ -359,10 +373,11 @@ class GuardedModel:
             for i in range(n):
                 hit, ex_score, note = _extraction_check(
                     exd, cids[i], a[i], int(np.argmax(p_champ[i])), self._ex_sig[1])
-                reasons[i].append(Reason(detector="extraction", score=ex_score,
-                                         threshold=None if ex_thr is None else float(ex_thr),
-                                         fired=hit, action=self.policy.extraction_action,
-                                         note=note))
+                reasons[i].append(construct(
+                    detector="extraction", score=ex_score,
+                    threshold=None if ex_thr is None else float(ex_thr), fired=bool(hit),
+                    action=self.policy.extraction_action,
+                    note=None if note is None else str(note)))
         verdicts: list[Verdict] = []
         for i in range(n):
             acting = [r for r in reasons[i] if r.fired and r.action != "ignore"]
@@ -373,8 +388,9 @@ class GuardedModel:
             elif acting:
                 v = "flag"
             if quarantined[i]:
-                reasons[i].append(Reason(detector="quarantine", fired=True, action="block",
-                                         note="client is quarantined"))
+                reasons[i].append(construct(detector="quarantine", score=None,
+                                            threshold=None, fired=True, action="block",
+                                            note="client is quarantined"))
                 v = "block"
             verdicts.append(v)
         need_fb = [i for i in range(n) if fb is not None and (
@@ -405,8 +421,9 @@ class GuardedModel:
                 why = "no detector fired" if v == "allow" else (
                     f"{v}: {', '.join(fired_names)} fired; "
                     + ("no fallback model, " if fb is None else "") + "answered by the champion")
-            out.append(GuardDecision(
-                index=index[i], request_id=rids[i], client_id=cids[i],
+            # our own values, of the declared types: no validation pass per answer
+            out.append(_trusted(
+                GuardDecision, index=index[i], request_id=rids[i], client_id=cids[i],
                 label=None if probs is None else int(np.argmax(probs)),
                 probabilities=None if probs is None else [float(p) for p in probs],
                 verdict=v, reasons=reasons[i], answered_by=by, model_version=ver, why=why))

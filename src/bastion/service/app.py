@@ -14,6 +14,13 @@ Routes (every request and response has a pydantic schema, so ``/openapi.json`` i
 - ``GET /metrics`` (Prometheus text); ``GET /dashboard`` (the page) and
   ``GET /v1/dashboard/data`` (what it draws).
 
+``POST /v1/predict`` has a fast path in :class:`GuardMiddleware`: a well-formed request
+(JSON object with ``inputs`` and an optional ``client_id``, checked as the schema checks
+them, shape and bounds as the route checks them) is parsed with one ``json.loads`` and
+answered by the service's :class:`~bastion.service.core.GuardWorker` thread, without
+FastAPI's routing, pydantic validation or a thread-pool hop per request; anything else is
+handed, body replayed, to the FastAPI route, which gives every 4xx answer.
+
 Bad input never gets a 500: malformed JSON -> 400, schema/shape/NaN/bounds -> 422, a
 body over ``max_body_bytes`` -> 413, a batch over ``max_batch`` -> 413; every error is
 ``{"error": {"code", "message", "details"}}``.
@@ -25,6 +32,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from datetime import datetime
 from importlib import resources
@@ -71,6 +79,10 @@ class GuardMiddleware:
         self.app = app
         self.service = service
         self.max_body = int(max_body_bytes)
+        self.too_big_body = json.dumps({"error": {
+            "code": "body_too_large",
+            "message": f"request body is larger than {self.max_body} bytes",
+            "details": {"limit_bytes": self.max_body}}}).encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -84,10 +96,7 @@ class GuardMiddleware:
         metrics = self.service.metrics
 
         seen = {"n": 0, "over": False, "replaced": False}
-        too_big_body = json.dumps({"error": {
-            "code": "body_too_large",
-            "message": f"request body is larger than {self.max_body} bytes",
-            "details": {"limit_bytes": self.max_body}}}).encode()
+        too_big_body = self.too_big_body
 
         async def send_wrapper(message: Any) -> None:
             if seen["over"]:
@@ -104,9 +113,6 @@ class GuardMiddleware:
                 status["code"] = int(message["status"])
             await send(message)
 
-        too_big = _error(413, "body_too_large",
-                         f"request body is larger than {self.max_body} bytes",
-                         {"limit_bytes": self.max_body})
         cl = None
         for k, v in scope.get("headers", []):
             if k == b"content-length":
@@ -118,6 +124,9 @@ class GuardMiddleware:
                 n = -1
             if n > self.max_body:
                 metrics.client_errors.labels("body_too_large").inc()
+                too_big = _error(413, "body_too_large",
+                                 f"request body is larger than {self.max_body} bytes",
+                                 {"limit_bytes": self.max_body})
                 await too_big(scope, receive, send_wrapper)
                 self._done(route, method, status["code"], t0)
                 return
@@ -134,13 +143,141 @@ class GuardMiddleware:
                     return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
+        if route == "/v1/predict" and method == "POST":
+            # the fast path answers well-formed requests; anything else (and every
+            # error it does not own) goes on to the FastAPI route with the body replayed
+            chunks: list[bytes] = []
+            while True:
+                message = await receive_wrapper()
+                if message["type"] != "http.request":
+                    await self.app(scope, _replay([], message, receive), send_wrapper)
+                    self._done(route, method, status["code"], t0)
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            if seen["over"]:
+                chunks = []  # the route fails on the cut-off body; the answer is a 413
+            else:
+                body = b"".join(chunks)
+                code = await self._predict(scope, body, send_wrapper)
+                if code is not None:
+                    status["code"] = code
+                    self._done(route, method, code, t0)
+                    return
+                chunks = [body]
+            await self.app(scope, _replay(chunks, None, receive_wrapper), send_wrapper)
+            self._done(route, method, status["code"], t0)
+            return
+
         await self.app(scope, receive_wrapper, send_wrapper)
         self._done(route, method, status["code"], t0)
 
+    async def _predict(self, scope: dict[str, Any], body: bytes, send: Any) -> int | None:
+        """Answer ``POST /v1/predict`` without FastAPI when the request is well formed
+        (same answer as the route); return the status sent, or None (nothing sent) to
+        leave the request to the route, which owns the 4xx answers for bad requests."""
+        import asyncio
+
+        svc = self.service
+        ctype, header_cid = "", None
+        for k, v in scope.get("headers", []):
+            if k == b"content-type":
+                ctype = v.decode("latin-1")
+            elif k == b"x-client-id":
+                header_cid = v.decode("latin-1")
+        if ctype and "json" not in ctype:
+            return None
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(doc, dict) or "inputs" not in doc or not set(doc) <= _PREDICT_KEYS:
+            return None
+        body_cid = doc.get("client_id")
+        if body_cid is not None and not (isinstance(body_cid, str)
+                                         and _CLIENT_ID.fullmatch(body_cid)):
+            return None
+        try:
+            a = s._as_array(doc["inputs"])
+        except ValueError:
+            return None
+        cid = body_cid or header_cid or "anonymous"
+        if not _CLIENT_ID.fullmatch(cid):
+            return None
+        cfg = svc.config
+        if len(a) > cfg.max_batch:
+            return None
+        try:
+            x = svc.prepare_inputs(a)
+        except DataError:
+            return None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def resolve(out: Any, error: BaseException | None) -> None:
+            if not fut.done():
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(out)
+
+        def done(out: Any, error: BaseException | None) -> None:
+            loop.call_soon_threadsafe(resolve, out, error)
+
+        try:
+            svc.worker.submit(x, cid, done)
+            out = await fut
+        except DataError as exc:
+            svc.metrics.client_errors.labels("bad_inputs").inc()
+            return await _send_json(send, 422, {"error": {
+                "code": "bad_inputs", "message": str(exc), "details": {}}})
+        except Exception as exc:
+            svc.last_error = f"{type(exc).__name__}: {exc}"
+            return await _send_json(send, 500, {"error": {
+                "code": "internal_error", "details": {},
+                "message": f"internal error: {type(exc).__name__} (the service keeps "
+                           "running)"}})
+        data = s.predict_response_json(
+            None if svc.champion_version is None else str(svc.champion_version), cid, out)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(len(data)).encode()),
+            (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": data})
+        return 200
+
     def _done(self, route: str, method: str, code: int, t0: float) -> None:
         m = self.service.metrics
-        m.requests.labels(route, method, str(code)).inc()
-        m.latency.labels(route).observe(time.perf_counter() - t0)
+        m.request(route, method, str(code)).inc()
+        m.route_latency(route).observe(time.perf_counter() - t0)
+
+
+_PREDICT_KEYS = frozenset(("inputs", "client_id"))
+_CLIENT_ID = re.compile(s.CLIENT_ID_PATTERN)
+
+
+def _replay(chunks: list[bytes], last: dict[str, Any] | None, receive: Any) -> Any:
+    """An ASGI ``receive`` giving ``chunks`` (the body read already) as one request
+    message, or the message ``last`` that ended the reading, then ``receive``'s."""
+    state = {"sent": False}
+
+    async def replay() -> dict[str, Any]:
+        if not state["sent"]:
+            state["sent"] = True
+            if last is not None:
+                return last
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_json(send: Any, status: int, doc: dict[str, Any]) -> int:
+    data = json.dumps(doc).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-length", str(len(data)).encode()), (b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": data})
+    return status
 
 
 def _dashboard_html() -> tuple[str, str]:

@@ -194,6 +194,20 @@ class RequestCoalescer:
         assert p.out is not None
         return p.out
 
+    def answer(self, guard: Any, group: list[_Pending]) -> None:
+        """Answer ``group`` (filling each item's ``out`` or ``error``) as one pass, taking
+        turns with the passes of :meth:`predict` (one pass of the guard at a time)."""
+        with self._cv:
+            while self._busy:
+                self._cv.wait()
+            self._busy = True
+        try:
+            self._answer(guard, group)
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
     @staticmethod
     def _answer(guard: Any, group: list[_Pending]) -> None:
         try:
@@ -210,6 +224,81 @@ class RequestCoalescer:
                 g.out = guard.predict(g.x, client_id=g.client_id)
             except Exception as exc:
                 g.error = exc
+
+
+class GuardWorker:
+    """One thread that answers the requests an event loop hands it, in groups.
+
+    :meth:`submit` queues a checked batch with a callback and returns at once; the
+    worker takes everything queued (up to ``max_rows`` inputs), answers it with one
+    guarded pass (through the service's :class:`RequestCoalescer`, so it never overlaps
+    a pass of :meth:`BastionService.predict`), updates the metrics, and then calls each
+    callback with ``(decisions, None)`` or ``(None, error)``. Under load, requests that
+    arrive during a pass share the next one; a lone request is answered at once. The
+    callbacks run in the worker thread (an asyncio caller hands the result back with
+    ``loop.call_soon_threadsafe``).
+    """
+
+    def __init__(self, service: BastionService, max_rows: int = 256) -> None:
+        self.service = service
+        self.max_rows = max(int(max_rows), 1)
+        self._cv = threading.Condition()
+        self._queue: list[tuple[_Pending, Any]] = []
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def submit(self, x: np.ndarray, client_id: str, done: Any) -> None:
+        """Queue ``x`` (already checked by :meth:`BastionService.prepare_inputs`) from
+        ``client_id``; ``done(decisions, error)`` is called once, from the worker."""
+        with self._cv:
+            if self._stop:
+                raise BastionError("the service is shutting down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="bastion-guard",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.append((_Pending(x, client_id), done))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                group, rows = [], 0
+                while self._queue and (not group or rows + len(self._queue[0][0].x)
+                                       <= self.max_rows):
+                    item = self._queue.pop(0)
+                    group.append(item)
+                    rows += len(item[0].x)
+            pend = [g for g, _ in group]
+            try:
+                svc = self.service
+                svc._coalescer.answer(svc.guard, pend)
+                for g in pend:
+                    if g.out is not None:
+                        svc._count(g.out)
+            except BaseException as exc:  # never leave a caller waiting
+                for g in pend:
+                    if g.out is None and g.error is None:
+                        g.error = exc
+            for g, done in group:
+                try:
+                    done(g.out, None if g.out is not None else (
+                        g.error or BastionError("the guard did not answer")))
+                except Exception:  # a caller's callback must not stop the worker
+                    pass
+
+    def close(self) -> None:
+        """Answer what is queued, then stop the thread."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+            t = self._thread
+        if t is not None:
+            t.join(timeout=30)
 
 
 class BastionService:
@@ -229,6 +318,7 @@ class BastionService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._coalescer = RequestCoalescer(max_rows=config.max_batch)
+        self.worker = GuardWorker(self, max_rows=config.max_batch)
         # ``data``: an already split Dataset (the demo keeps its traffic pool apart)
         self.data = data if data is not None else load_data(config.reference, seed=config.seed)
         self.store = ev.EventStore(config.events_url)
@@ -299,9 +389,30 @@ class BastionService:
                 cut = int(0.6 * len(x))
                 dets = {"outlier": KnnOutlierDetector(seed=c.seed).fit(x[idx[:cut]]).calibrate(
                     x[idx[cut:]], fpr=c.fpr), **dets}
+            self._record_reference_scores(dets, x)
         return GuardedModel(champion, detectors=dets, policy=c.policy, fallback=fallback,
                             extraction_detector=self.extraction, store=self.store,
                             model_version=cv, fallback_version=fv, max_batch=c.max_batch)
+
+    def _record_reference_scores(self, dets: dict[str, Any], x: np.ndarray,
+                                 n_max: int = 500) -> None:
+        """Store each detector's scores on the clean held-out part of the reference (the
+        40% every detector is calibrated on, never fitted on), so the per-client monitors
+        can test a client's scores against clean data as well as against the other
+        clients (:func:`bastion.runtime.monitors.client_score_shift`)."""
+        from bastion.runtime.monitors import REFERENCE_SCORES_KEY
+
+        idx = np.random.default_rng(self.config.seed).permutation(len(x))
+        x_cal = x[idx[int(0.6 * len(x)):]][:n_max]
+        ref: dict[str, list[float]] = {}
+        for name, det in dets.items():
+            try:
+                s = np.asarray(det.score(x_cal), dtype=np.float64).ravel()
+            except Exception:  # a detector that cannot score a plain batch: no reference
+                continue
+            if len(s) == len(x_cal) and np.all(np.isfinite(s)):
+                ref[name] = [round(float(v), 6) for v in s]
+        self.store.set_state(REFERENCE_SCORES_KEY, ref)
 
     def sync_models(self, *, force: bool = False) -> bool:
         """Load the registry's champion and fallback when they changed; return whether
@@ -352,14 +463,18 @@ class BastionService:
     def predict(self, a: np.ndarray, *, client_id: str) -> list[GuardDecision]:
         x = self.prepare_inputs(a)
         out = self._coalescer.predict(self.guard, x, client_id)
+        self._count(out)
+        return out
+
+    def _count(self, out: list[GuardDecision]) -> None:
+        """The prediction metrics of one answered batch."""
         m = self.metrics
         m.batch_size.observe(len(out))
         for d in out:
-            m.predictions.labels(d.verdict, d.answered_by).inc()
+            m.prediction(d.verdict, d.answered_by).inc()
             for r in d.reasons:
                 if r.fired:
-                    m.detector_fired.labels(r.detector).inc()
-        return out
+                    m.fired(r.detector).inc()
 
     def feedback(self, labels: dict[str, int], *, client_id: str | None
                  ) -> tuple[list[int], int]:
@@ -491,6 +606,7 @@ class BastionService:
             self._thread.start()
 
     def close(self) -> None:
+        self.worker.close()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -521,5 +637,5 @@ class BastionService:
         return names
 
 
-__all__ = ["BastionService", "ExtractionWatch", "RequestCoalescer", "folder_digest",
+__all__ = ["BastionService", "ExtractionWatch", "GuardWorker", "RequestCoalescer", "folder_digest",
            "model_folder"]

@@ -44,13 +44,14 @@ class KnnOutlierDetector:
         if len(r) > self.max_reference:
             r = r[np.random.default_rng(self.seed).permutation(len(r))[: self.max_reference]]
         self.ref_ = r
-        self.ref_sq_ = (r.astype(np.float64) ** 2).sum(1)
+        # float64 copy, transposed once here rather than on every score call
+        self.ref64_t_ = np.ascontiguousarray(r.astype(np.float64).T)
+        self.ref_sq_ = (self.ref64_t_ ** 2).sum(0)
         return self
 
     def score(self, x: Any) -> np.ndarray:
         q = self._x(x).astype(np.float64)
-        d2 = (q ** 2).sum(1)[:, None] + self.ref_sq_[None, :] - 2.0 * q @ self.ref_.T.astype(
-            np.float64)
+        d2 = (q ** 2).sum(1)[:, None] + self.ref_sq_[None, :] - 2.0 * (q @ self.ref64_t_)
         d2 = np.maximum(d2, 0.0)
         k = min(self.k, d2.shape[1])
         part = np.partition(d2, k - 1, axis=1)[:, :k]

@@ -61,6 +61,33 @@ class ServiceMetrics:
         self.client_errors = Counter("bastion_client_errors_total",
                                      "Rejected requests by error code", ["code"], registry=r)
 
+        # children of the request-path metrics, by label values (``labels()`` validates
+        # and locks on every call)
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric._name, *values)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*values)
+        return c
+
+    def request(self, route: str, method: str, status: str) -> Any:
+        """The ``bastion_http_requests_total`` child for these labels."""
+        return self._child(self.requests, route, method, status)
+
+    def route_latency(self, route: str) -> Any:
+        """The ``bastion_http_request_duration_seconds`` child of ``route``."""
+        return self._child(self.latency, route)
+
+    def prediction(self, verdict: str, answered_by: str) -> Any:
+        """The ``bastion_predictions_total`` child for these labels."""
+        return self._child(self.predictions, verdict, answered_by)
+
+    def fired(self, detector: str) -> Any:
+        """The ``bastion_detector_fired_total`` child of ``detector``."""
+        return self._child(self.detector_fired, detector)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
