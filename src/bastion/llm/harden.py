@@ -30,6 +30,7 @@ import numpy as np
 from bastion.errors import DataError
 from bastion.llm.detector import PromptInjectionDetector
 from bastion.llm.embed import Embedder
+from bastion.llm.reports import HardenRoundSummary
 from bastion.llm.transforms import TRANSFORMS, apply_transform
 
 __all__ = ["harden_detector", "make_variants", "MUTATIONS", "HardenRound", "HardenResult"]
@@ -103,21 +104,8 @@ def make_variants(
     return out
 
 
-@dataclass
-class HardenRound:
-    round: int
-    evasion_rate: float
-    evasion_by_op: dict[str, float]
-    tpr_heldout: float
-    fpr_hard_negatives: float
-    fpr_benign_calibration: float
-    threshold: float
-    n_train: int
-    n_added: int
-    model_version: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+#: one round's numbers: the typed record the hardening report is made of
+HardenRound = HardenRoundSummary
 
 
 @dataclass
@@ -126,7 +114,7 @@ class HardenResult:
     detector: PromptInjectionDetector | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rounds": [r.to_dict() for r in self.rounds]}
+        return {"rounds": [r.model_dump() for r in self.rounds]}
 
 
 def harden_detector(
