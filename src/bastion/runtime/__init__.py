@@ -1,7 +1,8 @@
 """Bastion in production: the guarded model, the event store, monitors, the healing
 controller and the retrain pipeline.
 
-- :mod:`.events`: :class:`EventStore` (SQLite WAL, durable appends), event kinds.
+- :mod:`.events`: :class:`EventStore` (SQLite WAL by default or PostgreSQL by URL; durable
+  appends, concurrent ones sharing a commit), event kinds.
 - :mod:`.detectors`: :func:`build_detectors` (fit + calibrate the guard's detectors).
 - :mod:`.guard`: :class:`GuardedModel`, :class:`GuardPolicy`, :class:`GuardDecision`,
   :func:`record_feedback`.
