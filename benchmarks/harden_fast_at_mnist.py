@@ -12,7 +12,8 @@ catastrophic-overfitting guard on. Published anchor for this network: 98.50% cle
 
 ``--variant nfgsm`` uses N-FGSM's inner step (random start of ``--noise-mult`` x eps,
 default 2; step eps unless ``--alpha`` is given; no projection back onto the eps-ball).
-``--train-eps`` trains at another budget than the one evaluated (``--eps``).
+``--ema-decay D`` evaluates a weight average of the trained network (EMA, as in Gowal et al.
+2020). ``--train-eps`` trains at another budget than the one evaluated (``--eps``).
 Set ``BENCH_THREADS=2`` to use both cores; the JSON records ``os.getloadavg()`` at the
 start and the end (other load on the machine inflates the wall time).
 
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--noise-mult", type=float, default=None)
     ap.add_argument("--eps-warmup", type=float, default=0.0)
     ap.add_argument("--train-eps", type=float, default=None)
+    ap.add_argument("--ema-decay", type=float, default=0.0,
+                    help="weight averaging (0 = off); the averaged model is evaluated")
     ap.add_argument("--guard-drop", type=float, default=0.2,
                     help="a collapse is guard PGD accuracy falling more than this below "
                     "the best epoch's")
@@ -72,6 +75,7 @@ def main() -> None:
                             batch_size=a.batch_size, optimizer="adam", guard=True,
                             fast_variant=a.variant, noise_mult=a.noise_mult,
                             eps_warmup=a.eps_warmup, guard_drop=a.guard_drop,
+                            ema_decay=a.ema_decay,
                             seed=a.seed)
     model = tr.fit(fresh_wong_cnn(a.seed), ds, on_epoch=lambda e: print(
         f"epoch {e.epoch}/{e.epochs} loss {e.loss:.3f} guard clean {e.clean_accuracy:.3f} "

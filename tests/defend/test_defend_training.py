@@ -164,3 +164,31 @@ def test_fast_variant_settings_and_bad_values():
         AdversarialTrainer(method="fast-at", fast_variant="gradalign")
     with pytest.raises(BastionError, match="noise_mult"):
         AdversarialTrainer(method="fast-at", noise_mult=-1.0)
+
+
+def test_weight_averaging_returns_the_average_and_resumes_exactly(digits_cnn, digits_arrays,
+                                                                 tmp_path):
+    """``ema_decay``: the returned weights are the running average (not the last
+    step's), a resumed run reproduces a straight one, and bad decays are refused."""
+    x_tr, y_tr, _, _ = digits_arrays
+    kw = dict(method="pgd-at", eps=0.1, steps=2, batch_size=64, lr=3e-3, seed=0)
+    plain = AdversarialTrainer(epochs=2, **kw).fit(digits_cnn, (x_tr, y_tr))
+    avg = AdversarialTrainer(epochs=2, ema_decay=0.9, **kw).fit(digits_cnn, (x_tr, y_tr))
+    # same training trajectory, so the average differs from the last weights but not by
+    # much, and it still classifies
+    diffs = [float((a - b).abs().max()) for a, b in zip(
+        avg.module.state_dict().values(), plain.module.state_dict().values(), strict=True)]
+    assert max(diffs) > 1e-4
+    x_te, y_te = digits_arrays[2], digits_arrays[3]
+    assert float((avg.predict_proba(x_te).argmax(1) == y_te).mean()) > 0.8
+    first = AdversarialTrainer(epochs=1, ema_decay=0.9, checkpoint_dir=tmp_path, **kw)
+    first.fit(digits_cnn, (x_tr, y_tr))
+    resumed = AdversarialTrainer(epochs=2, ema_decay=0.9, checkpoint_dir=tmp_path, **kw)
+    m_resumed = resumed.fit(digits_cnn, (x_tr, y_tr))
+    assert resumed.resumed_from_ == 1
+    for (k, a), b in zip(m_resumed.module.state_dict().items(),
+                         avg.module.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), k
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(BastionError, match="ema_decay"):
+            AdversarialTrainer(ema_decay=bad)

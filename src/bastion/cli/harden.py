@@ -151,6 +151,9 @@ def register(app: typer.Typer) -> None:
             None, "--adv-fraction", help="Weight of adversarial vs clean loss (0..1)."),
         eps_warmup: float | None = typer.Option(
             None, "--eps-warmup", help="Epochs to ramp epsilon up."),
+        ema_decay: float | None = typer.Option(
+            None, "--ema-decay",
+            help="Weight averaging: keep and return an EMA of the weights (e.g. 0.999)."),
         fast_variant: str | None = typer.Option(
             None, "--fast-variant",
             help="fast-at inner step: rs (Wong et al.) or nfgsm (de Jorge et al.)."),
@@ -190,6 +193,7 @@ def register(app: typer.Typer) -> None:
         options = _kv(opt)
         named = {"lr": lr, "batch_size": batch_size, "steps": steps, "beta": beta,
                  "adv_fraction": adv_fraction, "eps_warmup": eps_warmup, "init": init,
+                 "ema_decay": ema_decay,
                  "fast_variant": fast_variant, "noise_mult": noise_mult,
                  "lr_schedule": lr_schedule, "weight_decay": weight_decay,
                  "label_smoothing": label_smoothing, "temperature": temperature,

@@ -8,7 +8,8 @@ Methods and their options (``options=`` keys; anything else is an error):
 ``fast-at``    steps, step_size, random_start, beta (trades), adv_fraction, eps_warmup,
 ``trades``     init (finetune/scratch), guard, guard_points, guard_steps, guard_drop,
                arch + arch_kwargs (build a fresh zoo network, e.g. mlp with dropout),
-               fast_variant (rs/nfgsm) and noise_mult (fast-at only)
+               ema_decay (weight averaging), fast_variant (rs/nfgsm) and noise_mult
+               (fast-at only)
 ``distill``    temperature, teacher_epochs, lr, batch_size, weight_decay, init, arch,
                arch_kwargs
 ``ensemble``   members, member_method (clean or a training method), archs (one zoo
@@ -47,7 +48,8 @@ METHODS: tuple[str, ...] = ("pgd-at", "fast-at", "trades", "distill", "ensemble"
 
 _TRAIN_OPTS = {"lr", "batch_size", "optimizer", "lr_schedule", "weight_decay",
                "label_smoothing", "steps", "step_size", "random_start", "beta",
-               "adv_fraction", "eps_warmup", "fast_variant", "noise_mult", "init", "guard",
+               "adv_fraction", "eps_warmup", "ema_decay", "fast_variant", "noise_mult",
+               "init", "guard",
                "guard_points", "guard_steps", "guard_drop", "momentum", "arch", "arch_kwargs"}
 OPTIONS: dict[str, set[str]] = {
     "pgd-at": _TRAIN_OPTS,

@@ -18,6 +18,10 @@ One trainer, :class:`AdversarialTrainer`, configured in ``__init__`` and run wit
   2019 for randomized smoothing);
 - ``clean``: ordinary training (used by distillation, and as a baseline).
 
+``ema_decay`` keeps an exponential moving average of the weights (weight averaging, as
+in Gowal et al. 2020 and Rebuffi et al. 2021, where it adds robustness and damps robust
+overfitting); the guard then checks, and ``fit`` returns, the averaged model.
+
 ``adv_fraction`` mixes clean and adversarial loss (``1.0`` = adversarial only, as in
 Madry et al.), ``eps_warmup`` ramps epsilon linearly over that many epochs. Weight decay
 and label smoothing are knobs here; dropout belongs to the architecture (pass a
@@ -176,6 +180,10 @@ class AdversarialTrainer:
         beta: TRADES' weight of the robustness (KL) term.
         adv_fraction: weight of the adversarial loss against the clean loss (not TRADES).
         eps_warmup: epochs over which epsilon ramps linearly from 0.
+        ema_decay: weight averaging; ``0`` is off, else each step moves the averaged
+            weights ``1 - d`` of the way to the trained ones, with
+            ``d = min(ema_decay, (1 + step) / (10 + step))``. The averaged model is the one
+            the guard evaluates and ``fit`` returns.
         sigma: noise level for ``noise`` training.
         temperature: train on ``logits / temperature`` (distillation).
         init: ``finetune`` (start from the model's weights) or ``scratch`` (re-initialise,
@@ -214,6 +222,7 @@ class AdversarialTrainer:
         beta: float = 6.0,
         adv_fraction: float = 1.0,
         eps_warmup: float = 0.0,
+        ema_decay: float = 0.0,
         sigma: float = 0.25,
         temperature: float = 1.0,
         init: str = "finetune",
@@ -241,6 +250,8 @@ class AdversarialTrainer:
                                hint=f"use one of {', '.join(FAST_VARIANTS)}")
         if noise_mult is not None and not (math.isfinite(noise_mult) and noise_mult >= 0):
             raise BastionError(f"noise_mult must be a number >= 0, got {noise_mult}")
+        if not (math.isfinite(ema_decay) and 0.0 <= ema_decay < 1.0):
+            raise BastionError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if init not in ("finetune", "scratch"):
             raise BastionError(f"unknown init {init!r}", hint="use finetune or scratch")
         if not 0.0 <= adv_fraction <= 1.0:
@@ -275,6 +286,7 @@ class AdversarialTrainer:
         self.beta = float(beta)
         self.adv_fraction = float(adv_fraction)
         self.eps_warmup = float(eps_warmup)
+        self.ema_decay = float(ema_decay)
         self.sigma = float(sigma)
         self.temperature = float(temperature)
         self.init = init
@@ -296,6 +308,8 @@ class AdversarialTrainer:
 
     def _fingerprint(self) -> str:
         s = {k: v for k, v in self.settings().items() if k != "epochs"}
+        if not s.get("ema_decay"):
+            s.pop("ema_decay", None)  # checkpoints from before weight averaging still match
         return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -434,6 +448,15 @@ class AdversarialTrainer:
         else:
             module = copy.deepcopy(base.module)
         work = rebuild(base, module, name=f"{base.name}+{self.method}")
+        # ``served`` is what the guard evaluates and fit returns: the trained module, or
+        # its weight average
+        ema_module = copy.deepcopy(module) if self.ema_decay > 0 else None
+        served = work if ema_module is None else rebuild(
+            base, ema_module, name=f"{base.name}+{self.method}")
+        if ema_module is not None:
+            for p in ema_module.parameters():
+                p.requires_grad_(False)
+        ema_steps = 0
         if self.optimizer == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(
                 module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -461,6 +484,10 @@ class AdversarialTrainer:
                 try:
                     module.load_state_dict({k[6:]: v for k, v in tensors.items()
                                             if k.startswith("model.")})
+                    if ema_module is not None:
+                        ema_module.load_state_dict({k[4:]: v for k, v in tensors.items()
+                                                    if k.startswith("ema.")})
+                        ema_steps = int(meta["ema_steps"])
                     optimizer_from_flat(opt, tensors, meta["optimizer"])
                     if any(k.startswith("best.") for k in tensors):
                         best_state = {k[5:]: v for k, v in tensors.items()
@@ -511,38 +538,47 @@ class AdversarialTrainer:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if ema_module is not None:
+                    ema_steps += 1
+                    _ema_update(ema_module, module,
+                                min(self.ema_decay, (1 + ema_steps) / (10 + ema_steps)))
                 tot_loss += float(loss.detach()) * len(idx)
                 tot_acc += float((z.argmax(1) == yb).float().sum())
                 seen += len(idx)
             epoch += 1
-            clean, robust = self._evaluate(epoch, work, xg, yg)
+            clean, robust = self._evaluate(epoch, served, xg, yg)
             collapsed = False
             if self.guard and best_state is not None and robust < best_robust - self.guard_drop:
                 collapsed = True
-                module.load_state_dict(best_state)
+                served.module.load_state_dict(best_state)
                 self.stopped_early_ = True
             elif robust >= best_robust:
                 best_robust = robust
                 self.best_epoch_ = epoch
-                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                best_state = {k: v.detach().clone()
+                              for k, v in served.module.state_dict().items()}
             log = EpochLog(epoch=epoch, epochs=self.epochs, loss=tot_loss / max(1, seen),
                            train_accuracy=tot_acc / max(1, seen), clean_accuracy=clean,
                            robust_accuracy=robust, eps=eps_t, lr=lr,
                            time_s=time.perf_counter() - t0, collapsed=collapsed)
             self.history_.append(log)
             if self.checkpoint_dir is not None:
-                self._save(epoch, module, opt, best_state, best_robust, g)
+                self._save(epoch, module, opt, best_state, best_robust, g,
+                           ema_module, ema_steps)
             if on_epoch is not None:
                 on_epoch(log)
-        module.eval()
+        served.module.eval()
         self.time_s_ = time.perf_counter() - t_start
-        return work
+        return served
 
     def _save(self, epoch: int, module: nn.Module, opt: torch.optim.Optimizer,
               best_state: dict[str, torch.Tensor] | None, best_robust: float,
-              g: torch.Generator) -> None:
+              g: torch.Generator, ema_module: nn.Module | None = None,
+              ema_steps: int = 0) -> None:
         assert self.checkpoint_dir is not None
         tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
+        if ema_module is not None:
+            tensors.update({f"ema.{k}": v for k, v in ema_module.state_dict().items()})
         if best_state is not None:
             tensors.update({f"best.{k}": v for k, v in best_state.items()})
         opt_t, opt_meta = optimizer_to_flat(opt)
@@ -557,5 +593,15 @@ class AdversarialTrainer:
             "best_robust": best_robust,
             "best_epoch": self.best_epoch_,
             "stopped_early": self.stopped_early_,
+            "ema_steps": ema_steps,
         }
         save_checkpoint(self.checkpoint_dir, epoch=epoch, tensors=tensors, meta=meta)
+
+
+@torch.no_grad()
+def _ema_update(avg: nn.Module, live: nn.Module, decay: float) -> None:
+    """Move ``avg``'s parameters ``1 - decay`` of the way to ``live``'s; copy buffers."""
+    for pa, pl in zip(avg.parameters(), live.parameters(), strict=True):
+        pa.mul_(decay).add_(pl.detach(), alpha=1.0 - decay)
+    for ba, bl in zip(avg.buffers(), live.buffers(), strict=True):
+        ba.copy_(bl)
