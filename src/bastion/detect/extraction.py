@@ -33,6 +33,30 @@ import numpy as np
 from bastion.errors import BastionError
 
 
+class _Rows:
+    """A growing set of equal-length vectors in one amortised-doubling array (the
+    distance to all of them is one vectorised expression, with no per-query copy)."""
+
+    __slots__ = ("_a", "_n")
+
+    def __init__(self, first: np.ndarray) -> None:
+        self._a = np.empty((16, first.size), dtype=np.float64)
+        self._a[0] = first
+        self._n = 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, x: np.ndarray) -> None:
+        if self._n == len(self._a):
+            self._a = np.concatenate([self._a, np.empty_like(self._a)])
+        self._a[self._n] = x
+        self._n += 1
+
+    def view(self) -> np.ndarray:
+        return self._a[: self._n]
+
+
 class PradaDetector:
     """One client's query stream; see the module docs.
 
@@ -57,7 +81,7 @@ class PradaDetector:
         self.reset()
 
     def reset(self) -> PradaDetector:
-        self.growing_: dict[int, list[np.ndarray]] = {}
+        self.growing_: dict[int, _Rows] = {}
         self.growing_dists_: dict[int, list[float]] = {}
         self.thresholds_: dict[int, float] = {}
         self.distances_: list[float] = []
@@ -77,15 +101,15 @@ class PradaDetector:
         c = 0 if label is None else int(label)
         self.n_queries_ += 1
         g = self.growing_.get(c)
-        if not g:
-            self.growing_[c] = [x]
+        if g is None or len(g) == 0:
+            self.growing_[c] = _Rows(x)
             self.growing_dists_[c] = []
             self.thresholds_[c] = 0.0
             return self
-        d = float(np.sqrt(((np.stack(g) - x) ** 2).sum(1)).min())
+        d = float(np.sqrt(((g.view() - x) ** 2).sum(1)).min())
         self.distances_.append(d)
         if d > self.thresholds_[c]:
-            g.append(x)
+            g.add(x)
             gd = self.growing_dists_[c]
             gd.append(d)
             self.thresholds_[c] = max(self.thresholds_[c], float(np.mean(gd) - np.std(gd)))
