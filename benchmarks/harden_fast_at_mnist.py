@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--n-cascade", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="harden_fast_at_mnist")
+    ap.add_argument("--save", default=None,
+                    help="also save the trained model to this folder (a Bastion model)")
     a = ap.parse_args()
 
     load_start = os.getloadavg()
@@ -81,6 +83,10 @@ def main() -> None:
         f"epoch {e.epoch}/{e.epochs} loss {e.loss:.3f} guard clean {e.clean_accuracy:.3f} "
         f"robust {e.robust_accuracy:.3f} ({e.time_s:.0f}s)", flush=True))
     train_s = time.perf_counter() - t_wall
+    if a.save:
+        from bastion.models.persist import save_model
+
+        save_model(model, a.save, arch="wong-cnn")
     clean = clean_accuracy(model, ds.x_test, ds.y_test)
     print(f"clean {clean:.4f}; train {train_s:.0f}s", flush=True)
     xp, yp = ds.x_test[:a.n_pgd], ds.y_test[:a.n_pgd]

@@ -201,3 +201,57 @@ def test_resolve_unknown_specs(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ModelError, match="not a Bastion model folder"):
         resolve_model(str(tmp_path / "plain"))
+
+
+def test_small_batches_use_native_convolution_with_the_same_answers():
+    """A forward pass of a few rows runs with oneDNN off (faster for tiny batches) and
+    gives the answers the oneDNN path gives; the switch is restored afterwards, also
+    when used from several threads at once and when nested."""
+    import threading
+
+    from bastion.models.torch_model import NATIVE_CONV_MAX_ROWS, TorchModel, native_conv
+    from bastion.models.zoo import build_module
+
+    torch.manual_seed(0)
+    m = TorchModel(build_module("wong-cnn", input_shape=(1, 28, 28), n_classes=10),
+                   n_classes=10, input_shape=(1, 28, 28))
+    x = np.random.default_rng(0).random((NATIVE_CONV_MAX_ROWS, 1, 28, 28), dtype=np.float32)
+    before = torch.backends.mkldnn.enabled
+    seen = []
+    orig = m.module.forward
+
+    def spy(t):
+        seen.append(torch.backends.mkldnn.enabled)
+        return orig(t)
+
+    m.module.forward = spy
+    small = m.predict_logits(x)  # native
+    m.module.forward = orig
+    with torch.no_grad():
+        reference = m.logits(torch.from_numpy(x)).numpy()  # oneDNN (the default)
+    assert seen == [False] and torch.backends.mkldnn.enabled == before
+    np.testing.assert_allclose(small, reference, rtol=1e-4, atol=1e-5)
+    # a larger batch keeps oneDNN
+    seen.clear()
+    m.module.forward = spy
+    m.predict_logits(np.concatenate([x, x]))
+    m.module.forward = orig
+    assert seen == [before]
+
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(200):
+                with native_conv():
+                    with native_conv():
+                        assert torch.backends.mkldnn.enabled is False
+        except AssertionError as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and torch.backends.mkldnn.enabled == before
