@@ -143,7 +143,7 @@ def native_conv() -> Iterator[None]:
     with _native_lock:
         if _native_users == 0:
             _native_saved = bool(torch.backends.mkldnn.enabled)
-            torch.backends.mkldnn.enabled = False
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
         _native_users += 1
     try:
         yield
@@ -151,7 +151,7 @@ def native_conv() -> Iterator[None]:
         with _native_lock:
             _native_users -= 1
             if _native_users == 0:
-                torch.backends.mkldnn.enabled = _native_saved
+                torch.backends.mkldnn.enabled = _native_saved  # type: ignore[assignment]
 
 
 def _as_list(v: float | Sequence[float]) -> list[float]:
