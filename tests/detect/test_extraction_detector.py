@@ -75,3 +75,32 @@ def test_prada_calibration_to_a_false_alarm_rate(streams):
     assert PradaDetector().min_queries == 100  # W of a few dozen distances swings widely
     with pytest.raises(BastionError):
         det.calibrate(benign, fpr=1.0)
+
+
+def test_prada_batched_test_matches_per_query_and_service_watch_batches(streams):
+    """Deferring the Shapiro-Wilk test to the end of a batch leaves the statistic of the
+    stream unchanged; the service's watch takes a request's queries at once, flags the
+    synthetic stream and not a benign one, and rolls its window over inside a batch."""
+    from bastion.detect.extraction import PradaDetector
+    from bastion.service.core import ExtractionWatch
+
+    benign, _, syn, _ = streams
+    one = PradaDetector(delta=0.9, min_queries=50)
+    batched = PradaDetector(delta=0.9, min_queries=50)
+    for start in range(0, 300, 32):
+        for q in syn[start:start + 32]:
+            one.update(q)
+            batched.update(q, test=False)
+        batched.test()
+        assert batched.w_ == one.w_ and batched.n_queries_ == one.n_queries_
+    assert one.drift_detected and batched.drift_detected
+    # detection is found at the end of the batch it happens in
+    assert one.detected_at_ <= batched.detected_at_ < one.detected_at_ + 32
+
+    watch = ExtractionWatch(delta=0.9, min_queries=50, window=120)
+    for start in range(0, 300, 32):
+        res_b = watch.observe_many("alice", benign[0][start:start + 32])
+        res_s = watch.observe_many("mallory", syn[start:start + 32])
+    assert not res_b["flagged"] and res_s["flagged"] and watch.flagged() == ["mallory"]
+    # a window rolls over inside a batch: the client's detector starts afresh
+    assert watch._dets["alice"].n_queries_ == 300 - 240

@@ -220,6 +220,18 @@ def test_predict_response_json_is_the_schema():
     assert r.labels == [2] and r.verdicts == ["flag"] and r.request_ids == ["r1"]
     assert r.predictions[0].reasons[0].score is None  # NaN is written as null
     assert r.predictions[0].reasons[1].fired and r.model_version == "3"
+    # byte for byte what pydantic writes for the same response (fields and their order)
+    assert body == r.model_dump_json().encode()
+    # also for reasons built the guard's way (no validation) and numpy scores
+    from bastion.runtime.guard import _trusted
+
+    fast = _trusted(Reason, detector="knn", score=np.float64(1.5), threshold=None,
+                    fired=True, action="block", note="far")
+    d2 = d.model_copy(update={"reasons": [fast]})
+    body2 = predict_response_json("3", "a", [d2])
+    r2 = PredictResponse.model_validate_json(body2)
+    assert r2.predictions[0].reasons[0].score == 1.5
+    assert body2 == r2.model_dump_json().encode()
 
 
 def test_prada_shapiro_is_scipy_shapiro():

@@ -95,8 +95,12 @@ class PradaDetector:
         """True once the stream has looked like an extraction attack."""
         return self.detected_at_ is not None
 
-    def update(self, query: np.ndarray, label: int | None = None) -> PradaDetector:
-        """Add one query (and the model's predicted label for it, when known)."""
+    def update(self, query: np.ndarray, label: int | None = None, *,
+               test: bool = True) -> PradaDetector:
+        """Add one query (and the model's predicted label for it, when known).
+
+        ``test=False`` only records the query's distance; call :meth:`test` after the
+        last query of a batch (one Shapiro-Wilk test per batch instead of per query)."""
         x = np.asarray(query, dtype=np.float64).reshape(-1)
         c = 0 if label is None else int(label)
         self.n_queries_ += 1
@@ -113,6 +117,13 @@ class PradaDetector:
             gd = self.growing_dists_[c]
             gd.append(d)
             self.thresholds_[c] = max(self.thresholds_[c], float(np.mean(gd) - np.std(gd)))
+        if test:
+            self.test()
+        return self
+
+    def test(self) -> PradaDetector:
+        """Run the Shapiro-Wilk test on the distances so far (once ``min_queries``
+        exist): sets ``w_`` and, below ``delta``, ``detected_at_``."""
         if len(self.distances_) >= self.min_queries:
             self.w_ = self._shapiro(self.distances_[-self.window :])
             if self.w_ < self.delta and self.detected_at_ is None:

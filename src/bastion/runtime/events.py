@@ -57,6 +57,7 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import numpy as np
+import orjson
 
 from bastion.errors import BastionError
 
@@ -176,10 +177,10 @@ def _dumps(payload: Mapping[str, Any]) -> str:
     if not isinstance(payload, Mapping):
         raise BastionError(f"an event payload must be a dict, got {type(payload).__name__}")
     try:
-        # the common case (finite numbers, string keys) in one pass; a non-finite float
-        # (ValueError) or an odd key (TypeError) takes the cleaning round trip below
-        return json.dumps(payload, default=_json_default, allow_nan=False)
-    except (TypeError, ValueError):
+        # the common case (a dict with string keys) in one fast pass; orjson writes a
+        # non-finite float as null, as the cleaning below does
+        return orjson.dumps(payload, default=_json_default).decode()
+    except (TypeError, ValueError):  # an odd key or container: the slow path below
         pass
     try:
         text = json.dumps(dict(payload), default=_json_default, allow_nan=True)

@@ -108,6 +108,25 @@ def _trusted(cls: type[BaseModel], **values: Any) -> Any:
     return m
 
 
+def _reason(detector: str, score: float | None, threshold: float | None, fired: bool,
+            action: Any, note: str | None) -> Reason:
+    """A :class:`Reason` from trusted values, as :func:`_trusted` builds it but without
+    the keyword round trip (several per answered input)."""
+    m = _new_reason(Reason)
+    _set(m, "__dict__", {"detector": detector, "score": score, "threshold": threshold,
+                         "fired": fired, "action": action, "note": note})
+    _set(m, "__pydantic_fields_set__", set(_REASON_FIELDS))
+    _set(m, "__pydantic_extra__", None)
+    _set(m, "__pydantic_private__", None)
+    return m
+
+
+_new_reason = Reason.__new__
+_set = object.__setattr__
+_REASON_FIELDS = ("detector", "score", "threshold", "fired", "action", "note")
+assert tuple(Reason.model_fields) == _REASON_FIELDS  # _reason writes them in this order
+
+
 def _takes_label(det: Any) -> bool:
     """Whether the extraction detector's ``observe``/``update`` takes a third argument."""
     import inspect
@@ -138,6 +157,12 @@ def _extraction_check(det: Any, client_id: str, x: np.ndarray, label: int | None
         takes_label = _takes_label(det)
     fn = getattr(det, "observe", None) or getattr(det, "update", None)
     res = fn(client_id, x, label) if takes_label else fn(client_id, x)
+    return _extraction_verdict(det, client_id, res)
+
+
+def _extraction_verdict(det: Any, client_id: str, res: Any
+                        ) -> tuple[bool, float | None, str | None]:
+    """Read an extraction detector's answer (see :func:`_extraction_check`)."""
     score: float | None = None
     flagged = False
     note = None
@@ -345,9 +370,9 @@ class GuardedModel:
         p_all = np.asarray(model.predict_proba(parts[0] if len(parts) == 1 else
                                                np.concatenate(parts)), dtype=np.float64)
         p_champ = p_all[:n]
+        champ_labels: list[int] = p_champ.argmax(1).tolist()
         reasons: list[list[Reason]] = [[] for _ in range(n)]
-        def construct(**kw: Any) -> Reason:
-            return _trusted(Reason, **kw)  # type: ignore[no-any-return]
+        construct = _reason
 
         for name, det in self.detectors.items():
             action = self.policy.actions.get(name, self.policy.default_action)
@@ -361,18 +386,29 @@ class GuardedModel:
             else:
                 s = np.asarray(det.score(a), dtype=np.float64)
             thr = float(det.threshold_)
-            for i in range(n):
-                si = float(s[i])
-                reasons[i].append(construct(detector=name, score=si, threshold=thr,
-                                            fired=si > thr, action=action, note=None))
+            for i, si in enumerate(np.asarray(s, dtype=np.float64).tolist()):
+                reasons[i].append(construct(name, si, thr, si > thr, action, None))
         exd = self.extraction_detector
         if exd is not None:
             ex_thr = getattr(exd, "threshold_", None)
             if self._ex_sig is None or self._ex_sig[0] is not exd:
                 self._ex_sig = (exd, _takes_label(exd))
-            for i in range(n):
-                hit, ex_score, note = _extraction_check(
-                    exd, cids[i], a[i], int(np.argmax(p_champ[i])), self._ex_sig[1])
+            many = getattr(exd, "observe_many", None)
+            if callable(many) and not self._ex_sig[1]:
+                # a detector that takes a request's queries at once (one test per
+                # request and client); its verdict after them answers each of them
+                rows_of: dict[str, list[int]] = {}
+                for i, c in enumerate(cids):
+                    rows_of.setdefault(c, []).append(i)
+                checks: list[tuple[bool, float | None, str | None]] = [(False, None, None)] * n
+                for c, rows in rows_of.items():
+                    verdict = _extraction_verdict(exd, c, many(c, a[rows]))
+                    for i in rows:
+                        checks[i] = verdict
+            else:
+                checks = [_extraction_check(exd, cids[i], a[i], champ_labels[i],
+                                            self._ex_sig[1]) for i in range(n)]
+            for i, (hit, ex_score, note) in enumerate(checks):
                 reasons[i].append(construct(
                     detector="extraction", score=ex_score,
                     threshold=None if ex_thr is None else float(ex_thr), fired=bool(hit),
@@ -401,32 +437,37 @@ class GuardedModel:
         if need_fb and fb is not None:
             p_fb = np.asarray(fb.predict_proba(a[need_fb]), dtype=np.float64)
         fb_rows = {i: k for k, i in enumerate(need_fb)}
+        champ_probs: list[list[float]] = p_champ.tolist()
+        fb_probs: list[list[float]] = [] if p_fb is None else p_fb.tolist()
+        fb_labels: list[int] = [] if p_fb is None else p_fb.argmax(1).tolist()
         out: list[GuardDecision] = []
         by: Literal["champion", "fallback", "none"]
         for i in range(n):
             v = verdicts[i]
             fired_names = [r.detector for r in reasons[i] if r.fired and r.action != "ignore"]
+            label: int | None
+            probs: list[float] | None
             if v == "block" and (quarantined[i] or self.policy.on_block == "refuse"
                                  or i not in fb_rows):
-                by, probs, ver = "none", None, None
+                by, probs, label, ver = "none", None, None, None
                 why = "blocked: " + ", ".join(fired_names) + "; request refused"
             elif i in fb_rows and p_fb is not None:
-                by, probs, ver = "fallback", p_fb[fb_rows[i]], fver
+                by, ver = "fallback", fver
+                probs, label = fb_probs[fb_rows[i]], fb_labels[fb_rows[i]]
                 if traffic == "fallback" and v == "allow":
                     why = "traffic is switched to the fallback model by the healing controller"
                 else:
                     why = f"{v}: {', '.join(fired_names)} fired; answered by the fallback"
             else:
-                by, probs, ver = "champion", p_champ[i], mver
+                by, probs, label, ver = "champion", champ_probs[i], champ_labels[i], mver
                 why = "no detector fired" if v == "allow" else (
                     f"{v}: {', '.join(fired_names)} fired; "
                     + ("no fallback model, " if fb is None else "") + "answered by the champion")
             # our own values, of the declared types: no validation pass per answer
             out.append(_trusted(
                 GuardDecision, index=index[i], request_id=rids[i], client_id=cids[i],
-                label=None if probs is None else int(np.argmax(probs)),
-                probabilities=None if probs is None else [float(p) for p in probs],
-                verdict=v, reasons=reasons[i], answered_by=by, model_version=ver, why=why))
+                label=label, probabilities=probs, verdict=v, reasons=reasons[i],
+                answered_by=by, model_version=ver, why=why))
         if self.store is not None:
             self._log(a, out, p_champ)
         split, k = [], 0
@@ -440,18 +481,20 @@ class GuardedModel:
 
         store = self.store
         assert store is not None
-        ent = _entropy(p_champ)
+        ent = _entropy(p_champ).tolist()
+        labels = p_champ.argmax(1).tolist()
+        conf = p_champ.max(1).tolist()
+        inputs = a.reshape(len(a), -1).round(6).tolist() if self.policy.log_inputs else None
         rows: list[dict[str, Any]] = []
         for i, d in enumerate(decisions):  # row i of ``a`` and ``p_champ``
             payload: dict[str, Any] = {
                 "label": d.label, "verdict": d.verdict, "answered_by": d.answered_by,
-                "champion_label": int(np.argmax(p_champ[i])),
-                "confidence": float(p_champ[i].max()), "entropy": float(ent[i]),
+                "champion_label": labels[i], "confidence": conf[i], "entropy": ent[i],
                 "scores": {r.detector: r.score for r in d.reasons if r.score is not None},
                 "fired": [r.detector for r in d.reasons if r.fired],
             }
-            if self.policy.log_inputs:
-                payload["input"] = a[i].reshape(-1).round(6).tolist()
+            if inputs is not None:
+                payload["input"] = inputs[i]
             rows.append({"kind": ev.PREDICTION, "payload": payload, "client_id": d.client_id,
                          "request_id": d.request_id, "model_version": d.model_version})
             if d.verdict != "allow":

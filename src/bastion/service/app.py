@@ -38,6 +38,7 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -189,7 +190,9 @@ class GuardMiddleware:
         if ctype and "json" not in ctype:
             return None
         try:
-            doc = json.loads(body)
+            # orjson is stricter than json (no NaN literals): what it refuses goes to the
+            # route, which owns the error answers
+            doc = orjson.loads(body)
         except (ValueError, RecursionError):
             return None
         if not isinstance(doc, dict) or "inputs" not in doc or not set(doc) <= _PREDICT_KEYS:

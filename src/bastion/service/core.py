@@ -102,24 +102,37 @@ class ExtractionWatch:
         self._lock = threading.Lock()
 
     def observe(self, client_id: str, x: np.ndarray) -> dict[str, Any]:
+        """One query from ``client_id``; the client's verdict after it."""
+        return self.observe_many(client_id, np.asarray(x)[None])
+
+    def observe_many(self, client_id: str, xs: np.ndarray) -> dict[str, Any]:
+        """Several queries of one request from ``client_id``, in order; the client's
+        verdict after the last (one Shapiro-Wilk test per request, not per query)."""
         from bastion.detect.extraction import PradaDetector
 
-        q = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-        key = hashlib.blake2b(q.tobytes(), digest_size=12).digest()
+        qs = np.ascontiguousarray(xs, dtype=np.float32).reshape(len(xs), -1)
         with self._lock:
             det = self._dets.get(client_id)
-            if det is None or det.n_queries_ >= self.window:
-                if det is None and len(self._dets) >= self.max_clients:
-                    old = next(iter(self._dets))
-                    self._dets.pop(old)
-                    self._seen.pop(old, None)
-                det = self._dets[client_id] = PradaDetector(
-                    delta=self.delta, min_queries=self.min_queries, window=self.window)
-                self._seen[client_id] = set()
-            seen = self._seen[client_id]
-            if key not in seen:
-                seen.add(key)
-                det.update(q)
+            for q in qs:
+                if det is None or det.n_queries_ >= self.window:
+                    if det is not None:
+                        det.test()  # the old window's last queries
+                        if det.drift_detected:
+                            self._flagged.add(client_id)
+                    if det is None and len(self._dets) >= self.max_clients:
+                        old = next(iter(self._dets))
+                        self._dets.pop(old)
+                        self._seen.pop(old, None)
+                    det = self._dets[client_id] = PradaDetector(
+                        delta=self.delta, min_queries=self.min_queries, window=self.window)
+                    self._seen[client_id] = set()
+                seen = self._seen[client_id]
+                key = hashlib.blake2b(q.tobytes(), digest_size=12).digest()
+                if key not in seen:
+                    seen.add(key)
+                    det.update(q, test=False)
+            assert det is not None
+            det.test()
             if det.drift_detected:
                 self._flagged.add(client_id)
             flagged = client_id in self._flagged

@@ -8,7 +8,6 @@ against the serving model.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import numpy as np
@@ -229,15 +228,11 @@ class DashboardData(BaseModel):
     health: HealthResponse
 
 
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(float(x)) else float(x)
-
-
 def predict_response_json(model_version: str | None, client_id: str, decisions: Any) -> bytes:
     """A :class:`PredictResponse` as JSON bytes, built straight from the guard's
     decisions (same fields and order as ``PredictResponse(...).model_dump_json()``;
-    a non-finite score or threshold becomes ``null``, as pydantic writes it)."""
-    import json
+    a non-finite number becomes ``null``, as pydantic writes it)."""
+    import orjson
 
     preds = []
     for d in decisions:
@@ -245,15 +240,20 @@ def predict_response_json(model_version: str | None, client_id: str, decisions: 
             "request_id": d.request_id, "label": d.label, "probabilities": d.probabilities,
             "verdict": d.verdict, "answered_by": d.answered_by,
             "model_version": d.model_version, "why": d.why,
-            "reasons": [{"detector": r.detector, "score": finite_or_none(r.score),
-                         "threshold": finite_or_none(r.threshold), "fired": bool(r.fired),
-                         "action": r.action, "note": r.note} for r in d.reasons]})
+            # a Reason's fields, in their declared order, are its __dict__ (written by
+            # _reason_fields below without a copy per reason)
+            "reasons": d.reasons})
     body = {"model_version": model_version, "client_id": client_id,
             "request_ids": [p["request_id"] for p in preds],
             "labels": [p["label"] for p in preds],
             "probabilities": [p["probabilities"] for p in preds],
             "verdicts": [p["verdict"] for p in preds], "predictions": preds}
-    try:
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
-    except ValueError:  # a non-finite probability: let pydantic write it (as null)
-        return PredictResponse.model_validate(body).model_dump_json().encode()
+    # numpy scalars (a custom detector's score) are written as numbers too
+    return orjson.dumps(body, default=_reason_fields, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _reason_fields(o: Any) -> Any:
+    """orjson's fallback: a pydantic model (a Reason) as its fields."""
+    if isinstance(o, BaseModel):
+        return o.__dict__
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
