@@ -235,7 +235,7 @@ def test_predict_response_json_is_the_schema():
 
 
 def test_prada_shapiro_is_scipy_shapiro():
-    # the extraction watch calls the undecorated test on every query: same statistic
+    # the extraction watch calls the undecorated test once per request: same statistic
     from scipy.stats import shapiro
 
     from bastion.detect.extraction import PradaDetector
