@@ -104,9 +104,9 @@ class _Encoder:
                     "ln2": (w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]),
                 }
             )
-        if dtype == "bfloat16":  # weights kept in bfloat16 once, not cast at every call
+        if dtype == "bfloat16":  # weights and biases kept in bfloat16 once, not cast per call
             for lay in self.layers:
-                for k in ("qkv_w", "o_w", "i_w", "f_w"):
+                for k in ("qkv_w", "o_w", "i_w", "f_w", "qkv_b", "o_b", "i_b", "f_b"):
                     lay[k] = lay[k].to(torch.bfloat16)
 
     def _forward(self, ids: Any, mask: Any) -> Any:
@@ -122,18 +122,18 @@ class _Encoder:
             attn_mask = torch.zeros((n, 1, 1, length), dtype=x.dtype)
             attn_mask.masked_fill_(~mask.bool()[:, None, None, :], float("-inf"))
         bf16 = self.dtype == "bfloat16"
+        am = None if attn_mask is None else attn_mask.to(torch.bfloat16 if bf16 else x.dtype)
         for lay in self.layers:
             xin = x.to(torch.bfloat16) if bf16 else x
-            qkv = F.linear(xin, lay["qkv_w"], lay["qkv_b"].to(xin.dtype))
+            qkv = F.linear(xin, lay["qkv_w"], lay["qkv_b"])
             q, k, v = qkv.view(n, length, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
-            am = attn_mask.to(q.dtype) if attn_mask is not None else None
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=am)
             ctx = ctx.transpose(1, 2).reshape(n, length, d)
-            h = F.linear(ctx, lay["o_w"], lay["o_b"].to(ctx.dtype)).float()
+            h = F.linear(ctx, lay["o_w"], lay["o_b"]).float()
             x = F.layer_norm(h + x, (d,), *lay["ln1"], eps=self.eps)
             xin = x.to(torch.bfloat16) if bf16 else x
-            h = F.gelu(F.linear(xin, lay["i_w"], lay["i_b"].to(xin.dtype)))
-            h = F.linear(h, lay["f_w"], lay["f_b"].to(h.dtype)).float()
+            h = F.gelu(F.linear(xin, lay["i_w"], lay["i_b"]))
+            h = F.linear(h, lay["f_w"], lay["f_b"]).float()
             x = F.layer_norm(h + x, (d,), *lay["ln2"], eps=self.eps)
         m = mask.unsqueeze(-1).to(x.dtype)
         v = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
