@@ -9,7 +9,9 @@ rows held back for threshold calibration at 1% FPR; injections weighted
 weight ``--harmful-weight``, their ``split=test`` rows only evaluated), then runs the
 hardening loop: fresh obfuscated/mutated variants of the *held-out* attacks measure
 evasion each round, evading variants of the *training* attacks are added and the detector
-retrained. Writes ``benchmarks/results/llm_harden.json`` with per-round evasion, TPR and
+retrained. Evasion is the share of fresh variants missed among those made from held-out
+attacks the detector catches in plain form; the share of all variants missed is written
+beside it. Writes ``benchmarks/results/llm_harden.json`` with per-round evasion, TPR and
 hard-negative FPR, and the full held-out evaluation before and after. ``--ship`` writes
 the final detector into the package (``bastion/llm/data/detector``). Goal (issue 6):
 evasion under 5% after, with the hard-negative FPR no worse than before.
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             "length_slices": ev["length_slices"],
         }
         print(
-            f"round {rec.round}: evasion {rec.evasion_rate:.3f} TPR {rec.tpr_heldout:.3f} "
+            f"round {rec.round}: evasion {rec.evasion_rate:.3f} "
+            f"(all variants missed {rec.variant_miss_rate:.3f}) TPR {rec.tpr_heldout:.3f} "
             f"hardneg FPR {rec.fpr_hard_negatives:.3f} AUROC {ev['overall']['auroc']:.4f} "
             f"TPR@1%FPR {ev['overall']['tpr_at_1pct_fpr']:.3f} (+{rec.n_added}) "
             f"[{time.time() - t0:.0f}s]",
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_eval_by_round": evals,
         "before_after": {
             "evasion_rate": [first["evasion_rate"], last["evasion_rate"]],
+            "variant_miss_rate": [first["variant_miss_rate"], last["variant_miss_rate"]],
             "fpr_hard_negatives": [first["fpr_hard_negatives"], last["fpr_hard_negatives"]],
             "tpr_heldout": [first["tpr_heldout"], last["tpr_heldout"]],
         },

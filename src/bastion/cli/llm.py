@@ -267,7 +267,7 @@ def train_detector_cmd(
     fpr: float = typer.Option(
         0.01, "--fpr", min=0.0001, max=0.5, help="Target false-positive rate."
     ),
-    C: float = typer.Option(4.0, "--C", min=1e-6, help="Inverse regularisation of the head."),
+    C: float = typer.Option(16.0, "--C", min=1e-6, help="Inverse regularisation of the head."),
     harmful: Path | None = typer.Option(
         None, "--harmful", help="JSONL of plain harmful requests (FP check)."
     ),
@@ -436,13 +436,15 @@ def harden_detector_cmd(
             run.log_metrics(
                 {
                     "evasion_rate": rec.evasion_rate,
+                    "variant_miss_rate": rec.variant_miss_rate,
                     "tpr_heldout": rec.tpr_heldout,
                     "fpr_hard_negatives": rec.fpr_hard_negatives,
                 },
                 step=rec.round,
             )
             c.info(
-                f"round {rec.round}: evasion {rec.evasion_rate:.3f}, TPR {rec.tpr_heldout:.3f}, "
+                f"round {rec.round}: evasion {rec.evasion_rate:.3f} (all variants missed "
+                f"{rec.variant_miss_rate:.3f}), TPR {rec.tpr_heldout:.3f}, "
                 f"hard-negative FPR {rec.fpr_hard_negatives:.3f} (+{rec.n_added} variants)",
                 quiet=quiet,
             )

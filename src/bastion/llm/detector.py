@@ -9,7 +9,9 @@ Pipeline for one text: :func:`~bastion.llm.normalize.normalize` (undo obfuscatio
 features -> a logistic-regression head -> maximum over chunks. The features of a chunk are
 its MiniLM sentence embedding (meaning) and, side by side, hashed TF-IDF character 3-5-grams
 and word 1-2-grams (exact wording that embeddings blur: "ignore previous instructions",
-"system prompt", "DAN", markup of planted instructions). The n-grams are hashed with
+"system prompt", "DAN", markup of planted instructions) and four text statistics
+(:mod:`bastion.llm.textstats`: how much of the chunk is gibberish, as optimised adversarial
+suffixes are). The n-grams are hashed with
 scikit-learn's ``HashingVectorizer`` (murmurhash3, stateless), so only their IDF weights and
 coefficients are stored, as plain arrays.
 
@@ -21,8 +23,9 @@ not learned as "attack". Classes are balanced; per-text ``sample_weight`` multip
 (the shipped detector weighs injections 4x, so that the rarer planted-instruction attacks
 are not drowned by jailbreaks, and plain harmful requests, a negative class, 0.3x).
 
-Persistence (never pickle): ``head.safetensors`` (``coef``, ``intercept`` and, with n-gram
-features, ``coef_char``/``idf_char``/``coef_word``/``idf_word``) and
+Persistence (never pickle): ``head.safetensors`` (``coef``, ``intercept``, ``coef_stats``
+with the statistics and, with n-gram features,
+``coef_char``/``idf_char``/``coef_word``/``idf_word``) and
 ``detector.json`` (threshold, chunking, versions, training summary). A detector trained on
 the shared corpus ships inside the package (:meth:`PromptInjectionDetector.load_default`)
 with a ``NOTICE`` listing its training data and licences.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -43,6 +47,7 @@ from bastion._util import atomic_path, write_json_atomic
 from bastion.errors import DataError, ModelError
 from bastion.llm.embed import EMBEDDER_NAME, Embedder, chunk_text, get_embedder
 from bastion.llm.normalize import NORMALIZER_VERSION, normalize
+from bastion.llm.textstats import STATS_NAMES, text_stats
 
 __all__ = ["PromptInjectionDetector", "DEFAULT_DETECTOR_DIR"]
 
@@ -145,6 +150,8 @@ class PromptInjectionDetector:
             1-2-grams); ``0`` uses the embedding alone.
         emb_scale: weight of the (unit-length) embedding next to the (unit-length) n-gram
             blocks during training; folded into the stored coefficients.
+        stats_scale: weight of the text statistics block during training (``0``: no
+            statistics); folded into the stored coefficients.
         mil_rounds: rounds of multiple-instance refinement (see module doc).
         chunk_chars: characters per chunk; ``overlap``: characters shared by neighbours.
         max_chunks: chunks scored per text at most; for longer texts the first and last
@@ -157,7 +164,7 @@ class PromptInjectionDetector:
     def __init__(
         self,
         *,
-        C: float = 4.0,
+        C: float = 16.0,
         chunk_chars: int = 500,
         overlap: int = 100,
         max_chunks: int = 200,
@@ -167,6 +174,7 @@ class PromptInjectionDetector:
         ngram_features: int = 2**17,
         emb_scale: float = 1.0,
         mil_rounds: int = 1,
+        stats_scale: float = 3.0,
     ) -> None:
         if ngram_features < 0:
             raise DataError(f"ngram_features must be >= 0, got {ngram_features}")
@@ -174,6 +182,10 @@ class PromptInjectionDetector:
         self.ngram_features = int(ngram_features)
         self.emb_scale = float(emb_scale)
         self.mil_rounds = int(mil_rounds)
+        if stats_scale < 0:
+            raise DataError(f"stats_scale must be >= 0, got {stats_scale}")
+        self.stats_scale = float(stats_scale)
+        self.coef_stats_: np.ndarray | None = None
         self._ngrams: _Ngrams | None = None
         self.coef_ngram_: np.ndarray | None = None
         self.chunk_chars = chunk_chars
@@ -222,6 +234,8 @@ class PromptInjectionDetector:
         self._check_fitted()
         assert self.coef_ is not None and self.intercept_ is not None
         z = emb @ self.coef_ + self.intercept_
+        if self.coef_stats_ is not None:
+            z = z + text_stats(chunks) @ self.coef_stats_
         if self._ngrams is not None and self.coef_ngram_ is not None:
             z = z + self._ngrams.logit(chunks, self.coef_ngram_)
         return _sigmoid(z)
@@ -258,16 +272,21 @@ class PromptInjectionDetector:
         emb = self._emb.encode(chunks)
         yc = yy[owner]
         wc = sw[owner]
+        dense = [emb * self.emb_scale]
+        if self.stats_scale:
+            dense.append(text_stats(chunks) * self.stats_scale)
+        dense_feats = np.hstack(dense) if len(dense) > 1 else dense[0]
         if self.ngram_features:
             self._ngrams = _Ngrams(self.ngram_features).fit(chunks)
             feats: Any = sparse.hstack(
-                [sparse.csr_matrix(emb * self.emb_scale), self._ngrams.transform(chunks)],
+                [sparse.csr_matrix(dense_feats), self._ngrams.transform(chunks)],
                 format="csr",
             )
         else:
             self._ngrams = None
-            feats = emb
+            feats = dense_feats
         d = emb.shape[1]
+        ds = d + (len(STATS_NAMES) if self.stats_scale else 0)
 
         def train(mask: np.ndarray) -> None:
             # class balance by hand so that sample weights multiply it
@@ -281,7 +300,10 @@ class PromptInjectionDetector:
             clf.fit(feats[mask], ym, sample_weight=w)
             coef = clf.coef_[0]
             self.coef_ = (coef[:d] * self.emb_scale).astype(np.float32)
-            self.coef_ngram_ = coef[d:].astype(np.float32) if self.ngram_features else None
+            self.coef_stats_ = (
+                (coef[d:ds] * self.stats_scale).astype(np.float32) if self.stats_scale else None
+            )
+            self.coef_ngram_ = coef[ds:].astype(np.float32) if self.ngram_features else None
             self.intercept_ = float(clf.intercept_[0])
 
         train(np.ones(len(chunks), dtype=bool))
@@ -367,6 +389,8 @@ class PromptInjectionDetector:
             "coef": np.ascontiguousarray(self.coef_, dtype=np.float32),
             "intercept": np.asarray([self.intercept_], dtype=np.float32),
         }
+        if self.coef_stats_ is not None:
+            tensors["coef_stats"] = np.ascontiguousarray(self.coef_stats_, dtype=np.float32)
         if self._ngrams is not None and self.coef_ngram_ is not None:
             n = self._ngrams.n_features
             for i, k in enumerate(self._ngrams.vec):
@@ -384,6 +408,7 @@ class PromptInjectionDetector:
                 "embedder": EMBEDDER_NAME,
                 "normalizer_version": NORMALIZER_VERSION,
                 "head": "logistic_regression",
+                "text_stats": list(STATS_NAMES) if self.coef_stats_ is not None else None,
                 "ngrams": (
                     {
                         "hashing": "sklearn HashingVectorizer (murmurhash3), alternate_sign=False",
@@ -409,6 +434,7 @@ class PromptInjectionDetector:
                     "ngram_features": self.ngram_features if self._ngrams is not None else 0,
                     "emb_scale": self.emb_scale,
                     "mil_rounds": self.mil_rounds,
+                    "stats_scale": self.stats_scale if self.coef_stats_ is not None else 0.0,
                 },
                 "meta": self.meta_,
             },
@@ -437,7 +463,7 @@ class PromptInjectionDetector:
             raise ModelError(f"detector in {d} was trained on embedder {meta.get('embedder')!r}")
         p = meta.get("params", {})
         det = cls(
-            C=p.get("C", 4.0),
+            C=p.get("C", 16.0),
             chunk_chars=p.get("chunk_chars", 500),
             overlap=p.get("overlap", 100),
             max_chunks=p.get("max_chunks", 200),
@@ -447,6 +473,7 @@ class PromptInjectionDetector:
             ngram_features=int(p.get("ngram_features", 0)),
             emb_scale=float(p.get("emb_scale", 1.0)),
             mil_rounds=int(p.get("mil_rounds", 1)),
+            stats_scale=float(p.get("stats_scale", 0.0)),
         )
         if int(meta.get("format_version", 1)) > FORMAT_VERSION:
             raise ModelError(
@@ -470,6 +497,18 @@ class PromptInjectionDetector:
                 parts.append(ck)
             det._ngrams = ng
             det.coef_ngram_ = np.concatenate(parts)
+        cs = tensors.get("coef_stats")
+        if det.stats_scale:
+            if cs is None or cs.ravel().shape != (len(STATS_NAMES),):
+                raise ModelError(f"detector head in {d} lacks the text-statistics weights")
+            det.coef_stats_ = cs.astype(np.float32).ravel()
+        if meta.get("normalizer_version", NORMALIZER_VERSION) != NORMALIZER_VERSION:
+            warnings.warn(
+                f"the detector in {d} was trained with normalizer version "
+                f"{meta.get('normalizer_version')}, this is {NORMALIZER_VERSION}: scores may "
+                "shift; retrain it (bastion llm train-detector)",
+                stacklevel=2,
+            )
         det.coef_ = coef
         det.intercept_ = float(tensors["intercept"].ravel()[0])
         det.threshold_ = float(meta.get("threshold", 0.5))

@@ -4,7 +4,11 @@ Each round of :func:`harden_detector`:
 
 1. generates *fresh* evaluation variants of held-out attacks (transforms of
    :mod:`bastion.llm.transforms` and template mutations, with a seed never used for
-   training) and measures the **evasion rate**: the share the current detector misses;
+   training) and measures the **evasion rate**: the share the current detector misses
+   among the variants of attacks it catches in plain form (as an attack success rate is
+   taken over the inputs a model gets right before the attack). The share of *all*
+   variants missed (``variant_miss_rate``) is reported too: it adds the attacks the
+   detector misses with no obfuscation at all, which the true-positive rate measures;
 2. generates training variants of the training attacks, keeps the ones that evade the
    current detector, adds them to the training set and retrains;
 3. recalibrates the threshold on benign training text (target FPR) and measures the
@@ -33,7 +37,7 @@ from bastion.llm.embed import Embedder
 from bastion.llm.reports import HardenRoundSummary
 from bastion.llm.transforms import TRANSFORMS, apply_transform
 
-__all__ = ["harden_detector", "make_variants", "MUTATIONS", "HardenRound", "HardenResult"]
+__all__ = ["harden_detector", "make_variants", "make_variants_from", "MUTATIONS", "HardenRound", "HardenResult"]
 
 _FILLER = [
     "Thanks for getting back to me so quickly about the delivery date.",
@@ -82,11 +86,22 @@ def make_variants(
 ) -> list[tuple[str, str]]:
     """``n`` attack variants ``(text, how)``: a template mutation and/or a transform of a
     random text of ``texts``. ``how`` names the operations, e.g. ``frame+base64``."""
+    return [(x, how) for x, how, _ in make_variants_from(texts, n, seed=seed,
+                                                         transforms=transforms)]
+
+
+def make_variants_from(
+    texts: Sequence[str], n: int, *, seed: int, transforms: Sequence[str] | None = None
+) -> list[tuple[str, str, int]]:
+    """As :func:`make_variants`, each variant with the index in ``texts`` of the attack it
+    was made from: ``(text, how, source)``."""
     rng = random.Random(seed)
     tnames = list(transforms) if transforms is not None else list(TRANSFORMS)
+    pool = list(texts)
     out = []
     for _ in range(n):
-        x = rng.choice(list(texts))
+        src = rng.randrange(len(pool))
+        x = pool[src]
         if len(x) > 1500:  # keep the payload the part that matters
             start = rng.randrange(0, len(x) - 1500)
             x = x[start : start + 1500]
@@ -100,7 +115,7 @@ def make_variants(
             t = rng.choice(tnames)
             x = apply_transform(t, x, seed=rng.randrange(2**31), wrap=rng.random() < 0.5)
             ops.append(t)
-        out.append((x, "+".join(ops)))
+        out.append((x, "+".join(ops), src))
     return out
 
 
@@ -174,20 +189,32 @@ def harden_detector(
     benign_scores = det.score(benign)
     added_total = 0
     for r in range(rounds + 1):
-        fresh = make_variants(
+        fresh = make_variants_from(
             heldout, eval_variants, seed=seed * 1000 + 7919 * (r + 1), transforms=transforms
         )
-        fs = det.score([v for v, _ in fresh])
+        fs = det.score([v for v, _, _ in fresh])
         missed = fs < det.threshold_
+        caught_plain = (
+            det.score(heldout) >= det.threshold_ if heldout else np.zeros(0, dtype=bool)
+        )
+        # evasion: the variant is missed although the attack it was made from is caught
+        # in plain form (what the obfuscation achieved); attacks missed even in plain form
+        # count in ``variant_miss_rate`` and in the true-positive rate instead
+        of_caught = np.array([bool(caught_plain[src]) for _, _, src in fresh], dtype=bool)
         by_op: dict[str, list[bool]] = {}
-        for (_, how), m in zip(fresh, missed, strict=True):
+        for (_, how, _), m, c in zip(fresh, missed, of_caught, strict=True):
+            if not c:
+                continue
             for op in how.split("+"):
                 by_op.setdefault(op or "none", []).append(bool(m))
-        tpr = float(np.mean(det.score(heldout) >= det.threshold_)) if heldout else float("nan")
+        tpr = float(np.mean(caught_plain)) if heldout else float("nan")
         fpr_hn = float(np.mean(det.score(hard) >= det.threshold_)) if hard else float("nan")
         rec = HardenRound(
             round=r,
-            evasion_rate=float(missed.mean()) if len(missed) else float("nan"),
+            evasion_rate=float(missed[of_caught].mean()) if of_caught.any() else float("nan"),
+            variant_miss_rate=float(missed.mean()) if len(missed) else float("nan"),
+            n_variants=len(fresh),
+            n_variants_of_caught=int(of_caught.sum()),
             evasion_by_op={k: float(np.mean(v)) for k, v in sorted(by_op.items())},
             tpr_heldout=tpr,
             fpr_hard_negatives=fpr_hn,

@@ -104,6 +104,7 @@ def harden_report_html(report: DetectorHardenReport) -> str:
             [
                 r.round,
                 r.evasion_rate,
+                r.variant_miss_rate,
                 r.tpr_heldout,
                 r.fpr_hard_negatives,
                 r.fpr_benign_calibration,
@@ -114,7 +115,8 @@ def harden_report_html(report: DetectorHardenReport) -> str:
         ],
         [
             "round",
-            "evasion (fresh)",
+            "evasion (fresh variants of caught attacks)",
+            "missed (all fresh variants)",
             "TPR held-out",
             "FPR hard neg.",
             "FPR benign",
@@ -129,6 +131,11 @@ def harden_report_html(report: DetectorHardenReport) -> str:
         page.good(f"evasion of fresh variants {100 * last.evasion_rate:.1f}% (goal: under 5%)")
     else:
         page.bad(f"evasion of fresh variants {100 * last.evasion_rate:.1f}% (goal: under 5%)")
+    page.paragraph(
+        "Evasion counts the variants of held-out attacks the detector catches in plain form "
+        "that it misses once obfuscated or reframed; 'missed' counts all variants, including "
+        "those of attacks it misses with no obfuscation (see the TPR column)."
+    )
     page.heading("Evasion by operation (last round)")
     page.table([[k, v] for k, v in last.evasion_by_op.items()], ["operation", "evasion"])
     return page.render()

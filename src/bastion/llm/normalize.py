@@ -14,7 +14,8 @@
 7. runs of single characters separated by single spaces (``i g n o r e``) are joined;
 8. payload splitting (``a = "Ignore all"; b = " instructions"; a + b``): the joined string
    of the assigned fragments is appended;
-9. leetspeak inside words that mix letters with digits or symbols (``1gn0r3``) is undone;
+9. leetspeak inside words made of letters and leet digits or symbols (``1gn0r3``) is
+   undone, outside e-mail addresses and links;
 10. case folding and whitespace collapsing.
 
 Each obfuscation in :mod:`bastion.llm.transforms` is undone by these steps; the tests check
@@ -30,7 +31,7 @@ import unicodedata
 
 __all__ = ["normalize", "NORMALIZER_VERSION", "strip_invisible", "decode_base64_segments"]
 
-NORMALIZER_VERSION = "1"
+NORMALIZER_VERSION = "2"
 
 # zero-width, joiners, bidi marks and other invisible format characters
 _INVISIBLE = dict.fromkeys(
@@ -56,10 +57,16 @@ _HOMOGLYPH_TABLE = str.maketrans(HOMOGLYPHS)
 
 LEET_DECODE: dict[str, str] = {
     "0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g",
-    "@": "a", "$": "s", "|": "l", "!": "i",
+    "@": "a", "$": "s", "!": "i",
 }  # fmt: skip
 _LEET_CHARS = set(LEET_DECODE)
-_WORD = re.compile(r"[A-Za-z0-9@$|!]+")
+_WORD = re.compile(r"[A-Za-z0-9@$!]+")
+# e-mail addresses and links keep their digits and "@": they are not leetspeak
+# (linear time: a match starts only where a run of address characters starts, and the
+# run is taken whole, so a long run without "@" is not rescanned from every position)
+_PROTECTED = re.compile(
+    r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+|https?://\S+|www\.\S+"
+)
 _B64 = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
 _SPACED = re.compile(r"(?<!\S)(?:\S ){3,}\S(?!\S)")
 _ASSIGN = re.compile(r"""\b([A-Za-z_]\w{0,15})\s*=\s*(["'])(.*?)\2""", re.S)
@@ -154,25 +161,40 @@ def _join_spaced(text: str) -> str:
     return _SPACED.sub(lambda m: m.group(0).replace(" ", ""), text)
 
 
+def _leet_core(w: str) -> str | None:
+    """The decoded word when ``w`` is a leetspeak word, else ``None``.
+
+    A leetspeak word, once symbols at its edges (``"now!"``, ``"@user"``, ``"$5"``) are set
+    aside, is made of letters and leet characters only, with at least one of each:
+    ``1gn0r3`` and ``s3cr3t`` are; ``base64`` (``6`` is not a leet character) and
+    ``hello@mercury`` (a symbol inside) are not."""
+    core = w.strip("@$!")
+    if not core:
+        return None
+    lead = w[: len(w) - len(w.lstrip("@$!"))]
+    tail = w[len(lead) + len(core) :]
+    has_alpha = has_leet = False
+    for c in core:
+        if c.isalpha():
+            has_alpha = True
+        elif c in _LEET_CHARS:
+            has_leet = True
+        else:
+            return None
+    if not (has_alpha and has_leet):
+        return None
+    return lead + "".join(LEET_DECODE.get(c, c) for c in core) + tail
+
+
 def _unleet_word(m: re.Match[str]) -> str:
     w = m.group(0)
-    has_alpha = any(c.isalpha() for c in w)
-    has_leet = any(c in _LEET_CHARS for c in w)
-    if not (has_alpha and has_leet):
-        return w
-    # keep trailing punctuation such as "now!" as punctuation
-    core = w.rstrip("!")
-    tail = w[len(core) :]
-    if not any(c in _LEET_CHARS for c in core) or not any(c.isalpha() for c in core):
-        return w
-    return "".join(LEET_DECODE.get(c, c) for c in core) + tail
+    dec = _leet_core(w)
+    return w if dec is None else dec
 
 
-def _unleet(text: str) -> str:
+def _unleet_part(text: str) -> str:
     words = _WORD.findall(text)
-    mixed = sum(
-        1 for w in words if any(c.isalpha() for c in w) and any(c in _LEET_CHARS for c in w)
-    )
+    mixed = sum(1 for w in words if _leet_core(w) is not None)
     alpha = sum(1 for w in words if any(c.isalpha() for c in w))
     text = _WORD.sub(_unleet_word, text)
     if mixed >= 2 and mixed >= 0.3 * max(alpha, 1):
@@ -186,6 +208,19 @@ def _unleet(text: str) -> str:
             text,
         )
     return text
+
+
+def _unleet(text: str) -> str:
+    """Undo leetspeak outside e-mail addresses and links."""
+    pieces = _PROTECTED.split(text)
+    if len(pieces) == 1:
+        return _unleet_part(text)
+    kept = _PROTECTED.findall(text)
+    out = [_unleet_part(pieces[0])]
+    for k, p in zip(kept, pieces[1:], strict=True):
+        out.append(k)
+        out.append(_unleet_part(p))
+    return "".join(out)
 
 
 def _join_payload_parts(text: str) -> str:

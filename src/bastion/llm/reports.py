@@ -182,7 +182,15 @@ class HardenRoundSummary(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     round: int
-    evasion_rate: float = Field(description="fresh held-out variants the detector missed")
+    evasion_rate: float = Field(
+        description="fresh variants the detector missed, among the variants of held-out "
+        "attacks it catches in plain form"
+    )
+    variant_miss_rate: float | None = Field(
+        default=None, description="fresh variants the detector missed, of all of them"
+    )
+    n_variants: int | None = None
+    n_variants_of_caught: int | None = None
     evasion_by_op: dict[str, float]
     tpr_heldout: float
     fpr_hard_negatives: float

@@ -71,7 +71,7 @@ def train_detector(
     out_dir: str | os.PathLike[str],
     *,
     fpr: float = 0.01,
-    C: float = 4.0,
+    C: float = 16.0,
     cache_path: str | os.PathLike[str] | None = None,
     harmful: str | os.PathLike[str] | None = None,
     extra_train: Sequence[tuple[str, int]] = (),
