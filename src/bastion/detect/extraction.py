@@ -24,6 +24,7 @@ as River's detectors); :class:`QueryStreamMonitor` keeps one detector per client
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -34,15 +35,17 @@ from bastion.errors import BastionError
 
 
 class _Rows:
-    """A growing set of equal-length vectors in one amortised-doubling array (the
-    distance to all of them is one vectorised expression, with no per-query copy)."""
+    """A growing set of equal-length vectors in one amortised-doubling array, with their
+    squared norms: the distance from a query to all of them is one matrix-vector product
+    (``|g|^2 - 2 g.x + |x|^2``), with no per-query copy."""
 
-    __slots__ = ("_a", "_n")
+    __slots__ = ("_a", "_sq", "_n")
 
     def __init__(self, first: np.ndarray) -> None:
         self._a = np.empty((16, first.size), dtype=np.float64)
-        self._a[0] = first
-        self._n = 1
+        self._sq = np.empty(16, dtype=np.float64)
+        self._n = 0
+        self.add(first)
 
     def __len__(self) -> int:
         return self._n
@@ -50,11 +53,49 @@ class _Rows:
     def add(self, x: np.ndarray) -> None:
         if self._n == len(self._a):
             self._a = np.concatenate([self._a, np.empty_like(self._a)])
+            self._sq = np.concatenate([self._sq, np.empty_like(self._sq)])
         self._a[self._n] = x
+        self._sq[self._n] = float(x @ x)
         self._n += 1
 
     def view(self) -> np.ndarray:
         return self._a[: self._n]
+
+    def min_dist(self, x: np.ndarray) -> float:
+        """Euclidean distance from ``x`` to the nearest vector of the set."""
+        n = self._n
+        d2 = self._sq[:n] - 2.0 * (self._a[:n] @ x)
+        return math.sqrt(max(float(d2.min()) + float(x @ x), 0.0))
+
+
+class _Floats:
+    """A growing list of floats in one amortised-doubling array (a window of it is a
+    view, not a copy)."""
+
+    __slots__ = ("_a", "_n")
+
+    def __init__(self) -> None:
+        self._a = np.empty(64, dtype=np.float64)
+        self._n = 0
+
+    def append(self, v: float) -> None:
+        if self._n == len(self._a):
+            self._a = np.concatenate([self._a, np.empty_like(self._a)])
+        self._a[self._n] = v
+        self._n += 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def last(self, k: int) -> np.ndarray:
+        """The last ``k`` values (a view)."""
+        return self._a[max(self._n - k, 0) : self._n]
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._a[: self._n][i]
+
+    def __iter__(self) -> Any:
+        return iter(self._a[: self._n].tolist())
 
 
 class PradaDetector:
@@ -82,9 +123,11 @@ class PradaDetector:
 
     def reset(self) -> PradaDetector:
         self.growing_: dict[int, _Rows] = {}
+        # per class: count, sum and sum of squares of the distances that grew the set
+        # (their mean minus their standard deviation is the class's threshold)
         self.growing_dists_: dict[int, list[float]] = {}
         self.thresholds_: dict[int, float] = {}
-        self.distances_: list[float] = []
+        self.distances_ = _Floats()
         self.n_queries_ = 0
         self.w_: float = 1.0
         self.detected_at_: int | None = None
@@ -107,16 +150,20 @@ class PradaDetector:
         g = self.growing_.get(c)
         if g is None or len(g) == 0:
             self.growing_[c] = _Rows(x)
-            self.growing_dists_[c] = []
+            self.growing_dists_[c] = [0.0, 0.0, 0.0]
             self.thresholds_[c] = 0.0
             return self
-        d = float(np.sqrt(((g.view() - x) ** 2).sum(1)).min())
+        d = g.min_dist(x)
         self.distances_.append(d)
         if d > self.thresholds_[c]:
             g.add(x)
             gd = self.growing_dists_[c]
-            gd.append(d)
-            self.thresholds_[c] = max(self.thresholds_[c], float(np.mean(gd) - np.std(gd)))
+            gd[0] += 1
+            gd[1] += d
+            gd[2] += d * d
+            mean = gd[1] / gd[0]
+            std = math.sqrt(max(gd[2] / gd[0] - mean * mean, 0.0))
+            self.thresholds_[c] = max(self.thresholds_[c], mean - std)
         if test:
             self.test()
         return self
@@ -125,13 +172,13 @@ class PradaDetector:
         """Run the Shapiro-Wilk test on the distances so far (once ``min_queries``
         exist): sets ``w_`` and, below ``delta``, ``detected_at_``."""
         if len(self.distances_) >= self.min_queries:
-            self.w_ = self._shapiro(self.distances_[-self.window :])
+            self.w_ = self._shapiro(self.distances_.last(self.window))
             if self.w_ < self.delta and self.detected_at_ is None:
                 self.detected_at_ = self.n_queries_
         return self
 
     @staticmethod
-    def _shapiro(d: list[float]) -> float:
+    def _shapiro(d: np.ndarray | list[float]) -> float:
         from scipy.stats import shapiro
 
         a = np.asarray(d)
@@ -157,7 +204,7 @@ class PradaDetector:
                             window=self.window).run(queries, labels)
         if len(det.distances_) < 3:
             return 0.0
-        return 1.0 - det._shapiro(det.distances_[-self.window :])
+        return 1.0 - det._shapiro(det.distances_.last(self.window))
 
     def min_w(self, queries: np.ndarray, labels: Iterable[int] | None = None) -> float:
         """The lowest ``W`` seen along a stream once ``min_queries`` distances exist."""

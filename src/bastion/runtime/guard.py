@@ -373,6 +373,15 @@ class GuardedModel:
         champ_labels: list[int] = p_champ.argmax(1).tolist()
         reasons: list[list[Reason]] = [[] for _ in range(n)]
         construct = _reason
+        # per input: how many acting detectors fired, and whether a blocking one did
+        n_acting = np.zeros(n, dtype=np.int64)
+        blocking = np.zeros(n, dtype=bool)
+
+        def tally(fired: np.ndarray, action: str) -> None:
+            if action != "ignore":
+                np.add(n_acting, fired, out=n_acting)
+                if action == "block":
+                    np.logical_or(blocking, fired, out=blocking)
 
         for name, det in self.detectors.items():
             action = self.policy.actions.get(name, self.policy.default_action)
@@ -386,8 +395,11 @@ class GuardedModel:
             else:
                 s = np.asarray(det.score(a), dtype=np.float64)
             thr = float(det.threshold_)
-            for i, si in enumerate(np.asarray(s, dtype=np.float64).tolist()):
-                reasons[i].append(construct(name, si, thr, si > thr, action, None))
+            sv = np.asarray(s, dtype=np.float64).reshape(n)
+            fired = sv > thr
+            tally(fired, action)
+            for i, (si, fi) in enumerate(zip(sv.tolist(), fired.tolist(), strict=True)):
+                reasons[i].append(construct(name, si, thr, fi, action, None))
         exd = self.extraction_detector
         if exd is not None:
             ex_thr = getattr(exd, "threshold_", None)
@@ -408,6 +420,7 @@ class GuardedModel:
             else:
                 checks = [_extraction_check(exd, cids[i], a[i], champ_labels[i],
                                             self._ex_sig[1]) for i in range(n)]
+            tally(np.array([c[0] for c in checks], dtype=bool), self.policy.extraction_action)
             for i, (hit, ex_score, note) in enumerate(checks):
                 reasons[i].append(construct(
                     detector="extraction", score=ex_score,
@@ -415,13 +428,13 @@ class GuardedModel:
                     action=self.policy.extraction_action,
                     note=None if note is None else str(note)))
         verdicts: list[Verdict] = []
+        block_after = self.policy.block_after
+        n_act, blk = n_acting.tolist(), blocking.tolist()
         for i in range(n):
-            acting = [r for r in reasons[i] if r.fired and r.action != "ignore"]
             v: Verdict = "allow"
-            if any(r.action == "block" for r in acting) or (
-                    self.policy.block_after and len(acting) >= self.policy.block_after):
+            if blk[i] or (block_after and n_act[i] >= block_after):
                 v = "block"
-            elif acting:
+            elif n_act[i]:
                 v = "flag"
             if quarantined[i]:
                 reasons[i].append(construct(detector="quarantine", score=None,
@@ -442,8 +455,16 @@ class GuardedModel:
         fb_labels: list[int] = [] if p_fb is None else p_fb.argmax(1).tolist()
         out: list[GuardDecision] = []
         by: Literal["champion", "fallback", "none"]
+        no_fb_traffic = not (fb is not None and traffic == "fallback")
         for i in range(n):
             v = verdicts[i]
+            if v == "allow" and no_fb_traffic:  # the common case, without the branches
+                out.append(_trusted(
+                    GuardDecision, index=index[i], request_id=rids[i], client_id=cids[i],
+                    label=champ_labels[i], probabilities=champ_probs[i], verdict=v,
+                    reasons=reasons[i], answered_by="champion", model_version=mver,
+                    why="no detector fired"))
+                continue
             fired_names = [r.detector for r in reasons[i] if r.fired and r.action != "ignore"]
             label: int | None
             probs: list[float] | None

@@ -50,12 +50,19 @@ class KnnOutlierDetector:
         return self
 
     def score(self, x: Any) -> np.ndarray:
-        q = self._x(x).astype(np.float64)
-        d2 = (q ** 2).sum(1)[:, None] + self.ref_sq_[None, :] - 2.0 * (q @ self.ref64_t_)
-        d2 = np.maximum(d2, 0.0)
+        a = np.asarray(x, dtype=np.float64)
+        q = a.reshape(len(a), -1)
+        # |r|^2 - 2 q.r per reference, in place; the row's own |q|^2 is added to the k
+        # smallest only (it does not change which they are)
+        d2 = q @ self.ref64_t_
+        d2 *= -2.0
+        d2 += self.ref_sq_
         k = min(self.k, d2.shape[1])
         part = np.partition(d2, k - 1, axis=1)[:, :k]
-        return np.sqrt(part).mean(1)
+        part += np.einsum("ij,ij->i", q, q)[:, None]
+        np.maximum(part, 0.0, out=part)
+        np.sqrt(part, out=part)
+        return part.mean(1)
 
     def calibrate(self, x_clean: Any, *, fpr: float = 0.01) -> KnnOutlierDetector:
         s = self.score(x_clean)
