@@ -30,10 +30,14 @@ def _fit(method, digits_cnn, digits_arrays, **kw):
 def test_training_raises_pgd_robustness(method, kw, digits_cnn, digits_arrays, digits_eval):
     x, y = digits_eval
     tr, robust = _fit(method, digits_cnn, digits_arrays, **kw)
-    before = pgd_accuracy(digits_cnn, x, y, 0.1)
-    after = pgd_accuracy(robust, x, y, 0.1)
+    # measured at eps 0.15, where the undefended model is weak (about 15% robust): at 0.1
+    # it keeps about 70%, and the gain there (+5 to +13 points) swings with the CPU's
+    # floating-point kernels (an AVX2 machine failed the old +8 margin); at 0.15 every
+    # method gains 33 to 51 points there
+    before = pgd_accuracy(digits_cnn, x, y, 0.15)
+    after = pgd_accuracy(robust, x, y, 0.15)
     clean = pgd_accuracy(robust, x, y, 0.0)
-    assert after > before + 0.08, (method, before, after)
+    assert after > before + 0.2, (method, before, after)
     assert clean > 0.85
     assert len(tr.history_) == tr.epochs
     # the input model is untouched
