@@ -104,3 +104,37 @@ def test_prada_batched_test_matches_per_query_and_service_watch_batches(streams)
     assert not res_b["flagged"] and res_s["flagged"] and watch.flagged() == ["mallory"]
     # a window rolls over inside a batch: the client's detector starts afresh
     assert watch._dets["alice"].n_queries_ == 300 - 240
+
+
+def test_prada_distances_and_thresholds_match_their_definition(streams):
+    # the streaming shortcuts (nearest distance from cached norms, running mean and
+    # standard deviation) must give PRADA's quantities as defined, recomputed plainly here
+    from bastion.detect.extraction import PradaDetector
+
+    benign, _, syn, syn_labels = streams
+    stream = np.concatenate([benign[0][:150], syn[:150]]).reshape(300, -1).astype(np.float64)
+    labels = np.concatenate([np.zeros(150, dtype=int), syn_labels[:150]])
+    det = PradaDetector(delta=0.9, min_queries=20, window=100)
+    growing: dict[int, list[np.ndarray]] = {}
+    grown: dict[int, list[float]] = {}
+    thr: dict[int, float] = {}
+    dists = []
+    for q, c in zip(stream, labels, strict=True):
+        det.update(q, int(c))
+        g = growing.setdefault(int(c), [])
+        if not g:
+            g.append(q)
+            grown[int(c)], thr[int(c)] = [], 0.0
+            continue
+        d = float(np.sqrt(((np.array(g) - q) ** 2).sum(1)).min())
+        dists.append(d)
+        if d > thr[int(c)]:
+            g.append(q)
+            grown[int(c)].append(d)
+            thr[int(c)] = max(thr[int(c)], float(np.mean(grown[int(c)]) - np.std(grown[int(c)])))
+    np.testing.assert_allclose(det.distances_[:], dists, rtol=1e-9, atol=1e-9)
+    assert set(det.thresholds_) == set(thr)
+    for c, t in thr.items():
+        assert det.thresholds_[c] == pytest.approx(t, rel=1e-9, abs=1e-9)
+        assert len(det.growing_[c]) == len(growing[c])
+    np.testing.assert_allclose(det.distances_.last(100), dists[-100:], rtol=1e-9, atol=1e-9)

@@ -175,6 +175,12 @@ def test_ngram_head_roundtrip_and_v1_compat(tmp_path, hash_embedder, toy_corpus)
     np.testing.assert_allclose(back.score(x), det.score(x), rtol=1e-5)
     assert (back.emb_scale, back.mil_rounds, back.ngram_features) == (2.0, 2, 2**10)
     assert back.coef_stats_ is not None and back.stats_scale == det.stats_scale > 0
+    # a head trained with another normaliser still loads, with a warning to retrain it
+    meta = json.loads((tmp_path / "ng" / "detector.json").read_text())
+    meta["normalizer_version"] = "0"
+    (tmp_path / "ng" / "detector.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="normalizer version 0"):
+        PromptInjectionDetector.load(tmp_path / "ng", embedder=hash_embedder)
     # an embedding-only head (the format-1 layout) still loads and scores the same
     plain = PromptInjectionDetector(
         embedder=hash_embedder, ngram_features=0, stats_scale=0

@@ -244,3 +244,22 @@ def test_prada_shapiro_is_scipy_shapiro():
     assert PradaDetector._shapiro(list(d)) == pytest.approx(float(shapiro(d).statistic),
                                                            abs=1e-12)
     assert PradaDetector._shapiro([1.0] * 10) == 0.0
+
+
+def test_serve_keeps_numpy_blas_to_one_thread(monkeypatch):
+    # the request path multiplies small matrices; serve() limits NumPy's BLAS threads
+    # before uvicorn starts (uvicorn.run is replaced: nothing is served here)
+    import uvicorn
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from bastion.service.server import serve
+
+    seen = {}
+
+    def fake_run(app, **kw):
+        seen["blas"] = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    with threadpool_limits(limits=2, user_api="blas"):  # restored when the test ends
+        serve(object(), port=1)
+    assert seen["blas"] and set(seen["blas"]) == {1}
