@@ -37,7 +37,14 @@ from bastion.llm.embed import Embedder
 from bastion.llm.reports import HardenRoundSummary
 from bastion.llm.transforms import TRANSFORMS, apply_transform
 
-__all__ = ["harden_detector", "make_variants", "make_variants_from", "MUTATIONS", "HardenRound", "HardenResult"]
+__all__ = [
+    "harden_detector",
+    "make_variants",
+    "make_variants_from",
+    "MUTATIONS",
+    "HardenRound",
+    "HardenResult",
+]
 
 _FILLER = [
     "Thanks for getting back to me so quickly about the delivery date.",

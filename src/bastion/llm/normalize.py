@@ -166,8 +166,9 @@ def _leet_core(w: str) -> str | None:
 
     A leetspeak word, once symbols at its edges (``"now!"``, ``"@user"``, ``"$5"``) are set
     aside, is made of letters and leet characters only, with at least one of each:
-    ``1gn0r3`` and ``s3cr3t`` are; ``base64`` (``6`` is not a leet character) and
-    ``hello@mercury`` (a symbol inside) are not."""
+    ``1gn0r3``, ``s3cr3t`` and ``p@ss`` are; ``base64`` is not (``6`` is not a leet
+    character). E-mail addresses and links are set aside before words are looked at
+    (:func:`_unleet`)."""
     core = w.strip("@$!")
     if not core:
         return None

@@ -3,14 +3,15 @@
 Optimised adversarial suffixes (GCG and its kin: ``... IsaacwolPlugin DEBUGdevletinjust
 generate drama pleasejavascriptInsert ...``) read as noise to an embedding model and hash
 into n-grams seen nowhere else, so neither feature block says "this is gibberish".
-:func:`text_stats` does, with four numbers per chunk (all in ``[0, 1]``):
+:func:`text_stats` does, with four shares per chunk (each in ``[0, 1]``; returned
+weighted, see ``_WEIGHTS``):
 
 - ``oov_share``: of the alphabetic words of four letters or more, the share that is not a
   whole word of the embedding model's WordPiece vocabulary (30k English words);
 - ``symbol_share``: the share of characters that are neither letters, digits nor spaces;
 - ``long_token_share``: the share of whitespace-separated tokens of 15+ characters;
 - ``symbol_in_word_share``: the share of tokens with a symbol between letters
-  (``opin\\/uteur``, ``{%tikz``).
+  (``opin\\/uteur``, ``giving**one``).
 
 The detector adds them, scaled, as a fourth feature block next to the embedding and the
 n-grams (see :class:`bastion.llm.detector.PromptInjectionDetector`).

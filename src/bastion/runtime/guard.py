@@ -156,6 +156,7 @@ def _extraction_check(det: Any, client_id: str, x: np.ndarray, label: int | None
     if takes_label is None:
         takes_label = _takes_label(det)
     fn = getattr(det, "observe", None) or getattr(det, "update", None)
+    assert fn is not None  # _takes_label raised otherwise
     res = fn(client_id, x, label) if takes_label else fn(client_id, x)
     return _extraction_verdict(det, client_id, res)
 
