@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import typer
@@ -210,8 +211,9 @@ def run(argv: list[str] | None = None) -> int:
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
     except _USAGE as exc:
-        exc.show()
-        return int(exc.exit_code)
+        usage: Any = exc  # click.UsageError (the class is looked up at run time)
+        usage.show()
+        return int(usage.exit_code)
     except _ABORT:
         c.err_console.print("aborted")
         return 130

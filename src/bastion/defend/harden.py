@@ -299,7 +299,7 @@ def harden(
                           seed=seed, opts=topts, checkpoint_dir=ckpt, sigma=sigma)
             base = tr.fit(model, data, on_epoch=log)
             history, resumed = tr.history_, tr.resumed_from_
-        skw = {k: opts[k] for k in ("n0", "n", "alpha", "n_predict", "eot_samples")
+        skw: dict[str, Any] = {k: opts[k] for k in ("n0", "n", "alpha", "n_predict", "eot_samples")
                if k in opts}
         hardened = smooth(base, sigma=sigma, seed=seed, **skw)
         eval_kw["radii"] = opts.get("radii")

@@ -83,7 +83,7 @@ class _Encoder:
         self.pos = w["embeddings.position_embeddings.weight"]
         self.type0 = w["embeddings.token_type_embeddings.weight"][0]
         self.ln0 = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
-        self.layers = []
+        self.layers: list[dict[str, Any]] = []
         for i in range(int(cfg["num_hidden_layers"])):
             p = f"encoder.layer.{i}."
             a = p + "attention.self."

@@ -184,7 +184,8 @@ class RequestCoalescer:
                     self._cv.wait()
                     continue
                 self._busy = True
-                group, rows = [], 0
+                group: list[_Pending] = []
+                rows = 0
                 while self._queue and (not group or rows + len(self._queue[0].x)
                                        <= self.max_rows):
                     q = self._queue.pop(0)
@@ -280,7 +281,8 @@ class GuardWorker:
                     self._cv.wait()
                 if not self._queue:
                     return
-                group, rows = [], 0
+                group: list[tuple[_Pending, Any]] = []
+                rows = 0
                 while self._queue and (not group or rows + len(self._queue[0][0].x)
                                        <= self.max_rows):
                     item = self._queue.pop(0)
