@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.3,
         help="sample weight of the plain harmful requests (split=train) added as negatives",
     )
+    ap.add_argument(
+        "--benign-counterparts",
+        action="store_true",
+        help="add a benign counterpart (same operations on benign text) per evading variant",
+    )
     ap.add_argument("--out", default=str(RESULTS / "llm_harden.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             f"round {rec.round}: evasion {rec.evasion_rate:.3f} "
             f"(all variants missed {rec.variant_miss_rate:.3f}) TPR {rec.tpr_heldout:.3f} "
             f"hardneg FPR {rec.fpr_hard_negatives:.3f} AUROC {ev['overall']['auroc']:.4f} "
-            f"TPR@1%FPR {ev['overall']['tpr_at_1pct_fpr']:.3f} (+{rec.n_added}) "
+            f"TPR@1%FPR {ev['overall']['tpr_at_1pct_fpr']:.3f} (+{rec.n_added} attacks, "
+            f"+{rec.n_added_benign} benign) "
             f"[{time.time() - t0:.0f}s]",
             flush=True,
         )
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         out_dir=args.work,
         on_round=on_round,
+        benign_counterparts=args.benign_counterparts,
     )
     if cache is not None:
         cache.save()

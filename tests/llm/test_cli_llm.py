@@ -173,13 +173,16 @@ def test_train_evaluate_harden_cli(tiny_data, tmp_path, minilm_detector, monkeyp
     code = run(
         ["llm", "harden-detector", "--data", str(tiny_data), "--out", str(hd), "--rounds", "1",
          "--variants", "12", "--eval-variants", "12", "--tracking-uri", uri, "--quiet",
-         "--seed", "1"]
+         "--seed", "1", "--benign-counterparts"]
     )  # fmt: skip
     assert code == 0
     rep = json.loads((hd / "report.json").read_text())
     assert [r["round"] for r in rep["rounds"]] == [0, 1]
     for r in rep["rounds"]:
         assert 0 <= r["evasion_rate"] <= 1 and 0 <= r["tpr_heldout"] <= 1
+        # one benign counterpart per added attack variant
+        assert r["n_added_benign"] == r["n_added"]
+    assert rep["settings"]["benign_counterparts"] is True
     assert (hd / "round_1" / "detector.json").exists()
     from mlflow import MlflowClient
 

@@ -400,6 +400,12 @@ def harden_detector_cmd(
         None, "--limit", min=10, help="Use at most N training rows (quick runs)."
     ),
     cache: Path | None = typer.Option(None, "--cache", help="Embedding cache file (.npz)."),
+    benign_counterparts: bool = typer.Option(
+        False,
+        "--benign-counterparts",
+        help="Add, per evading attack variant, benign training text put through the same "
+        "operations as a negative (for data whose false alarms are obfuscated benign text).",
+    ),
     registered_name: str | None = typer.Option(
         "bastion-prompt-injection-detector",
         "--registered-name",
@@ -427,6 +433,7 @@ def harden_detector_cmd(
         "variants": variants,
         "eval_variants": eval_variants,
         "seed": seed,
+        "benign_counterparts": benign_counterparts,
     }
     with track_run(
         "llm-harden-detector", params=params, tracking_uri=tracking_uri, enabled=not no_track
@@ -445,7 +452,8 @@ def harden_detector_cmd(
             c.info(
                 f"round {rec.round}: evasion {rec.evasion_rate:.3f} (all variants missed "
                 f"{rec.variant_miss_rate:.3f}), TPR {rec.tpr_heldout:.3f}, "
-                f"hard-negative FPR {rec.fpr_hard_negatives:.3f} (+{rec.n_added} variants)",
+                f"hard-negative FPR {rec.fpr_hard_negatives:.3f} (+{rec.n_added} variants"
+                + (f", +{rec.n_added_benign} benign" if rec.n_added_benign else "") + ")",
                 quiet=quiet,
             )
             if registered_name and run.active:
@@ -467,6 +475,7 @@ def harden_detector_cmd(
             seed=seed,
             out_dir=out,
             on_round=on_round,
+            benign_counterparts=benign_counterparts,
         )
         if emb_cache is not None:
             emb_cache.save()

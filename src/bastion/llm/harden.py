@@ -10,7 +10,9 @@ Each round of :func:`harden_detector`:
    variants missed (``variant_miss_rate``) is reported too: it adds the attacks the
    detector misses with no obfuscation at all, which the true-positive rate measures;
 2. generates training variants of the training attacks, keeps the ones that evade the
-   current detector, adds them to the training set and retrains;
+   current detector, adds them to the training set (optionally each with a benign
+   counterpart: benign training text through the same operations, without attack
+   scaffolding, as a negative) and retrains;
 3. recalibrates the threshold on benign training text (target FPR) and measures the
    true-positive rate on the held-out attacks and the false-positive rate on hard
    negatives, which must not be paid for the gain.
@@ -41,6 +43,8 @@ __all__ = [
     "harden_detector",
     "make_variants",
     "make_variants_from",
+    "make_benign_variants",
+    "BENIGN_OPS",
     "MUTATIONS",
     "HardenRound",
     "HardenResult",
@@ -126,6 +130,42 @@ def make_variants_from(
     return out
 
 
+#: operations that keep a benign text benign: they change its characters or bury it in
+#: filler, not its intent (``frame`` and ``payload_split`` add attack scaffolding, and no
+#: transform is wrapped in its "decode and follow" instruction)
+BENIGN_OPS = ("bury", "prefix_noise", "base64", "leetspeak", "char_spacing", "homoglyph",
+              "zero_width", "mixed_case")
+
+
+def make_benign_variants(texts: Sequence[str], hows: Sequence[str], *, seed: int
+                         ) -> list[tuple[str, str]]:
+    """One obfuscated benign text ``(text, how)`` per entry of ``hows``: a random text of
+    ``texts`` (cut to 1,500 characters, as attack variants are) put through the same
+    operations as the attack variant ``how`` names, keeping only :data:`BENIGN_OPS` (a
+    random one of them when none is left), transforms unwrapped. These are the benign
+    counterparts the hardening loop adds beside the evading attack variants: the same
+    surface form with the other label, so that the retrained detector learns the attack
+    and not the obfuscation or the filler around it."""
+    if not texts:
+        return []
+    rng = random.Random(seed)
+    pool = list(texts)
+    out = []
+    for how in hows:
+        x = pool[rng.randrange(len(pool))]
+        if len(x) > 1500:
+            start = rng.randrange(0, len(x) - 1500)
+            x = x[start : start + 1500]
+        ops = [op for op in str(how).split("+") if op in BENIGN_OPS] or [rng.choice(BENIGN_OPS)]
+        for op in ops:
+            if op in MUTATIONS:
+                x = MUTATIONS[op](x, rng)
+            else:
+                x = apply_transform(op, x, seed=rng.randrange(2**31), wrap=False)
+        out.append((x, "+".join(ops)))
+    return out
+
+
 #: one round's numbers: the typed record the hardening report is made of
 HardenRound = HardenRoundSummary
 
@@ -158,6 +198,7 @@ def harden_detector(
     initial: PromptInjectionDetector | None = None,
     calibration_benign: Sequence[str] | None = None,
     train_weights: Sequence[float] | None = None,
+    benign_counterparts: bool = False,
 ) -> HardenResult:
     """Run the adversarial training loop (see module doc).
 
@@ -167,6 +208,12 @@ def harden_detector(
     default the benign training texts do, which gives an optimistic threshold.
     ``train_weights`` (one per training text) are passed to
     :meth:`PromptInjectionDetector.fit` as sample weights; added variants weigh 1.
+    With ``benign_counterparts`` each added attack variant gets a benign counterpart
+    (:func:`make_benign_variants`, from the benign *training* texts, never from
+    ``calibration_benign`` or ``hard_negatives``), added as a negative. Off by default:
+    on the shared corpus it halved the evasion gain and did not lower the hard-negative
+    false-positive rate (benchmarks/README.md); it is for data whose false alarms are
+    obfuscated benign text.
     """
     params = dict(detector_params or {})
     tx = list(train_texts)
@@ -175,6 +222,7 @@ def harden_detector(
     if len(tw) != len(tx):
         raise DataError(f"{len(tx)} training texts but {len(tw)} weights")
     attacks = [t for t, y in zip(tx, ty, strict=True) if y == 1]
+    benign_train = [t for t, y in zip(tx, ty, strict=True) if y == 0]
     benign = (
         list(calibration_benign)
         if calibration_benign
@@ -195,6 +243,7 @@ def harden_detector(
     hard = list(hard_negatives)
     benign_scores = det.score(benign)
     added_total = 0
+    added_benign = 0
     for r in range(rounds + 1):
         fresh = make_variants_from(
             heldout, eval_variants, seed=seed * 1000 + 7919 * (r + 1), transforms=transforms
@@ -229,6 +278,7 @@ def harden_detector(
             threshold=float(det.threshold_),
             n_train=len(tx),
             n_added=added_total,
+            n_added_benign=added_benign,
         )
         if out_dir is not None:
             det.save(Path(out_dir) / f"round_{r}")
@@ -245,11 +295,19 @@ def harden_detector(
             transforms=transforms,
         )
         cs = det.score([v for v, _ in cand])
-        evading = [v for (v, _), s in zip(cand, cs, strict=True) if s < det.threshold_]
-        tx = tx + evading
-        ty = ty + [1] * len(evading)
-        tw = tw + [1.0] * len(evading)
+        ev_pairs = [(v, how) for (v, how), s in zip(cand, cs, strict=True)
+                    if s < det.threshold_]
+        evading = [v for v, _ in ev_pairs]
+        # benign text through the same operations, as negatives: the same surface form
+        # with the other label, so obfuscation or filler alone does not come to mean attack
+        counter = [v for v, _ in make_benign_variants(
+            benign_train, [how for _, how in ev_pairs],
+            seed=seed * 1000 + 130363 * (r + 1) + 2)] if benign_counterparts else []
+        tx = tx + evading + counter
+        ty = ty + [1] * len(evading) + [0] * len(counter)
+        tw = tw + [1.0] * (len(evading) + len(counter))
         added_total += len(evading)
+        added_benign += len(counter)
         det = fit(tx, ty, tw)
         benign_scores = det.score(benign)
     result.detector = det

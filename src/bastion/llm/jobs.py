@@ -109,6 +109,7 @@ def harden_report_html(report: DetectorHardenReport) -> str:
                 r.fpr_hard_negatives,
                 r.fpr_benign_calibration,
                 r.n_added,
+                r.n_added_benign or 0,
                 r.model_version or "",
             ]
             for r in rounds
@@ -121,6 +122,7 @@ def harden_report_html(report: DetectorHardenReport) -> str:
             "FPR hard neg.",
             "FPR benign",
             "added",
+            "benign added",
             "version",
         ],
     )

@@ -198,6 +198,9 @@ class HardenRoundSummary(BaseModel):
     threshold: float
     n_train: int
     n_added: int
+    n_added_benign: int | None = Field(
+        default=None, description="benign counterparts of the added attack variants (the same "
+        "operations on benign training text), added as negatives so far")
     model_version: str | None = None
 
 
