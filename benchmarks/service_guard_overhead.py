@@ -56,7 +56,8 @@ def serve_main(args: argparse.Namespace) -> None:
         model=args.model, reference="builtin:digits", model_name="bench-guard",
         events_url=f"sqlite:///{args.work}/events-{args.guard}.db",
         tracking_uri=f"sqlite:///{args.work}/mlflow.db", guard=args.guard == "on",
-        reload_interval_s=0, max_batch=256)
+        reload_interval_s=0, max_batch=256,
+        **({"detectors": args.detectors.split(",")} if args.detectors else {}))
     serve(create_app(cfg), host="127.0.0.1", port=args.port, log_level="error")
 
 
@@ -186,6 +187,10 @@ def main() -> None:
                     help="load-generator processes of the throughput phase")
     ap.add_argument("--rounds", type=int, default=5,
                     help="alternations between the guard-off and guard-on servers per phase")
+    ap.add_argument("--detectors", default="",
+                    help="comma-separated request-path detectors of the guard-on server "
+                         "(default: the service's, outlier,confidence,squeeze); a run with "
+                         "other detectors writes service_guard_overhead_<detectors>.json")
     args = ap.parse_args()
     if args.serve:
         serve_main(args)
@@ -224,7 +229,7 @@ def main() -> None:
             ports[guard] = port = _free_port()
             procs[guard] = proc = subprocess.Popen(
                 [sys.executable, __file__, "--serve", "--guard", guard, "--port", str(port),
-                 "--model", str(model), "--work", str(work)],
+                 "--model", str(model), "--work", str(work), "--detectors", args.detectors],
                 env={**os.environ, "OMP_NUM_THREADS": "1"})
             url = f"http://127.0.0.1:{port}"
             deadline = time.time() + 300
@@ -285,7 +290,10 @@ def main() -> None:
                "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
                "results": results, "ratios": ratios,
                "goals": {"p50_overhead_below": 0.30, "single_item_rps_guard_on_at_least": 500}}
-    path = write_result("service_guard_overhead", payload)
+    name = "service_guard_overhead"
+    if args.detectors:
+        name += "_" + args.detectors.replace(",", "_")
+    path = write_result(name, payload)
     print(ratios)
     print(f"wrote {path}")
 

@@ -28,6 +28,23 @@ def test_knn_outlier_detector_contract(digits):
     np.testing.assert_allclose(s1, s2, rtol=1e-6, atol=1e-6)
 
 
+def test_knn_outlier_float32_keeps_distances_on_offset_features():
+    """Tabular features far from zero (e.g. amounts around 1e4) with small spreads: the
+    float32 score works on inputs centred on the reference mean, so |r|^2 - 2 q.r + |q|^2
+    does not cancel away the distances."""
+    rng = np.random.default_rng(1)
+    ref = 1e4 + rng.normal(0, 0.5, (400, 12))
+    q = 1e4 + rng.normal(0, 0.5, (20, 12))
+    q[:5] += 3.0  # strangers
+    from bastion.service.fastdetect import KnnOutlierDetector
+
+    det = KnnOutlierDetector(k=5).fit(ref)
+    r64 = det.ref_.astype(np.float64)
+    brute = np.sort(np.sqrt(((q[:, None, :] - r64[None]) ** 2).sum(-1)), 1)[:, :5].mean(1)
+    np.testing.assert_allclose(det.score(q), brute, rtol=1e-4)
+    assert det.score(q).dtype == np.float64 and det.score(q)[:5].min() > det.score(q)[5:].max()
+
+
 def test_extraction_watch_flags_synthetic_probes_not_natural_queries(digits):
     from bastion.service.core import ExtractionWatch
 

@@ -4,8 +4,10 @@ PyOD's isolation forest and ECOD cost 30-120 ms to score one input (per-tree Pyt
 loops; ECOD re-ranks against the whole training set), which would dominate a guarded
 request. :class:`KnnOutlierDetector` is the classic k-nearest-neighbour outlier score
 (mean distance to the ``k`` nearest clean reference inputs; PyOD's ``KNN(method="mean")``)
-in plain NumPy: one matrix product per batch, ~0.1 ms for one input against 600
-references. It follows Bastion's detector contract (``fit``, ``score``, ``calibrate``,
+in plain NumPy: one float32 matrix product per batch over inputs centred on the reference
+mean (distances do not change under a shift, and centring keeps float32's rounding small:
+the scores match a float64 computation to about 1e-7 relative), ~0.03 ms for one input
+and ~0.14 ms for 32 against 1,000 references. It follows Bastion's detector contract (``fit``, ``score``, ``calibrate``,
 ``threshold_``, ``predict``).
 """
 
@@ -44,17 +46,22 @@ class KnnOutlierDetector:
         if len(r) > self.max_reference:
             r = r[np.random.default_rng(self.seed).permutation(len(r))[: self.max_reference]]
         self.ref_ = r
-        # float64 copy, transposed once here rather than on every score call
-        self.ref64_t_ = np.ascontiguousarray(r.astype(np.float64).T)
-        self.ref_sq_ = (self.ref64_t_ ** 2).sum(0)
+        # centred (in float64, then stored as float32) and transposed once here rather than
+        # on every score call
+        mu = r.astype(np.float64).mean(0)
+        c = r.astype(np.float64) - mu
+        self.mean_ = mu
+        self.ref_t_ = np.ascontiguousarray(c.T.astype(np.float32))
+        self.ref_sq_ = (c ** 2).sum(1).astype(np.float32)
         return self
 
     def score(self, x: Any) -> np.ndarray:
-        a = np.asarray(x, dtype=np.float64)
-        q = a.reshape(len(a), -1)
+        a = np.asarray(x)
+        # centred before the cast, so large offsets do not eat float32's digits
+        q = (a.reshape(len(a), -1) - self.mean_).astype(np.float32)
         # |r|^2 - 2 q.r per reference, in place; the row's own |q|^2 is added to the k
         # smallest only (it does not change which they are)
-        d2 = q @ self.ref64_t_
+        d2 = q @ self.ref_t_
         d2 *= -2.0
         d2 += self.ref_sq_
         k = min(self.k, d2.shape[1])
@@ -62,7 +69,7 @@ class KnnOutlierDetector:
         part += np.einsum("ij,ij->i", q, q)[:, None]
         np.maximum(part, 0.0, out=part)
         np.sqrt(part, out=part)
-        return part.mean(1)
+        return part.mean(1, dtype=np.float64)
 
     def calibrate(self, x_clean: Any, *, fpr: float = 0.01) -> KnnOutlierDetector:
         s = self.score(x_clean)
