@@ -6,9 +6,9 @@ request. :class:`KnnOutlierDetector` is the classic k-nearest-neighbour outlier 
 (mean distance to the ``k`` nearest clean reference inputs; PyOD's ``KNN(method="mean")``)
 in plain NumPy: one float32 matrix product per batch over inputs centred on the reference
 mean (distances do not change under a shift, and centring keeps float32's rounding small:
-the scores match a float64 computation to about 1e-7 relative), ~0.03 ms for one input
-and ~0.14 ms for 32 against 1,000 references. It follows Bastion's detector contract (``fit``, ``score``, ``calibrate``,
-``threshold_``, ``predict``).
+the scores match a float64 computation to about 1e-6 relative), ~0.03 ms for one input
+and ~0.15 ms for 32 against 1,000 references. It follows Bastion's detector contract
+(``fit``, ``score``, ``calibrate``, ``threshold_``, ``predict``).
 """
 
 from __future__ import annotations
