@@ -102,10 +102,22 @@ def _trusted(cls: type[BaseModel], **values: Any) -> Any:
     cheaper, which matters at several per answered input."""
     m = cls.__new__(cls)
     object.__setattr__(m, "__dict__", {k: values[k] for k in cls.__pydantic_fields__})
-    object.__setattr__(m, "__pydantic_fields_set__", set(values))
+    object.__setattr__(m, "__pydantic_fields_set__", _all_fields_set(cls, values))
     object.__setattr__(m, "__pydantic_extra__", None)
     object.__setattr__(m, "__pydantic_private__", None)
     return m
+
+
+_FIELDS_SETS: dict[type, set[str]] = {}
+
+
+def _all_fields_set(cls: type[BaseModel], values: dict[str, Any]) -> set[str]:
+    """The fields-set of a :func:`_trusted` instance: one shared set per class when
+    ``values`` names exactly the class's fields (as the guard's builds do)."""
+    shared = _FIELDS_SETS.get(cls)
+    if shared is None:
+        shared = _FIELDS_SETS[cls] = set(cls.__pydantic_fields__)
+    return shared if len(values) == len(shared) else set(values)
 
 
 def _reason(detector: str, score: float | None, threshold: float | None, fired: bool,
@@ -115,7 +127,7 @@ def _reason(detector: str, score: float | None, threshold: float | None, fired: 
     m = _new_reason(Reason)
     _set(m, "__dict__", {"detector": detector, "score": score, "threshold": threshold,
                          "fired": fired, "action": action, "note": note})
-    _set(m, "__pydantic_fields_set__", set(_REASON_FIELDS))
+    _set(m, "__pydantic_fields_set__", _REASON_FIELDS_SET)
     _set(m, "__pydantic_extra__", None)
     _set(m, "__pydantic_private__", None)
     return m
@@ -124,6 +136,9 @@ def _reason(detector: str, score: float | None, threshold: float | None, fired: 
 _new_reason = Reason.__new__
 _set = object.__setattr__
 _REASON_FIELDS = ("detector", "score", "threshold", "fired", "action", "note")
+# every Reason the guard builds has all its fields set, so they share one fields-set (pydantic
+# only ever adds a field name to it, on assignment, and copies it for model_copy)
+_REASON_FIELDS_SET = set(_REASON_FIELDS)
 assert tuple(Reason.model_fields) == _REASON_FIELDS  # _reason writes them in this order
 
 
