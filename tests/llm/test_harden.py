@@ -58,6 +58,19 @@ def test_benign_counterparts_copy_the_surface_not_the_scaffolding() -> None:
     assert make_benign_variants([], hows, seed=1) == []
 
 
+def test_long_texts_are_cut_to_a_window() -> None:
+    import random
+
+    from bastion.llm.harden import _window
+
+    long = "".join(chr(97 + i % 26) for i in range(5000))
+    w = _window(long, random.Random(0))
+    assert len(w) == 1500 and w in long and _window("short", random.Random(0)) == "short"
+    # benign counterparts of a long text are cut the same way (mixed case keeps length)
+    (v, how), = make_benign_variants([long], ["mixed_case"], seed=0)
+    assert how == "mixed_case" and len(v) == 1500 and v.lower() in long
+
+
 def test_harden_loop_adds_a_benign_counterpart_per_evading_variant(
         hash_embedder, toy_corpus) -> None:
     x, y = toy_corpus

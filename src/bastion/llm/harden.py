@@ -92,6 +92,15 @@ MUTATIONS: dict[str, Callable[[str, random.Random], str]] = {
 }
 
 
+def _window(x: str, rng: random.Random, size: int = 1500) -> str:
+    """``x``, or a random window of ``size`` characters of it when it is longer (so that a
+    long text's payload stays the part that matters)."""
+    if len(x) <= size:
+        return x
+    start = rng.randrange(0, len(x) - size)
+    return x[start : start + size]
+
+
 def make_variants(
     texts: Sequence[str], n: int, *, seed: int, transforms: Sequence[str] | None = None
 ) -> list[tuple[str, str]]:
@@ -112,10 +121,7 @@ def make_variants_from(
     out = []
     for _ in range(n):
         src = rng.randrange(len(pool))
-        x = pool[src]
-        if len(x) > 1500:  # keep the payload the part that matters
-            start = rng.randrange(0, len(x) - 1500)
-            x = x[start : start + 1500]
+        x = _window(pool[src], rng)
         ops = []
         r = rng.random()
         if r < 0.5:
@@ -152,10 +158,7 @@ def make_benign_variants(texts: Sequence[str], hows: Sequence[str], *, seed: int
     pool = list(texts)
     out = []
     for how in hows:
-        x = pool[rng.randrange(len(pool))]
-        if len(x) > 1500:
-            start = rng.randrange(0, len(x) - 1500)
-            x = x[start : start + 1500]
+        x = _window(pool[rng.randrange(len(pool))], rng)
         ops = [op for op in str(how).split("+") if op in BENIGN_OPS] or [rng.choice(BENIGN_OPS)]
         for op in ops:
             if op in MUTATIONS:
