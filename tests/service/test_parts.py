@@ -43,6 +43,14 @@ def test_knn_outlier_float32_keeps_distances_on_offset_features():
     brute = np.sort(np.sqrt(((q[:, None, :] - r64[None]) ** 2).sum(-1)), 1)[:, :5].mean(1)
     np.testing.assert_allclose(det.score(q), brute, rtol=1e-4)
     assert det.score(q).dtype == np.float64 and det.score(q)[:5].min() > det.score(q)[5:].max()
+    from bastion.errors import DataError
+
+    with pytest.raises(DataError, match="12"):
+        det.score(np.zeros((2, 5)))  # wrong number of features
+    with pytest.raises(DataError, match="numbers"):
+        det.score([["a"] * 12])
+    with pytest.raises(DataError, match="fit"):
+        KnnOutlierDetector().score(q)
 
 
 def test_extraction_watch_flags_synthetic_probes_not_natural_queries(digits):

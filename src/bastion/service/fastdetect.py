@@ -56,9 +56,19 @@ class KnnOutlierDetector:
         return self
 
     def score(self, x: Any) -> np.ndarray:
-        a = np.asarray(x)
+        """Mean distance of each input to its ``k`` nearest references (fit first)."""
+        if not hasattr(self, "ref_t_"):
+            raise DataError("fit the detector on reference inputs first")
+        try:
+            a = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise DataError("inputs must be numbers") from None
+        a = a.reshape(len(a), -1) if a.ndim else a.reshape(1, -1)
+        if a.shape[1] != len(self.mean_):
+            raise DataError(f"inputs have {a.shape[1]} features, the reference has "
+                            f"{len(self.mean_)}")
         # centred before the cast, so large offsets do not eat float32's digits
-        q = (a.reshape(len(a), -1) - self.mean_).astype(np.float32)
+        q = (a - self.mean_).astype(np.float32)
         # |r|^2 - 2 q.r per reference, in place; the row's own |q|^2 is added to the k
         # smallest only (it does not change which they are)
         d2 = q @ self.ref_t_
