@@ -43,7 +43,9 @@ def test_clean_allowed_adversarial_flagged_and_fallback(digits_cnn, digits_array
     for d in allowed:
         assert d.answered_by == "champion" and d.model_version == "3"
         assert d.label == int(np.argmax(d.probabilities)) and d.why == "no detector fired"
-        assert {r.detector for r in d.reasons} == set(detectors)
+        # every detector scored the input, none fired, so no reason is given
+        assert set(d.scores) == set(detectors) and d.reasons == []
+        assert all(d.scores[k] <= g.thresholds[k] for k in detectors)
     acc = np.mean([d.label == y for d, y in zip(clean, y_te[:100], strict=True)
                    if d.verdict == "allow"])
     assert acc > 0.9
@@ -53,8 +55,12 @@ def test_clean_allowed_adversarial_flagged_and_fallback(digits_cnn, digits_array
     assert len(flagged) >= 25  # vs at most ~15% of clean inputs
     for d in flagged:
         assert d.answered_by == "fallback" and d.label == 0 and d.model_version == "1"
+        # the reasons are exactly the detectors whose score is above their threshold
         fired = [r for r in d.reasons if r.fired]
-        assert fired and all(r.score > r.threshold for r in fired)
+        assert fired == d.reasons and all(r.score > r.threshold for r in fired)
+        assert {r.detector for r in fired} == {k for k, s in d.scores.items()
+                                               if s > g.thresholds[k]}
+        assert all(d.scores[r.detector] == r.score for r in fired)
         assert "fired; answered by the fallback" in d.why
     # events: one prediction per input, verdict events for flagged ones, inputs logged
     assert store.count(kinds=ev.PREDICTION) == 160
@@ -148,6 +154,8 @@ def test_extraction_detector_in_the_request_path(digits_cnn, digits_arrays, dete
     assert [d.verdict for d in out] == ["allow", "allow", "block", "block", "block"]
     r = out[3].reasons[-1]
     assert r.detector == "extraction" and r.fired and r.score == 1.0 and r.threshold == 0.5
+    assert [d.scores["extraction"] for d in out] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert out[0].reasons == [] and g.thresholds == {"extraction": 0.5}
     assert all(d.verdict == "allow" for d in g.predict(x_te[:5], client_id="alice"))
     assert stub.labels[:5] == [d.label for d in out[:2]] + stub.labels[2:5]
 
@@ -160,8 +168,10 @@ def test_extraction_detector_in_the_request_path(digits_cnn, digits_arrays, dete
     synth = np.stack([np.clip(x_te[k % 10] + 0.1 * (k // 10) * np.sign(
         rng.normal(size=(1, 8, 8))), 0, 1) for k in range(80)]).astype(np.float32)
     out = g2.predict(synth, client_id="thief")
-    assert all(d.reasons[-1].detector == "extraction" for d in out)
-    assert out[-1].verdict == "flag" and out[-1].reasons[-1].fired
+    # this monitor answers yes/no (no score): a reason once it flags, never a score
+    assert out[-1].verdict == "flag" and out[-1].reasons[-1].detector == "extraction"
+    assert all("extraction" not in d.scores for d in out)
+    assert [d.verdict for d in out] == ["flag" if d.reasons else "allow" for d in out]
     honest = [d.verdict for d in g2.predict(x_te[100:160], client_id="alice")]
     assert honest.count("flag") <= 5
 
@@ -186,6 +196,9 @@ def test_predict_many_matches_predict_per_batch(digits_cnn, digits_arrays, detec
                 assert r1.detector == r2.detector and r1.fired == r2.fired
                 if r1.score is not None:
                     assert r2.score == pytest.approx(r1.score, abs=1e-5)
+            assert d1.scores.keys() == d2.scores.keys()
+            for k, s1 in d1.scores.items():
+                assert d2.scores[k] == pytest.approx(s1, abs=1e-5)
     assert all(d.verdict == "block" and d.answered_by == "none" for d in together[2])
     assert store.count(kinds=ev.PREDICTION) == 12
     # all or none: one bad batch answers nothing
@@ -204,7 +217,8 @@ def test_trusted_build_is_model_construct():
     assert r == Reason.model_construct(**kw) == Reason(**kw)
     assert list(r.model_dump()) == list(kw) and r.model_fields_set == set(kw)
     d = {"index": 0, "request_id": "r", "client_id": "c", "label": 1, "probabilities": [1.0],
-         "verdict": "flag", "reasons": [r], "answered_by": "champion", "model_version": "2",
+         "verdict": "flag", "reasons": [r], "scores": {"outlier": 0.5},
+         "answered_by": "champion", "model_version": "2",
          "why": "flag: outlier fired; answered by the champion"}
     assert _trusted(GuardDecision, **d).model_dump_json() == GuardDecision(**d).model_dump_json()
     with pytest.raises(KeyError):

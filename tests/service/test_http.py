@@ -48,6 +48,8 @@ def _ok(c: httpx.Client, digits) -> None:
 
 def test_predict_batch_answers_and_events(server, digits):
     c, svc, _ = server
+    thr = c.get("/v1/health").json()["thresholds"]
+    assert set(thr) >= {"outlier", "confidence", "squeeze"}
     r = c.post("/v1/predict", json={"inputs": clean_batch(digits, 8), "client_id": "alice"})
     assert r.status_code == 200, r.text
     b = r.json()
@@ -59,7 +61,12 @@ def test_predict_batch_answers_and_events(server, digits):
             assert abs(sum(p["probabilities"]) - 1) < 1e-4
             assert p["label"] == int(np.argmax(p["probabilities"]))
         assert p["verdict"] in ("allow", "flag", "block") and p["why"]
-        assert {x["detector"] for x in p["reasons"]} >= {"outlier", "confidence", "squeeze"}
+        # every detector's score; a reason for each (and only each) that fired
+        assert set(p["scores"]) >= {"outlier", "confidence", "squeeze"}
+        assert {x["detector"] for x in p["reasons"]} == {
+            k for k, s in p["scores"].items() if k in thr and s > thr[k]} | (
+            {"extraction"} if any(x["detector"] == "extraction" for x in p["reasons"]) else set())
+        assert (p["verdict"] == "allow") == (p["reasons"] == [])
     acc = np.mean([lab == y for lab, y in zip(b["labels"], digits.y_test[:8], strict=True)])
     assert acc >= 0.75
     # every answer is in the event store, with its request id and client

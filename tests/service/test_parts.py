@@ -239,12 +239,14 @@ def test_predict_response_json_is_the_schema():
                                       fired=False, action="flag"),
                                Reason(detector="outlier", score=4.0, threshold=3.0,
                                       fired=True, action="flag")],
+                      scores={"outlier": 4.0, "squeeze": float("nan"), "extraction": None},
                       answered_by="champion", model_version="3", why="flag: outlier fired")
     body = predict_response_json("3", "a", [d])
     r = PredictResponse.model_validate_json(body)
     assert r.labels == [2] and r.verdicts == ["flag"] and r.request_ids == ["r1"]
     assert r.predictions[0].reasons[0].score is None  # NaN is written as null
     assert r.predictions[0].reasons[1].fired and r.model_version == "3"
+    assert r.predictions[0].scores == {"outlier": 4.0, "squeeze": None, "extraction": None}
     # byte for byte what pydantic writes for the same response (fields and their order)
     assert body == r.model_dump_json().encode()
     # also for reasons built the guard's way (no validation) and numpy scores

@@ -5,8 +5,8 @@ each detector (scores against calibrated thresholds), the optional per-client ex
 detector, and the quarantine list; the :class:`GuardPolicy` turns what fired into a
 verdict (``allow``, ``flag`` or ``block``) and says which model answers: the champion,
 the fallback (e.g. a hardened or smoothed model), or none (a refused, blocked request).
-Every :class:`GuardDecision` carries the reasons (detector, score, threshold, action) and
-which model answered and why.
+Every :class:`GuardDecision` carries every detector's score, the reasons (each check that
+fired: detector, score, threshold, action) and which model answered and why.
 
 With an :class:`~bastion.runtime.events.EventStore`, each answer is written as a
 ``prediction`` event (plus a ``verdict`` event when flagged or blocked) and the guard
@@ -71,7 +71,8 @@ class GuardPolicy(BaseModel):
 
 
 class Reason(BaseModel):
-    """One check of one input."""
+    """A check that fired on one input: which, its score and threshold, the policy's
+    action for it, and a note (the extraction test's, or the quarantine's)."""
 
     detector: str
     score: float | None = None
@@ -82,7 +83,12 @@ class Reason(BaseModel):
 
 
 class GuardDecision(BaseModel):
-    """The guard's answer for one input."""
+    """The guard's answer for one input.
+
+    ``reasons`` holds the checks that fired (empty for a clean input); ``scores`` every
+    detector's score for the input (higher = more suspicious; compare them with the
+    thresholds in :attr:`GuardedModel.thresholds`), plus ``extraction`` once the
+    client's query-pattern test gives one."""
 
     index: int
     request_id: str
@@ -91,6 +97,7 @@ class GuardDecision(BaseModel):
     probabilities: list[float] | None
     verdict: Verdict
     reasons: list[Reason]
+    scores: dict[str, float | None]
     answered_by: Literal["champion", "fallback", "none"]
     model_version: str | None
     why: str
@@ -251,6 +258,17 @@ class GuardedModel:
         self._state_checked = 0.0
         self._ex_sig: tuple[Any, bool] | None = None  # (extraction detector, takes label)
 
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        """Each check's threshold: a score above it fires (``extraction``: the query-
+        pattern detector's, ``None`` when it has none)."""
+        out: dict[str, float | None] = {n: float(d.threshold_)
+                                        for n, d in self.detectors.items()}
+        if self.extraction_detector is not None:
+            t = getattr(self.extraction_detector, "threshold_", None)
+            out["extraction"] = None if t is None else float(t)
+        return out
+
     @staticmethod
     def _check_model(m: Any) -> None:
         for a in ("predict_proba", "input_shape", "n_classes"):
@@ -387,8 +405,13 @@ class GuardedModel:
                                                np.concatenate(parts)), dtype=np.float64)
         p_champ = p_all[:n]
         champ_labels: list[int] = p_champ.argmax(1).tolist()
-        reasons: list[list[Reason]] = [[] for _ in range(n)]
-        construct = _reason
+        # every check's score and whether it fired, one column per detector; a Reason is
+        # built only for a check that fired (most inputs have none)
+        names = list(self.detectors)
+        scores = np.empty((n, len(names)), dtype=np.float64)
+        fired_m = np.zeros((n, len(names)), dtype=bool)
+        thresholds: list[float] = []
+        actions: list[Any] = []
         # per input: how many acting detectors fired, and whether a blocking one did
         n_acting = np.zeros(n, dtype=np.int64)
         blocking = np.zeros(n, dtype=bool)
@@ -399,26 +422,29 @@ class GuardedModel:
                 if action == "block":
                     np.logical_or(blocking, fired, out=blocking)
 
-        for name, det in self.detectors.items():
+        for j, (name, det) in enumerate(self.detectors.items()):
             action = self.policy.actions.get(name, self.policy.default_action)
             if name.startswith("confidence") and hasattr(det, "from_proba") and \
                     getattr(det, "model", None) is model:
                 s = det.from_proba(p_champ, getattr(det, "kind", "maxprob"))
             elif name in squeeze_rows:
                 first, k = squeeze_rows[name]
-                s = det.score_from_proba(p_champ, [p_all[(first + j) * n:(first + j + 1) * n]
-                                                   for j in range(k)])
+                s = det.score_from_proba(p_champ, [p_all[(first + j2) * n:(first + j2 + 1) * n]
+                                                   for j2 in range(k)])
             else:
-                s = np.asarray(det.score(a), dtype=np.float64)
+                s = det.score(a)
             thr = float(det.threshold_)
-            sv = np.asarray(s, dtype=np.float64).reshape(n)
-            fired = sv > thr
-            tally(fired, action)
-            for i, (si, fi) in enumerate(zip(sv.tolist(), fired.tolist(), strict=True)):
-                reasons[i].append(construct(name, si, thr, fi, action, None))
+            scores[:, j] = np.asarray(s, dtype=np.float64).reshape(n)
+            np.greater(scores[:, j], thr, out=fired_m[:, j])
+            tally(fired_m[:, j], action)
+            thresholds.append(thr)
+            actions.append(action)
         exd = self.extraction_detector
+        checks: list[tuple[bool, float | None, str | None]] | None = None
+        ex_thr: float | None = None
         if exd is not None:
-            ex_thr = getattr(exd, "threshold_", None)
+            t = getattr(exd, "threshold_", None)
+            ex_thr = None if t is None else float(t)
             if self._ex_sig is None or self._ex_sig[0] is not exd:
                 self._ex_sig = (exd, _takes_label(exd))
             many = getattr(exd, "observe_many", None)
@@ -428,7 +454,7 @@ class GuardedModel:
                 rows_of: dict[str, list[int]] = {}
                 for i, c in enumerate(cids):
                     rows_of.setdefault(c, []).append(i)
-                checks: list[tuple[bool, float | None, str | None]] = [(False, None, None)] * n
+                checks = [(False, None, None)] * n
                 for c, rows in rows_of.items():
                     verdict = _extraction_verdict(exd, c, many(c, a[rows]))
                     for i in rows:
@@ -437,12 +463,28 @@ class GuardedModel:
                 checks = [_extraction_check(exd, cids[i], a[i], champ_labels[i],
                                             self._ex_sig[1]) for i in range(n)]
             tally(np.array([c[0] for c in checks], dtype=bool), self.policy.extraction_action)
-            for i, (hit, ex_score, note) in enumerate(checks):
-                reasons[i].append(construct(
-                    detector="extraction", score=ex_score,
-                    threshold=None if ex_thr is None else float(ex_thr), fired=bool(hit),
-                    action=self.policy.extraction_action,
-                    note=None if note is None else str(note)))
+        construct = _reason
+        score_rows: list[list[float]] = scores.tolist()
+        any_fired: list[bool] = fired_m.any(1).tolist()
+        score_dicts: list[dict[str, float | None]] = []
+        reasons: list[list[Reason]] = []
+        for i in range(n):
+            sc: dict[str, float | None] = dict(zip(names, score_rows[i], strict=True))
+            rs: list[Reason] = []
+            if any_fired[i]:
+                for j in np.flatnonzero(fired_m[i]).tolist():
+                    rs.append(construct(names[j], score_rows[i][j], thresholds[j], True,
+                                        actions[j], None))
+            if checks is not None:
+                hit, ex_score, note = checks[i]
+                if ex_score is not None:
+                    sc["extraction"] = ex_score
+                if hit:
+                    rs.append(construct("extraction", ex_score, ex_thr, True,
+                                        self.policy.extraction_action,
+                                        None if note is None else str(note)))
+            score_dicts.append(sc)
+            reasons.append(rs)
         verdicts: list[Verdict] = []
         block_after = self.policy.block_after
         n_act, blk = n_acting.tolist(), blocking.tolist()
@@ -453,9 +495,8 @@ class GuardedModel:
             elif n_act[i]:
                 v = "flag"
             if quarantined[i]:
-                reasons[i].append(construct(detector="quarantine", score=None,
-                                            threshold=None, fired=True, action="block",
-                                            note="client is quarantined"))
+                reasons[i].append(construct("quarantine", None, None, True, "block",
+                                            "client is quarantined"))
                 v = "block"
             verdicts.append(v)
         need_fb = [i for i in range(n) if fb is not None and (
@@ -478,10 +519,10 @@ class GuardedModel:
                 out.append(_trusted(
                     GuardDecision, index=index[i], request_id=rids[i], client_id=cids[i],
                     label=champ_labels[i], probabilities=champ_probs[i], verdict=v,
-                    reasons=reasons[i], answered_by="champion", model_version=mver,
-                    why="no detector fired"))
+                    reasons=reasons[i], scores=score_dicts[i], answered_by="champion",
+                    model_version=mver, why="no detector fired"))
                 continue
-            fired_names = [r.detector for r in reasons[i] if r.fired and r.action != "ignore"]
+            fired_names = [r.detector for r in reasons[i] if r.action != "ignore"]
             label: int | None
             probs: list[float] | None
             if v == "block" and (quarantined[i] or self.policy.on_block == "refuse"
@@ -504,7 +545,7 @@ class GuardedModel:
             out.append(_trusted(
                 GuardDecision, index=index[i], request_id=rids[i], client_id=cids[i],
                 label=label, probabilities=probs, verdict=v, reasons=reasons[i],
-                answered_by=by, model_version=ver, why=why))
+                scores=score_dicts[i], answered_by=by, model_version=ver, why=why))
         if self.store is not None:
             self._log(a, out, p_champ)
         split, k = [], 0
@@ -527,8 +568,8 @@ class GuardedModel:
             payload: dict[str, Any] = {
                 "label": d.label, "verdict": d.verdict, "answered_by": d.answered_by,
                 "champion_label": labels[i], "confidence": conf[i], "entropy": ent[i],
-                "scores": {r.detector: r.score for r in d.reasons if r.score is not None},
-                "fired": [r.detector for r in d.reasons if r.fired],
+                "scores": d.scores,
+                "fired": [r.detector for r in d.reasons] if d.reasons else [],
             }
             if inputs is not None:
                 payload["input"] = inputs[i]
@@ -538,8 +579,7 @@ class GuardedModel:
                 rows.append({"kind": ev.VERDICT, "client_id": d.client_id,
                              "request_id": d.request_id, "model_version": d.model_version,
                              "payload": {"verdict": d.verdict, "why": d.why,
-                                         "reasons": [r.model_dump() for r in d.reasons
-                                                     if r.fired]}})
+                                         "reasons": [r.model_dump() for r in d.reasons]}})
         store.append_many(rows)
 
 

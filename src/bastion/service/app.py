@@ -465,6 +465,7 @@ def create_app(config: ServiceConfig | None = None, *,
             status="ok" if svc.last_error is None else "degraded", model_name=svc.model_name,
             champion_version=svc.champion_version, fallback_version=svc.fallback_version,
             traffic=svc.traffic(), guard=cfg.guard, detectors=svc.detector_names(),
+            thresholds=svc.guard.thresholds if cfg.guard else {},
             quarantined_clients=svc.quarantined(), events=svc.store.last_id(),
             admin_routes=cfg.token() is not None, uptime_s=time.time() - svc.started_at,
             last_error=svc.last_error)

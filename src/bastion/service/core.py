@@ -487,9 +487,8 @@ class BastionService:
         m.batch_size.observe(len(out))
         for d in out:
             m.prediction(d.verdict, d.answered_by).inc()
-            for r in d.reasons:
-                if r.fired:
-                    m.fired(r.detector).inc()
+            for r in d.reasons:  # the checks that fired
+                m.fired(r.detector).inc()
 
     def feedback(self, labels: dict[str, int], *, client_id: str | None
                  ) -> tuple[list[int], int]:

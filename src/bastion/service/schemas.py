@@ -78,6 +78,8 @@ class PredictRequest(_Request):
 
 
 class ReasonOut(BaseModel):
+    """A check that fired on the input."""
+
     detector: str
     score: float | None = None
     threshold: float | None = None
@@ -96,7 +98,11 @@ class PredictionOut(BaseModel):
     answered_by: Literal["champion", "fallback", "none"]
     model_version: str | None
     why: str
-    reasons: list[ReasonOut]
+    reasons: list[ReasonOut] = Field(description="The checks that fired (empty: none did).")
+    scores: dict[str, float | None] = Field(
+        description="Every detector's score for the input (higher = more suspicious; "
+                    "thresholds in GET /v1/health), and `extraction` once the client's "
+                    "query-pattern test gives one.")
 
 
 class PredictResponse(BaseModel):
@@ -137,6 +143,8 @@ class HealthResponse(BaseModel):
     traffic: str
     guard: bool
     detectors: list[str]
+    thresholds: dict[str, float | None] = Field(
+        description="Each check's threshold: a score above it fires.")
     quarantined_clients: list[str]
     events: int
     admin_routes: bool
@@ -242,7 +250,7 @@ def predict_response_json(model_version: str | None, client_id: str, decisions: 
             "model_version": d.model_version, "why": d.why,
             # a Reason's fields, in their declared order, are its __dict__ (written by
             # _reason_fields below without a copy per reason)
-            "reasons": d.reasons})
+            "reasons": d.reasons, "scores": d.scores})
     body = {"model_version": model_version, "client_id": client_id,
             "request_ids": [p["request_id"] for p in preds],
             "labels": [p["label"] for p in preds],
