@@ -94,20 +94,46 @@ def test_save_load_roundtrip_no_pickle(tmp_path, hash_embedder, toy_corpus) -> N
         "head.safetensors",
     ]
     meta = json.loads((tmp_path / "d" / "detector.json").read_text())
-    assert meta["threshold"] == 0.37 and meta["embedder"] == "all-MiniLM-L6-v2"
+    assert meta["threshold"] == 0.37 and meta["embedder"] == "hash"
     back = PromptInjectionDetector.load(tmp_path / "d", embedder=hash_embedder)
     assert back.threshold_ == 0.37
     np.testing.assert_allclose(back.score(x), det.score(x), rtol=1e-5)
     with pytest.raises(ModelError):
         PromptInjectionDetector.load(tmp_path / "missing")
+    # a head is only ever used with the vectors it was trained on
+    from bastion.llm.embed import Embedder
+
+    with pytest.raises(ModelError, match="trained on embedder 'hash'"):
+        PromptInjectionDetector.load(tmp_path / "d", embedder=Embedder())
+    with pytest.raises(ModelError, match="unknown embedder 'hash'"):
+        PromptInjectionDetector.load(tmp_path / "d")  # no embedder of that name to make
 
 
 def test_embedding_cache_roundtrip(tmp_path) -> None:
+    from bastion.llm.embed import Embedder, embedder_name, layers_of
+
     c = EmbeddingCache(tmp_path / "c.npz")
     c.put("hello", np.ones(384, dtype=np.float32))
+    c.embedder = embedder_name(3)
     c.save()
     back = EmbeddingCache(tmp_path / "c.npz")
     assert len(back) == 1 and back.get("hello") is not None and back.get("other") is None
+    assert back.embedder == "all-MiniLM-L6-v2[:3]" and layers_of(back.embedder) == 3
+    # cached vectors of one embedder are never served to another (no model load needed:
+    # the check comes first)
+    with pytest.raises(ModelError, match="holds vectors of all-MiniLM-L6-v2\\[:3\\]"):
+        Embedder(layers=None, cache=back).encode(["hello"])
+    np.testing.assert_array_equal(Embedder(layers=3, cache=back).encode(["hello"])[0],
+                                  np.ones(384))
+    # a file from before caches were tagged holds the whole encoder's vectors
+    np.savez(tmp_path / "old.npz", keys=np.array([], dtype="<U40"),
+             vectors=np.zeros((0, 384), dtype=np.float32))
+    assert EmbeddingCache(tmp_path / "old.npz").embedder == "all-MiniLM-L6-v2"
+    assert layers_of("all-MiniLM-L6-v2") is None
+    with pytest.raises(ModelError):
+        layers_of("all-MiniLM-L6-v2[:x]")
+    with pytest.raises(ModelError):
+        Embedder(layers=0)
 
 
 def test_metrics_helpers() -> None:
@@ -145,15 +171,28 @@ def test_shipped_detector_separates_and_undoes_obfuscation(minilm_detector) -> N
     assert np.all(s[6:] < det.threshold_)  # including a hard negative ("ignore the typo")
 
 
-def test_shipped_detector_has_notice_and_metadata() -> None:
+def test_shipped_detector_has_notice_and_metadata(tmp_path) -> None:
+    import shutil
     from importlib import resources
+
+    from bastion.llm.embed import DEFAULT_LAYERS, embedder_name
 
     base = resources.files("bastion.llm") / "data" / "detector"
     notice = (base / "NOTICE").read_text(encoding="utf-8")
     for src in ("PurpleLlama", "garak", "BIPIA", "JailbreakBench", "CC-BY-4.0", "CC-BY-3.0"):
         assert src in notice
+    assert "first 3 layers" in notice
     meta = json.loads((base / "detector.json").read_text(encoding="utf-8"))
     assert 0 < meta["threshold"] < 1
+    # the shipped head reads the default embedder's vectors, and loads with it
+    assert meta["embedder"] == embedder_name(DEFAULT_LAYERS) == "all-MiniLM-L6-v2[:3]"
+    assert PromptInjectionDetector.load_default().embedder.layers == DEFAULT_LAYERS
+    # a detector saved before embedders had layers gets the whole encoder
+    with resources.as_file(base) as p:
+        shutil.copytree(p, tmp_path / "old")
+    meta["embedder"] = "all-MiniLM-L6-v2"
+    (tmp_path / "old" / "detector.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert PromptInjectionDetector.load(tmp_path / "old").embedder.layers is None
 
 
 # -- n-gram features, sample weights, the lean MiniLM forward --------------------------
@@ -244,12 +283,21 @@ def test_lean_minilm_forward_matches_sentence_transformers(minilm_detector) -> N
     st = SentenceTransformer(_model_path(), device="cpu")
     st.max_seq_length = 128
     ref = st.encode(texts, normalize_embeddings=True)
-    f32 = Embedder(dtype="float32")
+    f32 = Embedder(dtype="float32", layers=None)
     batch = f32.encode(texts)  # padded batch
     single = np.stack([f32.encode([t])[0] for t in texts])
     assert np.min(np.sum(ref * batch, axis=1)) > 0.99999
     assert np.min(np.sum(ref * single, axis=1)) > 0.99999
-    bf16 = Embedder(dtype="bfloat16").encode(texts)
+    bf16 = Embedder(dtype="bfloat16", layers=None).encode(texts)
     assert np.min(np.sum(ref * bf16, axis=1)) > 0.999
+    # the default: the same model cut after its third layer
+    enc = st[0].auto_model.encoder
+    enc.layer = enc.layer[:3]
+    ref3 = st.encode(texts, normalize_embeddings=True)
+    three = Embedder(dtype="float32").encode(texts)
+    assert np.min(np.sum(ref3 * three, axis=1)) > 0.99999
+    assert np.max(np.sum(ref * three, axis=1)) < 0.99  # a different representation
     with pytest.raises(ModelError):
         Embedder(dtype="float8")
+    with pytest.raises(ModelError, match="has 6 layers"):
+        Embedder(layers=7).encode(["x"])

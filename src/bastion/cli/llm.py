@@ -274,6 +274,10 @@ def train_detector_cmd(
     cache: Path | None = typer.Option(
         None, "--cache", help="Embedding cache file (.npz) to reuse."
     ),
+    embedder_layers: int = typer.Option(
+        3, "--embedder-layers", min=0, max=6,
+        help="MiniLM layers the embeddings come from (0: all 6; the shipped detector: 3).",
+    ),
     seed: int = c.SeedOpt,
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
@@ -285,13 +289,14 @@ def train_detector_cmd(
     from bastion.registry.tracking import track_run
 
     out = c.prepare_out_dir(out)
-    params = {"data": str(data), "fpr": fpr, "C": C, "seed": seed}
+    params = {"data": str(data), "fpr": fpr, "C": C, "seed": seed,
+              "embedder_layers": embedder_layers}
     with track_run(
         "llm-train-detector", params=params, tracking_uri=tracking_uri, enabled=not no_track
     ) as run:
         det, metrics = train_detector(
             data, out, fpr=fpr, C=C, cache_path=cache, harmful=harmful, seed=seed,
-            log=lambda m: c.info(m, quiet=quiet),
+            log=lambda m: c.info(m, quiet=quiet), embedder_layers=embedder_layers or None,
         )  # fmt: skip
         if "test" in metrics:
             o = metrics["test"]["overall"]

@@ -45,7 +45,7 @@ import numpy as np
 
 from bastion._util import atomic_path, write_json_atomic
 from bastion.errors import DataError, ModelError
-from bastion.llm.embed import EMBEDDER_NAME, Embedder, chunk_text, get_embedder
+from bastion.llm.embed import Embedder, chunk_text, get_embedder, layers_of
 from bastion.llm.normalize import NORMALIZER_VERSION, normalize
 from bastion.llm.textstats import STATS_NAMES, text_stats
 
@@ -157,7 +157,9 @@ class PromptInjectionDetector:
         max_chunks: chunks scored per text at most; for longer texts the first and last
             ``max_chunks // 2`` chunks are scored (the middle of an enormous text is not).
         use_normalizer: undo obfuscation before scoring (on by default).
-        embedder: an :class:`~bastion.llm.embed.Embedder` (default: the shared one).
+        embedder: an :class:`~bastion.llm.embed.Embedder` (default: the shared one, the
+            first 3 MiniLM layers); :meth:`save` records its name and :meth:`load`
+            refuses an embedder with another.
         seed: seed of the head's solver.
     """
 
@@ -405,7 +407,7 @@ class PromptInjectionDetector:
             {
                 "format_version": FORMAT_VERSION,
                 "kind": "bastion.llm.PromptInjectionDetector",
-                "embedder": EMBEDDER_NAME,
+                "embedder": str(getattr(self._emb, "name", "unknown")),
                 "normalizer_version": NORMALIZER_VERSION,
                 "head": "logistic_regression",
                 "text_stats": list(STATS_NAMES) if self.coef_stats_ is not None else None,
@@ -459,8 +461,16 @@ class PromptInjectionDetector:
             tensors = load_file(str(head_path))
         except Exception as exc:
             raise ModelError(f"cannot read the detector in {d}: {exc}") from exc
-        if meta.get("embedder") != EMBEDDER_NAME:
-            raise ModelError(f"detector in {d} was trained on embedder {meta.get('embedder')!r}")
+        # the vectors the head was trained on: the given embedder must make the same ones
+        trained_on = str(meta.get("embedder"))
+        if embedder is None:
+            embedder = get_embedder(layers_of(trained_on))
+        elif getattr(embedder, "name", None) != trained_on:
+            raise ModelError(
+                f"detector in {d} was trained on embedder {trained_on!r}, not "
+                f"{getattr(embedder, 'name', None)!r}",
+                hint="load it with the embedder it was trained with (or with none)",
+            )
         p = meta.get("params", {})
         det = cls(
             C=p.get("C", 16.0),

@@ -11,6 +11,12 @@ its per-call framework overhead, which dominated short prompts. On CPUs with nat
 bfloat16 matrix units (AMX, AVX512-BF16) the matrix products run in bfloat16 (cosine >
 0.999 to float32), which halves the weights read per call.
 
+By default only the first :data:`DEFAULT_LAYERS` (3) of the 6 layers run, mean-pooled like
+the full model: on the prompt-injection corpus that representation separated attacks from
+benign text better than the full model's (5-fold cross-validation on the train split; the
+full model is tuned for semantic similarity, which blurs the surface cues of an attack)
+at half the cost. ``Embedder(layers=None)`` runs the whole model.
+
 Long texts are cut into overlapping character windows (:func:`chunk_text`) of about the
 encoder's 128 word-piece training length; detectors take the maximum score over chunks, so
 an injection buried in a long document is still seen.
@@ -33,10 +39,39 @@ import numpy as np
 from bastion._util import atomic_path
 from bastion.errors import ModelError
 
-__all__ = ["Embedder", "EmbeddingCache", "chunk_text", "get_embedder", "EMBEDDER_NAME"]
+__all__ = [
+    "DEFAULT_LAYERS",
+    "EMBEDDER_NAME",
+    "Embedder",
+    "EmbeddingCache",
+    "chunk_text",
+    "embedder_name",
+    "get_embedder",
+    "layers_of",
+]
 
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
+#: Transformer layers the detector's embedder runs by default: the first 3 of MiniLM's 6.
+#: Chosen by 5-fold cross-validation on the shared corpus's train split (TPR at 1% FPR:
+#: 3 layers 0.915, all 6 0.895; AUROC 0.996 both) and half the cost per text.
+DEFAULT_LAYERS = 3
 DIM = 384
+
+
+def embedder_name(layers: int | None) -> str:
+    """The embedder's identity, as detectors record it: ``all-MiniLM-L6-v2`` for the
+    whole encoder, ``all-MiniLM-L6-v2[:3]`` for mean-pooled output of its first 3 layers."""
+    return EMBEDDER_NAME if layers is None else f"{EMBEDDER_NAME}[:{int(layers)}]"
+
+
+def layers_of(name: str) -> int | None:
+    """The inverse of :func:`embedder_name` (``ModelError`` for another embedder)."""
+    if name == EMBEDDER_NAME:
+        return None
+    head, sep, tail = name.partition("[:")
+    if head == EMBEDDER_NAME and sep and tail.endswith("]") and tail[:-1].isdigit():
+        return int(tail[:-1])
+    raise ModelError(f"unknown embedder {name!r}", hint=f"Bastion embeds with {EMBEDDER_NAME}")
 _LOCK = threading.Lock()
 _ENCODERS: dict[str, Any] = {}
 
@@ -62,7 +97,8 @@ class _Encoder:
     model). Per call it skips the framework overhead that dominates short inputs; the
     vectors match sentence-transformers' to float precision (checked in the tests)."""
 
-    def __init__(self, path: str, max_seq_length: int, dtype: str) -> None:
+    def __init__(self, path: str, max_seq_length: int, dtype: str,
+                 layers: int | None = None) -> None:
         import torch
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
@@ -104,6 +140,11 @@ class _Encoder:
                     "ln2": (w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]),
                 }
             )
+        if layers is not None:
+            if not 1 <= int(layers) <= len(self.layers):
+                raise ModelError(f"the encoder at {path} has {len(self.layers)} layers; "
+                                 f"cannot run the first {layers}")
+            del self.layers[int(layers):]
         if dtype == "bfloat16":  # weights and biases kept in bfloat16 once, not cast per call
             for lay in self.layers:
                 for k in ("qkv_w", "o_w", "i_w", "f_w", "qkv_b", "o_b", "i_b", "f_b"):
@@ -166,8 +207,9 @@ def _bf16_fast() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def _load_encoder(path: str, max_seq_length: int, dtype: str) -> _Encoder:
-    key = f"{path}:{max_seq_length}:{dtype}"
+def _load_encoder(path: str, max_seq_length: int, dtype: str,
+                  layers: int | None = None) -> _Encoder:
+    key = f"{path}:{max_seq_length}:{dtype}:{layers}"
     with _LOCK:
         if key not in _ENCODERS:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -184,7 +226,7 @@ def _load_encoder(path: str, max_seq_length: int, dtype: str) -> _Encoder:
             if not Path(path).exists():
                 raise ModelError(f"no embedding model at {path}")
             try:
-                _ENCODERS[key] = _Encoder(path, max_seq_length, dtype)
+                _ENCODERS[key] = _Encoder(path, max_seq_length, dtype, layers)
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 raise ModelError(f"cannot load the embedding model at {path}: {exc}") from exc
         return _ENCODERS[key]
@@ -219,15 +261,22 @@ def _key(text: str) -> str:
 
 
 class EmbeddingCache:
-    """Vectors keyed by the SHA-1 of their text, persisted to one ``.npz`` file."""
+    """Vectors keyed by the SHA-1 of their text, persisted to one ``.npz`` file.
+
+    A cache holds the vectors of one embedder: ``embedder`` is its name
+    (:func:`embedder_name`), set by the first :class:`Embedder` that uses the cache and
+    saved with it; another embedder refuses the cache rather than mixing vectors. A file
+    without the name was written before embedders had one, by the whole 6-layer encoder."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path else None
         self._data: dict[str, np.ndarray] = {}
         self._dirty = False
+        self.embedder: str | None = None
         if self.path and self.path.exists():
             with np.load(self.path, allow_pickle=False) as z:
                 keys, vecs = z["keys"], z["vectors"]
+                self.embedder = str(z["embedder"]) if "embedder" in z.files else EMBEDDER_NAME
             self._data = {str(k): v for k, v in zip(keys, vecs, strict=True)}
 
     def __len__(self) -> int:
@@ -247,7 +296,8 @@ class EmbeddingCache:
         vecs = np.stack(list(self._data.values())).astype(np.float32)
         with atomic_path(self.path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, keys=keys, vectors=vecs)
+                extra = {} if self.embedder is None else {"embedder": np.array(self.embedder)}
+                np.savez(fh, keys=keys, vectors=vecs, **extra)
         self._dirty = False
 
 
@@ -267,9 +317,10 @@ class Embedder:
             overrides ``"auto"``.
         threads: when given, ``torch.set_num_threads(threads)`` is called at first use (a
             process-wide setting; the guard service sets it to its core count).
+        layers: run the encoder's first ``layers`` transformer layers and mean-pool their
+            output (default :data:`DEFAULT_LAYERS`, what the shipped detector uses);
+            ``None`` runs them all (the sentence-transformers model as published).
     """
-
-    name = EMBEDDER_NAME
 
     def __init__(
         self,
@@ -280,7 +331,10 @@ class Embedder:
         cache: EmbeddingCache | None = None,
         dtype: str = "auto",
         threads: int | None = None,
+        layers: int | None = DEFAULT_LAYERS,
     ) -> None:
+        if layers is not None and int(layers) < 1:
+            raise ModelError(f"layers must be at least 1, got {layers}")
         if dtype not in ("auto", "float32", "bfloat16"):
             raise ModelError(f"unknown embedder dtype {dtype!r}", hint="auto, float32 or bfloat16")
         if threads is not None and threads < 1:
@@ -291,7 +345,14 @@ class Embedder:
         self.cache = cache
         self.dtype = dtype
         self.threads = threads
+        self.layers = None if layers is None else int(layers)
         self._threads_set = False
+
+    @property
+    def name(self) -> str:
+        """This embedder's identity (:func:`embedder_name`): what a detector trained on
+        its vectors records, and what an :class:`EmbeddingCache` is tagged with."""
+        return embedder_name(self.layers)
 
     @property
     def resolved_dtype(self) -> str:
@@ -311,7 +372,8 @@ class Embedder:
             torch.set_num_threads(self.threads)
             self._threads_set = True
         return _load_encoder(
-            self.model_path or _model_path(), self.max_seq_length, self.resolved_dtype
+            self.model_path or _model_path(), self.max_seq_length, self.resolved_dtype,
+            self.layers,
         )
 
     @property
@@ -320,6 +382,15 @@ class Embedder:
 
     def encode(self, texts: list[str], *, show_progress: bool = False) -> np.ndarray:
         """``(len(texts), 384)`` float32 unit-length embeddings; cached vectors are reused."""
+        if self.cache is not None:
+            if self.cache.embedder is None:
+                self.cache.embedder = self.name
+            elif self.cache.embedder != self.name:
+                raise ModelError(
+                    f"the embedding cache {self.cache.path or ''} holds vectors of "
+                    f"{self.cache.embedder}, not of {self.name}",
+                    hint="use one cache file per embedder",
+                )
         out = np.zeros((len(texts), DIM), dtype=np.float32)
         todo: list[int] = []
         for i, t in enumerate(texts):
@@ -342,12 +413,12 @@ class Embedder:
         return out
 
 
-_DEFAULT: Embedder | None = None
+_DEFAULTS: dict[int | None, Embedder] = {}
 
 
-def get_embedder() -> Embedder:
-    """The process-wide default :class:`Embedder` (no cache)."""
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Embedder()
-    return _DEFAULT
+def get_embedder(layers: int | None = DEFAULT_LAYERS) -> Embedder:
+    """The process-wide :class:`Embedder` (no cache) running ``layers`` layers."""
+    with _LOCK:
+        if layers not in _DEFAULTS:
+            _DEFAULTS[layers] = Embedder(layers=layers)
+        return _DEFAULTS[layers]

@@ -22,7 +22,7 @@ from bastion._util import write_json_atomic, write_text_atomic
 from bastion.errors import DataError
 from bastion.llm.datasets import PromptRecord, load_prompt_jsonl
 from bastion.llm.detector import PromptInjectionDetector
-from bastion.llm.embed import Embedder, EmbeddingCache
+from bastion.llm.embed import DEFAULT_LAYERS, Embedder, EmbeddingCache
 from bastion.llm.metrics import evaluate_detector
 from bastion.reporting.html import HtmlPage
 
@@ -77,8 +77,11 @@ def train_detector(
     extra_train: Sequence[tuple[str, int]] = (),
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    embedder_layers: int | None = DEFAULT_LAYERS,
 ) -> tuple[PromptInjectionDetector, dict[str, Any]]:
-    """Train, calibrate, evaluate and save a detector; return it and its metrics."""
+    """Train, calibrate, evaluate and save a detector; return it and its metrics.
+
+    ``embedder_layers``: MiniLM layers the embeddings come from (``None``: all 6)."""
     say = log or (lambda _m: None)
     rows = load_prompt_jsonl(data)
     train = [r for r in rows if r.split in (None, "train")]
@@ -87,7 +90,9 @@ def train_detector(
     if not cal_rows:
         raise DataError("no benign training rows to calibrate the threshold on")
     cache = EmbeddingCache(cache_path) if cache_path else None
-    det = PromptInjectionDetector(C=C, seed=seed, embedder=Embedder(cache=cache))
+    det = PromptInjectionDetector(
+        C=C, seed=seed, embedder=Embedder(cache=cache, layers=embedder_layers)
+    )
     texts = [r.text for r in fit_rows] + [t for t, _ in extra_train]
     labels = [r.y for r in fit_rows] + [int(y) for _, y in extra_train]
     say(f"training on {len(texts)} texts ({sum(labels)} attacks)")
