@@ -149,7 +149,10 @@ class PromptInjectionDetector:
         ngram_features: hashed features per n-gram block (character 3-5-grams, word
             1-2-grams); ``0`` uses the embedding alone.
         emb_scale: weight of the (unit-length) embedding next to the (unit-length) n-gram
-            blocks during training; folded into the stored coefficients.
+            blocks during training; folded into the stored coefficients. The default 2
+            was chosen by 5-fold cross-validation on the shared corpus's train split with
+            the 3-layer embedder (mean TPR at 1% FPR: 0.5 → 0.899, 1 → 0.915, 2 → 0.925,
+            3 → 0.922, 4 → 0.910).
         stats_scale: weight of the text statistics block during training (``0``: no
             statistics); folded into the stored coefficients.
         mil_rounds: rounds of multiple-instance refinement (see module doc).
@@ -174,7 +177,7 @@ class PromptInjectionDetector:
         embedder: Embedder | None = None,
         seed: int = 0,
         ngram_features: int = 2**17,
-        emb_scale: float = 1.0,
+        emb_scale: float = 2.0,
         mil_rounds: int = 1,
         stats_scale: float = 3.0,
     ) -> None:
