@@ -296,8 +296,10 @@ class EmbeddingCache:
         vecs = np.stack(list(self._data.values())).astype(np.float32)
         with atomic_path(self.path) as tmp:
             with open(tmp, "wb") as fh:
-                extra = {} if self.embedder is None else {"embedder": np.array(self.embedder)}
-                np.savez(fh, keys=keys, vectors=vecs, **extra)
+                if self.embedder is None:
+                    np.savez(fh, keys=keys, vectors=vecs)
+                else:
+                    np.savez(fh, keys=keys, vectors=vecs, embedder=np.array(self.embedder))
         self._dirty = False
 
 

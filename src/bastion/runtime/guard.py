@@ -465,7 +465,7 @@ class GuardedModel:
             tally(np.array([c[0] for c in checks], dtype=bool), self.policy.extraction_action)
         construct = _reason
         score_rows: list[list[float]] = scores.tolist()
-        any_fired: list[bool] = fired_m.any(1).tolist()
+        any_fired: list[bool] = np.logical_or.reduce(fired_m, axis=1).tolist()
         score_dicts: list[dict[str, float | None]] = []
         reasons: list[list[Reason]] = []
         for i in range(n):
