@@ -145,6 +145,13 @@ def test_train_evaluate_harden_cli(tiny_data, tmp_path, minilm_detector, monkeyp
     assert (det_dir / "head.safetensors").exists() and (det_dir / "report.html").exists()
     metrics = json.loads((det_dir / "metrics.json").read_text())
     assert metrics["test"]["overall"]["auroc"] >= 0.8
+    meta = json.loads((det_dir / "detector.json").read_text())
+    assert meta["embedder"] == "all-MiniLM-L6-v2[:3]"  # the default: 3 of 6 layers
+    full = tmp_path / "det6"
+    args = ["llm", "train-detector", "--data", str(tiny_data), "--out", str(full), "--fpr",
+            "0.1", "--no-track", "--quiet", "--embedder-layers", "0"]
+    assert run(args) == 0
+    assert json.loads((full / "detector.json").read_text())["embedder"] == "all-MiniLM-L6-v2"
     ev = tmp_path / "ev"
     assert (
         run(

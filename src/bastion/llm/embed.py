@@ -13,9 +13,9 @@ bfloat16 matrix units (AMX, AVX512-BF16) the matrix products run in bfloat16 (co
 
 By default only the first :data:`DEFAULT_LAYERS` (3) of the 6 layers run, mean-pooled like
 the full model: on the prompt-injection corpus that representation separated attacks from
-benign text better than the full model's (5-fold cross-validation on the train split; the
-full model is tuned for semantic similarity, which blurs the surface cues of an attack)
-at half the cost. ``Embedder(layers=None)`` runs the whole model.
+benign text better than the full model's (5-fold cross-validation on the train split;
+plausibly because the upper layers, tuned for semantic similarity, wash out the surface
+cues of an attack) at half the cost. ``Embedder(layers=None)`` runs the whole model.
 
 Long texts are cut into overlapping character windows (:func:`chunk_text`) of about the
 encoder's 128 word-piece training length; detectors take the maximum score over chunks, so
