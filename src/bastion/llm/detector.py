@@ -467,7 +467,13 @@ class PromptInjectionDetector:
         # the vectors the head was trained on: the given embedder must make the same ones
         trained_on = str(meta.get("embedder"))
         if embedder is None:
-            embedder = get_embedder(layers_of(trained_on))
+            try:
+                embedder = get_embedder(layers_of(trained_on))
+            except ModelError:
+                raise ModelError(
+                    f"detector in {d} was trained on embedder {trained_on!r}, which Bastion "
+                    "cannot build", hint="pass that embedder: load(..., embedder=...)",
+                ) from None
         elif getattr(embedder, "name", None) != trained_on:
             raise ModelError(
                 f"detector in {d} was trained on embedder {trained_on!r}, not "
