@@ -36,3 +36,7 @@ class RemoteModelError(ModelError):
 
 class QueryBudgetExceeded(RemoteModelError):
     """The model's query budget is spent."""
+
+
+class UnsafePathError(BastionError):
+    """A symbolic link, or a path resolving outside the folder it should be in."""
