@@ -115,6 +115,14 @@ class _ModelMeta(BaseModel):
         lo, hi = self.bounds
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"bounds must be finite with low < high, got {self.bounds}")
+        for field, vals in (("mean", self.mean), ("std", self.std)):
+            if vals is not None and len(vals) not in (1, self.input_shape[0]):
+                raise ValueError(f"{field} has {len(vals)} values; it needs 1 or one per "
+                                 f"channel/feature ({self.input_shape[0]})")
+            if vals is not None and not all(math.isfinite(v) for v in vals):
+                raise ValueError(f"{field} must be finite")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("std must be positive")
         if self.kind == "torch" and self.arch not in ARCHS:
             raise ValueError(f"arch {self.arch!r} is not a zoo architecture "
                              f"({', '.join(ARCHS)})")
@@ -290,14 +298,16 @@ def read_model_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
                          hint="expected 'torch' or 'sklearn'")
     from pydantic import ValidationError
 
+    prefix = ""
     try:
         checked = _ModelMeta.model_validate(doc)
         if checked.kind == "torch":
+            prefix = "arch_kwargs."
             _ARCH_KWARGS[checked.arch].model_validate(checked.arch_kwargs)
     except ValidationError as exc:
-        raise ModelError(f"{path}: {_first_error(exc)}",
+        raise ModelError(f"{path}: {prefix}{_first_error(exc)}",
                          hint="the metadata was edited or not written by Bastion; save the "
-                         "model again (bastion train / save_model)") from None
+                         "model again with bastion train or save_model") from None
     doc["n_classes"] = checked.n_classes
     doc["input_shape"] = checked.input_shape
     doc["bounds"] = checked.bounds
