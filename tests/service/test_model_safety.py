@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import skops.io as sio
 from numpy.testing._private.utils import runstring
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
