@@ -1,4 +1,4 @@
-"""Small helpers shared by every layer: seeding, atomic writes."""
+"""Small helpers shared by every layer: seeding, atomic writes, safe folder walks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bastion.errors import UnsafePathError
+
+_LINK_HINT = "replace the link with the real file or folder"
 
 
 def set_seed(seed: int) -> None:
@@ -75,6 +79,7 @@ def write_folder_atomic(directory: str | os.PathLike[str], write: Callable[[Path
     Callers check first that overwriting ``directory`` is allowed.
     """
     target = Path(directory).expanduser()
+    _no_link(target, "output folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -95,3 +100,88 @@ def write_folder_atomic(directory: str | os.PathLike[str], write: Callable[[Path
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _no_link(path: Path, what: str) -> None:
+    if path.is_symlink():
+        raise UnsafePathError(f"{what} {path} is a symbolic link; Bastion does not follow "
+                              "links in model, defense or report folders", hint=_LINK_HINT)
+
+
+def ensure_inside(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """``path`` (absolute, or relative to ``folder``) when it lies inside ``folder`` with no
+    symbolic link anywhere from ``folder`` down to it (``folder`` itself included);
+    else :class:`~bastion.errors.UnsafePathError`. ``path`` need not exist yet."""
+    base = Path(folder).expanduser()
+    _no_link(base, "folder")
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() else base / p
+    try:
+        rel = p.relative_to(base)
+    except ValueError:
+        raise UnsafePathError(f"{p} is outside {base}",
+                              hint="keep every file inside the folder") from None
+    if ".." in rel.parts:
+        raise UnsafePathError(f"{p} leaves {base} through '..'",
+                              hint="keep every file inside the folder")
+    cur = base
+    for part in rel.parts:
+        cur = cur / part
+        _no_link(cur, "path")
+    base_real = os.path.realpath(base)
+    if os.path.commonpath([base_real, os.path.realpath(p)]) != base_real:
+        raise UnsafePathError(f"{p} resolves outside {base}",
+                              hint="keep every file inside the folder")
+    return p
+
+
+def safe_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Every regular file under ``folder``, sorted; refuses (UnsafePathError) a
+    ``folder`` that is a link, and any link, device, FIFO or socket inside it, so
+    nothing outside the folder is ever read or copied through it."""
+    import stat
+
+    base = Path(folder).expanduser()
+    _no_link(base, "folder")
+    if not base.is_dir():
+        raise UnsafePathError(f"{base} is not a folder", hint="check the path")
+    out: list[Path] = []
+    for root, dirs, files in os.walk(base, followlinks=False):
+        for name in sorted(dirs) + sorted(files):
+            p = Path(root) / name
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                _no_link(p, "path")
+            if name in files:
+                if not stat.S_ISREG(mode):
+                    raise UnsafePathError(f"{p} is not a regular file",
+                                          hint="keep only plain files in the folder")
+                out.append(p)
+    return sorted(out)
+
+
+def copy_folder_safely(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Copy the regular files of ``src`` (checked with :func:`safe_files`) into ``dst``,
+    opening each with ``O_NOFOLLOW`` so a link swapped in meanwhile is not followed."""
+    base = Path(src).expanduser()
+    target = Path(dst)
+    for f in safe_files(base):
+        rel = f.relative_to(base)
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(f, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            raise UnsafePathError(f"cannot read {f} safely: {exc.strerror}",
+                                  hint=_LINK_HINT) from None
+        with os.fdopen(fd, "rb") as fin, open(target / rel, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    return target
+
+
+def check_output_dir(out: str | os.PathLike[str]) -> Path:
+    """Refuse an output folder that is a symbolic link or an existing file."""
+    p = Path(out).expanduser()
+    _no_link(p, "output folder")
+    if p.exists() and not p.is_dir():
+        raise UnsafePathError(f"output path {p} is a file", hint="give a folder path")
+    return p

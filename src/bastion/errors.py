@@ -17,9 +17,9 @@ class BastionError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        if self.hint:
-            return f"{self.message} ({self.hint})"
-        return self.message
+        text = f"{self.message} ({self.hint})" if self.hint else self.message
+        # one line, whatever a wrapped library put in the message
+        return " ".join(text.split()) if "\n" in text else text
 
 
 class DataError(BastionError):
@@ -36,3 +36,7 @@ class RemoteModelError(ModelError):
 
 class QueryBudgetExceeded(RemoteModelError):
     """The model's query budget is spent."""
+
+
+class UnsafePathError(BastionError):
+    """A symbolic link, or a path resolving outside the folder it should be in."""

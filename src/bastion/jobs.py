@@ -7,11 +7,142 @@ stack, beside ``cli`` and ``service``: it may import everything below.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+import shutil
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bastion.errors import BastionError
+
+T = TypeVar("T")
+
+
+class JobTimeout(BastionError):
+    """A job stopped at its ``--timeout``."""
+
+
+def _describe(exc: BaseException) -> tuple[Any, ...]:
+    if isinstance(exc, BastionError):
+        return ("bastion", type(exc).__module__, type(exc).__qualname__, exc.message,
+                exc.hint)
+    return ("other", type(exc).__name__, " ".join(str(exc).split())[:500])
+
+
+def _rebuild(desc: tuple[Any, ...]) -> BaseException:
+    if desc[0] == "bastion":
+        _, mod, name, message, hint = desc
+        try:
+            cls = getattr(importlib.import_module(mod), name)
+            if isinstance(cls, type) and issubclass(cls, BastionError):
+                return cls(message, hint=hint)
+        except (ImportError, AttributeError, TypeError):
+            pass
+        return BastionError(message, hint=hint)
+    return RuntimeError(f"{desc[1]}: {desc[2]}")
+
+
+def _child(fn: Callable[[], Any], conn: Any) -> None:
+    try:
+        result = fn()
+        try:
+            conn.send(("ok", result))
+        except Exception as exc:  # an unpicklable result: say so instead of hanging
+            conn.send(("error", _describe(exc)))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        conn.send(("error", _describe(exc)))
+    finally:
+        conn.close()
+
+
+def _remove_partial(out: Path | None, existed: bool) -> str:
+    """After a stop: remove an output folder the job created, or the temporary files of
+    the atomic writers inside one that was there before. Returns what was done."""
+    if out is None:
+        return ""
+    for debris in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(debris, ignore_errors=True)
+    if not existed and out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out, ignore_errors=True)
+        return f"; its partial output {out} was removed"
+    if out.is_dir():
+        for debris in [*out.glob(".*.tmp"), *out.glob(".*.tmp-*")]:
+            if debris.is_dir():
+                shutil.rmtree(debris, ignore_errors=True)
+            else:
+                debris.unlink(missing_ok=True)
+    return "; no report of this run was written"
+
+
+def run_with_deadline(fn: Callable[[], T], *, timeout: float | None, what: str,
+                      out_dir: str | Path | None = None) -> T:
+    """Run ``fn()`` and return its result; with ``timeout`` (seconds), run it in a
+    child process that is killed at the deadline.
+
+    A forward pass stuck in C++ (a TorchScript ``while True``) cannot be interrupted
+    inside the process, so the job runs in a forked child: at the deadline the child is
+    killed, the partial output in ``out_dir`` is removed (the whole folder when the job
+    created it, else the atomic writers' temporary files) and :class:`JobTimeout` is
+    raised. Errors in the child come back as the same :class:`BastionError` class;
+    the result is sent back through a pipe between the two Bastion processes.
+    """
+    import multiprocessing as mp
+
+    if timeout is None:
+        return fn()
+    if not timeout > 0:
+        raise BastionError(f"--timeout must be a positive number of seconds, got {timeout}")
+    if "fork" not in mp.get_all_start_methods():
+        raise BastionError("--timeout needs a system that can fork processes (Linux, macOS)",
+                           hint="run without --timeout")
+    ctx = mp.get_context("fork")
+    out = Path(out_dir).expanduser() if out_dir is not None else None
+    existed = out is not None and out.exists()
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(fn, send), name=f"bastion-{what}")
+    proc.start()
+    send.close()
+    deadline = time.monotonic() + float(timeout)
+    msg: Any = None
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if recv.poll(min(left, 0.25)):
+                try:
+                    msg = recv.recv()
+                except EOFError:  # the child died without a word
+                    msg = ("died", None)
+                break
+            if not proc.is_alive() and not recv.poll(0):
+                msg = ("died", None)
+                break
+    except BaseException:  # Ctrl-C: take the child down too
+        proc.kill()
+        proc.join(5)
+        raise
+    finally:
+        recv_open = msg is None
+        if recv_open:
+            proc.kill()
+        proc.join(10)
+        recv.close()
+    if msg is None:
+        done = _remove_partial(out, existed)
+        secs = f"{float(timeout):g}"
+        raise JobTimeout(f"{what} stopped at the --timeout of {secs} s{done}",
+                         hint="allow more time with a larger --timeout, or give the job "
+                         "less to do (--limit, fewer epsilons or attacks); a model that "
+                         "never answers needs fixing")
+    if msg[0] == "ok":
+        return msg[1]  # type: ignore[no-any-return]
+    if msg[0] == "died":
+        _remove_partial(out, existed)
+        raise BastionError(f"{what} ended unexpectedly (exit code {proc.exitcode})",
+                           hint="rerun without --timeout to see the error")
+    raise _rebuild(msg[1])
 
 
 def load_any_model(spec: str, **kwargs: Any) -> Any:

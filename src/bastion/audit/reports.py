@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from bastion import __version__
-from bastion._util import write_json_atomic, write_text_atomic
+from bastion._util import check_output_dir, write_json_atomic, write_text_atomic
 
 
 class AuditHeader(BaseModel):
@@ -142,6 +142,7 @@ class PrivacyAuditReport(AuditHeader):
 def write_report(report: BaseModel, html: str, out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.json`` and ``report.html`` atomically into ``out_dir``."""
     out = Path(out_dir)
+    check_output_dir(out)  # never write through a link
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "report.json", report.model_dump(mode="json"))
     write_text_atomic(out / "report.html", html)

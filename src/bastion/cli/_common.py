@@ -29,6 +29,9 @@ TrackingOpt = typer.Option(
 NoTrackOpt = typer.Option(False, "--no-track", help="Do not record an MLflow run.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+TimeoutOpt = typer.Option(
+    None, "--timeout", min=0.001, metavar="SECONDS",
+    help="Stop the job after this many seconds (exit 1, no report written).")
 
 
 def show_progress(quiet: bool) -> bool:

@@ -17,16 +17,20 @@ from bastion.cli import _common as c
 
 def _run(kind: str, *, data: str, model: str | None, out: Path, seed: int,
          tracking_uri: str | None, no_track: bool, quiet: bool, label_column: str,
-         **options: Any) -> Any:
+         timeout: float | None = None, **options: Any) -> Any:
     from bastion.audit import run_audit
+    from bastion.jobs import run_with_deadline
 
-    out = c.prepare_out_dir(out)
-    report, paths, warnings = run_audit(
-        kind, data_spec=data, model_spec=model, out_dir=out, seed=seed,
-        tracking_uri=tracking_uri, track=not no_track, label_column=label_column,
-        progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else None,
-        **options,
-    )
+    def job() -> Any:
+        return run_audit(
+            kind, data_spec=data, model_spec=model, out_dir=c.prepare_out_dir(out), seed=seed,
+            tracking_uri=tracking_uri, track=not no_track, label_column=label_column,
+            progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else None,
+            **options,
+        )
+
+    report, paths, warnings = run_with_deadline(job, timeout=timeout, what=f"audit {kind}",
+                                                out_dir=out)
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     for k, v in getattr(report, "skipped", {}).items():
@@ -61,11 +65,13 @@ def register(app: typer.Typer) -> None:
         seed: int = c.SeedOpt,
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
+        timeout: float | None = c.TimeoutOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
         """Score every training sample for poisoning / label noise; write cleaned data."""
         report, paths = _run("data", data=data, model=model, out=out, seed=seed,
+                             timeout=timeout,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, detectors=c.parse_list(detectors),
                              use=use, budget=None if threshold is not None else budget,
@@ -90,11 +96,13 @@ def register(app: typer.Typer) -> None:
         seed: int = c.SeedOpt,
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
+        timeout: float | None = c.TimeoutOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
         """STRIP and a Neural-Cleanse scan for a backdoor in the model."""
         report, paths = _run("backdoor", data=data, model=model, out=out, seed=seed,
+                             timeout=timeout,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, checks=c.parse_list(checks), fpr=fpr,
                              n_overlays=overlays, nc_steps=nc_steps, limit=limit)
@@ -115,11 +123,13 @@ def register(app: typer.Typer) -> None:
         seed: int = c.SeedOpt,
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
+        timeout: float | None = c.TimeoutOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
         """How much of the model a query budget steals, and what the defenses change."""
         report, paths = _run("extraction", data=data, model=model, out=out, seed=seed,
+                             timeout=timeout,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, budget=budget, epochs=epochs,
                              prada_delta=delta)
@@ -146,11 +156,13 @@ def register(app: typer.Typer) -> None:
         seed: int = c.SeedOpt,
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
+        timeout: float | None = c.TimeoutOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
         """Membership inference and model inversion."""
         report, paths = _run("privacy", data=data, model=model, out=out, seed=seed,
+                             timeout=timeout,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, n_targets=targets, n_shadows=shadows,
                              shadow_epochs=shadow_epochs, attacks=c.parse_list(attacks))

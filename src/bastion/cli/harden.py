@@ -185,6 +185,7 @@ def register(app: typer.Typer) -> None:
         seed: int = c.SeedOpt,
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
+        timeout: float | None = c.TimeoutOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
@@ -223,14 +224,21 @@ def register(app: typer.Typer) -> None:
                             f"{e.clean_accuracy:.3f}  robust {e.robust_accuracy:.3f}"
                             + ("  COLLAPSE" if e.collapsed else ""))
 
+        from functools import partial
+
+        from bastion.jobs import run_with_deadline
+
         try:
-            result, warnings = run_harden(
+            job = partial(
+                run_harden,
                 model_spec=model, data_spec=data, out_dir=out, method=method, eps=eps,
                 norm=norm, epochs=epochs, seed=seed, options=options, epsilons=epsilons,
                 limit=limit, attacks=c.parse_list(attacks),
                 attack_options=c.parse_settings(settings), label_column=label_column,
                 tracking_uri=tracking_uri, track=not no_track, progress=progress,
                 on_epoch=on_epoch)
+            result, warnings = run_with_deadline(job, timeout=timeout, what="harden",
+                                                 out_dir=out)
         finally:
             if "p" in bar:
                 bar["p"].stop()

@@ -54,10 +54,12 @@ def train(
     seed: int = c.SeedOpt,
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
+    timeout: float | None = c.TimeoutOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
     """Train a model from the zoo and save it as a Bastion model folder."""
+    from bastion.jobs import run_with_deadline
     from bastion.models.train import train_from_spec
     from bastion.registry.tracking import track_run
 
@@ -69,21 +71,27 @@ def train(
         "batch_size": batch_size,
         "seed": seed,
     }
-    with track_run("train", params=params, tracking_uri=tracking_uri, enabled=not no_track) as run:
-        _, metrics = train_from_spec(
-            model,
-            data,
-            out,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            seed=seed,
-            label_column=label_column,
-            progress=c.show_progress(quiet),
-        )
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-        run.log_artifact(out, artifact_path="model")
-    for w in run.warnings:
+
+    def job() -> tuple[dict[str, Any], list[str]]:
+        with track_run("train", params=params, tracking_uri=tracking_uri,
+                       enabled=not no_track) as run:
+            _, metrics = train_from_spec(
+                model,
+                data,
+                out,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                label_column=label_column,
+                progress=c.show_progress(quiet),
+            )
+            run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+            run.log_artifact(out, artifact_path="model")
+        return metrics, run.warnings
+
+    metrics, warnings = run_with_deadline(job, timeout=timeout, what="train", out_dir=out)
+    for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     acc = metrics.get("test_accuracy")
     c.info(
@@ -121,14 +129,18 @@ def scan(
     seed: int = c.SeedOpt,
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
+    timeout: float | None = c.TimeoutOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
     """Worst-case robustness scan: an AutoAttack-style cascade, report.json and report.html."""
-    from bastion.jobs import run_scan
+    from functools import partial
+
+    from bastion.jobs import run_scan, run_with_deadline
 
     epsilons = c.parse_floats(eps)
-    report, paths, warnings = run_scan(
+    job = partial(
+        run_scan,
         model_spec=model,
         data_spec=data,
         out_dir=out,
@@ -144,6 +156,7 @@ def scan(
         track=not no_track,
         progress=c.show_progress(quiet),
     )
+    report, paths, warnings = run_with_deadline(job, timeout=timeout, what="scan", out_dir=out)
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     if as_json:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bastion._util import write_folder_atomic
+from bastion._util import safe_files, write_folder_atomic
 from bastion.errors import ModelError
 from bastion.models.persist import (
     META_FILE,
@@ -154,6 +154,7 @@ def load_hardened(directory: str | os.PathLike[str]) -> Any:
     d = Path(directory).expanduser()
     if not is_hardened_folder(d):
         return load_model(d)
+    safe_files(d)  # no link or special file anywhere in the wrapper folder
     path = d / DEFENSE_FILE
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))

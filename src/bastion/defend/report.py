@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bastion._util import write_json_atomic, write_text_atomic
+from bastion._util import check_output_dir, write_json_atomic, write_text_atomic
 from bastion.reporting.html import HtmlPage
 
 
@@ -201,6 +201,7 @@ def render_harden_html(report: HardenReport) -> str:
 def write_harden_report(report: HardenReport, out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.json``, ``report.schema.json`` and ``report.html`` atomically."""
     out = Path(out_dir)
+    check_output_dir(out)  # never write through a link
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "schema": out / "report.schema.json",
              "html": out / "report.html"}

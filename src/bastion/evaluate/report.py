@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bastion._util import write_json_atomic, write_text_atomic
+from bastion._util import check_output_dir, write_json_atomic, write_text_atomic
 
 
 def eps_key(eps: float) -> str:
@@ -147,6 +147,7 @@ def write_scan_report(
     from bastion.evaluate.render import render_scan_html
 
     out = Path(out_dir)
+    check_output_dir(out)  # never write through a link
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     paths["json"] = out / json_name

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bastion import __version__
-from bastion._util import write_json_atomic, write_text_atomic
+from bastion._util import check_output_dir, write_json_atomic, write_text_atomic
 
 __all__ = [
     "RateSummary",
@@ -238,6 +238,7 @@ def write_llm_report(
     """Write ``report.json``, ``report.schema.json`` and (when given) ``report.html``
     into ``out_dir`` atomically; return the paths keyed ``json``, ``schema``, ``html``."""
     out = Path(out_dir)
+    check_output_dir(out)  # never write through a link
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "schema": out / "report.schema.json"}
     write_json_atomic(paths["json"], json.loads(report.model_dump_json()))

@@ -23,6 +23,18 @@ from bastion.errors import ModelError
 from bastion.models.torch_model import TorchModel
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The line of an exception's text that says what went wrong, for a one-line error.
+
+    TorchScript errors carry a TorchScript traceback; the cause is on their last line.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[-1] if len(lines) > 1 and "Traceback" in str(exc) else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _infer_n_classes(module: nn.Module, input_shape: tuple[int, ...], source: str) -> int:
     try:
         with torch.no_grad():
@@ -30,8 +42,9 @@ def _infer_n_classes(module: nn.Module, input_shape: tuple[int, ...], source: st
     except Exception as exc:
         raise ModelError(
             f"{source} failed on an input of shape (1, {', '.join(map(str, input_shape))}): "
-            f"{type(exc).__name__}: {exc}",
-            hint="check --input-shape matches what the model expects",
+            f"{one_line(exc)}",
+            hint="the input shape comes from the data (--data, or input_shape= from Python); "
+            "use a model made for inputs of that shape",
         ) from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -66,7 +79,7 @@ def load_torchscript(
             module = torch.jit.load(str(p), map_location="cpu")
     except Exception as exc:
         raise ModelError(
-            f"{p} is not a loadable TorchScript file: {str(exc).splitlines()[0][:200]}",
+            f"{p} is not a loadable TorchScript file: {one_line(exc, 200)}",
             hint="export with torch.jit.script/trace and torch.jit.save, or use "
             "python:FILE.py:FUNCTION with --weights for a state dict",
         ) from None

@@ -130,11 +130,12 @@ def _check_expected(model: Any, input_shape: Any, n_classes: int | None, spec: s
         raise ModelError(
             f"model {spec!r} takes inputs of shape {tuple(model.input_shape)}, "
             f"not {tuple(input_shape)}",
-            hint="omit --input-shape or pick a matching model",
+            hint="use data with the model's input shape (--data) or a model made for it",
         )
     if n_classes is not None and int(n_classes) != int(model.n_classes):
         raise ModelError(f"model {spec!r} has {model.n_classes} classes, not {n_classes}",
-                         hint="omit --n-classes or pick a matching model")
+                         hint="use data with the model's classes (--data) or a model made "
+                         "for it")
     return model
 
 
@@ -162,7 +163,8 @@ def resolve_model(
     def need_shape(kind: str) -> tuple[int, ...]:
         if input_shape is None:
             raise ModelError(f"{kind} models need an input shape",
-                             hint="pass input_shape (--input-shape), e.g. 1,28,28")
+                             hint="pass input_shape=, e.g. (1, 28, 28); the CLI takes it "
+                             "from --data")
         return tuple(int(s) for s in input_shape)
 
     if spec.startswith("builtin:"):

@@ -195,10 +195,24 @@ class ModelRegistry:
                  description: str | None = None) -> int:
         """Log the Bastion model folder ``model_dir`` as run artifacts and create a new
         version from them; return the version number. No alias moves."""
-        from bastion.models.persist import read_model_meta
+        from bastion._util import copy_folder_safely
+        from bastion.models.persist import check_model_folder
 
         d = Path(model_dir).expanduser()
-        meta = read_model_meta(d)  # raises ModelError for anything but a model folder
+        # a model folder with no link in it, whose skops file (if any) passes the
+        # allowlist: nothing outside the folder, and no refused model, reaches MLflow
+        meta = check_model_folder(d)
+        staging = Path(tempfile.mkdtemp(prefix="bastion-register-"))
+        try:
+            copy_folder_safely(d, staging / "model")
+            return self._register_copy(staging / "model", d, meta, tags=tags, metrics=metrics,
+                                       description=description)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _register_copy(self, copy: Path, d: Path, meta: dict[str, Any], *,
+                       tags: dict[str, Any] | None, metrics: dict[str, float] | None,
+                       description: str | None) -> int:
         with self._lock:
             try:
                 c = self.client
@@ -208,7 +222,7 @@ class ModelRegistry:
                                          "bastion.model": self.name})
                 run_id = run.info.run_id
                 try:
-                    c.log_artifacts(run_id, str(d), artifact_path="model")
+                    c.log_artifacts(run_id, str(copy), artifact_path="model")
                     for k, val in (metrics or {}).items():
                         c.log_metric(run_id, str(k), float(val))
                     c.log_param(run_id, "arch", str(meta.get("arch")))

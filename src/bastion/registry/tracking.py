@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bastion.errors import BastionError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "bastion"
@@ -90,11 +92,19 @@ class TrackedRun:
         try:
             import mlflow
 
+            from bastion._util import ensure_inside, safe_files
+
             p = Path(path)
+            ensure_inside(p.parent, p.name)  # raises: a link is never uploaded
             if p.is_dir():
+                safe_files(p)  # raises on any link or special file inside
                 mlflow.log_artifacts(str(p), artifact_path=artifact_path)
             elif p.exists():
                 mlflow.log_artifact(str(p), artifact_path=artifact_path)
+        except BastionError as exc:
+            msg = f"not uploaded to MLflow: {exc}"
+            self.warnings.append(msg)
+            log.warning(msg)
         except Exception as exc:
             self._fail(f"uploading {path}", exc)
 

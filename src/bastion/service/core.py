@@ -44,11 +44,12 @@ DIGEST_TAG = "bastion.sha256"
 
 def folder_digest(folder: Path) -> str:
     """SHA-256 over a model folder's files (names and contents), in name order."""
+    from bastion._util import safe_files
+
     h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
+    for p in safe_files(folder):  # refuses links: nothing outside the folder is read
+        h.update(str(p.relative_to(folder)).encode())
+        h.update(p.read_bytes())
     return h.hexdigest()
 
 
