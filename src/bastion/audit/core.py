@@ -606,7 +606,9 @@ def poison_dataset(
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, x_train=pds.x_train, y_train=pds.y_train,
                                     x_test=ds.x_test, y_test=ds.y_test,
-                                    poison_mask=pr.poison_mask)
+                                    poison_mask=pr.poison_mask,
+                                    bounds=np.asarray(ds.bounds, dtype=np.float64),
+                                    n_classes=np.asarray(ds.n_classes))
         info = {"attack": pr.attack, "n_poison": pr.n_poison, "n_train": len(pr.y),
                 "params": pr.params, "poison_indices": [int(i) for i in pr.poison_indices]}
         if hasattr(atk, "features") and attack == "feature-trigger":
@@ -692,6 +694,10 @@ def run_audit(
                                   "data_name": data_spec, "progress": progress}
         report: Any
         if kind == "data":
+            truth = ds.meta.get("poison_mask")  # a poisoned.npz knows its poisons
+            if options.get("poison_mask") is None and isinstance(truth, np.ndarray) and \
+                    len(truth) == len(ds.y_train):
+                options["poison_mask"] = truth
             report, html, _ = audit_data(ds, model, out_dir=out, source_path=source,
                                          **common, **options)
         elif kind == "backdoor":

@@ -175,10 +175,11 @@ def write_sanitized(
 ) -> dict[str, Path]:
     """Write the cleaned data and the log into ``out_dir``.
 
-    Files: ``cleaned.npz`` (``x_train, y_train, x_test, y_test``, loadable as
-    ``mnist:PATH``), ``removed.csv`` and ``removed.json``. Each is written to a temporary
-    file and renamed. ``source_path`` (the user's original data file, when there is
-    one) is never written: a target that is, or would overwrite, it is refused.
+    Files: ``cleaned.npz`` (``x_train, y_train, x_test, y_test``, ``bounds``,
+    ``n_classes``; loadable as ``npz:PATH``), ``removed.csv`` and ``removed.json``. Each
+    is written to a temporary file and renamed. ``source_path`` (the user's original
+    data file, when there is one) is never written: a target that is, or would
+    overwrite, it is refused.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -196,7 +197,9 @@ def write_sanitized(
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, x_train=ds.x_train, y_train=ds.y_train,
-                                x_test=ds.x_test, y_test=ds.y_test)
+                                x_test=ds.x_test, y_test=ds.y_test,
+                                bounds=np.asarray(ds.bounds, dtype=np.float64),
+                                n_classes=np.asarray(ds.n_classes))
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["index", "score", "detector", "reason", "label", "new_label"])
