@@ -50,6 +50,12 @@ class DataAuditReport(AuditHeader):
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     skipped: dict[str, str] = Field(default_factory=dict)
+    verdict: str = ""
+    abnormal: bool = False
+    n_flagged: int = 0
+    whole_file: bool = False  # every row of a CSV/Parquet file, rows are file rows
+    cleaned_table: str | None = None
+    flagged_rows: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class StripSummary(BaseModel):

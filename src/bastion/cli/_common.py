@@ -39,7 +39,7 @@ def show_progress(quiet: bool) -> bool:
 def info(message: str, *, quiet: bool = False) -> None:
     """A status line on stderr (stdout stays clean for ``--json``)."""
     if not quiet:
-        err_console.print(message)
+        err_console.print(message, soft_wrap=True)  # one line, whatever the width
 
 
 def parse_floats(text: str, *, what: str = "--eps") -> list[float]:

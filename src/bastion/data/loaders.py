@@ -43,6 +43,8 @@ def load_data(
     label_column: str = "label",
     test_size: float = 0.25,
     seed: int = 0,
+    id_column: str | None = None,
+    whole_file: bool = False,
 ) -> Dataset:
     """Load the dataset named by ``spec`` (see the module docs for the forms).
 
@@ -51,6 +53,11 @@ def load_data(
         label_column: the label column for CSV/Parquet.
         test_size: fraction held out for testing (MNIST keeps its own split).
         seed: seed of the stratified train/test split.
+        id_column: a CSV/Parquet column of row ids: not a feature; its values are kept
+            in ``meta["ids"]`` for reports.
+        whole_file: CSV/Parquet only: no split; ``x_train`` holds every row of the file
+            in file order (``meta["rows"]``: 0 = the first row after the header) and
+            ``x_test`` is the same rows (for audits, which must see every row).
 
     Raises:
         DataError: unknown scheme, missing or corrupt file, missing label column,
@@ -75,7 +82,11 @@ def load_data(
         return _load_npz(arg, test_size=test_size, seed=seed)
     if scheme in ("csv", "parquet"):
         return _load_table(arg, fmt=scheme, label_column=label_column,
-                           test_size=test_size, seed=seed)
+                           test_size=test_size, seed=seed, id_column=id_column,
+                           whole_file=whole_file)
+    if id_column is not None or whole_file:
+        raise DataError(f"--id-column and whole-file audits are for CSV and Parquet files, "
+                        f"not {scheme}:", hint="drop --id-column")
     raise DataError(f"unknown data scheme {scheme!r} in {spec!r}",
                     hint=f"valid schemes: {', '.join(SCHEMES)}")
 
@@ -372,7 +383,8 @@ def _load_npz(arg: str, *, test_size: float, seed: int) -> Dataset:
 
 
 def _load_table(
-    arg: str, *, fmt: str, label_column: str, test_size: float, seed: int
+    arg: str, *, fmt: str, label_column: str, test_size: float, seed: int,
+    id_column: str | None = None, whole_file: bool = False,
 ) -> Dataset:
     import pandas as pd
 
@@ -394,7 +406,15 @@ def _load_table(
         )
     if len(df) == 0:
         raise DataError(f"{path} has no rows", hint="the file holds only a header")
-    feats = df.drop(columns=[label_column])
+    ids: list[str] | None = None
+    if id_column is not None:
+        if id_column not in df.columns or id_column == label_column:
+            raise DataError(
+                f"id column {id_column!r} not in {path.name} (or it is the label column); "
+                f"columns: {[str(c) for c in df.columns]}",
+                hint="name the id column with --id-column")
+        ids = [str(v) for v in df[id_column].tolist()]
+    feats = df.drop(columns=[label_column] + ([id_column] if id_column else []))
     if feats.shape[1] == 0:
         raise DataError(f"{path} has no feature columns besides {label_column!r}",
                         hint="add numeric feature columns")
@@ -404,7 +424,8 @@ def _load_table(
     ]
     if non_numeric:
         raise DataError(f"non-numeric feature columns in {path.name}: {non_numeric}",
-                        hint="encode them as numbers or drop them")
+                        hint="encode them as numbers or drop them; an id column: "
+                        "name it with --id-column")
     x = feats.to_numpy(dtype=np.float64)
     _check_finite(x, f"{path.name} features")
     labels = df[label_column]
@@ -431,10 +452,17 @@ def _load_table(
     if n_classes < 2:
         raise DataError(f"label column {label_column!r} has only one class",
                         hint="a classifier needs at least two classes")
-    x_tr, y_tr, x_te, y_te = _split(x, y, test_size=test_size, seed=seed)
-    x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)  # bounds from what we return
     meta: dict[str, Any] = {"source": f"{fmt}:{path}", "test_size": test_size, "seed": seed,
                             "label_column": label_column}
+    if whole_file:  # every row, in file order
+        x_tr, y_tr, x_te, y_te = x, y, x, y
+        meta.update({"rows": np.arange(len(y)), "whole_file": True})
+        meta.pop("test_size")
+        if ids is not None:
+            meta["ids"] = ids
+    else:
+        x_tr, y_tr, x_te, y_te = _split(x, y, test_size=test_size, seed=seed)
+    x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)  # bounds from what we return
     if x_tr.min() >= 0.0 and x_tr.max() <= 1.0:
         bounds = (0.0, 1.0)
     else:
