@@ -30,7 +30,9 @@ def register(app: typer.Typer) -> None:
                                            help="Service config (YAML or JSON)."),
         events: str | None = typer.Option(None, "--events",
                                           help="Event store URL (sqlite:///PATH)."),
-        model_name: str | None = typer.Option(None, "--name", help="Registered model name."),
+        model_name: str | None = typer.Option(
+            None, "--name", help="Registered model name (default: the model folder's name, "
+            "or its parent's for a folder called model: out/hardened/model -> hardened)."),
         heal_interval: float | None = typer.Option(
             None, "--heal-interval", min=0.0,
             help="Run a healing step every this many seconds (0: off)."),
@@ -65,6 +67,8 @@ def register(app: typer.Typer) -> None:
                quiet=quiet)
         app_ = create_app(cfg)
         svc = app_.state.service
+        c.info(f"registered model name: {svc.model_name} (use it as --model in bastion heal "
+               f"and bastion models; --name sets another)", quiet=quiet)
         c.info(f"serving {svc.model_name} v{svc.champion_version} on http://{host}:{port} "
                f"(dashboard: /dashboard; admin routes "
                f"{'on' if cfg.token() else 'off: set BASTION_ADMIN_TOKEN'})", quiet=quiet)
