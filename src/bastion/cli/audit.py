@@ -24,7 +24,8 @@ def _run(kind: str, *, data: str, model: str | None, out: Path, seed: int,
     report, paths, warnings = run_audit(
         kind, data_spec=data, model_spec=model, out_dir=out, seed=seed,
         tracking_uri=tracking_uri, track=not no_track, label_column=label_column,
-        progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else None,
+        progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else (
+            lambda m: c.stage(f"audit {kind}: {m}")),
         **options,
     )
     for w in warnings:

@@ -210,6 +210,8 @@ def register(app: typer.Typer) -> None:
 
         def on_epoch(e: Any) -> None:
             if not progress:
+                c.tick(f"harden: epoch {e.epoch}/{e.epochs}, clean {e.clean_accuracy:.3f}, "
+                       f"robust {e.robust_accuracy:.3f}" + (" COLLAPSE" if e.collapsed else ""))
                 return
             if "p" not in bar:
                 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -223,6 +225,7 @@ def register(app: typer.Typer) -> None:
                             f"{e.clean_accuracy:.3f}  robust {e.robust_accuracy:.3f}"
                             + ("  COLLAPSE" if e.collapsed else ""))
 
+        c.stage(f"harden: {method} on {model} with {data}")
         try:
             result, warnings = run_harden(
                 model_spec=model, data_spec=data, out_dir=out, method=method, eps=eps,

@@ -69,6 +69,7 @@ def train(
         "batch_size": batch_size,
         "seed": seed,
     }
+    c.stage(f"train: {model} on {data}, {epochs} epochs")
     with track_run("train", params=params, tracking_uri=tracking_uri, enabled=not no_track) as run:
         _, metrics = train_from_spec(
             model,
@@ -128,6 +129,7 @@ def scan(
     from bastion.jobs import run_scan
 
     epsilons = c.parse_floats(eps)
+    c.stage(f"scan: loading {model} and {data}")
     report, paths, warnings = run_scan(
         model_spec=model,
         data_spec=data,
@@ -243,6 +245,7 @@ def run(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = c.debug_requested(args)
     command = get_command()
+    lines = c.install_progress_lines(args)
     try:
         command.main(args=args, prog_name="bastion", standalone_mode=False)
         return 0
@@ -272,6 +275,8 @@ def run(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return 2
+    finally:
+        c.remove_progress_lines(lines)
 
 
 def main() -> None:

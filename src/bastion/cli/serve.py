@@ -90,10 +90,10 @@ def register(app: typer.Typer) -> None:
 
         from bastion.demo import run_demo
 
-        # a progress bar in a terminal; no step-by-step lines when not a TTY
+        # a progress bar in a terminal; one line per step when stderr is not a TTY
         res = run_demo(out, seed=seed, fast=fast, tracking_uri=tracking_uri,
                        progress=c.show_progress(quiet),
-                       quiet=quiet or not sys.stderr.isatty())
+                       quiet=quiet or sys.stderr.isatty())
         if not quiet:
             c.info(f"report: {res.html_path} and {res.json_path}")
             for line in res.headline():
