@@ -87,7 +87,8 @@ def test_budget_still_removes_the_asked_share(digits_csvs, tmp_path):
     assert run(["audit", "data", "--data", f"csv:{folder / 'clean.csv'}", "--out", str(out),
                 "--id-column", "sample_id", "--budget", "0.05", "--no-track", "-q"]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["n_removed"] == int(0.05 * n) and "not a verdict" in rep["verdict"]
+    assert rep["n_removed"] == int(0.05 * n) and "by the budget/threshold" in rep["verdict"]
+    assert rep["verdict"].startswith("nothing abnormal")
 
 
 def test_bad_id_column_is_one_line(digits_csvs, tmp_path, capsys):
@@ -96,3 +97,23 @@ def test_bad_id_column_is_one_line(digits_csvs, tmp_path, capsys):
                 str(tmp_path / "d"), "--id-column", "nope", "--no-track"]) == 1
     err = capsys.readouterr().err.strip()
     assert "id column 'nope'" in err and len(err.splitlines()) == 1
+
+
+def test_clean_digits_with_a_white_box_model_nothing_abnormal(digits_arrays, digits_cnn):
+    """With a model every detector runs; activation clustering's small clusters (which
+    split clean classes too) are reported but do not decide unless named."""
+    from bastion.audit import audit_data
+    from bastion.data.dataset import Dataset
+
+    x_tr, y_tr, x_te, y_te = digits_arrays
+    ds = Dataset(name="digits", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+                 n_classes=10)
+    rep, _, res = audit_data(ds, digits_cnn)
+    assert {d.detector for d in rep.detectors} >= {"spectral", "activation-clustering",
+                                                   "confident-learning", "knn", "strip"}
+    assert not rep.abnormal, rep.verdict
+    assert res.n_flagged <= 0.015 * len(y_tr)
+    # naming activation clustering makes its decision count
+    rep2, _, _ = audit_data(ds, digits_cnn, detectors=["activation-clustering"],
+                            use="activation-clustering")
+    assert rep2.n_flagged == rep2.detectors[0].flagged
