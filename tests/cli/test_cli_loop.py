@@ -54,7 +54,8 @@ def test_poison_audit_sanitise_train_scan_loop(tmp_path, capsys):
                 "--out", str(s), "--no-track"]) == 0
     scan = json.loads((s / "report.json").read_text())
     assert scan["clean_accuracy"] > 0.5 and "0.1" in scan["robust_accuracy"]
-    capsys.readouterr()
+    err = capsys.readouterr().err  # not a terminal: one progress line per stage
+    assert "scan: apgd-ce (1/1)" in err and "audit data: running knn" in err
 
 
 def _free_port() -> int:

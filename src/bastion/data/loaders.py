@@ -362,7 +362,7 @@ def _load_npz(arg: str, *, test_size: float, seed: int) -> Dataset:
                         f"n_classes is {n_classes}", hint="labels must be in 0..n_classes-1")
     if z.get("bounds") is not None and z["bounds"].size == 2:
         bounds = (float(z["bounds"].ravel()[0]), float(z["bounds"].ravel()[1]))
-    elif z.get("x_train", z.get("x")).dtype == np.uint8:
+    elif z["x_train" if "x_train" in z else "x"].dtype == np.uint8:
         x_tr, x_te, bounds = x_tr / np.float32(255), x_te / np.float32(255), (0.0, 1.0)
     else:
         lo = float(min(x_tr.min(), x_te.min()))

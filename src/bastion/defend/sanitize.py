@@ -209,13 +209,15 @@ def write_sanitized(
     ds = result.dataset
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as fh:
-            extra = {"bounds": np.asarray(ds.bounds, dtype=np.float64),
-                     "n_classes": np.asarray(ds.n_classes)}
+            bounds = np.asarray(ds.bounds, dtype=np.float64)
+            n_classes = np.asarray(ds.n_classes)
             if rows is not None:  # every row of a file was audited: x, y, split on reading
-                np.savez_compressed(fh, x=ds.x_train, y=ds.y_train, **extra)
+                np.savez_compressed(fh, x=ds.x_train, y=ds.y_train, bounds=bounds,
+                                    n_classes=n_classes)
             else:
                 np.savez_compressed(fh, x_train=ds.x_train, y_train=ds.y_train,
-                                    x_test=ds.x_test, y_test=ds.y_test, **extra)
+                                    x_test=ds.x_test, y_test=ds.y_test, bounds=bounds,
+                                    n_classes=n_classes)
     buf = io.StringIO()
     w = csv.writer(buf)
     head = ["index", "score", "detector", "reason", "label", "new_label"]
