@@ -117,3 +117,17 @@ def test_clean_digits_with_a_white_box_model_nothing_abnormal(digits_arrays, dig
     rep2, _, _ = audit_data(ds, digits_cnn, detectors=["activation-clustering"],
                             use="activation-clustering")
     assert rep2.n_flagged == rep2.detectors[0].flagged
+
+
+def test_a_whole_file_cleaned_npz_is_audited_row_by_row(digits_csvs, tmp_path):
+    """The cleaned.npz of a CSV audit (x, y) reads back and is audited on every row."""
+    folder, _, n = digits_csvs
+    assert run(["audit", "data", "--data", f"csv:{folder / 'flipped.csv'}", "--id-column",
+                "sample_id", "--out", str(tmp_path / "a"), "--no-track", "-q"]) == 0
+    first = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert run(["audit", "data", "--data", f"npz:{tmp_path / 'a' / 'cleaned.npz'}", "--out",
+                str(tmp_path / "b"), "--no-track", "-q"]) == 0
+    second = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert second["whole_file"] and second["n_train"] == n - first["n_removed"]
+    assert not second["abnormal"], second["verdict"]  # the flips are gone
+    assert not (tmp_path / "b" / "cleaned.csv").exists()

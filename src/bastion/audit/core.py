@@ -234,7 +234,8 @@ def audit_data(
         paths = write_sanitized(res, out_dir, source_path=source_path,
                                 rows=rows if isinstance(rows, np.ndarray) else None,
                                 ids=ids if isinstance(ids, list) else None)
-        if rows is not None and source_path is not None and mode == "remove":
+        table_file = str(ds.meta.get("source", "")).split(":", 1)[0] in ("csv", "parquet")
+        if rows is not None and table_file and source_path is not None and mode == "remove":
             paths["table"] = _write_clean_table(Path(source_path), res.flagged, Path(out_dir))
     if poison_mask is not None:
         pm = np.asarray(poison_mask, bool)
@@ -785,7 +786,7 @@ def run_audit(
         raise BastionError(f"--out {out} is a file", hint="give a folder path")
     set_seed(seed)
     id_column = options.pop("id_column", None)
-    table = data_spec.split(":", 1)[0].strip().lower() in ("csv", "parquet")
+    table = data_spec.split(":", 1)[0].strip().lower() in ("csv", "parquet", "npz")
     if kind == "data" and table:  # audit every row of the user's file
         ds = load_data(data_spec, label_column=label_column, seed=seed, id_column=id_column,
                        whole_file=True)

@@ -55,9 +55,10 @@ def load_data(
         seed: seed of the stratified train/test split.
         id_column: a CSV/Parquet column of row ids: not a feature; its values are kept
             in ``meta["ids"]`` for reports.
-        whole_file: CSV/Parquet only: no split; ``x_train`` holds every row of the file
-            in file order (``meta["rows"]``: 0 = the first row after the header) and
-            ``x_test`` is the same rows (for audits, which must see every row).
+        whole_file: CSV/Parquet and ``npz:`` files of ``x, y``: no split; ``x_train``
+            holds every row of the file in file order (``meta["rows"]``: 0 = the first
+            row after the header) and ``x_test`` is the same rows (for audits, which must
+            see every row). An ``npz:`` file with its own train/test split keeps it.
 
     Raises:
         DataError: unknown scheme, missing or corrupt file, missing label column,
@@ -79,7 +80,10 @@ def load_data(
     if scheme in ("mnist", "fashion-mnist"):
         return _load_mnist(arg, name=scheme)
     if scheme == "npz":
-        return _load_npz(arg, test_size=test_size, seed=seed)
+        if id_column is not None:
+            raise DataError("--id-column is for CSV and Parquet files, not npz:",
+                            hint="drop --id-column")
+        return _load_npz(arg, test_size=test_size, seed=seed, whole_file=whole_file)
     if scheme in ("csv", "parquet"):
         return _load_table(arg, fmt=scheme, label_column=label_column,
                            test_size=test_size, seed=seed, id_column=id_column,
@@ -323,7 +327,7 @@ def _npz_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _load_npz(arg: str, *, test_size: float, seed: int) -> Dataset:
+def _load_npz(arg: str, *, test_size: float, seed: int, whole_file: bool = False) -> Dataset:
     path = Path(arg).expanduser()
     if not path.is_file():
         raise DataError(f"npz file not found: {path}", hint="check the path")
@@ -343,8 +347,12 @@ def _load_npz(arg: str, *, test_size: float, seed: int) -> Dataset:
     elif "x" in z and "y" in z:
         x = _npz_inputs(z["x"], f"{path.name} x")
         y = _npz_labels(z["y"], len(x), f"{path.name} y")
-        x_tr, y_tr, x_te, y_te = _split(x, y, test_size=test_size, seed=seed)
-        split_meta = {"test_size": test_size, "seed": seed}
+        if whole_file:  # every row, in file order (audits)
+            x_tr, y_tr, x_te, y_te = x, y, x, y
+            split_meta = {"rows": np.arange(len(y)), "whole_file": True}
+        else:
+            x_tr, y_tr, x_te, y_te = _split(x, y, test_size=test_size, seed=seed)
+            split_meta = {"test_size": test_size, "seed": seed}
     else:
         raise DataError(f"{path} lacks the arrays x_train, y_train, x_test, y_test (or x, y); "
                         f"it has {sorted(z)}",
