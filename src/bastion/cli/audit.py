@@ -52,8 +52,9 @@ def register(app: typer.Typer) -> None:
             None, "--detectors", help="Comma list of spectral, activation-clustering, "
             "confident-learning, knn, strip (default: all that fit the model)."),
         use: str = typer.Option(
-            "auto", "--use", help="Scores that sanitise: a detector name, combined, or auto "
-            "(strip with a model, else confident-learning)."),
+            "auto", "--use", help="Which detector decides: a detector name, or auto/combined "
+            "(any detector whose rule is quiet on clean data flags a sample; with --budget "
+            "auto ranks by strip with a model, else confident-learning)."),
         budget: float | None = typer.Option(
             None, "--budget", help="Remove this share of the samples, the most suspicious "
             "first, instead of only those the detectors flag."),
