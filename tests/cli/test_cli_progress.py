@@ -17,15 +17,17 @@ def _bastion(*args: str, cwd) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_train_and_audit_print_stage_lines_to_a_pipe(tmp_path):
+def test_train_prints_epoch_lines_to_a_pipe(tmp_path):
     p = _bastion("train", "--model", "cnn", "--data", "builtin:digits", "--epochs", "1",
                  "--out", "m", "--no-track", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     lines = [x for x in p.stderr.splitlines() if LINE.match(x)]
-    assert any("train: cnn on builtin:digits, 1 epochs" in x for x in lines), p.stderr
     assert any("train: epoch 1/1" in x for x in lines), p.stderr
     assert p.stdout == ""  # stdout stays clean
-
+    # a bad option is still one line: no progress line before the error
+    bad = _bastion("train", "--model", "cnn", "--data", "builtin:nope", "--out", "m2",
+                   "--no-track", cwd=tmp_path)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_audit_stage_lines_and_quiet(tmp_path, capsys):

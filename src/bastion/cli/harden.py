@@ -225,7 +225,6 @@ def register(app: typer.Typer) -> None:
                             f"{e.clean_accuracy:.3f}  robust {e.robust_accuracy:.3f}"
                             + ("  COLLAPSE" if e.collapsed else ""))
 
-        c.stage(f"harden: {method} on {model} with {data}")
         try:
             result, warnings = run_harden(
                 model_spec=model, data_spec=data, out_dir=out, method=method, eps=eps,

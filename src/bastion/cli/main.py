@@ -69,7 +69,6 @@ def train(
         "batch_size": batch_size,
         "seed": seed,
     }
-    c.stage(f"train: {model} on {data}, {epochs} epochs")
     with track_run("train", params=params, tracking_uri=tracking_uri, enabled=not no_track) as run:
         _, metrics = train_from_spec(
             model,
@@ -129,7 +128,6 @@ def scan(
     from bastion.jobs import run_scan
 
     epsilons = c.parse_floats(eps)
-    c.stage(f"scan: loading {model} and {data}")
     report, paths, warnings = run_scan(
         model_spec=model,
         data_spec=data,
