@@ -9,7 +9,7 @@ from bastion.demo import DemoReport, PhaseResult, _render_html
 
 
 def _report() -> DemoReport:
-    phase = PhaseResult(name="clean", description="honest traffic", requests=10, inputs=100,
+    phase = PhaseResult(name="poisoned_feedback", description="honest traffic", requests=10, inputs=100,
                         verdicts={"allow": 98, "flag": 2}, answered_by={"champion": 100},
                         by_client={"alice": {"allow": 98, "flag": 2}})
     outcomes = {
@@ -39,7 +39,8 @@ def test_story_first_raw_table_last():
     assert "True" not in text and "[]" not in text and "{" not in text
     assert "(mallory) was quarantined" in text and "(eve) was NOT quarantined" in text
     assert "No honest client was quarantined" in text
-    assert "at eps=0.1 it kept 10%" in text and "70%" in text
+    assert "at eps=0.1 it classified 10% of the attacked inputs" in text and "70%" in text
+    assert "poisoned feedback" in text
     assert "the poison did not get in" in text
     # order: story, plots, scans (linked), ..., raw table last
     i_story, i_plot = html.index("What happened"), html.index("data:image/png;base64,")

@@ -203,7 +203,7 @@ def run_demo(
 
         def log(msg: str) -> None:
             if not quiet:
-                console.print(msg)
+                console.print(msg, soft_wrap=True)
 
     bar: Any = None
     task: Any = None
@@ -676,14 +676,14 @@ def _story(report: DemoReport) -> list[tuple[bool | None, str]]:
         if eps is not None:
             b, h = scans["baseline"], scans["hardened"]
             out.append((None, f"A digits classifier was trained (v{v.get('baseline')}) and "
-                        f"attacked with PGD: at eps={eps} it kept "
-                        f"{_pct(b['robust_accuracy'][eps])} of its accuracy on attacked "
-                        f"inputs (clean {_pct(b['clean_accuracy'])}). Adversarial training "
+                        f"attacked with PGD: at eps={eps} it classified "
+                        f"{_pct(b['robust_accuracy'][eps])} of the attacked inputs correctly "
+                        f"(clean inputs: {_pct(b['clean_accuracy'])}). Adversarial training "
                         f"made v{v.get('hardened')}: {_pct(h['robust_accuracy'][eps])} under "
                         f"the same attack (clean {_pct(h['clean_accuracy'])}). It was promoted "
                         "to champion and served behind the guard."))
     out.append((None, f"Traffic was replayed in {len(report.phases)} phases: "
-                + ", ".join(p.name for p in report.phases) + "."))
+                + ", ".join(p.name.replace("_", " ") for p in report.phases) + "."))
     q_ev, q_ex = o.get("evasion_client_quarantined"), o.get("extraction_client_quarantined")
     out.append((bool(q_ev), "The client sending adversarial examples (mallory) was "
                 + ("quarantined" if q_ev else "NOT quarantined")
