@@ -9,7 +9,8 @@ from bastion.demo import DemoReport, PhaseResult, _render_html
 
 
 def _report() -> DemoReport:
-    phase = PhaseResult(name="poisoned_feedback", description="honest traffic", requests=10, inputs=100,
+    phase = PhaseResult(name="poisoned_feedback", description="feedback", requests=10,
+                        inputs=100,
                         verdicts={"allow": 98, "flag": 2}, answered_by={"champion": 100},
                         by_client={"alice": {"allow": 98, "flag": 2}})
     outcomes = {
