@@ -203,7 +203,7 @@ def run_demo(
 
         def log(msg: str) -> None:
             if not quiet:
-                console.print(msg)
+                console.print(msg, soft_wrap=True)
 
     bar: Any = None
     task: Any = None
@@ -560,37 +560,14 @@ def _render_html(report: DemoReport, dash: dict[str, Any]) -> str:
     page = HtmlPage("Bastion demo: attack, detect, heal",
                     subtitle=f"model {report.model_name}, seed {report.seed}"
                     f"{' (fast)' if report.fast else ''}, {report.time_s:.0f} s")
-    page.heading("Outcome")
-    for key, good in [("evasion_client_quarantined", True),
-                      ("extraction_client_quarantined", True)]:
-        (page.good if o.get(key) == good else page.bad)(f"{key.replace('_', ' ')}: {o.get(key)}")
-    if o.get("benign_clients_quarantined"):
-        page.bad(f"benign clients quarantined: {o['benign_clients_quarantined']}")
-    if o["poison_agreement_after"] <= o["poison_agreement_before"] + 0.05:
-        page.good(f"poisoned labels did not reach the champion: it agrees with "
-                  f"{o['poison_agreement_after']:.1%} of the {o['poisoned_labels']} flipped "
-                  f"labels (before the poisoning: {o['poison_agreement_before']:.1%})")
-    else:
-        page.bad(f"the champion adopted poisoned labels: agreement "
-                 f"{o['poison_agreement_before']:.1%} -> {o['poison_agreement_after']:.1%}")
-    page.table([[k, json.dumps(v) if isinstance(v, dict | list) else v]
-                for k, v in o.items()], ["outcome", "value"])
+    page.heading("What happened")
+    for ok, text in _story(report):
+        if ok is None:
+            page.paragraph(text)
+        else:
+            (page.good if ok else page.bad)(text)
 
-    page.heading("Red team and hardening (PGD scan of the trusted holdout)")
-    rows = []
-    for name, sres in report.scans.items():
-        rows.append([name, sres["clean_accuracy"]] + list(sres["robust_accuracy"].values()))
-    eps_keys = list(next(iter(report.scans.values()))["robust_accuracy"])
-    page.table(rows, ["model", "clean"] + [f"robust eps={k}" for k in eps_keys])
-
-    page.heading("Scenario")
-    page.table([[p.name, p.description, p.inputs, p.verdicts.get("allow", 0),
-                 p.verdicts.get("flag", 0), p.verdicts.get("block", 0),
-                 "-" if p.accuracy is None else p.accuracy, ", ".join(p.signals_fired) or "-",
-                 f"v{p.champion_after}", p.traffic_after, ", ".join(p.quarantined_after) or "-"]
-                for p in report.phases],
-               ["phase", "what", "inputs", "allow", "flag", "block", "accuracy", "signals",
-                "champion", "traffic", "quarantined"])
+    page.heading("Traffic, verdicts and drift")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
     names = [p.name for p in report.phases]
     bottom = np.zeros(len(names))
@@ -628,6 +605,26 @@ def _render_html(report: DemoReport, dash: dict[str, Any]) -> str:
     axes[1].legend()
     page.figure(fig, alt="traffic and drift over time")
 
+    page.heading("Red team and hardening (PGD scan of the trusted holdout)")
+    rows = []
+    for name, sres in report.scans.items():
+        rows.append([name, sres["clean_accuracy"]] + list(sres["robust_accuracy"].values()))
+    eps_keys = list(next(iter(report.scans.values()))["robust_accuracy"]) if report.scans \
+        else []
+    page.table(rows, ["model", "clean"] + [f"robust eps={k}" for k in eps_keys])
+    if report.scans:
+        links = ", ".join(f'<a href="scans/{_esc(n)}/report.html">{_esc(n)}</a>'
+                          for n in report.scans)
+        page.raw(f"<p>Full scan reports: {links}.</p>")
+
+    page.heading("Scenario")
+    page.table([[p.name, p.description, p.inputs, p.verdicts.get("allow", 0),
+                 p.verdicts.get("flag", 0), p.verdicts.get("block", 0),
+                 "-" if p.accuracy is None else p.accuracy, ", ".join(p.signals_fired) or "-",
+                 f"v{p.champion_after}", p.traffic_after, ", ".join(p.quarantined_after) or "-"]
+                for p in report.phases],
+               ["phase", "what", "inputs", "allow", "flag", "block", "accuracy", "signals",
+                "champion", "traffic", "quarantined"])
     page.heading("Healing timeline (alerts, decisions with evidence, model changes)")
     rows = []
     for e in report.timeline:
@@ -650,8 +647,73 @@ def _render_html(report: DemoReport, dash: dict[str, Any]) -> str:
                     for g in gates)
         rows.append([e["at"][11:23], e["kind"], what, detail[:600]])
     page.table(rows, ["time", "kind", "what", "detail"])
+    page.heading("All numbers (as in report.json)")
+    page.table([[k, json.dumps(v) if isinstance(v, dict | list) else v]
+                for k, v in o.items()], ["outcome", "value"])
     page.paragraph(f"Files: {json.dumps(report.files)}")
     return page.render()
+
+
+def _esc(x: Any) -> str:
+    import html
+
+    return html.escape(str(x), quote=True)
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.0%}"
+
+
+def _story(report: DemoReport) -> list[tuple[bool | None, str]]:
+    """The demo's outcome in plain words: ``(True good / False bad / None neutral, text)``."""
+    o = report.outcomes
+    v = report.versions
+    out: list[tuple[bool | None, str]] = []
+    scans = report.scans
+    if "baseline" in scans and "hardened" in scans:
+        eps = "0.1" if "0.1" in scans["baseline"]["robust_accuracy"] else next(
+            iter(scans["baseline"]["robust_accuracy"]), None)
+        if eps is not None:
+            b, h = scans["baseline"], scans["hardened"]
+            out.append((None, f"A digits classifier was trained (v{v.get('baseline')}) and "
+                        f"attacked with PGD: at eps={eps} it classified "
+                        f"{_pct(b['robust_accuracy'][eps])} of the attacked inputs correctly "
+                        f"(clean inputs: {_pct(b['clean_accuracy'])}). Adversarial training "
+                        f"made v{v.get('hardened')}: {_pct(h['robust_accuracy'][eps])} under "
+                        f"the same attack (clean {_pct(h['clean_accuracy'])}). It was promoted "
+                        "to champion and served behind the guard."))
+    out.append((None, f"Traffic was replayed in {len(report.phases)} phases: "
+                + ", ".join(p.name.replace("_", " ") for p in report.phases) + "."))
+    q_ev, q_ex = o.get("evasion_client_quarantined"), o.get("extraction_client_quarantined")
+    out.append((bool(q_ev), "The client sending adversarial examples (mallory) was "
+                + ("quarantined" if q_ev else "NOT quarantined")
+                + f"; {_pct(o.get('evasion_flagged_share'))} of its inputs were flagged or "
+                f"blocked, against {_pct(o.get('clean_flagged_share'))} of clean traffic."))
+    out.append((bool(q_ex), "The client probing to steal the model (eve) was "
+                + ("quarantined" if q_ex else "NOT quarantined")
+                + f"; {_pct(o.get('extraction_flagged_share'))} of its queries were flagged."))
+    benign = o.get("benign_clients_quarantined") or []
+    out.append((not benign, "No honest client was quarantined." if not benign else
+                f"Honest clients were quarantined by mistake: {', '.join(benign)}."))
+    drift = ("Drifted inputs raised a drift alert" if o.get("drift_alerted") else
+             "Drifted inputs raised NO drift alert")
+    drift += (f"; traffic went to the fallback model {o.get('fallback_switches')} time(s)."
+              if o.get("fallback_switches") else ".")
+    out.append((bool(o.get("drift_alerted")), drift))
+    before, after = o.get("poison_agreement_before"), o.get("poison_agreement_after")
+    if before is not None and after is not None:
+        held = after <= before + 0.05
+        out.append((held, f"Feedback with {o.get('poisoned_labels')} flipped labels was sent; "
+                    f"healing retrained {o.get('retrains_attempted', 0)} time(s) "
+                    f"({o.get('retrains_promoted', 0)} promoted, "
+                    f"{o.get('retrains_refused', 0)} refused by the gates). The champion "
+                    f"agrees with {_pct(after)} of the flipped labels (before: "
+                    f"{_pct(before)}): " + ("the poison did not get in." if held else
+                                            "the champion adopted poisoned labels.")))
+    out.append((None, f"At the end v{o.get('final_champion')} is champion; holdout accuracy "
+                f"{_pct(o.get('holdout_accuracy_initial_champion'))} at the start, "
+                f"{_pct(o.get('holdout_accuracy_final_champion'))} at the end."))
+    return out
 
 
 def _fmt(v: Any) -> str:

@@ -256,3 +256,71 @@ def test_corrupt_parquet(tmp_path):
 def test_bad_test_size():
     with pytest.raises(DataError, match="test_size"):
         load_data("builtin:wine", test_size=1.5)
+
+
+def test_npz_scheme_any_shape_and_both_layouts(tmp_path):
+    rng = np.random.default_rng(0)
+    # four arrays, tabular, values outside [0, 1]
+    x = rng.normal(size=(60, 5)).astype(np.float64)
+    y = np.arange(60) % 3
+    p = tmp_path / "tab.npz"
+    np.savez(p, x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    ds = load_data(f"npz:{p}")
+    assert ds.kind == "tabular" and ds.input_shape == (5,) and ds.n_classes == 3
+    assert ds.bounds[0] == pytest.approx(x.min()) and ds.bounds[1] == pytest.approx(x.max())
+    np.testing.assert_allclose(ds.x_test, x[40:].astype(np.float32))
+    # x, y only: split here, stratified; (n, H, W) uint8 images become (n, 1, H, W) in [0, 1]
+    imgs = rng.integers(0, 256, size=(80, 6, 7), dtype=np.uint8)
+    q = tmp_path / "xy.npz"
+    np.savez(q, x=imgs, y=np.arange(80) % 4)
+    ds2 = load_data(f"npz:{q}", test_size=0.25)
+    assert ds2.kind == "image" and ds2.input_shape == (1, 6, 7)
+    assert len(ds2.x_train) == 60 and len(ds2.x_test) == 20 and ds2.bounds == (0.0, 1.0)
+    assert ds2.x_train.max() <= 1.0
+
+
+def test_npz_scheme_reads_what_bastion_writes(tmp_path):
+    from bastion.audit import poison_dataset
+    from bastion.defend.sanitize import sanitize, write_sanitized
+
+    ds = load_data("builtin:digits")
+    _, _, paths = poison_dataset(ds, attack="badnets", rate=0.05, target=7, out_dir=tmp_path)
+    back = load_data(f"npz:{paths['data']}")
+    assert back.input_shape == ds.input_shape and back.n_classes == 10
+    assert back.bounds == ds.bounds and len(back.y_train) == len(ds.y_train)
+    assert back.meta["poison_mask"].sum() == int(0.05 * len(ds.y_train))
+    scores = back.meta["poison_mask"].astype(float)
+    res = sanitize(back, scores, threshold=0.5)
+    written = write_sanitized(res, tmp_path / "clean")
+    cleaned = load_data(f"npz:{written['data']}")
+    assert len(cleaned.y_train) == len(ds.y_train) - int(back.meta["poison_mask"].sum())
+    assert "poison_mask" not in cleaned.meta
+
+
+@pytest.mark.parametrize("arrays,needle", [
+    ({"a": np.zeros(3)}, "lacks the arrays"),
+    ({"x": np.zeros((4, 2)), "y": np.array([0, 1, 0])}, "3 labels for 4 inputs"),
+    ({"x": np.zeros((4, 2)), "y": np.array([0.5, 1, 0, 1])}, "class indices"),
+    ({"x": np.zeros(4), "y": np.array([0, 1, 0, 1])}, "expected numbers"),
+    ({"x": np.array([[np.nan, 1]] * 4), "y": np.array([0, 1, 0, 1])}, "NaN"),
+    ({"x_train": np.zeros((4, 2)), "y_train": np.array([0, 1, 0, 1]),
+      "x_test": np.zeros((2, 3)), "y_test": np.array([0, 1])}, "splits do not match"),
+])
+def test_npz_scheme_bad_files_one_clear_error(tmp_path, arrays, needle):
+    p = tmp_path / "bad.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(DataError, match=needle):
+        load_data(f"npz:{p}")
+
+
+def test_npz_scheme_refuses_pickles_and_garbage(tmp_path):
+    p = tmp_path / "obj.npz"
+    np.savez(p, x=np.array([{"a": 1}] * 4, dtype=object), y=np.array([0, 1, 0, 1]))
+    with pytest.raises(DataError, match="pickled"):
+        load_data(f"npz:{p}")
+    g = tmp_path / "garbage.npz"
+    g.write_bytes(b"not a zip at all")
+    with pytest.raises(DataError, match="cannot read"):
+        load_data(f"npz:{g}")
+    with pytest.raises(DataError, match="not found"):
+        load_data(f"npz:{tmp_path / 'missing.npz'}")

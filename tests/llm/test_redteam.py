@@ -226,26 +226,23 @@ def test_redteam_report_resume_and_no_key_leak(vuln_server, tmp_path, monkeypatc
 
 
 def test_redteam_counts_target_failures(vuln_server, tmp_path) -> None:
+    """A target that answers none of the probes is an error naming the cause; the report
+    with the counted failures is still written."""
     probes = load_probes(["jailbreak"], limit_per_family=4)
-    rep = run_redteam(
-        probes,
-        target=vuln_server.base_url,
-        model="error-500",
-        out_dir=tmp_path / "a",
-        retries=1,
-        backoff=0.01,
-    )
-    assert rep.overall.errors == 4 and rep.overall.exploit_success_rate is None
-    assert rep.errors_by_kind == {"http_5xx": 4}
-    rep = run_redteam(
-        probes,
-        target="http://127.0.0.1:9/v1",
-        model="x",
-        out_dir=tmp_path / "b",
-        retries=0,
-        timeout=2,
-    )
-    assert rep.overall.errors == 4
+    with pytest.raises(BastionError, match="server errors"):
+        run_redteam(probes, target=vuln_server.base_url, model="error-500",
+                    out_dir=tmp_path / "a", retries=1, backoff=0.01)
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["overall"]["errors"] == 4 and rep["overall"]["exploit_success_rate"] is None
+    assert rep["errors_by_kind"] == {"http_5xx": 4}
+    with pytest.raises(BastionError, match="cannot connect"):
+        run_redteam(probes, target="http://127.0.0.1:9/v1", model="x",
+                    out_dir=tmp_path / "b", retries=0, timeout=2)
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["overall"]["errors"] == 4
+    # a target failing only some probes is counted, not raised
+    rep2 = run_redteam(probes, target=vuln_server.base_url, model="flaky",
+                       out_dir=tmp_path / "d", retries=0, backoff=0.01)
+    assert rep2.overall.errors + rep2.overall.judged + rep2.overall.unjudged == 4
     with pytest.raises(BastionError, match="not an http"):
         run_redteam(probes, target="ftp://x", model="x", out_dir=tmp_path / "c")
 

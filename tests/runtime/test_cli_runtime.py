@@ -52,3 +52,57 @@ def test_models_and_heal_commands(cli, tmp_path, mlflow_uri, zoo_digits, capsys)
                 events]) == 0
     assert "champion v1" in capsys.readouterr().err
     assert cli(["heal", "--once", *common, "--reference", "nope:x", "--events", events]) == 1
+
+
+def test_heal_unknown_model_is_one_line_and_moves_no_cursor(cli, tmp_path, mlflow_uri,
+                                                             zoo_digits, capsys):
+    from bastion.registry.models import ModelRegistry
+    from bastion.runtime.events import EventStore
+
+    reg = ModelRegistry("cursor-digits", tracking_uri=mlflow_uri)
+    reg.promote(reg.register(zoo_digits[1]), reason="first", actor="test")
+    db = tmp_path / "ev.db"
+    events = f"sqlite:///{db}"
+    store = EventStore(events)
+    for i in range(5):
+        store.append("prediction", {"pred": i % 10})
+    before = {k: store.get_state(k) for k in ("healing", "healing:cursor-digits",
+                                              "healing:cursor-digitz")}
+    code = cli(["heal", "--once", "--model", "cursor-digitz", "--tracking-uri", mlflow_uri,
+                "--reference", "builtin:digits", "--events", events])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "no registered model 'cursor-digitz'" in err and "cursor-digits" in err
+    assert len(err.strip().splitlines()) == 1 and "champion vNone" not in err
+    after = {k: store.get_state(k) for k in before}
+    assert after == before  # nothing consumed
+
+    # cursors are per model: the real model's step starts at 0 and keeps its own cursor
+    assert cli(["heal", "--once", "--model", "cursor-digits", "--tracking-uri", mlflow_uri,
+                "--reference", "builtin:digits", "--events", events, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["from_id"] == 0 and rep["upto_id"] >= 5
+    assert store.get_state("healing:cursor-digits")["cursor"] == rep["upto_id"]
+    assert store.get_state("healing") is None  # the shared key is no longer written
+
+
+def test_heal_cursor_migrates_from_the_shared_key(tmp_path, mlflow_uri, zoo_digits):
+    from bastion.registry.models import ModelRegistry
+    from bastion.runtime.events import EventStore
+    from bastion.runtime.healing import HealingController
+    from bastion.runtime.retrain import RetrainPipeline
+
+    store = EventStore(f"sqlite:///{tmp_path / 'old.db'}")
+    for i in range(3):
+        store.append("prediction", {"pred": i})
+    store.set_state("healing", {"cursor": 2, "baseline_id": 1})  # written by an old Bastion
+    reg = ModelRegistry("migrate-digits", tracking_uri=mlflow_uri, store=store)
+    import numpy as np
+
+    x = np.zeros((20, 1, 8, 8), np.float32)
+    y = np.arange(20) % 10
+    ctl = HealingController(None, store, reg, RetrainPipeline((x, y), (x, y)), monitors=[])
+    assert ctl.state()["cursor"] == 2 and ctl.state()["baseline_id"] == 1
+    rep = ctl.step()
+    assert rep.from_id == 2
+    assert store.get_state("healing:migrate-digits")["cursor"] == rep.upto_id

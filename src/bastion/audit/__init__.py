@@ -3,7 +3,7 @@
 Python first::
 
     from bastion.audit import audit_data, audit_backdoor, audit_extraction, audit_privacy
-    report, html, cleaned = audit_data(ds, model, budget=0.05, out_dir="out")
+    report, html, cleaned = audit_data(ds, model, out_dir="out")  # or budget=0.05
 """
 
 from bastion.audit.core import (

@@ -31,6 +31,8 @@ def data_html(report: Any, ds: Any, scores: dict[str, np.ndarray], combined: np.
               res: Any) -> str:
     page = HtmlPage("Data audit: poisoning and label noise", subtitle=report.created)
     _header(page, report)
+    if report.verdict:
+        (page.bad if report.abnormal else page.good)(report.verdict)
     page.heading("Detectors")
     page.table([[d.detector, d.needs, d.flagged, d.recall if d.recall is not None else "-",
                  d.precision if d.precision is not None else "-", d.time_s]
@@ -51,9 +53,15 @@ def data_html(report: Any, ds: Any, scores: dict[str, np.ndarray], combined: np.
         page.paragraph(f"cleaned data: {report.cleaned_path}; log: {report.removed_csv}. "
                        "The original data file was not modified.")
     if res.log:
-        page.table([[e.index, e.score, e.label, "" if e.new_label is None else e.new_label,
-                     e.reason] for e in res.log[:30]],
-                   ["index", "score", "label", "new label", "reason"])
+        if report.whole_file:  # the rows of the user's file
+            page.table([[r["row"], r.get("id", ""), r["score"], r["label"]]
+                        for r in report.flagged_rows[:30]],
+                       ["row (0 = first after the header)", "id", "score", "label"])
+        else:
+            page.table([[e.index, e.score, e.label,
+                         "" if e.new_label is None else e.new_label, e.reason]
+                        for e in res.log[:30]],
+                       ["index", "score", "label", "new label", "reason"])
         if ds.kind == "image":
             idx = [e.index for e in res.log[:16]]
             page.raw(image_grid([ds.x_train[i] for i in idx],

@@ -50,6 +50,13 @@ class DataAuditReport(AuditHeader):
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     skipped: dict[str, str] = Field(default_factory=dict)
+    verdict: str = ""
+    abnormal: bool = False
+    n_flagged: int = 0  # by the detectors' own rules (the verdict's count)
+    clean_flag_rate: float | None = None  # what the rules flag on clean data
+    whole_file: bool = False  # every row of a CSV/Parquet file, rows are file rows
+    cleaned_table: str | None = None
+    flagged_rows: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class StripSummary(BaseModel):

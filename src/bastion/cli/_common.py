@@ -7,8 +7,10 @@ becomes one line on stderr and exit code 1, with no traceback unless ``--debug``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,64 @@ def show_progress(quiet: bool) -> bool:
     return (not quiet) and sys.stderr.isatty()
 
 
+PROGRESS_LOGGER = "bastion.progress"
+TICK_EVERY_S = 5.0
+
+
+class _ProgressLines(logging.Handler):
+    """Progress on stderr when it is not a terminal: every stage line (logger
+    ``bastion.progress``), and ticks (``bastion.progress.tick``: epochs, batches) at most
+    one every :data:`TICK_EVERY_S` seconds."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.t0 = time.monotonic()
+        self.last_tick = -1e9
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        if record.name.endswith(".tick"):
+            if now - self.last_tick < TICK_EVERY_S:
+                return
+            self.last_tick = now
+        try:
+            sys.stderr.write(f"[{now - self.t0:6.1f}s] {record.getMessage()}\n")
+            sys.stderr.flush()
+        except Exception:  # a closed pipe must not break the job
+            pass
+
+
+def install_progress_lines(argv: list[str]) -> logging.Handler | None:
+    """Log progress lines to stderr when it is not a terminal (and not ``--quiet``)."""
+    if "-q" in argv or "--quiet" in argv or sys.stderr.isatty():
+        return None
+    log = logging.getLogger(PROGRESS_LOGGER)
+    handler = _ProgressLines()
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
+def remove_progress_lines(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger(PROGRESS_LOGGER).removeHandler(handler)
+
+
+def stage(message: str) -> None:
+    """A progress line for a new stage (shown when stderr is not a terminal)."""
+    logging.getLogger(PROGRESS_LOGGER).info(message)
+
+
+def tick(message: str) -> None:
+    """A frequent progress line (an epoch); shown at most every few seconds."""
+    logging.getLogger(PROGRESS_LOGGER + ".tick").info(message)
+
+
 def info(message: str, *, quiet: bool = False) -> None:
     """A status line on stderr (stdout stays clean for ``--json``)."""
     if not quiet:
-        err_console.print(message)
+        err_console.print(message, soft_wrap=True)  # one line, whatever the width
 
 
 def parse_floats(text: str, *, what: str = "--eps") -> list[float]:

@@ -25,7 +25,8 @@ def _run(kind: str, *, data: str, model: str | None, out: Path, seed: int,
         return run_audit(
             kind, data_spec=data, model_spec=model, out_dir=c.prepare_out_dir(out), seed=seed,
             tracking_uri=tracking_uri, track=not no_track, label_column=label_column,
-            progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else None,
+            progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else (
+                lambda m: c.stage(f"audit {kind}: {m}")),
             **options,
         )
 
@@ -55,13 +56,19 @@ def register(app: typer.Typer) -> None:
             None, "--detectors", help="Comma list of spectral, activation-clustering, "
             "confident-learning, knn, strip (default: all that fit the model)."),
         use: str = typer.Option(
-            "auto", "--use", help="Scores that sanitise: a detector name, combined, or auto "
-            "(strip with a model, else confident-learning)."),
-        budget: float = typer.Option(0.05, "--budget", help="Removal budget (share of train)."),
+            "auto", "--use", help="Which detector decides: a detector name, or auto/combined "
+            "(any detector whose rule is quiet on clean data flags a sample; with --budget "
+            "auto ranks by strip with a model, else confident-learning)."),
+        budget: float | None = typer.Option(
+            None, "--budget", help="Remove this share of the samples, the most suspicious "
+            "first, instead of only those the detectors flag."),
         threshold: float | None = typer.Option(None, "--threshold",
                                                help="Score threshold instead of a budget."),
         mode: str = typer.Option("remove", "--mode", help="remove or relabel."),
         label_column: str = typer.Option("label", "--label-column"),
+        id_column: str | None = typer.Option(
+            None, "--id-column", help="CSV/Parquet column of row ids (not a feature; "
+            "reported with each flagged row)."),
         seed: int = c.SeedOpt,
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
@@ -69,16 +76,20 @@ def register(app: typer.Typer) -> None:
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
-        """Score every training sample for poisoning / label noise; write cleaned data."""
+        """Score every sample for poisoning / label noise (every row of a CSV or Parquet
+        file), say whether that is more than clean data gives, write cleaned data."""
         report, paths = _run("data", data=data, model=model, out=out, seed=seed,
                              timeout=timeout,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, detectors=c.parse_list(detectors),
                              use=use, budget=None if threshold is not None else budget,
-                             threshold=threshold, mode=mode)
+                             threshold=threshold, mode=mode, id_column=id_column)
         verb = "removed" if mode == "remove" else "relabelled"
-        c.info(f"{report.n_removed + report.n_relabelled} of {report.n_train} training samples "
-               f"{verb}; cleaned data {report.cleaned_path}", quiet=quiet)
+        what = "rows" if report.whole_file else "training samples"
+        c.info(report.verdict, quiet=quiet)
+        c.info(f"{report.n_removed + report.n_relabelled} of {report.n_train} {what} "
+               f"{verb}; cleaned data {report.cleaned_table or report.cleaned_path}",
+               quiet=quiet)
         c.info(f"report: {paths['json']} and {paths['html']}", quiet=quiet)
 
     @audit.command("backdoor")

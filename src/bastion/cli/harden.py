@@ -211,6 +211,8 @@ def register(app: typer.Typer) -> None:
 
         def on_epoch(e: Any) -> None:
             if not progress:
+                c.tick(f"harden: epoch {e.epoch}/{e.epochs}, clean {e.clean_accuracy:.3f}, "
+                       f"robust {e.robust_accuracy:.3f}" + (" COLLAPSE" if e.collapsed else ""))
                 return
             if "p" not in bar:
                 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

@@ -209,6 +209,44 @@ def _click_classes() -> tuple[tuple[type[BaseException], ...], ...]:
 _USAGE, _EXIT, _ABORT = _click_classes()
 
 
+def _metavar(param: Any) -> str:
+    """What a person reads for an option's value: INTEGER, FLOAT, TEXT, PATH, A,B,C."""
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return ""  # a flag takes no value
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None and getattr(desc, "is_choice", False):
+        return "|".join(str(c) for c in (desc.choices or ()))
+    if "comma" in (getattr(param, "help", None) or "").lower():
+        return "A,B,C"
+    if desc is not None and getattr(desc, "is_path", False):
+        return "PATH"
+    ann: Any = getattr(desc, "annotation", None)
+    if desc is not None and getattr(desc, "is_ranged", False):
+        ann = {"int": int, "float": float}.get(str(desc.ranged_type_name), ann)
+    if getattr(ann, "__origin__", None) is list:
+        ann = ann.__args__[0]
+    names = {int: "INTEGER", float: "FLOAT", Path: "PATH", bool: ""}
+    return names.get(ann, "TEXT") if isinstance(ann, type) else "TEXT"
+
+
+def _humanise(cmd: Any) -> Any:
+    """Plain help (full option names at any width, never cut by a table column) with
+    readable metavars, for every command and sub-command."""
+    if hasattr(cmd, "rich_markup_mode"):
+        cmd.rich_markup_mode = None
+    for p in getattr(cmd, "params", []):
+        if getattr(p, "param_type_name", "") == "option" and p.metavar is None:
+            p.metavar = _metavar(p)
+    for sub in (getattr(cmd, "commands", None) or {}).values():
+        _humanise(sub)
+    return cmd
+
+
+def get_command() -> Any:
+    """The click command behind ``bastion`` (what :func:`run` invokes)."""
+    return _humanise(typer.main.get_command(app))
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv``; return the exit code instead of exiting.
 
@@ -217,7 +255,8 @@ def run(argv: list[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = c.debug_requested(args)
-    command = typer.main.get_command(app)
+    command = get_command()
+    lines = c.install_progress_lines(args)
     try:
         command.main(args=args, prog_name="bastion", standalone_mode=False)
         return 0
@@ -247,6 +286,8 @@ def run(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return 2
+    finally:
+        c.remove_progress_lines(lines)
 
 
 def main() -> None:

@@ -30,7 +30,9 @@ def register(app: typer.Typer) -> None:
                                            help="Service config (YAML or JSON)."),
         events: str | None = typer.Option(None, "--events",
                                           help="Event store URL (sqlite:///PATH)."),
-        model_name: str | None = typer.Option(None, "--name", help="Registered model name."),
+        model_name: str | None = typer.Option(
+            None, "--name", help="Registered model name (default: the model folder's name, "
+            "or its parent's for a folder called model: out/hardened/model -> hardened)."),
         heal_interval: float | None = typer.Option(
             None, "--heal-interval", min=0.0,
             help="Run a healing step every this many seconds (0: off)."),
@@ -65,6 +67,8 @@ def register(app: typer.Typer) -> None:
                quiet=quiet)
         app_ = create_app(cfg)
         svc = app_.state.service
+        c.info(f"registered model name: {svc.model_name} (use it as --model in bastion heal "
+               f"and bastion models; --name sets another)", quiet=quiet)
         c.info(f"serving {svc.model_name} v{svc.champion_version} on http://{host}:{port} "
                f"(dashboard: /dashboard; admin routes "
                f"{'on' if cfg.token() else 'off: set BASTION_ADMIN_TOKEN'})", quiet=quiet)
@@ -86,10 +90,10 @@ def register(app: typer.Typer) -> None:
 
         from bastion.demo import run_demo
 
-        # a progress bar in a terminal; no step-by-step lines when not a TTY
+        # a progress bar in a terminal; one line per step when stderr is not a TTY
         res = run_demo(out, seed=seed, fast=fast, tracking_uri=tracking_uri,
                        progress=c.show_progress(quiet),
-                       quiet=quiet or not sys.stderr.isatty())
+                       quiet=quiet or sys.stderr.isatty())
         if not quiet:
             c.info(f"report: {res.html_path} and {res.json_path}")
             for line in res.headline():

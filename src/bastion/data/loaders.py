@@ -7,7 +7,12 @@ A *data spec* is ``SCHEME:ARG``:
 - ``mnist:PATH`` / ``fashion-mnist:PATH``: an ``.npz`` with ``x_train, y_train, x_test,
   y_test`` or a folder with the four IDX files (plain or ``.gz``);
 - ``csv:PATH`` / ``parquet:PATH``: one row a sample, numeric feature columns plus a label
-  column.
+  column;
+- ``npz:PATH``: any ``.npz`` of plain arrays, ``x_train, y_train, x_test, y_test`` or just
+  ``x, y`` (split here), inputs of any shape (``(n, d)`` a table, ``(n, H, W)`` or
+  ``(n, C, H, W)`` images). Every data file Bastion writes (``audit poison``'s
+  ``poisoned.npz``, the sanitiser's ``cleaned.npz``) reads back this way, with its
+  ``bounds``, ``n_classes`` and ``poison_mask`` when saved.
 
 Nothing here unpickles: ``.npz`` files are opened with ``allow_pickle=False``.
 """
@@ -25,7 +30,7 @@ from bastion.data.dataset import Dataset
 from bastion.data.idx import MAGIC_IMAGES, MAGIC_LABELS, read_idx
 from bastion.errors import DataError
 
-SCHEMES = ("builtin", "mnist", "fashion-mnist", "csv", "parquet")
+SCHEMES = ("builtin", "mnist", "fashion-mnist", "csv", "parquet", "npz")
 BUILTIN_DATASETS = ("digits", "breast-cancer", "wine")
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -38,6 +43,8 @@ def load_data(
     label_column: str = "label",
     test_size: float = 0.25,
     seed: int = 0,
+    id_column: str | None = None,
+    whole_file: bool = False,
 ) -> Dataset:
     """Load the dataset named by ``spec`` (see the module docs for the forms).
 
@@ -46,6 +53,12 @@ def load_data(
         label_column: the label column for CSV/Parquet.
         test_size: fraction held out for testing (MNIST keeps its own split).
         seed: seed of the stratified train/test split.
+        id_column: a CSV/Parquet column of row ids: not a feature; its values are kept
+            in ``meta["ids"]`` for reports.
+        whole_file: CSV/Parquet and ``npz:`` files of ``x, y``: no split; ``x_train``
+            holds every row of the file in file order (``meta["rows"]``: 0 = the first
+            row after the header) and ``x_test`` is the same rows (for audits, which must
+            see every row). An ``npz:`` file with its own train/test split keeps it.
 
     Raises:
         DataError: unknown scheme, missing or corrupt file, missing label column,
@@ -66,9 +79,18 @@ def load_data(
         return _load_builtin(arg.strip(), test_size=test_size, seed=seed)
     if scheme in ("mnist", "fashion-mnist"):
         return _load_mnist(arg, name=scheme)
+    if scheme == "npz":
+        if id_column is not None:
+            raise DataError("--id-column is for CSV and Parquet files, not npz:",
+                            hint="drop --id-column")
+        return _load_npz(arg, test_size=test_size, seed=seed, whole_file=whole_file)
     if scheme in ("csv", "parquet"):
         return _load_table(arg, fmt=scheme, label_column=label_column,
-                           test_size=test_size, seed=seed)
+                           test_size=test_size, seed=seed, id_column=id_column,
+                           whole_file=whole_file)
+    if id_column is not None or whole_file:
+        raise DataError(f"--id-column and whole-file audits are for CSV and Parquet files, "
+                        f"not {scheme}:", hint="drop --id-column")
     raise DataError(f"unknown data scheme {scheme!r} in {spec!r}",
                     hint=f"valid schemes: {', '.join(SCHEMES)}")
 
@@ -255,11 +277,122 @@ def _read_idx_folder(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
+# ---------------------------------------------------------------- generic npz
+
+_NPZ_OPTIONAL = ("bounds", "n_classes", "poison_mask")
+
+
+def _read_npz_any(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a plain ``.npz`` (no pickles), or a one-line DataError."""
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"PK":  # np.load would take any other file for a pickle
+            raise DataError(f"cannot read {path}: not an .npz (zip) file",
+                            hint="write it with np.savez(PATH, x=..., y=...)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError(f"{path} holds pickled objects, which Bastion will not load",
+                            hint="save plain numeric arrays with np.savez") from None
+        raise DataError(f"cannot read {path}: {exc}",
+                        hint="the file is corrupt or not an .npz; write it again") from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DataError(f"cannot read {path}: {exc}",
+                        hint="the file is corrupt, truncated or not an .npz") from None
+
+
+def _npz_inputs(x: np.ndarray, what: str) -> np.ndarray:
+    if x.dtype.kind not in "biuf" or x.ndim < 2:
+        raise DataError(f"{what} has dtype {x.dtype} and shape {x.shape}; expected numbers "
+                        "shaped (n, d), (n, H, W) or (n, C, H, W)",
+                        hint="save the inputs as a numeric array, one row per sample")
+    if x.ndim == 3:  # (n, H, W) grey images
+        x = x[:, None]
+    xf = x.astype(np.float32)
+    _check_finite(xf, what)
+    return xf
+
+
+def _npz_labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
+    y = np.asarray(y).reshape(-1)
+    if len(y) != n:
+        raise DataError(f"{what} has {len(y)} labels for {n} inputs",
+                        hint="the arrays do not belong together")
+    if y.dtype.kind == "f" and np.isfinite(y).all() and np.all(y == np.round(y)):
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
+        raise DataError(f"{what} must hold class indices (integers >= 0), got {y.dtype}",
+                        hint="encode the labels as 0..K-1")
+    return y.astype(np.int64)
+
+
+def _load_npz(arg: str, *, test_size: float, seed: int, whole_file: bool = False) -> Dataset:
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        raise DataError(f"npz file not found: {path}", hint="check the path")
+    z = _read_npz_any(path)
+    mask = None
+    if all(k in z for k in _NPZ_KEYS):
+        x_tr = _npz_inputs(z["x_train"], f"{path.name} x_train")
+        x_te = _npz_inputs(z["x_test"], f"{path.name} x_test")
+        y_tr = _npz_labels(z["y_train"], len(x_tr), f"{path.name} y_train")
+        y_te = _npz_labels(z["y_test"], len(x_te), f"{path.name} y_test")
+        if x_tr.shape[1:] != x_te.shape[1:]:
+            raise DataError(f"{path.name}: x_train inputs are {x_tr.shape[1:]} but x_test "
+                            f"inputs are {x_te.shape[1:]}", hint="the splits do not match")
+        if "poison_mask" in z and len(z["poison_mask"]) == len(y_tr):
+            mask = z["poison_mask"].astype(bool)
+        split_meta: dict[str, Any] = {}
+    elif "x" in z and "y" in z:
+        x = _npz_inputs(z["x"], f"{path.name} x")
+        y = _npz_labels(z["y"], len(x), f"{path.name} y")
+        if whole_file:  # every row, in file order (audits)
+            x_tr, y_tr, x_te, y_te = x, y, x, y
+            split_meta = {"rows": np.arange(len(y)), "whole_file": True}
+        else:
+            x_tr, y_tr, x_te, y_te = _split(x, y, test_size=test_size, seed=seed)
+            split_meta = {"test_size": test_size, "seed": seed}
+    else:
+        raise DataError(f"{path} lacks the arrays x_train, y_train, x_test, y_test (or x, y); "
+                        f"it has {sorted(z)}",
+                        hint="save them with np.savez(PATH, x_train=..., y_train=..., "
+                        "x_test=..., y_test=...)")
+    if len(x_tr) == 0 or len(x_te) == 0:
+        raise DataError(f"{path.name} has an empty train or test split",
+                        hint="both splits need samples")
+    if z.get("n_classes") is not None and z["n_classes"].size == 1:
+        n_classes = int(z["n_classes"])
+    else:
+        n_classes = int(max(y_tr.max(), y_te.max())) + 1
+    if max(y_tr.max(), y_te.max()) >= n_classes or n_classes < 2:
+        raise DataError(f"{path.name}: labels reach {int(max(y_tr.max(), y_te.max()))} but "
+                        f"n_classes is {n_classes}", hint="labels must be in 0..n_classes-1")
+    if z.get("bounds") is not None and z["bounds"].size == 2:
+        bounds = (float(z["bounds"].ravel()[0]), float(z["bounds"].ravel()[1]))
+    elif z["x_train" if "x_train" in z else "x"].dtype == np.uint8:
+        x_tr, x_te, bounds = x_tr / np.float32(255), x_te / np.float32(255), (0.0, 1.0)
+    else:
+        lo = float(min(x_tr.min(), x_te.min()))
+        hi = float(max(x_tr.max(), x_te.max()))
+        bounds = (0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else (lo, hi if hi > lo else lo + 1.0)
+    kind = "image" if x_tr.ndim == 4 else "tabular"
+    meta: dict[str, Any] = {"source": f"npz:{path}", **split_meta}
+    if mask is not None:
+        meta["poison_mask"] = mask  # ground truth of a poisoned.npz, for the data audit
+    return Dataset(
+        name=path.stem, x_train=x_tr.astype(np.float32), y_train=y_tr,
+        x_test=x_te.astype(np.float32), y_test=y_te, n_classes=n_classes, bounds=bounds,
+        kind=kind, class_names=[str(i) for i in range(n_classes)], meta=meta,
+    )
+
+
 # ---------------------------------------------------------------- CSV / Parquet
 
 
 def _load_table(
-    arg: str, *, fmt: str, label_column: str, test_size: float, seed: int
+    arg: str, *, fmt: str, label_column: str, test_size: float, seed: int,
+    id_column: str | None = None, whole_file: bool = False,
 ) -> Dataset:
     import pandas as pd
 
@@ -281,7 +414,15 @@ def _load_table(
         )
     if len(df) == 0:
         raise DataError(f"{path} has no rows", hint="the file holds only a header")
-    feats = df.drop(columns=[label_column])
+    ids: list[str] | None = None
+    if id_column is not None:
+        if id_column not in df.columns or id_column == label_column:
+            raise DataError(
+                f"id column {id_column!r} not in {path.name} (or it is the label column); "
+                f"columns: {[str(c) for c in df.columns]}",
+                hint="name the id column with --id-column")
+        ids = [str(v) for v in df[id_column].tolist()]
+    feats = df.drop(columns=[label_column] + ([id_column] if id_column else []))
     if feats.shape[1] == 0:
         raise DataError(f"{path} has no feature columns besides {label_column!r}",
                         hint="add numeric feature columns")
@@ -291,7 +432,8 @@ def _load_table(
     ]
     if non_numeric:
         raise DataError(f"non-numeric feature columns in {path.name}: {non_numeric}",
-                        hint="encode them as numbers or drop them")
+                        hint="encode them as numbers or drop them; an id column: "
+                        "name it with --id-column")
     x = feats.to_numpy(dtype=np.float64)
     _check_finite(x, f"{path.name} features")
     labels = df[label_column]
@@ -318,10 +460,17 @@ def _load_table(
     if n_classes < 2:
         raise DataError(f"label column {label_column!r} has only one class",
                         hint="a classifier needs at least two classes")
-    x_tr, y_tr, x_te, y_te = _split(x, y, test_size=test_size, seed=seed)
-    x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)  # bounds from what we return
     meta: dict[str, Any] = {"source": f"{fmt}:{path}", "test_size": test_size, "seed": seed,
                             "label_column": label_column}
+    if whole_file:  # every row, in file order
+        x_tr, y_tr, x_te, y_te = x, y, x, y
+        meta.update({"rows": np.arange(len(y)), "whole_file": True})
+        meta.pop("test_size")
+        if ids is not None:
+            meta["ids"] = ids
+    else:
+        x_tr, y_tr, x_te, y_te = _split(x, y, test_size=test_size, seed=seed)
+    x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)  # bounds from what we return
     if x_tr.min() >= 0.0 and x_tr.max() <= 1.0:
         bounds = (0.0, 1.0)
     else:

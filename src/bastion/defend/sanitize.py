@@ -91,6 +91,7 @@ def sanitize(
     detector: str = "detector",
     new_labels: np.ndarray | None = None,
     reason: str | None = None,
+    flags: np.ndarray | None = None,
 ) -> SanitizeResult:
     """Remove (or relabel) the suspicious training samples of ``ds``.
 
@@ -104,6 +105,8 @@ def sanitize(
         detector: the detector's name, for the log.
         new_labels: labels to assign in relabel mode.
         reason: why, for the log (default: the score vs the threshold).
+        flags: act on exactly these samples (a boolean mask the detectors decided),
+            instead of a budget or threshold.
 
     Returns:
         A :class:`SanitizeResult`; ``ds`` itself is not modified.
@@ -113,10 +116,17 @@ def sanitize(
     s = np.asarray(scores, dtype=np.float64)
     if len(s) != len(ds.y_train):
         raise DataError(f"{len(s)} scores for {len(ds.y_train)} training samples")
-    flagged, thr = select(s, budget=budget, threshold=threshold)
+    if flags is not None:
+        flagged = np.asarray(flags, dtype=bool)
+        if flagged.shape != s.shape:
+            raise DataError(f"flags has shape {flagged.shape}; expected {s.shape}")
+        thr = float(s[flagged].min()) if flagged.any() else float("inf")
+        how = "flagged by the detectors' own decision"
+    else:
+        flagged, thr = select(s, budget=budget, threshold=threshold)
+        how = f"budget {budget if budget is not None else 0.05}" if threshold is None else (
+            f"threshold {threshold}")
     idx = np.flatnonzero(flagged)
-    how = f"budget {budget if budget is not None else 0.05}" if threshold is None else (
-        f"threshold {threshold}")
     log: list[RemovalEntry] = []
     y_tr = ds.y_train.copy()
     if mode == "relabel":
@@ -130,7 +140,8 @@ def sanitize(
         if (nl < 0).any() or (nl >= ds.n_classes).any():
             raise DataError("new_labels hold classes outside the dataset's range")
     for i in idx:
-        why = reason or f"score {s[i]:.4g} in the top suspicious samples ({how})"
+        why = reason or (f"score {s[i]:.4g}; {how}" if flags is not None else
+                         f"score {s[i]:.4g} in the top suspicious samples ({how})")
         if mode == "relabel":
             new = int(nl[i])
             if new == int(y_tr[i]):
@@ -172,13 +183,16 @@ def write_sanitized(
     *,
     source_path: str | os.PathLike[str] | None = None,
     name: str = "cleaned.npz",
+    rows: np.ndarray | None = None,
+    ids: list[str] | None = None,
 ) -> dict[str, Path]:
     """Write the cleaned data and the log into ``out_dir``.
 
-    Files: ``cleaned.npz`` (``x_train, y_train, x_test, y_test``, loadable as
-    ``mnist:PATH``), ``removed.csv`` and ``removed.json``. Each is written to a temporary
-    file and renamed. ``source_path`` (the user's original data file, when there is
-    one) is never written: a target that is, or would overwrite, it is refused.
+    Files: ``cleaned.npz`` (``x_train, y_train, x_test, y_test``, ``bounds``,
+    ``n_classes``; loadable as ``npz:PATH``), ``removed.csv`` and ``removed.json``. Each
+    is written to a temporary file and renamed. ``source_path`` (the user's original
+    data file, when there is one) is never written: a target that is, or would
+    overwrite, it is refused.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -195,18 +209,34 @@ def write_sanitized(
     ds = result.dataset
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, x_train=ds.x_train, y_train=ds.y_train,
-                                x_test=ds.x_test, y_test=ds.y_test)
+            bounds = np.asarray(ds.bounds, dtype=np.float64)
+            n_classes = np.asarray(ds.n_classes)
+            if rows is not None:  # every row of a file was audited: x, y, split on reading
+                np.savez_compressed(fh, x=ds.x_train, y=ds.y_train, bounds=bounds,
+                                    n_classes=n_classes)
+            else:
+                np.savez_compressed(fh, x_train=ds.x_train, y_train=ds.y_train,
+                                    x_test=ds.x_test, y_test=ds.y_test, bounds=bounds,
+                                    n_classes=n_classes)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["index", "score", "detector", "reason", "label", "new_label"])
+    head = ["index", "score", "detector", "reason", "label", "new_label"]
+    w.writerow(head + (["row"] if rows is not None else []) + (["id"] if ids else []))
+    entries = []
     for e in result.log:
+        d = e.as_dict()
+        if rows is not None:
+            d["row"] = int(rows[e.index])
+        if ids:
+            d["id"] = ids[e.index]
+        entries.append(d)
         w.writerow([e.index, f"{e.score:.6g}", e.detector, e.reason, e.label,
-                    "" if e.new_label is None else e.new_label])
+                    "" if e.new_label is None else e.new_label]
+                   + ([d["row"]] if rows is not None else []) + ([d["id"]] if ids else []))
     write_text_atomic(out / "removed.csv", buf.getvalue())
     write_json_atomic(out / "removed.json", {
         "mode": result.mode, "threshold": result.threshold, "params": result.params,
         "n_train_before": int(len(result.kept)), "n_train_after": int(len(ds.y_train)),
-        "entries": [e.as_dict() for e in result.log],
+        "entries": entries,
     })
     return {"data": target, "csv": out / "removed.csv", "json": out / "removed.json"}

@@ -20,6 +20,7 @@ and the warnings of :mod:`bastion.evaluate.sanity`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -636,8 +637,8 @@ def _data_info(
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Any]:
-    if not enabled:
-        yield lambda desc: None
+    if not enabled:  # one line per stage for whoever listens (the CLI, when not a TTY)
+        yield lambda desc: logging.getLogger("bastion.progress").info("scan: %s", desc)
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

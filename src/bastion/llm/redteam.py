@@ -180,7 +180,9 @@ def run_redteam(
     ``attempts.jsonl``, ``report.json``, ``report.schema.json`` and ``report.html`` into
     ``out_dir``.
 
-    Returns the report. Target failures never raise; they are counted.
+    Returns the report. A target failing some probes is counted, not raised; one that
+    answered none of them (down, refusing, all 5xx) raises :class:`BastionError` naming the
+    cause, after the report is written.
     """
     if not probes:
         raise BastionError("no probes to run", hint="check --probes and --limit")
@@ -244,7 +246,35 @@ def run_redteam(
         **summarize_attempts(rows),
     )
     write_llm_report(report, render_report_html(report), out)
+    _raise_if_target_down(new_rows, target, out)
     return report
+
+
+_CAUSES = {"connect": "cannot connect", "timeout": "every request timed out",
+           "http_5xx": "the target answered with server errors",
+           "http_4xx": "the target refused the requests",
+           "malformed": "the target's answers are not OpenAI chat completions"}
+
+
+def _raise_if_target_down(rows: Sequence[dict[str, Any]], target: str, out: Path) -> None:
+    """A target that answered none of this run's probes is an error naming the cause
+    (the attempts and report stay written, so a rerun resumes)."""
+    if not rows or any(r["outcome"] != "error" for r in rows):
+        return
+    kinds = Counter(str(r.get("error_kind")) for r in rows)
+    kind, _ = kinds.most_common(1)[0]
+    example = next((str(r.get("error") or "") for r in rows if r.get("error_kind") == kind), "")
+    example = " ".join(example.split())[:200]
+    hint = {"connect": "check that the target is running and --target is its base URL",
+            "timeout": "check the target, or raise --timeout",
+            "http_4xx": "check --model and the API key (--api-key-env)",
+            }.get(kind, "check the target's logs")
+    raise BastionError(
+        f"target {redact_url(target)} answered none of {len(rows)} probes: "
+        f"{_CAUSES.get(kind, kind)} ({example}; "
+        + ", ".join(f"{k}: {v}" for k, v in kinds.most_common())
+        + f"); attempts kept in {out / ATTEMPTS_FILE}",
+        hint=hint)
 
 
 def _fmt_rate(r: RateSummary) -> list[Any]:

@@ -6,6 +6,7 @@ normalisation is part of the trained function, exactly as attacks will see it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -112,6 +113,9 @@ def train_classifier(
                     history["val_acc"].append(_accuracy(model, xv, yv))
                 if bar is not None and task is not None:
                     bar.update(task, advance=1)
+                logging.getLogger("bastion.progress.tick").info(
+                    "train: epoch %d/%d, loss %.4f", len(history["loss"]), epochs,
+                    history["loss"][-1])
         finally:
             module.eval()
             if bar is not None:

@@ -3,8 +3,8 @@ decision on record.
 
 :class:`HealingController.step` (what ``bastion heal --once`` runs):
 
-1. reads where it stopped last time (shared state ``healing`` in the event store: the
-   cursor, and ``baseline_id``, the last model change: older evidence is about another
+1. reads where it stopped last time (state ``healing:<model name>`` in the event store:
+   the cursor, and ``baseline_id``, the last model change: older evidence is about another
    model and does not count);
 2. runs every monitor over the events in ``(baseline_id, last event]``;
 3. for every signal that fired, applies the rules of the :class:`HealingPolicy` whose
@@ -287,9 +287,16 @@ class HealingController:
         return mons
 
     # -- state ----------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        """This model's key in the store's ``state`` table: cursors are per model."""
+        return f"{STATE_HEALING}:{getattr(self.registry, 'name', '')}"
+
     def state(self) -> dict[str, Any]:
         """The controller's persisted state (cursor, baseline, last retrain)."""
-        s = self.store.get_state(STATE_HEALING, None) or {}
+        s = self.store.get_state(self.state_key, None)
+        if s is None:  # a store written when the cursor was shared: start from it
+            s = self.store.get_state(STATE_HEALING, None) or {}
         return {"cursor": int(s.get("cursor", 0)), "baseline_id": int(s.get("baseline_id", 0)),
                 "last_retrain_feedback_id": int(s.get("last_retrain_feedback_id", 0)),
                 "firing": dict(s.get("firing") or {}),
@@ -407,7 +414,7 @@ class HealingController:
         st2 = self.state()
         st2.update({"cursor": upto, "baseline_id": baseline, "firing": firing,
                     "quiet_steps": quiet})
-        self.store.set_state(STATE_HEALING, st2)
+        self.store.set_state(self.state_key, st2)
         report = StepReport(from_id=st["cursor"], upto_id=upto, baseline_id=baseline,
                             signals=signals, actions=actions, champion=champion,
                             time_s=time.perf_counter() - t0)
@@ -498,7 +505,7 @@ class HealingController:
                                f"the last attempt (cooldown {self.policy.retrain_cooldown})",
                                base_ev), False
         st["last_retrain_feedback_id"] = max(ids)
-        self.store.set_state(STATE_HEALING, st)
+        self.store.set_state(self.state_key, st)
         path: Path | None = None
         try:
             from bastion.models.persist import read_model_meta, save_model
@@ -546,6 +553,23 @@ class HealingController:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def _check_registered(registry: Any) -> None:
+    """An unknown model (a typo) or one without a champion is an error, before any step."""
+    if registry.get_alias("champion") is not None:
+        return
+    if registry.versions():
+        raise BastionError(f"model {registry.name!r} has no champion",
+                           hint=f"promote a version first: bastion models promote --model "
+                           f"{registry.name} --version N --reason ...")
+    try:
+        known = sorted(str(m.name) for m in registry.client.search_registered_models())
+    except Exception:  # the listing is only a hint
+        known = []
+    raise BastionError(f"no registered model {registry.name!r}",
+                       hint=f"known models: {', '.join(known)}" if known else
+                       "register one first (bastion serve --model FOLDER registers it)")
+
+
 def build_controller(
     model_name: str,
     reference: str,
@@ -572,9 +596,10 @@ def build_controller(
     pol = policy if isinstance(policy, HealingPolicy) else (
         HealingPolicy.from_file(policy) if policy is not None else HealingPolicy())
     pol = pol.model_copy(update={"retrain": pol.retrain.model_copy(update={"seed": int(seed)})})
-    ds = load_data(reference, seed=seed)
     store = ev.EventStore(events_url)
     registry = ModelRegistry(model_name, tracking_uri=tracking_uri, store=store)
+    _check_registered(registry)
+    ds = load_data(reference, seed=seed)
     pipeline = RetrainPipeline((ds.x_train, ds.y_train), (ds.x_test, ds.y_test),
                                config=pol.retrain)
     return HealingController(pol, store, registry, pipeline)

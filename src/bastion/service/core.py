@@ -70,9 +70,22 @@ def model_folder(spec: str) -> Path:
                      hint="save the model with bastion train / save_model, or register it")
 
 
+_GENERIC_FOLDERS = {"model", "models", "out", "output", "outputs", "final", "best",
+                    "latest", "checkpoint", "artifacts", "bastion-out"}
+
+
 def default_model_name(spec: str) -> str:
-    base = spec.split(":", 1)[1] if spec.startswith(("builtin:", "registry:")) else \
-        Path(spec).expanduser().resolve().name
+    """The registered name when ``--name`` is not given: ``builtin:NAME`` / ``registry:NAME``
+    keep NAME; a folder its own name, or its parent's when the folder has a generic name
+    (``out/hardened/model`` -> ``hardened``)."""
+    if spec.startswith(("builtin:", "registry:")):
+        base = spec.split(":", 1)[1]
+    else:
+        p = Path(spec).expanduser().resolve()
+        base = p.name
+        while base.lower() in _GENERIC_FOLDERS and p.parent != p:
+            p = p.parent
+            base = p.name
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", base).strip("-")
     return name or "bastion-model"
 
