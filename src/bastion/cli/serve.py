@@ -37,6 +37,10 @@ def register(app: typer.Typer) -> None:
         no_guard: bool = typer.Option(False, "--no-guard", help="Serve without detectors."),
         open_: bool = typer.Option(False, "--open", help="No API keys needed (local demos "
                                    "only: anyone reaching the port is admin)."),
+        ssl_certfile: str | None = typer.Option(None, "--ssl-certfile",
+                                                help="Serve HTTPS with this PEM certificate."),
+        ssl_keyfile: str | None = typer.Option(None, "--ssl-keyfile",
+                                               help="The certificate's PEM private key."),
         tracking_uri: str | None = c.TrackingOpt,
         seed: int = c.SeedOpt,
         quiet: bool = c.QuietOpt,
@@ -68,13 +72,15 @@ def register(app: typer.Typer) -> None:
         app_ = create_app(cfg)
         svc = app_.state.service
         auth = app_.state.auth
-        c.info(f"serving {svc.model_name} v{svc.champion_version} on http://{host}:{port} "
+        scheme = "https" if ssl_certfile else "http"
+        c.info(f"serving {svc.model_name} v{svc.champion_version} on {scheme}://{host}:{port} "
                f"(dashboard: /dashboard; {auth.key_count()} API keys"
                f"{', admin token set' if auth.admin_token_set else ''})", quiet=quiet)
         if auth.open_mode:
             c.info("[bold red]WARNING: OPEN MODE[/]: no API key is needed; anyone who can "
                    "reach this port can read every client's inputs and act as admin")
-        run_server(app_, host=host, port=port, log_level="warning" if quiet else "info")
+        run_server(app_, host=host, port=port, log_level="warning" if quiet else "info",
+                   ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
     @app.command()
     def demo(

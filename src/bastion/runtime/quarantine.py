@@ -52,7 +52,8 @@ def lift_quarantine(store: ev.EventStore, client_id: str, *, actor: str,
                            hint="see bastion quarantine list")
     record = {"actor": actor, "action": "lift_quarantine", "monitor": "", "done": True,
               "decision": f"quarantine of {client_id} lifted by {actor}: {reason}",
-              "client_id": client_id}
+              "client_id": client_id,
+              "evidence": {"client_id": client_id, "reason": reason}}
     store.append_many([
         {"kind": ev.MODEL_CHANGE, "client_id": client_id,
          "payload": {"type": "unquarantine", "client_id": client_id, "reason": reason,

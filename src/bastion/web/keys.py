@@ -124,7 +124,9 @@ class KeyStore:
                 self.store.append(ev.AUDIT, {"actor": "keys", "action": "create_key",
                                              "done": True, "monitor": "",
                                              "decision": f"key {key.prefix} created for "
-                                             f"{client} ({role})"}, client_id=client)
+                                             f"{client} ({role})",
+                                             "evidence": {"prefix": key.prefix, "role": role}},
+                                  client_id=client)
                 return token, key
         raise BastionError("could not create a unique key prefix (retry)")
 
@@ -149,7 +151,8 @@ class KeyStore:
             raise BastionError(f"no active key for {what}",
                                hint="see bastion keys list")
         self.store.append(ev.AUDIT, {"actor": "keys", "action": "revoke_key", "done": True,
-                                     "monitor": "", "decision": f"revoked {', '.join(done)}"},
+                                     "monitor": "", "decision": f"revoked {', '.join(done)}",
+                                     "evidence": {"prefixes": done}},
                           client_id=client)
         return [k for k in self.list(include_revoked=True) if k.prefix in done]
 
