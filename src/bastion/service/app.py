@@ -131,9 +131,9 @@ class GuardMiddleware:
         if roles is not None:
             err = self.auth.check(scope, roles)
             if err is not None:
-                code_, ecode, message, headers = err
+                code_, ecode, emsg, headers = err
                 metrics.client_errors.labels(ecode).inc()
-                await send_error(send_wrapper, code_, ecode, message, headers=headers)
+                await send_error(send_wrapper, code_, ecode, emsg, headers=headers)
                 self._done(route, method, status["code"], t0)
                 return
 

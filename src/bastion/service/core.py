@@ -155,7 +155,7 @@ class ExtractionWatch:
 class _Pending:
     __slots__ = ("x", "client_id", "out", "error", "done")
 
-    def __init__(self, x: np.ndarray, client_id: str) -> None:
+    def __init__(self, x: Any, client_id: str) -> None:
         self.x, self.client_id = x, client_id
         self.out: list[GuardDecision] | None = None
         self.error: BaseException | None = None
@@ -180,7 +180,7 @@ class RequestCoalescer:
         self._queue: list[_Pending] = []
         self._busy = False
 
-    def predict(self, guard: Any, x: np.ndarray, client_id: str) -> list[GuardDecision]:
+    def predict(self, guard: Any, x: Any, client_id: str) -> list[GuardDecision]:
         """The guard's answers for ``x`` from ``client_id`` (shared with concurrent
         callers of the same guard when they overlap)."""
         p = _Pending(x, client_id)
@@ -268,7 +268,7 @@ class GuardWorker:
         self._thread: threading.Thread | None = None
         self._stop = False
 
-    def submit(self, x: np.ndarray, client_id: str, done: Any) -> None:
+    def submit(self, x: Any, client_id: str, done: Any) -> None:
         """Queue ``x`` (already checked by :meth:`BastionService.prepare_inputs`) from
         ``client_id``; ``done(decisions, error)`` is called once, from the worker."""
         with self._cv:

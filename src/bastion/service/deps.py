@@ -70,7 +70,8 @@ def health_view(svc: Any, auth: Any, ident: Identity | None) -> s.HealthResponse
         traffic=svc.traffic(), guard=cfg.guard, detectors=svc.detector_names(),
         thresholds=(svc.guard.thresholds if cfg.guard else {}) if full else {},
         quarantined_clients=svc.quarantined() if full else [], events=svc.store.last_id(),
-        admin_routes=auth.admin_token_set or auth.key_count() > 0, auth=auth.mode,
+        admin_routes=auth.admin_token_set or auth.key_count("admin") > 0 or auth.open_mode,
+        auth=auth.mode,
         warning=OPEN_WARNING if auth.open_mode else None,
         uptime_s=time.time() - svc.started_at, last_error=svc.last_error if full else None)
 

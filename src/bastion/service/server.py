@@ -25,7 +25,7 @@ def serve(app: Any, *, host: str = "127.0.0.1", port: int = 8000,
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
-    tls: dict[str, str] = {}
+    tls: dict[str, Any] = {}
     if ssl_certfile or ssl_keyfile:
         from pathlib import Path
 

@@ -36,7 +36,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,8 +140,9 @@ class Authenticator:
             self._by_digest = table
             self._loaded = time.monotonic()
 
-    def key_count(self) -> int:
-        return sum(1 for v in self._by_digest.values() if v[3])
+    def key_count(self, role: str | None = None) -> int:
+        """Active keys (of ``role``)."""
+        return sum(1 for v in self._by_digest.values() if v[3] and role in (None, v[1]))
 
     # -- resolving --------------------------------------------------------------------
     def identify_token(self, token: str) -> Identity | AuthFailure:
@@ -195,7 +196,7 @@ class Authenticator:
             return Identity(label or "anonymous", "admin", "open")
         return None
 
-    def identify_scope(self, scope: dict[str, Any]) -> Identity | AuthFailure | None:
+    def identify_scope(self, scope: MutableMapping[str, Any]) -> Identity | AuthFailure | None:
         """The request's identity, resolved once and kept in ``scope["state"]``."""
         state = scope.setdefault("state", {})
         if "identity" in state:
@@ -211,7 +212,7 @@ class Authenticator:
         state["identity"] = ident
         return ident
 
-    def key_fn(self, scope: dict[str, Any]) -> str:
+    def key_fn(self, scope: MutableMapping[str, Any]) -> str:
         """The rate-limit key of a request: ``key:<client>`` for a valid key,
         ``ip:<peer>`` otherwise."""
         ident = self.identify_scope(scope)
@@ -220,7 +221,7 @@ class Authenticator:
         peer = scope.get("client") or ("?", 0)
         return f"ip:{peer[0]}"
 
-    def check(self, scope: dict[str, Any], roles: frozenset[str]
+    def check(self, scope: MutableMapping[str, Any], roles: frozenset[str]
               ) -> tuple[int, str, str, dict[str, str]] | None:
         """None when the request may call a route open to ``roles``; else the error
         ``(status, code, message, headers)``."""

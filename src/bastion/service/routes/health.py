@@ -12,6 +12,7 @@ from bastion.service import schemas as s
 from bastion.service.deps import get_service, health_view
 from bastion.web.auth import Identity, current_identity, require_role
 from bastion.web.errors import AUTH_RESPONSES
+from bastion.web.metrics import metrics_response
 
 router = APIRouter()
 
@@ -28,6 +29,4 @@ def health(request: Request, svc: Any = Depends(get_service)) -> s.HealthRespons
 @router.get("/metrics", response_class=Response, responses=AUTH_RESPONSES)
 def metrics(ident: Identity = require_role("reader"),
             svc: Any = Depends(get_service)) -> Response:
-    from prometheus_client import CONTENT_TYPE_LATEST
-
-    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return metrics_response(svc.metrics.registry)
