@@ -44,7 +44,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPBearer
 
 from bastion.errors import BastionError
-from bastion.web.errors import ApiError, send_error
+from bastion.web.errors import ApiError, Render, send_error
 
 __all__ = ["ADMIN", "CLIENT", "READER", "Authenticator", "AuthMiddleware", "Identity",
            "MIN_ADMIN_TOKEN", "RouteRules", "current_identity", "require_role"]
@@ -266,20 +266,18 @@ class RouteRules:
         return None
 
 
-SendError = Callable[..., Any]
-
-
 class AuthMiddleware:
     """Pure ASGI: the identity of every HTTP request, and a 401/403 answer (before the
     body is read) for a route whose :class:`RouteRules` entry the caller's role does not
-    meet. ``send_error(send, status, code, message, headers=...)`` renders the answer
-    (default: Bastion's error shape)."""
+    meet. ``render(status, code, message, details, headers) -> Response`` draws the
+    answer, as for :func:`~bastion.web.errors.install_error_handlers` (default: Bastion's
+    error shape); ``on_refused(status, code)`` is told (e.g. a metrics counter)."""
 
     def __init__(self, app: Any, *, auth: Authenticator, rules: RouteRules,
-                 send_error: SendError = send_error,
+                 render: Render | None = None,
                  on_refused: Callable[[int, str], None] | None = None) -> None:
         self.app, self.auth, self.rules = app, auth, rules
-        self.send_error = send_error
+        self.render = render
         self.on_refused = on_refused
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -291,7 +289,11 @@ class AuthMiddleware:
                     status, code, message, headers = err
                     if self.on_refused is not None:
                         self.on_refused(status, code)
-                    await self.send_error(send, status, code, message, headers=headers)
+                    if self.render is None:
+                        await send_error(send, status, code, message, headers=headers)
+                    else:
+                        await self.render(status, code, message, {}, headers)(
+                            scope, receive, send)
                     return
             else:
                 self.auth.identify_scope(scope)
