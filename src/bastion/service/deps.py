@@ -11,27 +11,13 @@ from fastapi import Request
 from bastion.service import schemas as s
 from bastion.web.auth import Identity
 from bastion.web.errors import ApiError
-
-#: payload keys that carry a client's data or text (model inputs, the LLM proxy's
-#: prompt excerpts, tool-call arguments, tracebacks): removed, at any depth, from what a
-#: ``reader`` sees; only ``admin`` with ``include_inputs=true`` gets them
-CLIENT_TEXT_KEYS = frozenset({
-    "input", "inputs", "excerpt", "excerpts", "prompt", "prompts", "content", "text",
-    "messages", "arguments", "answer_text", "traceback"})
+from bastion.web.redact import CLIENT_TEXT_KEYS as CLIENT_TEXT_KEYS
+from bastion.web.redact import redact
 
 
 def get_service(request: Request) -> Any:
     """The :class:`~bastion.service.core.BastionService` behind the app."""
     return request.app.state.service
-
-
-def redact(o: Any) -> Any:
-    """``o`` without :data:`CLIENT_TEXT_KEYS` (at any depth)."""
-    if isinstance(o, dict):
-        return {k: redact(v) for k, v in o.items() if k not in CLIENT_TEXT_KEYS}
-    if isinstance(o, list):
-        return [redact(v) for v in o]
-    return o
 
 
 def event_out(e: Any, *, include_inputs: bool = False) -> s.EventOut:

@@ -10,6 +10,7 @@ event store, never ``service`` or ``llm``.
 - :mod:`bastion.web.keys`: API keys hashed at rest (``KeyStore``, the ``api_keys`` table);
 - :mod:`bastion.web.auth`: ``Authenticator`` (keys, admin token, open mode),
   ``AuthMiddleware`` (the role check before the body is read), ``require_role``;
+- :mod:`bastion.web.redact`: what a reader may see of an event (no client data or text);
 - :mod:`bastion.web.metrics`: the Prometheus helpers;
 - :mod:`bastion.web.limits`: rate limits, timeouts, load shedding (keyed by
   ``Authenticator.key_fn``).
