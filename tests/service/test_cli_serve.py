@@ -86,7 +86,10 @@ def test_serve_process_tls_keys_and_short_admin_token(svc_models, svc_mlflow, tm
     try:
         url = f"https://127.0.0.1:{port}"
         deadline = time.time() + 120
-        with httpx.Client(base_url=url, verify=str(cert), timeout=30) as c:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=url, verify=ctx, timeout=30) as c:
             while True:
                 try:
                     h = c.get("/v1/health")

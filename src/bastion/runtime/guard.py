@@ -115,7 +115,8 @@ def check_inputs(x: Any, *, input_shape: Sequence[int], bounds: tuple[Any, ...],
                          code="invalid_request")
     if kind == "f" and scan_bools and isinstance(x, list) and _any_bool(x):
         raise InputError("inputs must be numbers, not booleans", code="invalid_request")
-    a = a.astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # a client's 1e39 is not a log line
+        a = a.astype(np.float32, copy=False)
     lo = hi = 0.0
     if a.size:
         lo, hi = a.min(), a.max()  # NaN and +-Infinity show in these
