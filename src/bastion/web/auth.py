@@ -185,7 +185,7 @@ class Authenticator:
                     token = cred.strip()
                 elif token is None:
                     token = ""  # a malformed Authorization header
-            elif k == b"x-api-key" and token is None:
+            elif k == b"x-api-key" and not token:
                 token = v.decode("latin-1").strip()
         if token:
             return self.identify_token(token)
