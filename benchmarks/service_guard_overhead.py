@@ -85,7 +85,10 @@ def _client_proc(host: str, port: int, bodies: list[bytes], warmup: int, barrier
     import http.client
 
     conn = http.client.HTTPConnection(host, port, timeout=60)
-    headers = {"Content-Type": "application/json"}
+    # every request authenticates (the admin token: one SHA-256 and a constant-time
+    # compare, as an API key costs); the admin may label requests with any client id
+    headers = {"Content-Type": "application/json",
+               "Authorization": f"Bearer {os.environ['BASTION_ADMIN_TOKEN']}"}
 
     def post(b: bytes) -> int:
         nonlocal conn
@@ -201,6 +204,10 @@ def main() -> None:
     from bastion.data import load_data
 
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    import secrets
+
+    # the servers and the load generators (spawned: they inherit the environment)
+    os.environ["BASTION_ADMIN_TOKEN"] = secrets.token_urlsafe(32)
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-guard-"))
     model = _train(work)

@@ -37,7 +37,6 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 MODEL_NAME = "demo-digits"
-ADMIN_TOKEN = "demo-admin-token"
 
 
 class PhaseResult(BaseModel):
@@ -299,19 +298,29 @@ def run_demo(
         cfg = ServiceConfig.build(
             model=f"registry:{MODEL_NAME}", reference="builtin:digits", model_name=MODEL_NAME,
             events_url=f"sqlite:///{out_dir / 'events.db'}", tracking_uri=uri,
-            admin_token=ADMIN_TOKEN, reference_limit=800, healing=policy,
+            reference_limit=800, healing=policy,
             reload_interval_s=0.0, fpr=0.01, seed=seed)
         svc = BastionService(cfg, data=trusted)
+        # one API key per scripted client (the key names the client: quarantine follows
+        # it) and an admin key for the operator's reads; only digests are stored
+        from bastion.web.keys import KeyStore
+
+        keystore = KeyStore(svc.store)
+        keys = {name: keystore.create(name, "client", note="bastion demo")[0]
+                for name in ("alice", "bob", "carol", "mallory", "trudy", "eve")}
+        operator = keystore.create("demo-operator", "admin", note="bastion demo")[0]
         app = create_app(service=svc)
         phases: list[PhaseResult] = []
-        with ServiceThread(app) as server, httpx.Client(base_url=server.url, timeout=120) as c:
+        with ServiceThread(app) as server, httpx.Client(
+                base_url=server.url, timeout=120,
+                headers={"Authorization": f"Bearer {operator}"}) as c:
             log(f"  service on {server.url} (dashboard {server.url}/dashboard)")
 
             def send(xs: np.ndarray, client: str, batch: int) -> list[dict[str, Any]]:
                 answers = []
                 for i in range(0, len(xs), batch):
-                    r = c.post("/v1/predict", json={"inputs": xs[i:i + batch].tolist(),
-                                                    "client_id": client})
+                    r = c.post("/v1/predict", json={"inputs": xs[i:i + batch].tolist()},
+                               headers={"Authorization": f"Bearer {keys[client]}"})
                     r.raise_for_status()
                     answers += r.json()["predictions"]
                 return answers
@@ -321,8 +330,9 @@ def run_demo(
                 items = [{"request_id": a["request_id"], "label": int(y)}
                          for a, y in zip(answers, labels, strict=True)]
                 for i in range(0, len(items), 200):
-                    c.post("/v1/feedback", json={"feedback": items[i:i + 200],
-                                                 "client_id": client}).raise_for_status()
+                    c.post("/v1/feedback", json={"feedback": items[i:i + 200]},
+                           headers={"Authorization": f"Bearer {keys[client]}"}
+                           ).raise_for_status()
 
             def phase(name: str, description: str,
                       sent: Sequence[tuple[str, list[dict[str, Any]], np.ndarray | None]],

@@ -223,3 +223,43 @@ def test_trusted_build_is_model_construct():
     assert _trusted(GuardDecision, **d).model_dump_json() == GuardDecision(**d).model_dump_json()
     with pytest.raises(KeyError):
         _trusted(Reason, detector="x")  # every field must be given
+
+
+def test_one_input_check_the_guard_trusts():
+    """``check_inputs`` is the one check (the service's fast path and route call it); the
+    guard answers its result without converting or checking again, and checks anything
+    else itself with the same function."""
+    from bastion.runtime.guard import CheckedInputs, InputError, check_inputs
+
+    class _Tiny:
+        input_shape, n_classes, bounds = (1, 2, 2), 2, (0.0, 1.0)
+
+        def predict_proba(self, x):
+            return np.tile([0.5, 0.5], (len(x), 1))
+
+    g = GuardedModel(_Tiny())
+    ok = check_inputs([[0.1, 0.2, 0.3, 0.4]], input_shape=(1, 2, 2), bounds=(0.0, 1.0),
+                      max_batch=4)
+    assert isinstance(ok, CheckedInputs) and ok.array.dtype == np.float32
+    assert ok.array.shape == (1, 1, 2, 2)
+    assert g._inputs(ok) is ok.array  # trusted: no copy, no second check
+    stale = CheckedInputs(np.zeros((1, 4), np.float32), (4,), (0.0, 1.0))
+    with pytest.raises(DataError, match="shape"):  # checked for another model: re-checked
+        g._inputs(stale)
+    cases = [([[True, 0.5, 0.5, 0.5]], "booleans", "invalid_request"),
+             ([[1, 0, 0, True]], "booleans", "invalid_request"),
+             ([["3", 0, 0, 0]], "numeric", "invalid_request"),
+             ([[0.1] * 4] * 5, "larger than", "batch_too_large"),
+             ([[2.0] * 4], "bounds", "bad_inputs"),
+             ([[float("nan")] * 4], "NaN", "invalid_request"),
+             ([[1e39] * 4], "Infinity", "invalid_request"),
+             ([[10**30] * 4], "numeric", "invalid_request"),
+             ([], "empty", "invalid_request")]
+    for v, words, code in cases:
+        with pytest.raises(InputError, match=words) as exc:
+            check_inputs(v, input_shape=(1, 2, 2), bounds=(0.0, 1.0), max_batch=4)
+        assert exc.value.code == code, v
+    # the caller that knows its JSON holds no true/false may skip the boolean search
+    fast = check_inputs([[1, 0, 0, 1]], input_shape=(1, 2, 2), bounds=(0.0, 1.0),
+                        max_batch=4, scan_bools=False)
+    assert fast.array.sum() == 2

@@ -79,3 +79,22 @@ def make_config() -> Any:
     return _make_config
 
 
+
+
+def _make_keys(events_url: str, **clients: str) -> dict[str, str]:
+    """Create one API key per ``name=role`` in the store at ``events_url``; return the
+    tokens by name."""
+    from bastion.web.keys import KeyStore
+
+    with KeyStore(events_url) as ks:
+        return {name: ks.create(name, role)[0] for name, role in clients.items()}
+
+
+@pytest.fixture(scope="session")
+def make_keys() -> Any:
+    """``make_keys(events_url, alice="client", ops="admin", ...) -> {name: token}``."""
+    return _make_keys
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

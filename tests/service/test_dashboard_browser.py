@@ -1,6 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's chromium, driven by Playwright)
-against a real uvicorn server on 127.0.0.1: the page loads, the charts render with the
-data the API returns, and a rollback from the page moves the champion."""
+against a real uvicorn server on 127.0.0.1: the page asks for an API key (kept in the
+tab's sessionStorage) and shows no data without one, the charts render with the data the
+API returns for a reader key, a rollback needs an admin key and moves the champion, and
+an admin lifts a quarantine from the page."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 CHROMIUM = Path(os.environ.get("BASTION_CHROMIUM", "/usr/bin/chromium"))
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-TOKEN = "dashboard-admin-token"
+TOKEN = "dashboard-admin-token-0123456789abcdef"
 NAME = "svc-browser"
 
 
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def live(svc_models, svc_mlflow, tmp_path_factory, digits, make_config):
+def live(svc_models, svc_mlflow, tmp_path_factory, digits, make_config, make_keys):
     from bastion.registry.models import ModelRegistry
     from bastion.service.app import create_app
     from bastion.service.server import ServiceThread
@@ -37,33 +39,39 @@ def live(svc_models, svc_mlflow, tmp_path_factory, digits, make_config):
     m1, m2 = svc_models
     d = tmp_path_factory.mktemp("svc-browser")
     cfg = make_config(m1, d / "events.db", svc_mlflow, model_name=NAME, admin_token=TOKEN)
+    keys = make_keys(cfg.events_url, alice="client", mallory="client", viewer="reader",
+                     ops="admin")
     app = create_app(cfg)
     svc = app.state.service
     reg = ModelRegistry(NAME, tracking_uri=svc_mlflow)
     v2 = reg.register(m2, tags={"bastion.source": "browser test"})
     saved = os.environ.pop("BASTION_ADMIN_TOKEN", None)
     try:
-        with ServiceThread(app) as st, httpx.Client(base_url=st.url, timeout=60) as c:
+        with ServiceThread(app) as st, httpx.Client(
+                base_url=st.url, timeout=60,
+                headers={"Authorization": f"Bearer {keys['ops']}"}) as c:
             # traffic: clean, then noisy inputs from one client (flagged), feedback
             for i in range(6):
-                r = c.post("/v1/predict", json={"inputs": clean_batch(digits, 20, 20 * i),
-                                                "client_id": "alice"})
+                r = c.post("/v1/predict", json={"inputs": clean_batch(digits, 20, 20 * i)},
+                           headers={"Authorization": f"Bearer {keys['alice']}"})
                 assert r.status_code == 200
                 fb = [{"request_id": rid, "label": int(y)} for rid, y in
                       zip(r.json()["request_ids"], digits.y_test[20 * i:20 * i + 20],
                           strict=True)]
-                assert c.post("/v1/feedback", json={"feedback": fb}).status_code == 200
+                assert c.post("/v1/feedback", json={"feedback": fb}, headers={
+                    "Authorization": f"Bearer {keys['alice']}"}).status_code == 200
             rng = np.random.default_rng(0)
             noisy = rng.uniform(0, 1, size=(30, 1, 8, 8)).tolist()
-            assert c.post("/v1/predict", json={"inputs": noisy, "client_id": "mallory"}
-                          ).status_code == 200
+            assert c.post("/v1/predict", json={"inputs": noisy}, headers={
+                "Authorization": f"Bearer {keys['mallory']}"}).status_code == 200
             svc.heal_once()
             c.post("/v1/predict", json={"inputs": clean_batch(digits, 10, 200)})
             svc.heal_once()
             auth = {"Authorization": f"Bearer {TOKEN}"}
             assert c.post("/v1/models/promote", json={"version": v2}, headers=auth
                           ).status_code == 200
-            yield st.url, c, v2
+            svc.guard.quarantine("mallory", reason="browser test")
+            yield st.url, c, v2, keys
     finally:
         if saved is not None:
             os.environ["BASTION_ADMIN_TOKEN"] = saved
@@ -91,12 +99,27 @@ def _points(data: dict, key: str) -> int:
 
 
 def test_page_loads_and_charts_render_the_data(live, page):
-    url, c, v2 = live
+    url, c, v2, keys = live
+    # without a key the page shows no data and says what it needs
+    page.goto(f"{url}/dashboard")
+    from playwright.sync_api import expect
+
+    expect(page.locator("#auth-note")).to_be_visible(timeout=20_000)
+    expect(page.locator("#status")).to_contain_text("needs an API key", timeout=20_000)
+    assert page.get_attribute("body", "data-loaded") is None
+    assert page.locator("#versions tr").count() == 0
+    # a client key may not read it either
+    page.fill("#api-key", keys["alice"])
+    page.click("#key-btn")
+    expect(page.locator("#status")).to_contain_text("may not read", timeout=20_000)
     # compare the charts with the data the page itself drew (time buckets depend on the
     # moment of the request, so a second fetch may bucket the same events differently)
-    with page.expect_response(lambda r: "/v1/dashboard/data" in r.url) as got:
-        page.goto(f"{url}/dashboard")
+    page.fill("#api-key", keys["viewer"])
+    with page.expect_response(lambda r: "/v1/dashboard/data" in r.url and r.ok) as got:
+        page.click("#key-btn")
     page.wait_for_selector("body[data-loaded]", timeout=20_000)
+    expect(page.locator("#auth-note")).to_be_hidden()
+    assert page.input_value("#api-key") == ""  # not left in the field
     assert page.title() == "Bastion dashboard"
     assert page.text_content("#champion") == f"v{v2}"
     assert page.text_content("#status") == "ok"
@@ -118,22 +141,29 @@ def test_page_loads_and_charts_render_the_data(live, page):
     assert int(page.get_attribute("#versions", "data-rows")) == len(data["models"]["versions"])
     assert int(page.get_attribute("#timeline", "data-rows")) == len(data["healing"]) > 0
     assert "champion" in page.text_content("#versions")
-    assert not page.errors, page.errors  # type: ignore[attr-defined]
+    # the quarantined client is listed with a lift button (the reader's click would be
+    # refused: the next tests lift it with an admin key)
+    assert page.locator('#quarantined button[data-client="mallory"]').count() == 1
+    # only the refused fetches (no key, then a client key) show as failed resources
+    errs = [e for e in page.errors  # type: ignore[attr-defined]
+            if "status of 401" not in e and "status of 403" not in e]
+    assert not errs, errs
+    page.errors.clear()  # type: ignore[attr-defined]
 
 
 def test_rollback_from_the_page(live, page):
-    url, c, v2 = live
-    page.goto(f"{url}/dashboard")
+    url, c, v2, keys = live
+    page.goto(f"{url}/dashboard")  # the reader key is still in this tab's sessionStorage
     page.wait_for_selector("body[data-loaded]", timeout=20_000)
     assert c.get("/v1/models").json()["aliases"]["champion"] == v2
-    # a wrong token is refused and nothing moves
-    page.fill("#rollback-token", "not-the-token")
+    # a reader key is refused and nothing moves
     page.click("#rollback-btn")
     page.wait_for_selector("#rollback-result.err", timeout=20_000)
-    assert "401" in page.text_content("#rollback-result")
+    assert "403" in page.text_content("#rollback-result")
     assert c.get("/v1/models").json()["aliases"]["champion"] == v2
-    # the right token rolls back to previous
-    page.fill("#rollback-token", TOKEN)
+    # an admin key rolls back to previous
+    page.fill("#api-key", keys["ops"])
+    page.click("#key-btn")
     page.click("#rollback-btn")
     page.wait_for_selector("#rollback-result.ok", timeout=30_000)
     assert "champion is now v1" in page.text_content("#rollback-result")
@@ -145,6 +175,25 @@ def test_rollback_from_the_page(live, page):
     from playwright.sync_api import expect
 
     expect(page.locator("#champion")).to_have_text("v1", timeout=20_000)
-    # only the refused request may show as a failed resource (the browser logs the 401)
-    errs = [e for e in page.errors if "status of 401" not in e]  # type: ignore[attr-defined]
+    # only the refused requests may show as failed resources (the browser logs them)
+    errs = [e for e in page.errors  # type: ignore[attr-defined]
+            if "status of 401" not in e and "status of 403" not in e]
     assert not errs, errs
+
+
+def test_lift_a_quarantine_from_the_page(live, page):
+    url, c, _, keys = live
+    page.goto(f"{url}/dashboard")  # the admin key from the test before
+    page.wait_for_selector("body[data-loaded]", timeout=20_000)
+    from playwright.sync_api import expect
+
+    button = page.locator('#quarantined button[data-client="mallory"]')
+    expect(button).to_be_visible(timeout=20_000)
+    button.click()
+    page.wait_for_selector("#lift-result.ok", timeout=20_000)
+    assert "mallory" in page.text_content("#lift-result")
+    assert c.get("/v1/clients/quarantined").json()["quarantined"] == []
+    expect(page.locator('#quarantined button[data-client="mallory"]')).to_have_count(
+        0, timeout=20_000)
+    ev = c.get("/v1/events", params={"kind": "audit", "client_id": "mallory"}).json()
+    assert any(e["payload"].get("action") == "lift_quarantine" for e in ev["events"])

@@ -5,6 +5,7 @@ auth, and events surviving a restart."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -16,7 +17,7 @@ from bastion.runtime import events as ev
 from bastion.service.app import create_app
 from bastion.service.server import ServiceThread
 
-TOKEN = "t0p-secret-admin-token"
+TOKEN = "t0p-secret-admin-token-of-32-chars-or-more"
 NAME = "svc-http"
 
 
@@ -26,17 +27,26 @@ def clean_batch(digits, n: int, start: int = 0) -> list:
 
 
 @pytest.fixture(scope="module")
-def server(svc_models, svc_mlflow, tmp_path_factory, digits, make_config):
+def server(svc_models, svc_mlflow, tmp_path_factory, digits, make_config, make_keys):
     m1, m2 = svc_models
     d = tmp_path_factory.mktemp("svc-http")
     cfg = make_config(m1, d / "events.db", svc_mlflow, model_name=NAME, max_batch=64,
-                      max_body_bytes=200_000, max_feedback=50)
+                      max_body_bytes=200_000, max_feedback=50, admin_token=TOKEN)
+    keys = make_keys(cfg.events_url, ops="admin", viewer="reader")
     app = create_app(cfg)
     reg = ModelRegistry(NAME, tracking_uri=svc_mlflow)
     v2 = reg.register(m2, tags={"bastion.source": "test"})
-    with ServiceThread(app) as st:
-        with httpx.Client(base_url=st.url, timeout=60) as c:
-            yield c, app.state.service, v2
+    saved = os.environ.pop("BASTION_ADMIN_TOKEN", None)
+    try:
+        with ServiceThread(app) as st:
+            # an admin key: it may label requests with any client id (a client key may not)
+            with httpx.Client(base_url=st.url, timeout=60,
+                              headers={"Authorization": f"Bearer {keys['ops']}"}) as c:
+                c.keys = keys  # type: ignore[attr-defined]
+                yield c, app.state.service, v2
+    finally:
+        if saved is not None:
+            os.environ["BASTION_ADMIN_TOKEN"] = saved
 
 
 def _ok(c: httpx.Client, digits) -> None:
@@ -86,7 +96,7 @@ BAD = [
     ("not-json-object", b"[1, 2, 3]", "application/json", 422, "invalid_request", ""),
     ("no-content-type", b"{oops", None, 400, "malformed_json", "JSON"),
     ("missing-inputs", {"client_id": "x"}, None, 422, "invalid_request", "inputs"),
-    ("empty-inputs", {"inputs": []}, None, 422, "invalid_request", "non-empty"),
+    ("empty-inputs", {"inputs": []}, None, 422, "invalid_request", "at least 1"),
     ("ragged", {"inputs": [[0.1, 0.2], [0.3]]}, None, 422, "invalid_request", "rectangular"),
     ("strings", {"inputs": [["a", "b"]]}, None, 422, "invalid_request", "numbers"),
     ("nulls", {"inputs": [[None, 0.1]]}, None, 422, "invalid_request", "numbers"),
@@ -224,20 +234,20 @@ def test_health_models_events_metrics(server, digits):
     assert c.get("/v1/predict").status_code == 405
 
 
-def test_admin_routes_auth(server, digits, monkeypatch):
+def test_admin_routes_auth(server, digits):
     c, svc, v2 = server
-    monkeypatch.delenv("BASTION_ADMIN_TOKEN", raising=False)
-    r = c.post("/v1/models/promote", json={"version": v2})
-    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
-    assert "BASTION_ADMIN_TOKEN" in r.json()["error"]["message"]
-    monkeypatch.setenv("BASTION_ADMIN_TOKEN", TOKEN)
-    for headers in [{}, {"Authorization": "Bearer"}, {"Authorization": f"Basic {TOKEN}"},
+    anon = {"Authorization": ""}
+    for headers in [anon, {"Authorization": "Bearer"}, {"Authorization": f"Basic {TOKEN}"},
                     {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {TOKEN}x"}]:
         for route in ("/v1/models/promote", "/v1/models/rollback"):
             r = c.post(route, json={"version": v2}, headers=headers)
             assert r.status_code == 401, (headers, r.text)
             assert "WWW-Authenticate" in r.headers
             assert TOKEN not in r.text
+    # a reader key is known but may not promote: 403, before the body is looked at
+    r = c.post("/v1/models/promote", json={"version": "x"},
+               headers={"Authorization": f"Bearer {c.keys['viewer']}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     assert svc.registry.get_alias("champion") == 1
     auth = {"Authorization": f"Bearer {TOKEN}"}
     r = c.post("/v1/models/promote", json={"version": 99}, headers=auth)
@@ -279,11 +289,13 @@ def test_dashboard_page_is_self_contained(server):
     assert d["models"]["model_name"] == NAME and d["health"]["status"] == "ok"
 
 
-def test_restart_keeps_acknowledged_events(svc_models, svc_mlflow, tmp_path, digits, make_config):
+def test_restart_keeps_acknowledged_events(svc_models, svc_mlflow, tmp_path, digits, make_config,
+                                          make_keys):
     m1, _ = svc_models
     cfg = make_config(m1, tmp_path / "events.db", svc_mlflow, model_name="svc-restart",
                       reload_interval_s=0)
-    with ServiceThread(create_app(cfg)) as st, httpx.Client(base_url=st.url) as c:
+    h = {"Authorization": f"Bearer {make_keys(cfg.events_url, ops='admin')['ops']}"}
+    with ServiceThread(create_app(cfg)) as st, httpx.Client(base_url=st.url, headers=h) as c:
         ids = []
         for i in range(5):
             r = c.post("/v1/predict", json={"inputs": clean_batch(digits, 2, 2 * i),
@@ -293,7 +305,8 @@ def test_restart_keeps_acknowledged_events(svc_models, svc_mlflow, tmp_path, dig
         fb = c.post("/v1/feedback", json={"feedback": [{"request_id": ids[0], "label": 3}]})
         assert fb.status_code == 200
     # a new server process state on the same files: everything acknowledged is there
-    with ServiceThread(create_app(cfg)) as st, httpx.Client(base_url=st.url) as c:
+    # (the keys too)
+    with ServiceThread(create_app(cfg)) as st, httpx.Client(base_url=st.url, headers=h) as c:
         got = c.get("/v1/events", params={"client_id": "before", "kind": "prediction",
                                            "limit": 100}).json()
         assert {e["request_id"] for e in got["events"]} == set(ids)

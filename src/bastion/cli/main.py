@@ -179,6 +179,8 @@ def _register_optional() -> None:
         "bastion.cli.runtime",
         "bastion.cli.serve",
         "bastion.cli.llm",
+        "bastion.cli.keys",
+        "bastion.cli.quarantine",
     ):
         try:
             module = importlib.import_module(mod)

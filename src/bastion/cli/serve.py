@@ -37,6 +37,12 @@ def register(app: typer.Typer) -> None:
             None, "--heal-interval", min=0.0,
             help="Run a healing step every this many seconds (0: off)."),
         no_guard: bool = typer.Option(False, "--no-guard", help="Serve without detectors."),
+        open_: bool = typer.Option(False, "--open", help="No API keys needed (local demos "
+                                   "only: anyone reaching the port is admin)."),
+        ssl_certfile: str | None = typer.Option(None, "--ssl-certfile",
+                                                help="Serve HTTPS with this PEM certificate."),
+        ssl_keyfile: str | None = typer.Option(None, "--ssl-keyfile",
+                                               help="The certificate's PEM private key."),
         tracking_uri: str | None = c.TrackingOpt,
         seed: int = c.SeedOpt,
         quiet: bool = c.QuietOpt,
@@ -54,7 +60,7 @@ def register(app: typer.Typer) -> None:
         over = {"model": model, "reference": reference, "events_url": events,
                 "model_name": model_name, "tracking_uri": tracking_uri,
                 "heal_interval_s": heal_interval, "guard": False if no_guard else None,
-                "seed": seed if seed != 0 else None}
+                "seed": seed if seed != 0 else None, "auth": "open" if open_ else None}
         if config is not None:
             cfg = ServiceConfig.from_file(config, **over)
         else:
@@ -69,10 +75,16 @@ def register(app: typer.Typer) -> None:
         svc = app_.state.service
         c.info(f"registered model name: {svc.model_name} (use it as --model in bastion heal "
                f"and bastion models; --name sets another)", quiet=quiet)
-        c.info(f"serving {svc.model_name} v{svc.champion_version} on http://{host}:{port} "
-               f"(dashboard: /dashboard; admin routes "
-               f"{'on' if cfg.token() else 'off: set BASTION_ADMIN_TOKEN'})", quiet=quiet)
-        run_server(app_, host=host, port=port, log_level="warning" if quiet else "info")
+        auth = app_.state.auth
+        scheme = "https" if ssl_certfile else "http"
+        c.info(f"serving {svc.model_name} v{svc.champion_version} on {scheme}://{host}:{port} "
+               f"(dashboard: /dashboard; {auth.key_count()} API keys"
+               f"{', admin token set' if auth.admin_token_set else ''})", quiet=quiet)
+        if auth.open_mode:
+            c.info("[bold red]WARNING: OPEN MODE[/]: no API key is needed; anyone who can "
+                   "reach this port can read every client's inputs and act as admin")
+        run_server(app_, host=host, port=port, log_level="warning" if quiet else "info",
+                   ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
     @app.command()
     def demo(

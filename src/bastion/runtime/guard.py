@@ -38,6 +38,114 @@ STATE_QUARANTINE = "quarantined_clients"
 STATE_TRAFFIC = "traffic"
 
 
+class InputError(DataError):
+    """Inputs that cannot be answered; ``code`` says how: ``invalid_request`` (not a
+    rectangular array of finite numbers), ``bad_inputs`` (wrong shape, outside the
+    model's bounds) or ``batch_too_large``."""
+
+    def __init__(self, message: str, *, code: str = "bad_inputs",
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+
+
+class CheckedInputs:
+    """A batch :func:`check_inputs` accepted: a float32 array of shape ``(n, *shape)``
+    within ``bounds``. The guard answers it without checking it again (as long as the
+    model it was checked against still has that shape and bounds)."""
+
+    __slots__ = ("array", "shape", "bounds")
+
+    def __init__(self, array: np.ndarray, shape: tuple[int, ...],
+                 bounds: tuple[float, float]) -> None:
+        self.array, self.shape, self.bounds = array, shape, bounds
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def fits(self, shape: Sequence[int], bounds: tuple[Any, ...]) -> bool:
+        return self.shape == tuple(shape) and self.bounds == bounds
+
+
+def _any_bool(v: Any) -> bool:
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if type(x) is list:
+            stack.extend(x)
+        elif type(x) is bool:
+            return True
+    return False
+
+
+def check_inputs(x: Any, *, input_shape: Sequence[int], bounds: tuple[Any, ...],
+                 max_batch: int, scan_bools: bool = True,
+                 allow_single: bool = False) -> CheckedInputs:
+    """The one check of a batch of inputs (JSON lists or an array) before the guard.
+
+    A non-empty batch of at most ``max_batch`` inputs, a rectangular array of finite
+    numbers (booleans and strings refused, even mixed with numbers), each input of the
+    model's ``input_shape`` (or flat with as many values), within ``bounds``. Converted
+    once, to float32. ``scan_bools=False`` skips the search for a boolean among numbers
+    (the caller knows there is none, e.g. its JSON text holds no ``true``/``false``);
+    ``allow_single`` takes one input without a batch axis (library callers).
+
+    Raises:
+        InputError: what is wrong, with its ``code``.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if isinstance(x, list):
+        if not x:
+            raise InputError("inputs must be a non-empty list of inputs (empty batch)",
+                             code="invalid_request")
+        if len(x) > max_batch and not (allow_single and len(shape) == 1):
+            raise InputError(f"batch of {len(x)} inputs is larger than the limit {max_batch}",
+                             code="batch_too_large", hint="send smaller batches")
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError, RecursionError):
+        raise InputError("inputs must be numeric: a rectangular array of numbers (every "
+                         "input the same shape)", code="invalid_request") from None
+    kind = a.dtype.kind
+    if kind == "b" or (scan_bools and kind in "iu" and isinstance(x, list) and _any_bool(x)):
+        raise InputError("inputs must be numbers, not booleans", code="invalid_request")
+    if kind not in "iuf":
+        raise InputError("inputs must be numeric: a rectangular array of numbers (every "
+                         "input the same shape, no strings, booleans or nulls)",
+                         code="invalid_request")
+    if kind == "f" and scan_bools and isinstance(x, list) and _any_bool(x):
+        raise InputError("inputs must be numbers, not booleans", code="invalid_request")
+    with np.errstate(over="ignore", invalid="ignore"):  # a client's 1e39 is not a log line
+        a = a.astype(np.float32, copy=False)
+    lo = hi = 0.0
+    if a.size:
+        lo, hi = a.min(), a.max()  # NaN and +-Infinity show in these
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            flat = a.reshape(len(a), -1) if a.ndim > 1 else a.reshape(-1, 1)
+            bad = ~np.isfinite(flat).all(axis=1)
+            raise InputError(f"inputs contain NaN or Infinity (first at input "
+                             f"{int(np.argmax(bad))}; a value beyond float32's range counts "
+                             "as Infinity)", code="invalid_request")
+    d = int(np.prod(shape))
+    if allow_single and a.ndim == len(shape):
+        a = a[None]
+    if a.ndim == 2 and a.shape[1] == d and shape != (d,):
+        a = a.reshape(len(a), *shape)
+    if a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != shape:
+        raise InputError(f"inputs have shape {tuple(a.shape)}; expected (n, "
+                         f"{', '.join(map(str, shape))}) or (n, {d})")
+    if len(a) == 0:
+        raise InputError("empty batch: send at least one input", code="invalid_request")
+    if len(a) > max_batch:
+        raise InputError(f"batch of {len(a)} inputs is larger than the limit {max_batch}",
+                         code="batch_too_large", hint="send smaller batches")
+    blo, bhi = bounds
+    if lo < blo - 1e-6 or hi > bhi + 1e-6:
+        raise InputError(f"input values fall outside the model's bounds [{blo}, {bhi}] "
+                         f"(min {lo:.4g}, max {hi:.4g})")
+    return CheckedInputs(a, shape, tuple(bounds))  # type: ignore[arg-type]
+
+
 class GuardPolicy(BaseModel):
     """What the guard does when detectors fire.
 
@@ -328,27 +436,12 @@ class GuardedModel:
 
     # -- the request path -----------------------------------------------------------
     def _inputs(self, x: Any) -> np.ndarray:
-        try:
-            a = np.asarray(x, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"inputs are not numeric arrays: {exc}") from None
-        shape = tuple(self.model.input_shape)
-        if a.ndim == len(shape):
-            a = a[None]
-        if a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != shape:
-            raise DataError(f"inputs have shape {tuple(a.shape)}; expected (n, "
-                            f"{', '.join(map(str, shape))})")
-        if len(a) == 0:
-            raise DataError("empty batch")
-        if len(a) > self.max_batch:
-            raise DataError(f"batch of {len(a)} inputs is larger than {self.max_batch}",
-                            hint="send smaller batches")
-        if not np.isfinite(a).all():
-            raise DataError("inputs contain NaN or Inf")
-        lo, hi = getattr(self.model, "bounds", (-np.inf, np.inf))
-        if a.min() < lo - 1e-6 or a.max() > hi + 1e-6:
-            raise DataError(f"inputs fall outside the model's bounds [{lo}, {hi}]")
-        return a
+        model = self.model
+        bounds = tuple(getattr(model, "bounds", (-np.inf, np.inf)))
+        if type(x) is CheckedInputs and x.fits(model.input_shape, bounds):
+            return x.array  # checked by check_inputs against this model: trusted as is
+        return check_inputs(x, input_shape=model.input_shape, bounds=bounds,
+                            max_batch=self.max_batch, allow_single=True).array
 
     def predict(self, x: Any, *, client_id: str = "anonymous",
                 request_ids: Sequence[str] | None = None) -> list[GuardDecision]:

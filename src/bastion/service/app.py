@@ -1,25 +1,34 @@
-"""The Bastion service: ``create_app(config) -> FastAPI``.
+"""The Bastion service: ``create_app(config) -> FastAPI``, assembled from the shared HTTP
+layer (:mod:`bastion.web`: errors, identity and roles) and one router per concern
+(:mod:`bastion.service.routes`).
 
-Routes (every request and response has a pydantic schema, so ``/openapi.json`` is exact):
+Routes and who may call them (every request and response has a pydantic schema, so
+``/openapi.json`` is exact; roles in :mod:`bastion.web.auth`, keys made by ``bastion keys
+create``, sent as ``Authorization: Bearer <key>`` or ``X-API-Key``):
 
-- ``POST /v1/predict``: a batch of inputs -> labels, probabilities, verdicts, the model
-  version and one request id per input (every answer goes into the event store);
-- ``POST /v1/feedback``: true labels for earlier predictions, by request id (unknown ids
-  -> 404 naming them);
-- ``GET /v1/health``; ``GET /v1/models`` (versions, aliases and their history);
-- ``POST /v1/models/promote`` and ``POST /v1/models/rollback``: bearer-token auth
-  (``$BASTION_ADMIN_TOKEN`` or the config's ``admin_token``; none configured -> 403
-  "disabled"; missing or wrong -> 401; compared in constant time, never logged);
-- ``GET /v1/events`` (filter by kind, client, request id, since, after id; limit);
-- ``GET /metrics`` (Prometheus text); ``GET /dashboard`` (the page) and
-  ``GET /v1/dashboard/data`` (what it draws).
+=========================================  ===========================================
+``POST /v1/predict``                        client (quarantine follows the key)
+``POST /v1/feedback``                       client (its own request ids only)
+``GET /v1/models``                          reader
+``POST /v1/models/promote|rollback``        admin
+``GET /v1/clients/quarantined``             reader
+``POST /v1/clients/{id}/unquarantine``      admin (audited)
+``GET /v1/events``                          reader (no inputs or client text);
+                                            ``include_inputs=true``: admin
+``GET /v1/dashboard/data``, ``/metrics``    reader
+``GET /v1/health``, ``GET /dashboard``      anyone (health details for a reader)
+=========================================  ===========================================
+
+Admin includes every other role. The role check runs in :class:`GuardMiddleware` before
+the body is read, so a caller without the role gets 401/403, never a 422 about its body.
+Open mode (``auth: open``) lets callers without a key in as admins, for local demos.
 
 ``POST /v1/predict`` has a fast path in :class:`GuardMiddleware`: a well-formed request
-(JSON object with ``inputs`` and an optional ``client_id``, checked as the schema checks
-them, shape and bounds as the route checks them) is parsed with one ``json.loads`` and
-answered by the service's :class:`~bastion.service.core.GuardWorker` thread, without
-FastAPI's routing, pydantic validation or a thread-pool hop per request; anything else is
-handed, body replayed, to the FastAPI route, which gives every 4xx answer.
+is parsed with one ``orjson.loads``, checked by the one input check the route uses too
+(:meth:`~bastion.service.core.BastionService.prepare_inputs`, which the guard then
+trusts) and answered by the service's :class:`~bastion.service.core.GuardWorker`
+thread, without FastAPI's routing or a thread-pool hop; anything else is handed, body
+replayed, to the FastAPI route, which gives every 4xx answer.
 
 Bad input never gets a 500: malformed JSON -> 400, schema/shape/NaN/bounds -> 422, a
 body over ``max_body_bytes`` -> 413, a batch over ``max_batch`` -> 413; every error is
@@ -28,57 +37,60 @@ body over ``max_body_bytes`` -> 413, a batch over ``max_batch`` -> 413; every er
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
+import logging
 import re
 import time
-from datetime import datetime
-from importlib import resources
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI, Request
 
 from bastion.errors import BastionError, DataError
-from bastion.runtime import events as ev
+from bastion.runtime.guard import InputError
 from bastion.service import schemas as s
-from bastion.service.config import ADMIN_TOKEN_ENV, ServiceConfig
+from bastion.service.config import ServiceConfig
 from bastion.service.core import BastionService
+from bastion.service.deps import OPEN_WARNING, resolve_client
+from bastion.web.auth import (
+    ADMIN,
+    CLIENT,
+    READER,
+    Authenticator,
+    AuthFailure,
+    Identity,
+    RouteRules,
+)
+from bastion.web.errors import ERROR_RESPONSES, ApiError, install_error_handlers, send_error
+
+log = logging.getLogger("bastion.service")
 
 ROUTES = ("/v1/predict", "/v1/feedback", "/v1/health", "/v1/models", "/v1/models/promote",
-          "/v1/models/rollback", "/v1/events", "/metrics", "/dashboard", "/v1/dashboard/data")
+          "/v1/models/rollback", "/v1/events", "/metrics", "/dashboard", "/v1/dashboard/data",
+          "/v1/clients/quarantined")
 
-
-class ApiError(Exception):
-    """An error answer: status, code, message, details."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 details: dict[str, Any] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.details = details or {}
-        self.headers = headers
-
-
-def _error(status: int, code: str, message: str, details: dict[str, Any] | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "details": details or {}}}
-    return JSONResponse(status_code=status, content=body, headers=headers)
+#: who may call what (checked before the body is read); routes not listed are public
+RULES = RouteRules([
+    ("POST", "/v1/predict", CLIENT), ("POST", "/v1/feedback", CLIENT),
+    ("GET", "/v1/models", READER), ("POST", "/v1/models/promote", ADMIN),
+    ("POST", "/v1/models/rollback", ADMIN), ("GET", "/v1/events", READER),
+    ("GET", "/v1/dashboard/data", READER), ("GET", "/metrics", READER),
+    ("GET", "/v1/clients/quarantined", READER),
+    ("POST", "/v1/clients/{client_id}/unquarantine", ADMIN),
+])
 
 
 class GuardMiddleware:
-    """Pure ASGI middleware: a body-size limit (Content-Length and streamed bodies), and
-    the request count and latency metrics by route."""
+    """Pure ASGI middleware: the request count and latency metrics by route, a body-size
+    limit (Content-Length and streamed bodies), the role check of :data:`RULES` (before
+    the body is read) and the fast path of ``POST /v1/predict``."""
 
-    def __init__(self, app: Any, *, service: BastionService, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, *, service: BastionService, auth: Authenticator,
+                 max_body_bytes: int, rules: RouteRules = RULES) -> None:
         self.app = app
         self.service = service
+        self.auth = auth
+        self.rules = rules
         self.max_body = int(max_body_bytes)
         self.too_big_body = json.dumps({"error": {
             "code": "body_too_large",
@@ -114,6 +126,17 @@ class GuardMiddleware:
                 status["code"] = int(message["status"])
             await send(message)
 
+        # identity and role first: no body is read for a caller who may not call this
+        roles = self.rules.roles_for(method, path)
+        if roles is not None:
+            err = self.auth.check(scope, roles)
+            if err is not None:
+                code_, ecode, emsg, headers = err
+                metrics.client_errors.labels(ecode).inc()
+                await send_error(send_wrapper, code_, ecode, emsg, headers=headers)
+                self._done(route, method, status["code"], t0)
+                return
+
         cl = None
         for k, v in scope.get("headers", []):
             if k == b"content-length":
@@ -125,10 +148,9 @@ class GuardMiddleware:
                 n = -1
             if n > self.max_body:
                 metrics.client_errors.labels("body_too_large").inc()
-                too_big = _error(413, "body_too_large",
+                await send_error(send_wrapper, 413, "body_too_large",
                                  f"request body is larger than {self.max_body} bytes",
                                  {"limit_bytes": self.max_body})
-                await too_big(scope, receive, send_wrapper)
                 self._done(route, method, status["code"], t0)
                 return
 
@@ -181,6 +203,9 @@ class GuardMiddleware:
         import asyncio
 
         svc = self.service
+        ident = scope["state"].get("identity")
+        if not isinstance(ident, Identity):
+            return None
         ctype, header_cid = "", None
         for k, v in scope.get("headers", []):
             if k == b"content-type":
@@ -201,20 +226,15 @@ class GuardMiddleware:
         if body_cid is not None and not (isinstance(body_cid, str)
                                          and _CLIENT_ID.fullmatch(body_cid)):
             return None
-        try:
-            a = s._as_array(doc["inputs"])
-        except ValueError:
-            return None
-        cid = body_cid or header_cid or "anonymous"
-        if not _CLIENT_ID.fullmatch(cid):
-            return None
-        cfg = svc.config
-        if len(a) > cfg.max_batch:
+        if header_cid is not None and not _CLIENT_ID.fullmatch(header_cid):
             return None
         try:
-            x = svc.prepare_inputs(a)
-        except DataError:
-            return None
+            cid = resolve_client(ident, body_cid, header_cid)
+            # the JSON text holds no true/false: no boolean can hide among the numbers
+            x = svc.prepare_inputs(doc["inputs"],
+                                   scan_bools=b"true" in body or b"false" in body)
+        except (ApiError, InputError):
+            return None  # the route answers it (the same check, the same error)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
 
@@ -233,14 +253,12 @@ class GuardMiddleware:
             out = await fut
         except DataError as exc:
             svc.metrics.client_errors.labels("bad_inputs").inc()
-            return await _send_json(send, 422, {"error": {
-                "code": "bad_inputs", "message": str(exc), "details": {}}})
+            return await send_error(send, 422, "bad_inputs", str(exc))
         except Exception as exc:
             svc.last_error = f"{type(exc).__name__}: {exc}"
-            return await _send_json(send, 500, {"error": {
-                "code": "internal_error", "details": {},
-                "message": f"internal error: {type(exc).__name__} (the service keeps "
-                           "running)"}})
+            return await send_error(send, 500, "internal_error",
+                                    f"internal error: {type(exc).__name__} (the service "
+                                    "keeps running)")
         data = s.predict_response_json(
             None if svc.champion_version is None else str(svc.champion_version), cid, out)
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -275,41 +293,13 @@ def _replay(chunks: list[bytes], last: dict[str, Any] | None, receive: Any) -> A
     return replay
 
 
-async def _send_json(send: Any, status: int, doc: dict[str, Any]) -> int:
-    data = json.dumps(doc).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-length", str(len(data)).encode()), (b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": data})
-    return status
+def build_authenticator(cfg: ServiceConfig, store: Any) -> Authenticator:
+    """The service's :class:`Authenticator`: keys from the ``api_keys`` table beside
+    the event store, the admin token (refused under 32 characters), open mode."""
+    from bastion.web.keys import KeyStore
 
-
-def _dashboard_html() -> tuple[str, str]:
-    """The dashboard page and the CSP hash of its one inline script."""
-    text = resources.files("bastion.service").joinpath("static/dashboard.html").read_text(
-        encoding="utf-8")
-    start = text.index("<script>") + len("<script>")
-    end = text.index("</script>", start)
-    digest = base64.b64encode(hashlib.sha256(text[start:end].encode()).digest()).decode()
-    return text, f"'sha256-{digest}'"
-
-
-def _parse_since(since: str | None) -> float | None:
-    if since is None or since == "":
-        return None
-    try:
-        return float(since)
-    except ValueError:
-        pass
-    try:
-        t = datetime.fromisoformat(since.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(422, "bad_since", f"since={since!r} is neither epoch seconds nor an "
-                       "ISO 8601 time", {"example": "2026-01-01T00:00:00Z"}) from None
-    if t.tzinfo is None:
-        from datetime import UTC
-
-        t = t.replace(tzinfo=UTC)
-    return t.timestamp()
+    return Authenticator(KeyStore(store), admin_token=cfg.token(),
+                         open_mode=cfg.auth == "open", refresh_s=cfg.key_refresh_s)
 
 
 def create_app(config: ServiceConfig | None = None, *,
@@ -318,18 +308,31 @@ def create_app(config: ServiceConfig | None = None, *,
 
     The app owns the service it builds: the background loop starts with the app's
     lifespan and stops (closing the event store) when the app shuts down.
+
+    Raises:
+        BastionError: an admin token under 32 characters (before anything is loaded).
     """
     from contextlib import asynccontextmanager
 
     if service is None:
         if config is None:
             raise BastionError("create_app needs a ServiceConfig")
+        from bastion.web.auth import check_admin_token
+
+        check_admin_token(config.token())  # fail before loading models
         service = BastionService(config)
     svc = service
     cfg = svc.config
+    auth = build_authenticator(cfg, svc.store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        if auth.open_mode:
+            log.warning(OPEN_WARNING)
+        elif auth.key_count() == 0 and not auth.admin_token_set:
+            log.warning("no API key exists and no admin token is set: every route but "
+                        "/v1/health and /dashboard answers 401 (create keys with bastion "
+                        "keys create --events URL --client NAME --role client)")
         svc.start()
         try:
             yield
@@ -337,237 +340,36 @@ def create_app(config: ServiceConfig | None = None, *,
             svc.close()
 
     app = FastAPI(title="Bastion", version="1", lifespan=lifespan,
-                  description="Guarded, self-healing model service.",
-                  responses={400: {"model": s.ErrorResponse}, 413: {"model": s.ErrorResponse},
-                             422: {"model": s.ErrorResponse}})
+                  description="Guarded, self-healing model service. Every route but "
+                  "/v1/health and /dashboard needs an API key (Authorization: Bearer).",
+                  responses=ERROR_RESPONSES)
     app.state.service = svc
-    app.add_middleware(GuardMiddleware, service=svc, max_body_bytes=cfg.max_body_bytes)
-    page, script_hash = _dashboard_html()
+    app.state.auth = auth
 
-    # -- errors ---------------------------------------------------------------------
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        svc.metrics.client_errors.labels(exc.code).inc()
-        return _error(exc.status, exc.code, exc.message, exc.details, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errs):
-            first = next(e for e in errs if e.get("type") == "json_invalid")
-            ctx = first.get("ctx") or {}
-            svc.metrics.client_errors.labels("malformed_json").inc()
-            return _error(400, "malformed_json",
-                          f"request body is not valid JSON: {ctx.get('error', 'parse error')}",
-                          {"position": (first.get("loc") or [None, None])[-1]})
-        if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in (
-                "dict_type", "model_attributes_type", "missing") for e in errs):
-            if "json" in request.headers.get("content-type", ""):
-                svc.metrics.client_errors.labels("invalid_request").inc()
-                return _error(422, "invalid_request", "request body must be a JSON object, "
-                              "e.g. {\"inputs\": [...]}")
-            svc.metrics.client_errors.labels("malformed_json").inc()
-            return _error(400, "malformed_json", "request body is not a JSON object (send "
-                          "JSON with Content-Type: application/json)")
-        problems = []
-        for e in errs[:20]:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            msg = str(e.get("msg", "invalid"))
-            problems.append({"field": loc, "problem": msg.removeprefix("Value error, ")})
-        first_p = problems[0] if problems else {"field": "", "problem": "invalid request"}
-        svc.metrics.client_errors.labels("invalid_request").inc()
-        return _error(422, "invalid_request",
-                      f"{first_p['field'] or 'request'}: {first_p['problem']}",
-                      {"problems": problems})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        msg = str(exc.detail)
-        if exc.status_code == 400 and "parsing the body" in msg:
-            code, msg = "malformed_json", "request body could not be parsed as JSON"
+    def on_error(request: Request, status: int, code: str) -> None:
         svc.metrics.client_errors.labels(code).inc()
-        return _error(exc.status_code, code, msg, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    def on_internal(request: Request, exc: BaseException) -> None:
         svc.last_error = f"{type(exc).__name__}: {exc}"
-        return _error(500, "internal_error",
-                      f"internal error: {type(exc).__name__} (the service keeps running)")
 
-    # -- auth -------------------------------------------------------------------------
-    def require_admin(request: Request) -> None:
-        token = cfg.token()
-        if token is None:
-            raise ApiError(403, "admin_disabled",
-                           f"admin routes are disabled: no admin token is configured (set "
-                           f"{ADMIN_TOKEN_ENV} or admin_token in the config file)")
-        got = request.headers.get("authorization", "")
-        scheme, _, cred = got.partition(" ")
-        if scheme.lower() != "bearer" or not cred.strip():
-            raise ApiError(401, "missing_token",
-                           "admin route needs an 'Authorization: Bearer <token>' header",
-                           headers={"WWW-Authenticate": 'Bearer realm="bastion"'})
-        if not hmac.compare_digest(cred.strip().encode("utf-8"), token.encode("utf-8")):
-            raise ApiError(401, "bad_token", "the admin token is wrong",
-                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    install_error_handlers(app, on_error=on_error, on_internal=on_internal)
+    from bastion.service.routes import ROUTERS
 
-    def client_of(request: Request, body_client: str | None) -> str:
-        import re
-
-        cid = body_client or request.headers.get("x-client-id") or "anonymous"
-        if not re.match(s.CLIENT_ID_PATTERN, cid):
-            raise ApiError(422, "bad_client_id", "X-Client-Id must be 1-128 characters from "
-                           "A-Z a-z 0-9 _ . : @ -")
-        return cid
-
-    # -- routes -----------------------------------------------------------------------
-    @app.post("/v1/predict", response_model=s.PredictResponse)
-    def predict(body: s.PredictRequest, request: Request) -> Response:
-        cid = client_of(request, body.client_id)
-        a = body.array()
-        if len(a) > cfg.max_batch:
-            raise ApiError(413, "batch_too_large", f"batch of {len(a)} inputs is larger "
-                           f"than the limit {cfg.max_batch}", {"limit": cfg.max_batch})
-        try:
-            out = svc.predict(a, client_id=cid)
-        except DataError as exc:
-            raise ApiError(422, "bad_inputs", str(exc)) from None
-        # the PredictResponse schema, serialised directly: validating our own answer
-        # again through the response model cost more than the guard itself
-        return Response(s.predict_response_json(
-            None if svc.champion_version is None else str(svc.champion_version), cid, out),
-            media_type="application/json")
-
-    @app.post("/v1/feedback", response_model=s.FeedbackResponse)
-    def feedback(body: s.FeedbackRequest, request: Request) -> s.FeedbackResponse:
-        if len(body.feedback) > cfg.max_feedback:
-            raise ApiError(413, "too_much_feedback", f"{len(body.feedback)} labels in one "
-                           f"request; the limit is {cfg.max_feedback}")
-        labels: dict[str, int] = {}
-        for item in body.feedback:
-            labels[item.request_id] = item.label
-        cid = client_of(request, body.client_id)
-        try:
-            ids, correct = svc.feedback(labels, client_id=cid)
-        except KeyError as exc:
-            unknown = list(exc.args[0])
-            raise ApiError(404, "unknown_request_ids",
-                           f"unknown request ids: {', '.join(unknown[:10])}"
-                           + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""),
-                           {"unknown_request_ids": unknown[:100]}) from None
-        except DataError as exc:
-            raise ApiError(422, "bad_labels", str(exc)) from None
-        return s.FeedbackResponse(accepted=len(ids), event_ids=ids, correct=correct)
-
-    def health_view() -> s.HealthResponse:
-        return s.HealthResponse(
-            status="ok" if svc.last_error is None else "degraded", model_name=svc.model_name,
-            champion_version=svc.champion_version, fallback_version=svc.fallback_version,
-            traffic=svc.traffic(), guard=cfg.guard, detectors=svc.detector_names(),
-            thresholds=svc.guard.thresholds if cfg.guard else {},
-            quarantined_clients=svc.quarantined(), events=svc.store.last_id(),
-            admin_routes=cfg.token() is not None, uptime_s=time.time() - svc.started_at,
-            last_error=svc.last_error)
-
-    @app.get("/v1/health", response_model=s.HealthResponse)
-    def health() -> s.HealthResponse:
-        return health_view()
-
-    @app.get("/v1/models", response_model=s.ModelsResponse)
-    def models() -> s.ModelsResponse:
-        return s.ModelsResponse.model_validate(svc.models_view())
-
-    def _alias_answer() -> s.AliasChangeResponse:
-        al = svc.registry.aliases()
-        return s.AliasChangeResponse(champion=al["champion"], previous=al.get("previous"),
-                                     aliases=al)
-
-    def _registry_error(exc: BastionError) -> ApiError:
-        msg = str(exc)
-        if "has no version" in msg or "has no 'previous'" in msg:
-            return ApiError(404, "unknown_version", msg)
-        if "already the champion" in msg:
-            return ApiError(409, "already_champion", msg)
-        return ApiError(409, "registry_error", msg)
-
-    @app.post("/v1/models/promote", response_model=s.AliasChangeResponse,
-              responses={401: {"model": s.ErrorResponse}, 403: {"model": s.ErrorResponse},
-                         404: {"model": s.ErrorResponse}, 409: {"model": s.ErrorResponse}})
-    def promote(body: s.PromoteRequest, request: Request) -> s.AliasChangeResponse:
-        require_admin(request)
-        try:
-            svc.promote(body.version, reason=body.reason)
-        except BastionError as exc:
-            raise _registry_error(exc) from None
-        return _alias_answer()
-
-    @app.post("/v1/models/rollback", response_model=s.AliasChangeResponse,
-              responses={401: {"model": s.ErrorResponse}, 403: {"model": s.ErrorResponse},
-                         404: {"model": s.ErrorResponse}, 409: {"model": s.ErrorResponse}})
-    def rollback(request: Request, body: s.RollbackRequest | None = None
-                 ) -> s.AliasChangeResponse:
-        require_admin(request)
-        b = body or s.RollbackRequest()
-        try:
-            svc.rollback(b.version, reason=b.reason)
-        except BastionError as exc:
-            raise _registry_error(exc) from None
-        return _alias_answer()
-
-    @app.get("/v1/events", response_model=s.EventsResponse)
-    def events(
-        kind: list[str] | None = Query(default=None, description="Event kind(s)."),
-        client_id: str | None = Query(default=None, max_length=128),
-        request_id: str | None = Query(default=None, max_length=256),
-        since: str | None = Query(default=None, description="Epoch seconds or ISO 8601."),
-        after_id: int | None = Query(default=None, ge=0),
-        limit: int = Query(default=100, ge=1, le=1000),
-        order: str = Query(default="desc", pattern="^(asc|desc)$"),
-        include_inputs: bool = Query(default=False),
-    ) -> s.EventsResponse:
-        kinds = None
-        if kind:
-            kinds = [k for part in kind for k in part.split(",") if k]
-            bad = [k for k in kinds if k not in ev.EVENT_KINDS]
-            if bad:
-                raise ApiError(422, "bad_kind", f"unknown event kind(s) {bad}; use "
-                               f"{', '.join(ev.EVENT_KINDS)}", {"kinds": list(ev.EVENT_KINDS)})
-        rows = svc.store.query(kinds=kinds, client_id=client_id, request_id=request_id,
-                               since=_parse_since(since), after_id=after_id, limit=limit,
-                               newest_first=order == "desc")
-        out = []
-        for e in rows:
-            d = e.as_dict()
-            if not include_inputs and "input" in d["payload"]:
-                d["payload"] = {k: v for k, v in d["payload"].items() if k != "input"}
-            out.append(s.EventOut(**d))
-        return s.EventsResponse(count=len(out), events=out)
-
-    @app.get("/metrics", response_class=Response)
-    def metrics() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/dashboard", response_class=HTMLResponse)
-    def dashboard() -> HTMLResponse:
-        csp = (f"default-src 'none'; script-src {script_hash}; style-src 'unsafe-inline'; "
-               "connect-src 'self'; img-src 'self' data:; form-action 'none'; "
-               "frame-ancestors 'none'; base-uri 'none'")
-        return HTMLResponse(page, headers={"Content-Security-Policy": csp,
-                                           "X-Content-Type-Options": "nosniff",
-                                           "Cache-Control": "no-store"})
-
-    @app.get("/v1/dashboard/data", response_model=s.DashboardData)
-    def dashboard_data(buckets: int = Query(default=40, ge=5, le=200)) -> s.DashboardData:
-        from bastion.service.dashboard import dashboard_data as build
-
-        return build(svc, buckets=buckets, models=s.ModelsResponse.model_validate(
-            svc.models_view()), health=health_view())
-
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(GuardMiddleware, service=svc, auth=auth,
+                       max_body_bytes=cfg.max_body_bytes)
+    # Limits (bastion.web.limits, engineer `limits`): per-key token buckets, load
+    # shedding and deadlines go OUTSIDE GuardMiddleware (added after it, so they run
+    # first) and key on ``auth.key_fn(scope)`` (the key's client name, or the peer
+    # address without a valid key; the identity it resolves is kept for the guard):
+    #     app.add_middleware(RateLimitMiddleware, key_fn=auth.key_fn, ...)
+    # guarded by the config's rate_limit_* fields once they exist.
     return app
 
 
 def openapi_json(app: FastAPI) -> str:
     return json.dumps(app.openapi(), indent=2)
+
+
+__all__ = ["AuthFailure", "GuardMiddleware", "RULES", "create_app", "openapi_json"]

@@ -47,6 +47,12 @@ class ServiceConfig(BaseModel):
     - ``reload_interval_s``: how often the service checks the registry's aliases (a
       promotion by ``bastion heal`` in another process is picked up within this).
     - ``max_batch``, ``max_body_bytes``, ``max_feedback``: request limits.
+    - ``auth``: ``keys`` (the default: every route but ``/v1/health`` and the dashboard
+      page needs an API key, see :mod:`bastion.web.auth`; with no key created yet only
+      the admin token gets in) or ``open`` (local demos: callers without a key are
+      admins, labelled by ``X-Client-Id``; said loudly at start-up and in
+      ``/v1/health``). ``key_refresh_s``: how often the key table is re-read (a
+      revocation takes effect within this).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +80,8 @@ class ServiceConfig(BaseModel):
     max_batch: int = Field(default=256, ge=1, le=100_000)
     max_body_bytes: int = Field(default=2_000_000, ge=1024)
     max_feedback: int = Field(default=1000, ge=1)
+    auth: Literal["keys", "open"] = "keys"
+    key_refresh_s: float = Field(default=2.0, gt=0.0, le=3600.0)
     seed: int = 0
 
     @classmethod

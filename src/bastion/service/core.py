@@ -33,7 +33,14 @@ import numpy as np
 
 from bastion.errors import BastionError, DataError, ModelError
 from bastion.runtime import events as ev
-from bastion.runtime.guard import STATE_QUARANTINE, STATE_TRAFFIC, GuardDecision, GuardedModel
+from bastion.runtime.guard import (
+    STATE_QUARANTINE,
+    STATE_TRAFFIC,
+    CheckedInputs,
+    GuardDecision,
+    GuardedModel,
+    check_inputs,
+)
 from bastion.service.config import ServiceConfig
 from bastion.service.fastdetect import KnnOutlierDetector
 from bastion.service.metrics import ServiceMetrics
@@ -162,7 +169,7 @@ class ExtractionWatch:
 class _Pending:
     __slots__ = ("x", "client_id", "out", "error", "done")
 
-    def __init__(self, x: np.ndarray, client_id: str) -> None:
+    def __init__(self, x: Any, client_id: str) -> None:
         self.x, self.client_id = x, client_id
         self.out: list[GuardDecision] | None = None
         self.error: BaseException | None = None
@@ -187,7 +194,7 @@ class RequestCoalescer:
         self._queue: list[_Pending] = []
         self._busy = False
 
-    def predict(self, guard: Any, x: np.ndarray, client_id: str) -> list[GuardDecision]:
+    def predict(self, guard: Any, x: Any, client_id: str) -> list[GuardDecision]:
         """The guard's answers for ``x`` from ``client_id`` (shared with concurrent
         callers of the same guard when they overlap)."""
         p = _Pending(x, client_id)
@@ -275,7 +282,7 @@ class GuardWorker:
         self._thread: threading.Thread | None = None
         self._stop = False
 
-    def submit(self, x: np.ndarray, client_id: str, done: Any) -> None:
+    def submit(self, x: Any, client_id: str, done: Any) -> None:
         """Queue ``x`` (already checked by :meth:`BastionService.prepare_inputs`) from
         ``client_id``; ``done(decisions, error)`` is called once, from the worker."""
         with self._cv:
@@ -471,26 +478,17 @@ class BastionService:
             return True
 
     # -- requests -------------------------------------------------------------------
-    def prepare_inputs(self, a: np.ndarray) -> np.ndarray:
-        """Check a batch against the serving model: shape (nested or flat), bounds."""
-        shape = tuple(self.guard.model.input_shape)
-        d = int(np.prod(shape))
-        if a.ndim == 2 and a.shape[1] == d and shape != (d,):
-            a = a.reshape(len(a), *shape)
-        if a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != shape:
-            raise DataError(f"inputs have shape {tuple(a.shape)}; expected (n, "
-                            f"{', '.join(map(str, shape))}) or (n, {d})")
-        if len(a) > self.config.max_batch:
-            raise DataError(f"batch of {len(a)} inputs is larger than the limit "
-                            f"{self.config.max_batch}", hint="send smaller batches")
-        lo, hi = self.guard.model.bounds
-        if a.min() < lo - 1e-6 or a.max() > hi + 1e-6:
-            raise DataError(f"input values fall outside the model's bounds [{lo}, {hi}] "
-                            f"(min {a.min():.4g}, max {a.max():.4g})")
-        return a.astype(np.float32)
+    def prepare_inputs(self, inputs: Any, *, scan_bools: bool = True) -> CheckedInputs:
+        """The one check of a batch against the serving model (the fast path and the
+        route both call it; the guard trusts what it returns): see
+        :func:`~bastion.runtime.guard.check_inputs`. Raises ``InputError``."""
+        model = self.guard.model
+        return check_inputs(inputs, input_shape=model.input_shape,
+                            bounds=tuple(getattr(model, "bounds", (-np.inf, np.inf))),
+                            max_batch=self.config.max_batch, scan_bools=scan_bools)
 
-    def predict(self, a: np.ndarray, *, client_id: str) -> list[GuardDecision]:
-        x = self.prepare_inputs(a)
+    def predict(self, inputs: Any, *, client_id: str) -> list[GuardDecision]:
+        x = inputs if isinstance(inputs, CheckedInputs) else self.prepare_inputs(inputs)
         out = self._coalescer.predict(self.guard, x, client_id)
         self._count(out)
         return out
@@ -504,9 +502,12 @@ class BastionService:
             for r in d.reasons:  # the checks that fired
                 m.fired(r.detector).inc()
 
-    def feedback(self, labels: dict[str, int], *, client_id: str | None
-                 ) -> tuple[list[int], int]:
+    def feedback(self, labels: dict[str, int], *, client_id: str | None,
+                 owner: str | None = None) -> tuple[list[int], int]:
         """Store true labels; return the event ids and how many agree with the answers.
+
+        With ``owner``, only requests that client was answered count: another client's
+        request id is unknown (its existence is not told).
 
         Raises:
             KeyError: some request ids are unknown (their list is the exception's arg).
@@ -521,6 +522,8 @@ class BastionService:
                             f"{dict(list(bad.items())[:10])}")
         preds = {e.request_id: e for e in self.store.query(
             kinds=ev.PREDICTION, request_id=list(labels), limit=None)}
+        if owner is not None:
+            preds = {r: e for r, e in preds.items() if e.client_id == owner}
         unknown = [r for r in labels if r not in preds]
         if unknown:
             raise KeyError(unknown)
@@ -647,6 +650,15 @@ class BastionService:
 
     def quarantined(self) -> list[str]:
         return sorted(str(c) for c in (self.store.get_state(STATE_QUARANTINE, []) or []))
+
+    def lift_quarantine(self, client_id: str, *, actor: str, reason: str) -> dict[str, Any]:
+        """Lift a quarantine (audited) and make the guard see it at once."""
+        from bastion.runtime.quarantine import lift_quarantine
+
+        rec = lift_quarantine(self.store, client_id, actor=actor, reason=reason)
+        self.guard.refresh_state()
+        self.tail_events()
+        return rec
 
     def models_view(self) -> dict[str, Any]:
         reg = self.registry

@@ -25,14 +25,10 @@ VERDICTS = ("allow", "flag", "block")
 
 
 def _strip(e: ev.Event) -> s.EventOut:
-    d = e.as_dict()
-    p = dict(d["payload"])
-    p.pop("input", None)
-    ev_ = p.get("evidence")
-    if isinstance(ev_, dict) and "traceback" in ev_:
-        p["evidence"] = {k: v for k, v in ev_.items() if k != "traceback"}
-    d["payload"] = p
-    return s.EventOut(**d)
+    """An event without inputs, client text or tracebacks (what a reader may see)."""
+    from bastion.service.deps import event_out
+
+    return event_out(e)
 
 
 def _edges(t0: float, t1: float, n: int) -> np.ndarray:

@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from bastion.web.metrics import ChildCache
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -63,14 +65,7 @@ class ServiceMetrics:
 
         # children of the request-path metrics, by label values (``labels()`` validates
         # and locks on every call)
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def _child(self, metric: Any, *values: str) -> Any:
-        key = (metric._name, *values)
-        c = self._children.get(key)
-        if c is None:
-            c = self._children[key] = metric.labels(*values)
-        return c
+        self._child = ChildCache().child
 
     def request(self, route: str, method: str, status: str) -> Any:
         """The ``bastion_http_requests_total`` child for these labels."""

@@ -10,71 +10,31 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from bastion.web.errors import ErrorBody as ErrorBody
+from bastion.web.errors import ErrorResponse as ErrorResponse
 
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,128}$"
-
-
-class ErrorBody(BaseModel):
-    """What went wrong: a stable ``code``, a ``message`` naming the problem and, where it
-    helps, ``details`` (e.g. the unknown request ids)."""
-
-    code: str
-    message: str
-    details: dict[str, Any] = Field(default_factory=dict)
-
-
-class ErrorResponse(BaseModel):
-    """Every 4xx/5xx answer."""
-
-    error: ErrorBody
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _as_array(v: Any) -> np.ndarray:
-    if not isinstance(v, list) or not v:
-        raise ValueError("inputs must be a non-empty list of inputs")
-    try:
-        a = np.asarray(v)
-    except (TypeError, ValueError):
-        raise ValueError("inputs must be a rectangular array of numbers (every input the "
-                         "same shape)") from None
-    if a.dtype.kind == "b":
-        raise ValueError("inputs must be numbers, not booleans")
-    if a.dtype.kind not in "iuf":
-        raise ValueError("inputs must be a rectangular array of numbers (every input the "
-                         "same shape, no strings or nulls)")
-    a = a.astype(np.float64)
-    bad = ~np.isfinite(a)
-    if bad.any():
-        i = int(np.argwhere(bad)[0][0])
-        raise ValueError(f"inputs contain NaN or Infinity (first at input {i})")
-    return a
-
-
 class PredictRequest(_Request):
     """A batch of inputs. Each input is nested lists in the model's input shape (e.g.
     ``[[[...8 numbers...] x 8]]`` for ``(1, 8, 8)``) or a flat list of the right
-    length."""
+    length. Numbers only: booleans, strings and nulls are refused (checked, with the
+    shape and the model's bounds, by
+    :func:`~bastion.runtime.guard.check_inputs`, the one check the fast path shares)."""
 
-    inputs: list[Any] = Field(..., description="A batch of inputs (at least one).")
-    client_id: str | None = Field(default=None, pattern=CLIENT_ID_PATTERN,
-                                  description="Who is asking (also read from X-Client-Id).")
-
-    @field_validator("inputs")
-    @classmethod
-    def _check_inputs(cls, v: list[Any]) -> Any:
-        # keep the checked float64 array (converted once, not again by ``array()``)
-        return _as_array(v)
-
-    def array(self) -> np.ndarray:
-        """The inputs as a float64 array (checked: rectangular, numeric, finite)."""
-        v = self.inputs
-        return v if isinstance(v, np.ndarray) else _as_array(v)
+    inputs: list[Any] = Field(..., min_length=1,
+                              description="A batch of inputs (at least one), numbers only.")
+    client_id: str | None = Field(
+        default=None, pattern=CLIENT_ID_PATTERN,
+        description="A label for who is asking, in open mode only (also X-Client-Id); "
+                    "with API keys the key names the client.")
 
 
 class ReasonOut(BaseModel):
@@ -119,7 +79,9 @@ class PredictResponse(BaseModel):
 
 class FeedbackItem(_Request):
     request_id: str = Field(..., min_length=1, max_length=256)
-    label: int = Field(..., ge=0)
+    label: StrictInt = Field(..., ge=0, le=2**31 - 1,
+                             description="The true class (an integer: not 3.0, \"3\" "
+                                         "or true).")
 
 
 class FeedbackRequest(_Request):
@@ -148,6 +110,9 @@ class HealthResponse(BaseModel):
     quarantined_clients: list[str]
     events: int
     admin_routes: bool
+    auth: Literal["keys", "open"] = Field(
+        description="keys: API keys required; open: anyone is admin (local demos only)")
+    warning: str | None = None
     uptime_s: float
     last_error: str | None = None
 
@@ -180,12 +145,12 @@ class ModelsResponse(BaseModel):
 
 
 class PromoteRequest(_Request):
-    version: int = Field(..., ge=1)
+    version: StrictInt = Field(..., ge=1, le=2**31 - 1)
     reason: str = Field(default="promoted via the API", min_length=1, max_length=500)
 
 
 class RollbackRequest(_Request):
-    version: int | None = Field(default=None, ge=1,
+    version: StrictInt | None = Field(default=None, ge=1, le=2**31 - 1,
                                 description="Version to roll back to (default: previous).")
     reason: str = Field(default="rolled back via the API", min_length=1, max_length=500)
 
@@ -194,6 +159,20 @@ class AliasChangeResponse(BaseModel):
     champion: int
     previous: int | None
     aliases: dict[str, int]
+
+
+class QuarantineResponse(BaseModel):
+    quarantined: list[str] = Field(description="Quarantined client names.")
+
+
+class UnquarantineRequest(_Request):
+    reason: str = Field(default="lifted via the API", min_length=1, max_length=500)
+
+
+class UnquarantineResponse(BaseModel):
+    client_id: str
+    lifted: bool
+    quarantined: list[str]
 
 
 class EventOut(BaseModel):

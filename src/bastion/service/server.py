@@ -13,7 +13,8 @@ from bastion.errors import BastionError
 
 
 def serve(app: Any, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "warning") -> None:
+          log_level: str = "warning", ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None) -> None:
     """Serve ``app`` until interrupted.
 
     NumPy's BLAS is limited to one thread first: the request path multiplies small
@@ -24,8 +25,17 @@ def serve(app: Any, *, host: str = "127.0.0.1", port: int = 8000,
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
+    tls: dict[str, Any] = {}
+    if ssl_certfile or ssl_keyfile:
+        from pathlib import Path
 
-    uvicorn.run(app, host=host, port=int(port), log_level=log_level, access_log=False)
+        for opt, f in (("--ssl-certfile", ssl_certfile), ("--ssl-keyfile", ssl_keyfile)):
+            if not f or not Path(f).is_file():
+                raise BastionError(f"{opt} {f or '(missing)'} is not a file",
+                                   hint="TLS needs both a PEM certificate and its key")
+        tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)}
+
+    uvicorn.run(app, host=host, port=int(port), log_level=log_level, access_log=False, **tls)
 
 
 class ServiceThread:

@@ -1,0 +1,46 @@
+"""``POST /v1/predict`` (the route; :class:`~bastion.service.app.GuardMiddleware` answers
+well-formed requests first, through the same check)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from bastion.errors import DataError
+from bastion.runtime.guard import InputError
+from bastion.service import schemas as s
+from bastion.service.deps import get_service, resolve_client
+from bastion.web.auth import Identity, require_role
+from bastion.web.errors import AUTH_RESPONSES, ApiError
+
+router = APIRouter()
+#: HTTP status of each InputError code
+INPUT_STATUS = {"invalid_request": 422, "bad_inputs": 422, "batch_too_large": 413}
+
+
+def input_error(exc: InputError) -> ApiError:
+    status = INPUT_STATUS.get(exc.code, 422)
+    msg = str(exc) if exc.code != "invalid_request" else f"inputs: {exc}"
+    return ApiError(status, exc.code, msg)
+
+
+@router.post("/v1/predict", response_model=s.PredictResponse, responses=AUTH_RESPONSES)
+def predict(body: s.PredictRequest, request: Request,
+            ident: Identity = require_role("client"),
+            svc: Any = Depends(get_service)) -> Response:
+    cid = resolve_client(ident, body.client_id, request.headers.get("x-client-id"))
+    try:
+        x = svc.prepare_inputs(body.inputs)
+    except InputError as exc:
+        raise input_error(exc) from None
+    try:
+        out = svc.predict(x, client_id=cid)
+    except DataError as exc:
+        raise ApiError(422, "bad_inputs", str(exc)) from None
+    # the PredictResponse schema, serialised directly: validating our own answer again
+    # through the response model cost more than the guard itself
+    return Response(s.predict_response_json(
+        None if svc.champion_version is None else str(svc.champion_version), cid, out),
+        media_type="application/json")
