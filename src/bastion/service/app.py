@@ -49,6 +49,7 @@ from bastion.runtime import events as ev
 from bastion.service import schemas as s
 from bastion.service.config import ADMIN_TOKEN_ENV, ServiceConfig
 from bastion.service.core import BastionService
+from bastion.web.limits import LimitsMiddleware, Overloaded
 
 ROUTES = ("/v1/predict", "/v1/feedback", "/v1/health", "/v1/models", "/v1/models/promote",
           "/v1/models/rollback", "/v1/events", "/metrics", "/dashboard", "/v1/dashboard/data")
@@ -231,6 +232,12 @@ class GuardMiddleware:
         try:
             svc.worker.submit(x, cid, done)
             out = await fut
+        except Overloaded as exc:
+            svc.metrics.limit("queue_full", 503)
+            return await _send_json(send, 503, {"error": {
+                "code": "overloaded", "message": str(exc),
+                "details": {"retry_after_s": exc.retry_after_s}}},
+                [(b"retry-after", str(exc.retry_after_s).encode())])
         except DataError as exc:
             svc.metrics.client_errors.labels("bad_inputs").inc()
             return await _send_json(send, 422, {"error": {
@@ -275,10 +282,12 @@ def _replay(chunks: list[bytes], last: dict[str, Any] | None, receive: Any) -> A
     return replay
 
 
-async def _send_json(send: Any, status: int, doc: dict[str, Any]) -> int:
+async def _send_json(send: Any, status: int, doc: dict[str, Any],
+                     headers: list[tuple[bytes, bytes]] | None = None) -> int:
     data = json.dumps(doc).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-length", str(len(data)).encode()), (b"content-type", b"application/json")]})
+        (b"content-length", str(len(data)).encode()), (b"content-type", b"application/json"),
+        *(headers or [])]})
     await send({"type": "http.response.body", "body": data})
     return status
 
@@ -313,8 +322,12 @@ def _parse_since(since: str | None) -> float | None:
 
 
 def create_app(config: ServiceConfig | None = None, *,
-               service: BastionService | None = None) -> FastAPI:
+               service: BastionService | None = None,
+               key_fn: Any = None) -> FastAPI:
     """Build the service app from ``config`` (or around an existing ``service``).
+
+    ``key_fn(scope) -> str``: the rate limit's key (default: the bearer token's or
+    ``X-API-Key``'s hash, else the client address; see :mod:`bastion.web.limits`).
 
     The app owns the service it builds: the background loop starts with the app's
     lifespan and stops (closing the event store) when the app shuts down.
@@ -342,6 +355,10 @@ def create_app(config: ServiceConfig | None = None, *,
                              422: {"model": s.ErrorResponse}})
     app.state.service = svc
     app.add_middleware(GuardMiddleware, service=svc, max_body_bytes=cfg.max_body_bytes)
+    # outermost: rate limit, in-flight cap and deadline before anything reads the body
+    app.add_middleware(LimitsMiddleware, limits=cfg.limits, key_fn=key_fn,
+                       on_reject=svc.metrics.limit)
+    app.state.limits, app.state.on_limit = cfg.limits, svc.metrics.limit
     page, script_hash = _dashboard_html()
 
     # -- errors ---------------------------------------------------------------------
@@ -431,6 +448,10 @@ def create_app(config: ServiceConfig | None = None, *,
                            f"than the limit {cfg.max_batch}", {"limit": cfg.max_batch})
         try:
             out = svc.predict(a, client_id=cid)
+        except Overloaded as exc:
+            svc.metrics.limit("queue_full", 503)
+            raise ApiError(503, "overloaded", str(exc), {"retry_after_s": exc.retry_after_s},
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
         except DataError as exc:
             raise ApiError(422, "bad_inputs", str(exc)) from None
         # the PredictResponse schema, serialised directly: validating our own answer

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from bastion.errors import BastionError
 from bastion.runtime.guard import GuardPolicy
 from bastion.runtime.healing import HealingPolicy
+from bastion.web.limits import HttpLimits
 
 ADMIN_TOKEN_ENV = "BASTION_ADMIN_TOKEN"
 DEFAULT_DETECTORS: tuple[str, ...] = ("outlier", "confidence", "squeeze")
@@ -47,6 +48,11 @@ class ServiceConfig(BaseModel):
     - ``reload_interval_s``: how often the service checks the registry's aliases (a
       promotion by ``bastion heal`` in another process is picked up within this).
     - ``max_batch``, ``max_body_bytes``, ``max_feedback``: request limits.
+    - ``max_queue_rows``: inputs waiting for the guard at most; a request that would
+      queue more is refused with 503 and ``Retry-After`` (memory stays bounded).
+    - ``limits``: timeouts, connection cap, per-key rate limit, in-flight cap and deadline
+      (:class:`~bastion.web.limits.HttpLimits`; ``limits: {rate_limit_per_s: 20}`` in a
+      config file).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -74,6 +80,8 @@ class ServiceConfig(BaseModel):
     max_batch: int = Field(default=256, ge=1, le=100_000)
     max_body_bytes: int = Field(default=2_000_000, ge=1024)
     max_feedback: int = Field(default=1000, ge=1)
+    max_queue_rows: int = Field(default=1024, ge=1)
+    limits: HttpLimits = Field(default_factory=HttpLimits)
     seed: int = 0
 
     @classmethod
