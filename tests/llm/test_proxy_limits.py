@@ -133,7 +133,7 @@ def test_slow_plain_answer_gets_504(uvicorn_thread, keyword_detector):
 def test_flooding_key_gets_429_on_the_proxy(uvicorn_thread, keyword_detector):
     with uvicorn_thread(dripping_upstream) as up, \
             _proxy(uvicorn_thread, up.base_url, keyword_detector, rate_limit_per_s=0.5,
-                   rate_limit_burst=2) as px, httpx.Client(timeout=10) as c:
+                   rate_limit_burst=2, rate_limit_delay_s=0) as px, httpx.Client(timeout=10) as c:
         root = px.base_url.removesuffix("/v1")
         codes = [c.get(px.base_url + "/models", headers={"Authorization": "Bearer k1"})
                  for _ in range(8)]

@@ -24,7 +24,7 @@ from bastion.web.limits import HttpLimits, LimitsMiddleware, TokenBuckets, serve
 HEADER_S, BODY_S, KEEPALIVE_S, DEADLINE_S = 0.8, 0.8, 0.5, 2.0
 LIMITS = HttpLimits(header_timeout_s=HEADER_S, body_timeout_s=BODY_S,
                     keepalive_timeout_s=KEEPALIVE_S, rate_limit_per_s=5, rate_limit_burst=5,
-                    deadline_s=DEADLINE_S, max_inflight=32)
+                    rate_limit_delay_s=0, deadline_s=DEADLINE_S, max_inflight=32)
 
 
 @pytest.fixture(scope="module")
@@ -385,6 +385,47 @@ def test_inflight_cap_sheds_503_but_not_health():
     assert asyncio.run(main()) == [503, 200, 200, 200]
 
 
+def test_a_flooding_clients_429_is_held_back_but_not_without_bound():
+    import asyncio
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def call(app: Any) -> tuple[int, float, dict[bytes, bytes]]:
+        st: dict[str, Any] = {}
+
+        async def send(m: Any) -> None:
+            if m["type"] == "http.response.start":
+                st["s"], st["h"] = m["status"], dict(m["headers"])
+
+        t = time.monotonic()
+        await app({"type": "http", "path": "/x", "headers": [], "client": ("9.9.9.9", 1)},
+                  None, send)
+        return st["s"], time.monotonic() - t, st["h"]
+
+    async def main() -> None:
+        held = LimitsMiddleware(ok, limits=HttpLimits(rate_limit_per_s=2, rate_limit_burst=1,
+                                                      rate_limit_delay_s=0.3))
+        assert (await call(held))[0] == 200
+        status, took, headers = await call(held)  # limited: answered after 0.3 s
+        assert status == 429 and took >= 0.25 and headers[b"retry-after"] == b"1"
+        # at most rate_limit_max_delayed held at once: the rest are answered at once
+        capped = LimitsMiddleware(ok, limits=HttpLimits(
+            rate_limit_per_s=0.1, rate_limit_burst=1, rate_limit_delay_s=5,
+            rate_limit_max_delayed=2))
+        await call(capped)
+        t = time.monotonic()
+        tasks = [asyncio.create_task(call(capped)) for _ in range(3)]
+        done, _ = await asyncio.wait(tasks, timeout=1.0)
+        assert len(done) == 1 and next(iter(done)).result()[0] == 429
+        assert time.monotonic() - t < 1.5
+        for x in tasks:
+            x.cancel()
+
+    asyncio.run(main())
+
+
 def test_token_bucket_refills_and_forgets_old_keys():
     b = TokenBuckets(rate=2.0, burst=2, max_keys=2)
     assert b.take("a", 0.0) == 0 and b.take("a", 0.0) == 0
@@ -401,6 +442,7 @@ def test_token_bucket_refills_and_forgets_old_keys():
     (["--max-connections", "0"], "--max-connections"), (["--deadline", "-5"], "--deadline"),
     (["--max-inflight", "0"], "--max-inflight"), (["--max-queue", "0"], "--max-queue"),
     (["--rate-burst", "0"], "--rate-burst"), (["--body-timeout", "0"], "--body-timeout"),
+    (["--rate-delay", "-1"], "--rate-delay"),
 ])
 def test_bad_limit_options_are_one_clear_line(args, opt):
     import typer
@@ -419,3 +461,27 @@ def test_bad_limit_options_are_one_clear_line(args, opt):
     assert r.exit_code != 0
     msg = str(r.exception)
     assert opt in msg and "\n" not in msg, msg
+
+
+def test_bad_guard_llm_limit_option_is_one_clear_line():
+    from bastion.cli.llm import register
+
+    app = typer_app(register)
+    r = CliRunner().invoke(app, ["guard-llm", "--upstream", "http://127.0.0.1:9/v1",
+                                 "--deadline", "0"])
+    assert r.exit_code != 0
+    msg = str(r.exception)
+    assert "--deadline" in msg and "\n" not in msg, msg
+
+
+def typer_app(register: Any) -> Any:
+    import typer
+
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """test app"""
+
+    register(app)
+    return app

@@ -22,6 +22,8 @@ MaxInflightOpt = typer.Option(
 RateLimitOpt = typer.Option(
     None, "--rate-limit", help="Requests per second per client key (429 over it; 0: off).")
 RateBurstOpt = typer.Option(None, "--rate-burst", help="Burst size of the per-key rate limit.")
+RateDelayOpt = typer.Option(
+    None, "--rate-delay", help="Seconds a limited client's 429 is held back (0: at once).")
 DeadlineOpt = typer.Option(
     None, "--deadline",
     help="Seconds a whole request may take, its (streamed) answer included (504 after).")
@@ -30,10 +32,11 @@ DeadlineOpt = typer.Option(
 def limit_fields(*, header_timeout: float | None, body_timeout: float | None,
                  keepalive_timeout: float | None, max_connections: int | None,
                  max_inflight: int | None, rate_limit: float | None, rate_burst: int | None,
-                 deadline: float | None) -> dict[str, Any]:
+                 deadline: float | None, rate_delay: float | None = None) -> dict[str, Any]:
     """The :class:`~bastion.web.limits.HttpLimits` fields given on the command line."""
     f = {"header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
          "keepalive_timeout_s": keepalive_timeout, "max_connections": max_connections,
          "max_inflight": max_inflight, "rate_limit_per_s": rate_limit,
-         "rate_limit_burst": rate_burst, "deadline_s": deadline}
+         "rate_limit_burst": rate_burst, "deadline_s": deadline,
+         "rate_limit_delay_s": rate_delay}
     return {k: v for k, v in f.items() if v is not None}

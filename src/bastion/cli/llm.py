@@ -197,6 +197,7 @@ def guard_llm(
     max_inflight: int | None = lim.MaxInflightOpt,
     rate_limit: float | None = lim.RateLimitOpt,
     rate_burst: int | None = lim.RateBurstOpt,
+    rate_delay: float | None = lim.RateDelayOpt,
     deadline: float | None = typer.Option(
         None, "--deadline", help="Seconds a whole chat request may take, upstream and "
         "streamed answer included (default 300; 504 or an SSE error frame after)."),
@@ -219,6 +220,7 @@ def guard_llm(
         header_timeout=header_timeout, body_timeout=body_timeout,
         keepalive_timeout=keepalive_timeout, max_connections=max_connections,
         max_inflight=max_inflight, rate_limit=rate_limit, rate_burst=rate_burst,
+        rate_delay=rate_delay,
         deadline=deadline))
     try:
         import uvicorn

@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         max_inflight: int | None = lim.MaxInflightOpt,
         rate_limit: float | None = lim.RateLimitOpt,
         rate_burst: int | None = lim.RateBurstOpt,
+        rate_delay: float | None = lim.RateDelayOpt,
         deadline: float | None = lim.DeadlineOpt,
         max_queue: int | None = typer.Option(
             None, "--max-queue", help="Inputs waiting for the guard at most (503 over it)."),
@@ -66,6 +67,7 @@ def register(app: typer.Typer) -> None:
             header_timeout=header_timeout, body_timeout=body_timeout,
             keepalive_timeout=keepalive_timeout, max_connections=max_connections,
             max_inflight=max_inflight, rate_limit=rate_limit, rate_burst=rate_burst,
+            rate_delay=rate_delay,
             deadline=deadline)
         HttpLimits.build(**flags)  # a bad option is one line before any loading
         if max_queue is not None and max_queue < 1:

@@ -29,7 +29,11 @@ sockets too and answers 503 only once a request head is complete. Here:
   ``key_fn(scope) -> str``; the default (:func:`default_key`) is the SHA-256 of the
   bearer token or ``X-API-Key`` when one is sent, else the client address. An unverified
   token is a fresh bucket, so an app with API keys passes a ``key_fn`` that returns the
-  *verified* key id (and the address for unknown tokens);
+  *verified* key id (and the address for unknown tokens). A client that keeps sending
+  while limited has its 429 held back ``min(Retry-After, rate_limit_delay_s)`` seconds
+  (a tarpit: a client that ignores ``Retry-After`` is slowed to the pace it was asked
+  for, at the cost of a sleeping coroutine), at most ``rate_limit_max_delayed`` at once
+  (beyond that the 429 goes out at once, so held answers cannot fill the sockets);
 - ``max_inflight``: requests being handled at once; over it, ``503`` with
   ``Retry-After`` at once (nothing queues in memory);
 - ``deadline_s``: the overall time of a request, its whole (streamed) answer included:
@@ -87,6 +91,8 @@ class HttpLimits(BaseModel):
     max_inflight: int = Field(default=64, ge=1, le=100_000)
     rate_limit_per_s: float = Field(default=100.0, ge=0)
     rate_limit_burst: int = Field(default=200, ge=1, le=10_000_000)
+    rate_limit_delay_s: float = Field(default=1.0, ge=0, le=60)
+    rate_limit_max_delayed: int = Field(default=256, ge=0, le=100_000)
     deadline_s: float = Field(default=30.0, gt=0, le=86_400)
     max_keys: int = Field(default=100_000, ge=1)
 
@@ -117,7 +123,7 @@ LIMIT_OPTIONS: dict[str, str] = {
     "--keepalive-timeout": "keepalive_timeout_s", "--max-connections": "max_connections",
     "--max-inflight": "max_inflight", "--rate-limit": "rate_limit_per_s",
     "--rate-burst": "rate_limit_burst", "--deadline": "deadline_s",
-    "--max-header-bytes": "max_header_bytes",
+    "--max-header-bytes": "max_header_bytes", "--rate-delay": "rate_limit_delay_s",
 }
 _LIMIT_HINTS = {
     "header_timeout_s": "seconds, above 0 (default 10)",
@@ -129,6 +135,7 @@ _LIMIT_HINTS = {
     "rate_limit_burst": "a whole number of requests, at least 1 (default 200)",
     "deadline_s": "seconds, above 0 (default 30)",
     "max_header_bytes": "bytes, at least 1024 (default 65536)",
+    "rate_limit_delay_s": "seconds a limited client's 429 is held back, 0 to 60 (default 1)",
 }
 
 
@@ -428,6 +435,7 @@ class LimitsMiddleware:
         self.buckets = (TokenBuckets(limits.rate_limit_per_s, limits.rate_limit_burst,
                                      limits.max_keys) if limits.rate_limit_per_s > 0 else None)
         self.inflight = 0
+        self.delayed = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -441,6 +449,13 @@ class LimitsMiddleware:
                 if wait > 0:
                     retry = max(1, math.ceil(wait))
                     self.count("rate_limited", 429)
+                    hold = min(wait, lim.rate_limit_delay_s)
+                    if hold > 0 and self.delayed < lim.rate_limit_max_delayed:
+                        self.delayed += 1
+                        try:
+                            await asyncio.sleep(hold)
+                        finally:
+                            self.delayed -= 1
                     await _send_error(send, 429, error_doc(
                         "rate_limited", f"too many requests: the limit is "
                         f"{lim.rate_limit_per_s:g} a second (bursts of "
