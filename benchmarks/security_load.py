@@ -53,7 +53,8 @@ def serve_main(args: argparse.Namespace) -> None:
         model=args.model, reference="builtin:digits", model_name="bench-security",
         events_url=f"sqlite:///{args.work}/events.db",
         tracking_uri=f"sqlite:///{args.work}/mlflow.db", reload_interval_s=0,
-        limits={"rate_limit_per_s": args.rate_limit, "rate_limit_burst": args.rate_burst})
+        limits={"rate_limit_per_s": args.rate_limit, "rate_limit_burst": args.rate_burst,
+                "rate_limit_delay_s": args.rate_delay})
     serve(create_app(cfg), host="127.0.0.1", port=args.port, log_level="critical")
 
 
@@ -206,6 +207,7 @@ def _predict_series(port: int, bodies: list[bytes], every: float) -> dict[str, A
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Content-Type": "application/json", "X-API-Key": "well-behaved"}
     lat, codes = [], {}
+    t_start = time.perf_counter()
     for b in bodies:
         t = time.perf_counter()
         conn.request("POST", "/v1/predict", body=b, headers=headers)
@@ -217,7 +219,14 @@ def _predict_series(port: int, bodies: list[bytes], every: float) -> dict[str, A
             lat.append(ms)
         time.sleep(max(0.0, every - ms / 1000))
     conn.close()
-    return {"lat": lat, "codes": codes}
+    return {"lat": lat, "codes": codes, "wall_s": time.perf_counter() - t_start}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _limited(port: int) -> dict[str, float]:
@@ -249,6 +258,8 @@ def main() -> None:
     ap.add_argument("--rate-limit", type=float, default=20.0,
                     help="the server's per-key limit (requests/s; the library default is 100)")
     ap.add_argument("--rate-burst", type=int, default=40)
+    ap.add_argument("--rate-delay", type=float, default=1.0,
+                    help="seconds a limited key's 429 is held back (0: at once)")
     args = ap.parse_args()
     if args.serve:
         serve_main(args)
@@ -272,7 +283,8 @@ def main() -> None:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", "--port", str(port),
                              "--model", str(model), "--work", str(work), "--rate-limit",
-                             str(args.rate_limit), "--rate-burst", str(args.rate_burst)],
+                             str(args.rate_limit), "--rate-burst", str(args.rate_burst),
+                             "--rate-delay", str(args.rate_delay)],
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     ctx = mp.get_context("spawn")
     res: dict[str, Any] = {}
@@ -315,14 +327,17 @@ def main() -> None:
             for f in fl:
                 f.start()
             time.sleep(1.5)  # the flood is on before measuring
+            cpu0 = _cpu_s(proc.pid)
             flood = _predict_series(port, bodies[(2 * r + 1) * per:(2 * r + 2) * per], 0.1)
+            cpu1 = _cpu_s(proc.pid)
             codes: dict[str, int] = {}
             for _ in fl:
                 for k, v in fq.get(timeout=120).items():
                     codes[str(k)] = codes.get(str(k), 0) + v
             for f in fl:
                 f.join(30)
-            rounds.append({"quiet_p50_ms": float(np.median(quiet["lat"])),
+            rounds.append({"server_cpu_share_during_flood": (cpu1 - cpu0) / flood["wall_s"],
+                           "quiet_p50_ms": float(np.median(quiet["lat"])),
                            "flood_p50_ms": float(np.median(flood["lat"])),
                            "quiet_codes": quiet["codes"], "flood_codes": flood["codes"],
                            "flooder_codes": codes})
@@ -352,13 +367,15 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    lim = HttpLimits(rate_limit_per_s=args.rate_limit, rate_limit_burst=args.rate_burst)
+    lim = HttpLimits(rate_limit_per_s=args.rate_limit, rate_limit_burst=args.rate_burst,
+                     rate_limit_delay_s=args.rate_delay)
     payload = {"settings": vars(args), "limits": lim.model_dump(),
                "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
                "results": res,
                "goals": {"health_p50_ms_under_1000_slow": 100.0,
                          "well_behaved_p50_increase_under_flood": 0.20}}
-    name = "security_load" + ("" if args.rate_limit == 20.0 else f"_rate{args.rate_limit:g}")
+    name = "security_load" + ("" if args.rate_limit == 20.0 else f"_rate{args.rate_limit:g}") \
+        + ("" if args.rate_delay == 1.0 else f"_delay{args.rate_delay:g}")
     path = write_result(name, payload)
     s, f, d = res["slowloris"], res["flood"], res["fd_flood"]
     print(markdown_table(

@@ -300,7 +300,9 @@ def run_demo(
             model=f"registry:{MODEL_NAME}", reference="builtin:digits", model_name=MODEL_NAME,
             events_url=f"sqlite:///{out_dir / 'events.db'}", tracking_uri=uri,
             admin_token=ADMIN_TOKEN, reference_limit=800, healing=policy,
-            reload_interval_s=0.0, fpr=0.01, seed=seed)
+            reload_interval_s=0.0, fpr=0.01, seed=seed,
+            # every simulated client sends from this one address: no per-address limit
+            limits={"rate_limit_per_s": 0})
         svc = BastionService(cfg, data=trusted)
         app = create_app(service=svc)
         phases: list[PhaseResult] = []

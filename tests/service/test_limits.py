@@ -485,3 +485,28 @@ def typer_app(register: Any) -> Any:
 
     register(app)
     return app
+
+
+def test_deadline_answers_504_at_once_even_while_a_sync_route_blocks_its_thread():
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    release = threading.Event()
+
+    @app.get("/slow")
+    def slow() -> dict[str, str]:  # a sync route: runs in a worker thread
+        release.wait(10)
+        return {"late": "yes"}
+
+    app.add_middleware(LimitsMiddleware, limits=HttpLimits(deadline_s=0.8))
+    with _Server(app, HttpLimits(), "auto") as srv, httpx.Client(timeout=10) as c:
+        try:
+            t = time.monotonic()
+            r = c.get(f"http://127.0.0.1:{srv.port}/slow")
+            took = time.monotonic() - t
+            assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+            assert 0.7 <= took < 2.5
+        finally:
+            release.set()
+        # the connection and the server keep working once the thread ends
+        assert c.get(f"http://127.0.0.1:{srv.port}/docs").status_code == 200

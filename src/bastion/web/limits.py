@@ -476,8 +476,15 @@ class LimitsMiddleware:
 
     async def _run(self, scope: dict[str, Any], receive: Any, send: Any,
                    counted: bool) -> None:
+        """Run the app in this task with a timer: at the deadline, a 504 goes out at once
+        from a side task (when no answer has started; the app's own sends are dropped
+        from then on) and this task is cancelled (a sync route's thread cannot be: its
+        result is dropped when it ends)."""
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
         st = {"started": False, "over": False, "sse": False, "gone": False}
+        answer: list[asyncio.Task[Any]] = []
+        lim = self.limits
 
         async def send_w(message: Any) -> None:
             if st["over"]:
@@ -495,47 +502,45 @@ class LimitsMiddleware:
                 st["gone"] = True
             return message
 
-        token = _DEADLINE.set(loop.time() + self.limits.deadline_s)
-        try:
-            task = loop.create_task(self.app(scope, receive_w, send_w))
-        finally:
-            _DEADLINE.reset(token)
+        def expire() -> None:
+            st["over"] = True
+            self.count("deadline_exceeded", 504)
+            if not st["started"]:
+                answer.append(loop.create_task(_send_error(send, 504, self._late())))
+            if me is not None:
+                me.cancel()
+
+        timer = loop.call_later(lim.deadline_s, expire)
+        token = _DEADLINE.set(loop.time() + lim.deadline_s)
         if counted:
             self.inflight += 1
-            task.add_done_callback(self._release)
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.limits.deadline_s)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if done:
             try:
-                task.result()
+                await self.app(scope, receive_w, send_w)
+                if st["over"]:
+                    await asyncio.sleep(0)  # take the cancellation meant for the app
+            except asyncio.CancelledError:
+                if not st["over"] or me is None or me.uncancel() > 0:
+                    raise  # cancelled by someone else (a shutdown)
             except Exception:
-                if st["gone"]:  # the client left (or a slow body was cut): nothing to say
-                    return
+                if st["gone"] or st["over"]:
+                    return  # the client left (or a slow body was cut), or we answered
                 raise
+        finally:
+            timer.cancel()
+            _DEADLINE.reset(token)
+            if counted:
+                self.inflight -= 1
+        if not st["over"]:
             return
-        st["over"] = True
-        task.add_done_callback(_consume)
-        task.cancel()
-        self.count("deadline_exceeded", 504)
-        msg = f"the request took longer than its deadline of {self.limits.deadline_s:g} s"
-        doc = error_doc("deadline_exceeded", msg, {"deadline_s": self.limits.deadline_s},
-                        self.style)
-        if not st["started"]:
-            await _send_error(send, 504, doc)
-            return
-        await asyncio.wait({task}, timeout=1.0)  # let the app's stream wind down
-        if st["sse"]:
-            await send({"type": "http.response.body", "more_body": False,
-                        "body": f"data: {json.dumps(doc)}\n\ndata: [DONE]\n\n".encode()})
-        # otherwise the answer stays incomplete and uvicorn closes the connection
+        if answer:
+            await answer[0]
+        elif st["sse"]:
+            await send({"type": "http.response.body", "more_body": False, "body":
+                        f"data: {json.dumps(self._late())}\n\ndata: [DONE]\n\n".encode()})
+        # otherwise the started answer stays incomplete and uvicorn closes the connection
 
-    def _release(self, task: asyncio.Task[Any]) -> None:
-        self.inflight -= 1
-
-
-def _consume(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+    def _late(self) -> dict[str, Any]:
+        d = self.limits.deadline_s
+        return error_doc("deadline_exceeded", f"the request took longer than its deadline "
+                         f"of {d:g} s", {"deadline_s": d}, self.style)
