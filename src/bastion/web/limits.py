@@ -220,7 +220,8 @@ def server_options(limits: HttpLimits, *, on_reject: OnReject | None = None,
     cap = connection_cap(limits, raise_fd_limit())
     return {"http": protocol_class(limits, cap=cap, on_reject=on_reject,
                                    error_style=error_style, protocol=protocol),
-            "timeout_keep_alive": limits.keepalive_timeout_s, "limit_concurrency": None}
+            "timeout_keep_alive": limits.keepalive_timeout_s, "limit_concurrency": None,
+            "h11_max_incomplete_event_size": limits.max_header_bytes}
 
 
 def protocol_class(limits: HttpLimits, *, cap: int | None = None,
@@ -272,7 +273,9 @@ def protocol_class(limits: HttpLimits, *, cap: int | None = None,
             self._bt_timer: asyncio.TimerHandle | None = None
             self._bt_kind = ""
             self._bt_cycle: Any = None
-            self._bt_head = 0
+            self._bt_head = 0  # bytes of the request head being read (httptools)
+            self._bt_in_head = False
+            self._bt_partial = False  # bytes came since the last answer
             if len(self.connections) > max_conn:
                 victim = next(iter(idle), None)
                 if victim is not None:
@@ -290,21 +293,21 @@ def protocol_class(limits: HttpLimits, *, cap: int | None = None,
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            cyc = self.cycle
-            if cyc is None or cyc.response_complete:  # reading a request head
+            super().data_received(data)
+            if self.transport.is_closing():
+                return
+            if self._bt_in_head:  # httptools: inside a request head (h11 caps its own)
                 self._bt_head += len(data)
                 if self._bt_head > max_head:
-                    if not self.transport.is_closing():
-                        count("headers_too_large", 431)
-                        self.transport.write(r431)
-                        self.transport.close()
+                    count("headers_too_large", 431)
+                    self.transport.write(r431)
+                    self.transport.close()
                     return
-            super().data_received(data)
             cyc = self.cycle
             if cyc is not None and not cyc.response_complete:
                 if cyc is not self._bt_cycle:  # a new request's head is complete
                     self._bt_cycle = cyc
-                    self._bt_head = 0
+                    self._bt_partial = False
                     idle.pop(self, None)
                     if cyc.more_body:
                         self._bt_arm(body_s, "body")
@@ -312,14 +315,25 @@ def protocol_class(limits: HttpLimits, *, cap: int | None = None,
                         self._bt_cancel()
                 elif not cyc.more_body and self._bt_kind == "body":
                     self._bt_cancel()
-            elif self._bt_timer is None and data:
-                # the first bytes of the next request on a keep-alive socket
-                self._bt_arm(header_s, "header")
+            elif data:
+                # between answers: the next request's head (or the unread rest of an
+                # answered request's body); uvicorn's keep-alive timer is off now
+                self._bt_partial = True
+                if self._bt_timer is None:
+                    self._bt_arm(header_s, "header")
+
+        def on_message_begin(self) -> None:  # httptools only
+            super().on_message_begin()
+            self._bt_in_head, self._bt_head = True, 0
+
+        def on_headers_complete(self) -> None:  # httptools only
+            self._bt_in_head = False
+            super().on_headers_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             self._bt_cancel()
-            self._bt_head = 0
+            self._bt_partial = False
             if not self.transport.is_closing() and not getattr(self, "pipeline", None):
                 idle.pop(self, None)
                 idle[self] = None  # newest idle socket
@@ -342,7 +356,7 @@ def protocol_class(limits: HttpLimits, *, cap: int | None = None,
                 return
             cyc = self.cycle
             if kind == "header":
-                if self._bt_head > 0:
+                if self._bt_partial:
                     count("header_timeout", 408)
                     self.transport.write(r408)
                 else:
