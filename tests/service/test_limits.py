@@ -19,7 +19,14 @@ from typer.testing import CliRunner
 
 from bastion.service.app import create_app
 from bastion.service.server import ServiceThread
-from bastion.web.limits import HttpLimits, LimitsMiddleware, TokenBuckets, server_options
+from bastion.web.limits import (
+    HttpLimits,
+    LimitsMiddleware,
+    TokenBuckets,
+    deadline_remaining,
+    deadline_scope,
+    server_options,
+)
 
 HEADER_S, BODY_S, KEEPALIVE_S, DEADLINE_S = 0.8, 0.8, 0.5, 2.0
 LIMITS = HttpLimits(header_timeout_s=HEADER_S, body_timeout_s=BODY_S,
@@ -522,3 +529,37 @@ def test_deadline_answers_504_at_once_even_while_a_sync_route_blocks_its_thread(
             release.set()
         # the connection and the server keep working once the thread ends
         assert c.get(f"http://127.0.0.1:{srv.port}/docs").status_code == 200
+
+
+def test_deadline_scope_lets_a_route_end_its_own_answer_first():
+    import asyncio
+
+    seen: dict[str, Any] = {}
+
+    async def relay(scope: Any, receive: Any, send: Any) -> None:
+        seen["left"] = deadline_remaining()
+        try:
+            async with deadline_scope(margin=0.3):
+                await asyncio.sleep(5)  # an upstream that drips for ever
+            body = b"done"
+        except TimeoutError:
+            body = b"my own error frame"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    app = LimitsMiddleware(relay, limits=HttpLimits(deadline_s=0.6, rate_limit_per_s=0))
+
+    async def main() -> list[Any]:
+        out: list[Any] = []
+
+        async def send(m: Any) -> None:
+            out.append(m.get("status") or m.get("body"))
+
+        t = time.monotonic()
+        await app({"type": "http", "path": "/x", "headers": [], "client": None}, None, send)
+        out.append(time.monotonic() - t)
+        return out
+
+    status, body, took = asyncio.run(main())
+    assert status == 200 and body == b"my own error frame" and 0.2 < took < 0.55
+    assert 0.5 < seen["left"] <= 0.6

@@ -40,7 +40,8 @@ sockets too and answers 503 only once a request head is complete. Here:
   ``504`` if no answer has started; a started ``text/event-stream`` answer ends with an
   SSE ``data: {"error": {"code": "deadline_exceeded", ...}}`` frame and ``[DONE]``; any
   other started answer is cut (connection closed). Code inside a request can read the
-  time left with :func:`deadline_remaining` (e.g. an upstream call's own timeout).
+  time left with :func:`deadline_remaining`, or bound an upstream call or a relay with
+  ``async with deadline_scope(margin=...)`` to end its answer itself, just before.
 
 The health and metrics routes (``exempt``) skip the bucket and the in-flight cap (so a
 flood cannot hide the service's state), but not the connection timeouts or the deadline.
@@ -66,8 +67,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bastion.errors import BastionError
 
 __all__ = ["HttpLimits", "LimitsMiddleware", "Overloaded", "TokenBuckets", "default_key",
-           "deadline_remaining", "raise_fd_limit", "server_options", "LIMIT_OPTIONS",
-           "EXEMPT_PATHS"]
+           "deadline_remaining", "deadline_scope", "raise_fd_limit", "server_options",
+           "LIMIT_OPTIONS", "EXEMPT_PATHS"]
 
 #: health and metrics: never rate limited or shed (timeouts and the deadline still apply)
 EXEMPT_PATHS: tuple[str, ...] = ("/v1/health", "/healthz", "/metrics")
@@ -391,6 +392,22 @@ def deadline_remaining() -> float | None:
     if d is None:
         return None
     return max(0.0, d - asyncio.get_running_loop().time())
+
+
+def deadline_scope(seconds: float | None = None, *, margin: float = 0.0) -> asyncio.Timeout:
+    """``async with deadline_scope(margin=0.5):`` raises :class:`TimeoutError` in the block
+    ``margin`` seconds before the current request's deadline (or after ``seconds``, when
+    sooner; no limit outside a request with neither). For a route that wants to end its
+    own answer (an upstream call, a stream relay: its own error frame and event) before
+    :class:`LimitsMiddleware` cuts it."""
+    loop = asyncio.get_running_loop()
+    d = _DEADLINE.get()
+    if d is not None:
+        d -= margin
+    if seconds is not None:
+        t = loop.time() + seconds
+        d = t if d is None else min(d, t)
+    return asyncio.timeout_at(d)
 
 
 def default_key(scope: dict[str, Any]) -> str:
