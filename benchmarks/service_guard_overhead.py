@@ -57,6 +57,8 @@ def serve_main(args: argparse.Namespace) -> None:
         events_url=f"sqlite:///{args.work}/events-{args.guard}.db",
         tracking_uri=f"sqlite:///{args.work}/mlflow.db", guard=args.guard == "on",
         reload_interval_s=0, max_batch=256,
+        # the load generators share one address: measure the guard, not the rate limit
+        limits={"rate_limit_per_s": 0},
         **({"detectors": args.detectors.split(",")} if args.detectors else {}))
     serve(create_app(cfg), host="127.0.0.1", port=args.port, log_level="error")
 

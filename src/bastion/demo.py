@@ -299,7 +299,9 @@ def run_demo(
             model=f"registry:{MODEL_NAME}", reference="builtin:digits", model_name=MODEL_NAME,
             events_url=f"sqlite:///{out_dir / 'events.db'}", tracking_uri=uri,
             reference_limit=800, healing=policy,
-            reload_interval_s=0.0, fpr=0.01, seed=seed)
+            reload_interval_s=0.0, fpr=0.01, seed=seed,
+            # every simulated client sends from this one address: no per-address limit
+            limits={"rate_limit_per_s": 0})
         svc = BastionService(cfg, data=trusted)
         # one API key per scripted client (the key names the client: quarantine follows
         # it) and an admin key for the operator's reads; only digests are stored

@@ -62,6 +62,9 @@ def _make_config(model: Path, events_db: Path, mlflow: str, **over: Any) -> Any:
         "model": str(model), "reference": "builtin:digits",
         "events_url": f"sqlite:///{events_db}", "tracking_uri": mlflow,
         "reference_limit": 600, "reload_interval_s": 0.5, "healing": quiet_healing,
+        # every test client sends from 127.0.0.1: the per-address rate limit would make
+        # tests of other features depend on their speed (test_limits.py sets its own)
+        "limits": {"rate_limit_per_s": 0},
     }
     fields.update(over)
     return ServiceConfig.build(**fields)

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from bastion.cli import _common as c
+from bastion.cli import _limits as lim
 from bastion.errors import BastionError
 
 llm_app = typer.Typer(
@@ -187,7 +188,19 @@ def guard_llm(
     api_key_env: str | None = typer.Option(
         None, "--api-key-env", help="Env var with the upstream key (else pass the client's)."
     ),
-    timeout: float = typer.Option(60.0, "--timeout", min=0.1),
+    timeout: float = typer.Option(
+        60.0, "--timeout", min=0.1, help="Seconds per upstream read (see --deadline)."),
+    header_timeout: float | None = lim.HeaderTimeoutOpt,
+    body_timeout: float | None = lim.BodyTimeoutOpt,
+    keepalive_timeout: float | None = lim.KeepaliveTimeoutOpt,
+    max_connections: int | None = lim.MaxConnectionsOpt,
+    max_inflight: int | None = lim.MaxInflightOpt,
+    rate_limit: float | None = lim.RateLimitOpt,
+    rate_burst: int | None = lim.RateBurstOpt,
+    rate_delay: float | None = lim.RateDelayOpt,
+    deadline: float | None = typer.Option(
+        None, "--deadline", help="Seconds a whole chat request may take, upstream and "
+        "streamed answer included (default 300; 504 or an SSE error frame after)."),
     torch_threads: int = typer.Option(
         0, "--torch-threads", min=0, help="Torch threads for the detector (0: torch's default)."
     ),
@@ -201,6 +214,14 @@ def guard_llm(
     host, _, port_s = listen.rpartition(":")
     if not host or not port_s.isdigit():
         raise BastionError(f"--listen {listen!r} is not HOST:PORT", hint="e.g. 127.0.0.1:8080")
+    from bastion.web.limits import HttpLimits, server_options
+
+    limits = HttpLimits(deadline_s=300.0).with_overrides(**lim.limit_fields(
+        header_timeout=header_timeout, body_timeout=body_timeout,
+        keepalive_timeout=keepalive_timeout, max_connections=max_connections,
+        max_inflight=max_inflight, rate_limit=rate_limit, rate_burst=rate_burst,
+        rate_delay=rate_delay,
+        deadline=deadline))
     try:
         import uvicorn
 
@@ -237,7 +258,8 @@ def guard_llm(
     url = events if "://" in events else f"sqlite:///{Path(events).expanduser().resolve()}"
     store = LlmEventLog(url, mask=list(secret or []))
     app = create_guard_app(
-        upstream, guard=guard, events=store, api_key_env=api_key_env, timeout=timeout
+        upstream, guard=guard, events=store, api_key_env=api_key_env, timeout=timeout,
+        limits=limits,
     )
     det.score(["warm-up"])  # load the encoder before the first request
     params = {"upstream": redact_url(upstream), "listen": listen, "policy": policy, "seed": seed}
@@ -249,7 +271,9 @@ def guard_llm(
             f"events: {redact_url(url)}",
             quiet=quiet,
         )
-        uvicorn.run(app, host=host, port=int(port_s), log_level="warning" if quiet else "info")
+        uvicorn.run(app, host=host, port=int(port_s), log_level="warning" if quiet else "info",
+                    **server_options(limits, on_reject=app.state.on_limit,
+                                     error_style="openai"))
         run.log_metrics(
             {
                 "requests": store.written["verdict"],

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from bastion.cli import _common as c
+from bastion.cli import _limits as lim
 from bastion.errors import BastionError
 
 
@@ -43,6 +44,17 @@ def register(app: typer.Typer) -> None:
                                                 help="Serve HTTPS with this PEM certificate."),
         ssl_keyfile: str | None = typer.Option(None, "--ssl-keyfile",
                                                help="The certificate's PEM private key."),
+        header_timeout: float | None = lim.HeaderTimeoutOpt,
+        body_timeout: float | None = lim.BodyTimeoutOpt,
+        keepalive_timeout: float | None = lim.KeepaliveTimeoutOpt,
+        max_connections: int | None = lim.MaxConnectionsOpt,
+        max_inflight: int | None = lim.MaxInflightOpt,
+        rate_limit: float | None = lim.RateLimitOpt,
+        rate_burst: int | None = lim.RateBurstOpt,
+        rate_delay: float | None = lim.RateDelayOpt,
+        deadline: float | None = lim.DeadlineOpt,
+        max_queue: int | None = typer.Option(
+            None, "--max-queue", help="Inputs waiting for the guard at most (503 over it)."),
         tracking_uri: str | None = c.TrackingOpt,
         seed: int = c.SeedOpt,
         quiet: bool = c.QuietOpt,
@@ -57,10 +69,23 @@ def register(app: typer.Typer) -> None:
         except ImportError as exc:
             raise BastionError(f"missing dependency {exc.name}",
                                hint="pip install fastapi uvicorn prometheus-client") from exc
+        from bastion.web.limits import HttpLimits
+
+        flags = lim.limit_fields(
+            header_timeout=header_timeout, body_timeout=body_timeout,
+            keepalive_timeout=keepalive_timeout, max_connections=max_connections,
+            max_inflight=max_inflight, rate_limit=rate_limit, rate_burst=rate_burst,
+            rate_delay=rate_delay,
+            deadline=deadline)
+        HttpLimits.build(**flags)  # a bad option is one line before any loading
+        if max_queue is not None and max_queue < 1:
+            raise BastionError(f"--max-queue {max_queue} is not allowed",
+                               hint="a whole number of inputs, at least 1 (default 1024)")
         over = {"model": model, "reference": reference, "events_url": events,
                 "model_name": model_name, "tracking_uri": tracking_uri,
                 "heal_interval_s": heal_interval, "guard": False if no_guard else None,
-                "seed": seed if seed != 0 else None, "auth": "open" if open_ else None}
+                "seed": seed if seed != 0 else None, "auth": "open" if open_ else None,
+                "max_queue_rows": max_queue}
         if config is not None:
             cfg = ServiceConfig.from_file(config, **over)
         else:
@@ -69,6 +94,8 @@ def register(app: typer.Typer) -> None:
                                    hint="e.g. bastion serve --model builtin:digits-cnn "
                                    "--reference builtin:digits")
             cfg = ServiceConfig.build(**{k: v for k, v in over.items() if v is not None})
+        if flags:
+            cfg = cfg.model_copy(update={"limits": cfg.limits.with_overrides(**flags)})
         c.info(f"loading {cfg.model} and calibrating the guard on {cfg.reference} ...",
                quiet=quiet)
         app_ = create_app(cfg)

@@ -209,6 +209,8 @@ def create_guard_app(
     max_scan_chars: int = 200_000,
     max_answer_bytes: int = 20_000_000,
     hold_back_chars: int = 64,
+    limits: Any = None,
+    key_fn: Any = None,
 ) -> Any:
     """Build the guard proxy app (see module doc).
 
@@ -223,6 +225,10 @@ def create_guard_app(
             ``Authorization`` header is forwarded).
         admin_token: opens ``GET /v1/events``; default ``$BASTION_ADMIN_TOKEN``; with
             neither, that route answers 403.
+        limits: the per-key rate limit, in-flight cap and overall deadline (the upstream
+            and the whole streamed answer included) of
+            :class:`bastion.web.limits.HttpLimits`; None: the defaults. ``timeout`` stays
+            the upstream's per-read timeout. ``key_fn``: the rate limit's key.
     """
     if not upstream.startswith(("http://", "https://")):
         from bastion.errors import BastionError
@@ -255,6 +261,12 @@ def create_guard_app(
 
     app = FastAPI(title="Bastion LLM guard", lifespan=lifespan)
     app.add_middleware(_CountBody, limit=max_body_bytes)
+    from bastion.web.limits import HttpLimits, LimitsMiddleware
+
+    app.state.limits = limits = limits if limits is not None else HttpLimits(deadline_s=300.0)
+    app.state.on_limit = lambda reason, status: metrics.errors.labels(reason).inc()
+    app.add_middleware(LimitsMiddleware, limits=limits, key_fn=key_fn,
+                       on_reject=app.state.on_limit, error_style="openai")
     app.state.guard = guard
     app.state.events = elog
     app.state.metrics = metrics

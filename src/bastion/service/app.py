@@ -62,6 +62,7 @@ from bastion.web.auth import (
     RouteRules,
 )
 from bastion.web.errors import ERROR_RESPONSES, ApiError, install_error_handlers, send_error
+from bastion.web.limits import LimitsMiddleware, Overloaded
 
 log = logging.getLogger("bastion.service")
 
@@ -251,6 +252,11 @@ class GuardMiddleware:
         try:
             svc.worker.submit(x, cid, done)
             out = await fut
+        except Overloaded as exc:
+            svc.metrics.limit("queue_full", 503)
+            return await send_error(send, 503, "overloaded", str(exc),
+                                    {"retry_after_s": exc.retry_after_s},
+                                    headers={"Retry-After": str(exc.retry_after_s)})
         except DataError as exc:
             svc.metrics.client_errors.labels("bad_inputs").inc()
             return await send_error(send, 422, "bad_inputs", str(exc))
@@ -303,8 +309,12 @@ def build_authenticator(cfg: ServiceConfig, store: Any) -> Authenticator:
 
 
 def create_app(config: ServiceConfig | None = None, *,
-               service: BastionService | None = None) -> FastAPI:
+               service: BastionService | None = None,
+               key_fn: Any = None) -> FastAPI:
     """Build the service app from ``config`` (or around an existing ``service``).
+
+    ``key_fn(scope) -> str``: the rate limit's key (default: the bearer token's or
+    ``X-API-Key``'s hash, else the client address; see :mod:`bastion.web.limits`).
 
     The app owns the service it builds: the background loop starts with the app's
     lifespan and stops (closing the event store) when the app shuts down.
@@ -359,12 +369,12 @@ def create_app(config: ServiceConfig | None = None, *,
         app.include_router(router)
     app.add_middleware(GuardMiddleware, service=svc, auth=auth,
                        max_body_bytes=cfg.max_body_bytes)
-    # Limits (bastion.web.limits, engineer `limits`): per-key token buckets, load
-    # shedding and deadlines go OUTSIDE GuardMiddleware (added after it, so they run
-    # first) and key on ``auth.key_fn(scope)`` (the key's client name, or the peer
-    # address without a valid key; the identity it resolves is kept for the guard):
-    #     app.add_middleware(RateLimitMiddleware, key_fn=auth.key_fn, ...)
-    # guarded by the config's rate_limit_* fields once they exist.
+    # outermost: rate limit, in-flight cap and deadline run before anything reads the
+    # body; the bucket is keyed on the verified key (``key:<client>``), or the peer
+    # address without a valid key, so rotating made-up tokens does not escape it
+    app.add_middleware(LimitsMiddleware, limits=cfg.limits, key_fn=key_fn or auth.key_fn,
+                       on_reject=svc.metrics.limit)
+    app.state.limits, app.state.on_limit = cfg.limits, svc.metrics.limit
     return app
 
 

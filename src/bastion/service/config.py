@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from bastion.errors import BastionError
 from bastion.runtime.guard import GuardPolicy
 from bastion.runtime.healing import HealingPolicy
+from bastion.web.limits import HttpLimits
 
 ADMIN_TOKEN_ENV = "BASTION_ADMIN_TOKEN"
 DEFAULT_DETECTORS: tuple[str, ...] = ("outlier", "confidence", "squeeze")
@@ -53,6 +54,11 @@ class ServiceConfig(BaseModel):
       admins, labelled by ``X-Client-Id``; said loudly at start-up and in
       ``/v1/health``). ``key_refresh_s``: how often the key table is re-read (a
       revocation takes effect within this).
+    - ``max_queue_rows``: inputs waiting for the guard at most; a request that would
+      queue more is refused with 503 and ``Retry-After`` (memory stays bounded).
+    - ``limits``: timeouts, connection cap, per-key rate limit, in-flight cap and deadline
+      (:class:`~bastion.web.limits.HttpLimits`; ``limits: {rate_limit_per_s: 20}`` in a
+      config file).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -82,6 +88,8 @@ class ServiceConfig(BaseModel):
     max_feedback: int = Field(default=1000, ge=1)
     auth: Literal["keys", "open"] = "keys"
     key_refresh_s: float = Field(default=2.0, gt=0.0, le=3600.0)
+    max_queue_rows: int = Field(default=1024, ge=1)
+    limits: HttpLimits = Field(default_factory=HttpLimits)
     seed: int = 0
 
     @classmethod

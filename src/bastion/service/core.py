@@ -44,6 +44,7 @@ from bastion.runtime.guard import (
 from bastion.service.config import ServiceConfig
 from bastion.service.fastdetect import KnnOutlierDetector
 from bastion.service.metrics import ServiceMetrics
+from bastion.web.limits import Overloaded
 
 ACTOR = "service"
 DIGEST_TAG = "bastion.sha256"
@@ -185,13 +186,16 @@ class RequestCoalescer:
     pass, one event-store write), then wakes the others. A lone request is answered at
     once (nothing waits for company); under load, requests arriving during a pass share
     the next one. If a shared pass fails, each batch is retried alone so an error
-    reaches only the caller it belongs to.
+    reaches only the caller it belongs to. At most ``max_queue_rows`` inputs wait: a
+    batch that would queue more (behind others) raises :class:`Overloaded`.
     """
 
-    def __init__(self, max_rows: int = 256) -> None:
+    def __init__(self, max_rows: int = 256, max_queue_rows: int = 1024) -> None:
         self.max_rows = max(int(max_rows), 1)
+        self.max_queue_rows = max(int(max_queue_rows), 1)
         self._cv = threading.Condition()
         self._queue: list[_Pending] = []
+        self._queued_rows = 0
         self._busy = False
 
     def predict(self, guard: Any, x: Any, client_id: str) -> list[GuardDecision]:
@@ -199,7 +203,11 @@ class RequestCoalescer:
         callers of the same guard when they overlap)."""
         p = _Pending(x, client_id)
         with self._cv:
+            if self._queue and self._queued_rows + len(x) > self.max_queue_rows:
+                raise Overloaded(f"{self._queued_rows} inputs are waiting for the guard "
+                                 f"already (the limit is {self.max_queue_rows})")
             self._queue.append(p)
+            self._queued_rows += len(x)
             while not p.done:
                 if self._busy:
                     self._cv.wait()
@@ -212,6 +220,7 @@ class RequestCoalescer:
                     q = self._queue.pop(0)
                     group.append(q)
                     rows += len(q.x)
+                self._queued_rows -= rows
                 self._cv.release()
                 try:
                     self._answer(guard, group)
@@ -272,13 +281,21 @@ class GuardWorker:
     arrive during a pass share the next one; a lone request is answered at once. The
     callbacks run in the worker thread (an asyncio caller hands the result back with
     ``loop.call_soon_threadsafe``).
+
+    The queue is bounded: when ``max_queue_rows`` inputs are waiting, a batch that would
+    add to them raises :class:`~bastion.web.limits.Overloaded` (the app answers 503 with
+    ``Retry-After``) instead of growing memory; a batch alone in the queue is always
+    taken.
     """
 
-    def __init__(self, service: BastionService, max_rows: int = 256) -> None:
+    def __init__(self, service: BastionService, max_rows: int = 256,
+                 max_queue_rows: int = 1024) -> None:
         self.service = service
         self.max_rows = max(int(max_rows), 1)
+        self.max_queue_rows = max(int(max_queue_rows), 1)
         self._cv = threading.Condition()
         self._queue: list[tuple[_Pending, Any]] = []
+        self._queued_rows = 0
         self._thread: threading.Thread | None = None
         self._stop = False
 
@@ -292,7 +309,11 @@ class GuardWorker:
                 self._thread = threading.Thread(target=self._run, name="bastion-guard",
                                                 daemon=True)
                 self._thread.start()
+            if self._queue and self._queued_rows + len(x) > self.max_queue_rows:
+                raise Overloaded(f"{self._queued_rows} inputs are waiting for the guard "
+                                 f"already (the limit is {self.max_queue_rows})")
             self._queue.append((_Pending(x, client_id), done))
+            self._queued_rows += len(x)
             self._cv.notify()
 
     def _run(self) -> None:
@@ -309,6 +330,7 @@ class GuardWorker:
                     item = self._queue.pop(0)
                     group.append(item)
                     rows += len(item[0].x)
+                self._queued_rows -= rows
             pend = [g for g, _ in group]
             try:
                 svc = self.service
@@ -353,8 +375,10 @@ class BastionService:
         self._heal_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._coalescer = RequestCoalescer(max_rows=config.max_batch)
-        self.worker = GuardWorker(self, max_rows=config.max_batch)
+        self._coalescer = RequestCoalescer(max_rows=config.max_batch,
+                                           max_queue_rows=config.max_queue_rows)
+        self.worker = GuardWorker(self, max_rows=config.max_batch,
+                                  max_queue_rows=config.max_queue_rows)
         # ``data``: an already split Dataset (the demo keeps its traffic pool apart)
         self.data = data if data is not None else load_data(config.reference, seed=config.seed)
         self.store = ev.EventStore(config.events_url)

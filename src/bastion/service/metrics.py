@@ -62,6 +62,11 @@ class ServiceMetrics:
                                  registry=r)
         self.client_errors = Counter("bastion_client_errors_total",
                                      "Rejected requests by error code", ["code"], registry=r)
+        self.limited = Counter("bastion_http_limited_total",
+                               "Requests and connections refused by a limit, by reason and "
+                               "status (429 rate limit, 503 overload, 408 slow client, 504 "
+                               "deadline, 431 head too large; 0: connection closed)",
+                               ["reason", "status"], registry=r)
 
         # children of the request-path metrics, by label values (``labels()`` validates
         # and locks on every call)
@@ -82,6 +87,10 @@ class ServiceMetrics:
     def fired(self, detector: str) -> Any:
         """The ``bastion_detector_fired_total`` child of ``detector``."""
         return self._child(self.detector_fired, detector)
+
+    def limit(self, reason: str, status: int) -> None:
+        """Count one refusal by a limit (the ``on_reject`` of :mod:`bastion.web.limits`)."""
+        self._child(self.limited, reason, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

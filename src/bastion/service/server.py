@@ -12,6 +12,16 @@ from typing import Any
 from bastion.errors import BastionError
 
 
+def _limit_options(app: Any) -> dict[str, Any]:
+    """uvicorn options for the connection limits of ``app`` (its ``state.limits``, set by
+    ``create_app``; the defaults otherwise)."""
+    from bastion.web.limits import HttpLimits, server_options
+
+    state = getattr(app, "state", None)
+    limits = getattr(state, "limits", None) or HttpLimits()
+    return server_options(limits, on_reject=getattr(state, "on_limit", None))
+
+
 def serve(app: Any, *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "warning", ssl_certfile: str | None = None,
           ssl_keyfile: str | None = None) -> None:
@@ -35,7 +45,8 @@ def serve(app: Any, *, host: str = "127.0.0.1", port: int = 8000,
                                    hint="TLS needs both a PEM certificate and its key")
         tls = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)}
 
-    uvicorn.run(app, host=host, port=int(port), log_level=log_level, access_log=False, **tls)
+    uvicorn.run(app, host=host, port=int(port), log_level=log_level, access_log=False, **tls,
+                **_limit_options(app))
 
 
 class ServiceThread:
@@ -55,7 +66,7 @@ class ServiceThread:
         self.sock.bind((host, int(port)))
         self.host, self.port = host, int(self.sock.getsockname()[1])
         cfg = uvicorn.Config(app, host=host, port=self.port, log_level=log_level,
-                             access_log=False, lifespan="on")
+                             access_log=False, lifespan="on", **_limit_options(app))
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name=f"uvicorn-{self.port}", daemon=True)

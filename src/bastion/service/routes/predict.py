@@ -14,6 +14,7 @@ from bastion.service import schemas as s
 from bastion.service.deps import get_service, resolve_client
 from bastion.web.auth import Identity, require_role
 from bastion.web.errors import AUTH_RESPONSES, ApiError
+from bastion.web.limits import Overloaded
 
 router = APIRouter()
 #: HTTP status of each InputError code
@@ -37,6 +38,10 @@ def predict(body: s.PredictRequest, request: Request,
         raise input_error(exc) from None
     try:
         out = svc.predict(x, client_id=cid)
+    except Overloaded as exc:
+        svc.metrics.limit("queue_full", 503)
+        raise ApiError(503, "overloaded", str(exc), {"retry_after_s": exc.retry_after_s},
+                       headers={"Retry-After": str(exc.retry_after_s)}) from None
     except DataError as exc:
         raise ApiError(422, "bad_inputs", str(exc)) from None
     # the PredictResponse schema, serialised directly: validating our own answer again
