@@ -40,8 +40,21 @@ def service(svc_models, svc_mlflow, tmp_path_factory, make_config):
     cfg = make_config(svc_models[0], d / "events.db", svc_mlflow, model_name="svc-limits",
                       max_batch=16, max_queue_rows=4, limits=LIMITS)
     app = create_app(cfg)
+    from bastion.web.keys import KeyStore
+
+    store = KeyStore(app.state.service.store)
+    KEYS.clear()
+    for name in ("slow-body", "flooder", "other-key", "queue-a", "queue-b", "queue-c",
+                 "deadline", "rotator"):
+        KEYS[name] = store.create(name, "client")[0]
+    KEYS["admin"] = store.create("limits-admin", "admin")[0]
     with ServiceThread(app) as st:
         yield st, app.state.service
+
+
+#: real API keys by name (created by the ``service`` fixture): the rate limit keys on the
+#: verified key, so made-up tokens would only be 401s charged to the peer address
+KEYS: dict[str, str] = {}
 
 
 def _conn(port: int) -> socket.socket:
@@ -135,7 +148,7 @@ def test_slow_body_is_cut_with_408(service):
     s = _conn(st.port)
     t0 = time.monotonic()
     s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"X-API-Key: slow-body\r\nContent-Length: 5000\r\n\r\n{\"inputs\": [")
+              b"X-API-Key: " + KEYS["slow-body"].encode() + b"\r\nContent-Length: 5000\r\n\r\n{\"inputs\": [")
     got = b""
     for _ in range(30):
         try:
@@ -201,7 +214,7 @@ def test_flooding_key_gets_429_while_another_key_is_served(service, digits):
     st, svc = service
     body = {"inputs": _batch(digits, 1)}
     with httpx.Client(base_url=st.url, timeout=10) as c:
-        codes = [c.post("/v1/predict", json=body, headers={"X-API-Key": "flooder"})
+        codes = [c.post("/v1/predict", json=body, headers={"X-API-Key": KEYS["flooder"]})
                  for _ in range(20)]
         limited = [r for r in codes if r.status_code == 429]
         assert len(limited) >= 10 and codes[0].status_code == 200
@@ -210,12 +223,24 @@ def test_flooding_key_gets_429_while_another_key_is_served(service, digits):
         err = r.json()["error"]
         assert err["code"] == "rate_limited" and err["details"]["retry_after_s"] >= 1
         # another key (a bearer token) is served; health is never rate limited
-        ok = c.post("/v1/predict", json=body, headers={"Authorization": "Bearer other-key"})
+        ok = c.post("/v1/predict", json=body, headers={"Authorization": f"Bearer {KEYS['other-key']}"})
         assert ok.status_code == 200, ok.text
         for _ in range(10):
-            assert c.get("/v1/health", headers={"X-API-Key": "flooder"}).status_code == 200
-        m = c.get("/metrics").text
+            assert c.get("/v1/health", headers={"X-API-Key": KEYS["flooder"]}).status_code == 200
+        m = c.get("/metrics", headers={"X-API-Key": KEYS["admin"]}).text
         assert 'bastion_http_limited_total{reason="rate_limited",status="429"}' in m
+
+
+def test_rotating_made_up_tokens_does_not_escape_the_limit(service, digits):
+    """Unverified tokens are charged to the peer address, not to a bucket of their own:
+    a client inventing a new token per request is still limited."""
+    st, _ = service
+    body = {"inputs": _batch(digits, 1)}
+    with httpx.Client(base_url=st.url, timeout=10) as c:
+        codes = [c.post("/v1/predict", json=body,
+                        headers={"Authorization": f"Bearer made-up-{i}"}).status_code
+                 for i in range(20)]
+    assert codes[0] == 401 and codes.count(429) >= 10, codes
 
 
 def test_full_queue_sheds_503_and_recovers(service, digits):
@@ -226,7 +251,7 @@ def test_full_queue_sheds_503_and_recovers(service, digits):
     def post(name: str, n: int) -> None:
         with httpx.Client(base_url=st.url, timeout=10) as c:
             out[name] = c.post("/v1/predict", json={"inputs": _batch(digits, n)},
-                               headers={"X-API-Key": f"queue-{name}"})
+                               headers={"X-API-Key": KEYS[f"queue-{name}"]})
 
     try:
         ta = threading.Thread(target=post, args=("a", 1))
@@ -254,7 +279,7 @@ def test_request_past_its_deadline_gets_504(service, digits):
         with httpx.Client(base_url=st.url, timeout=10) as c:
             t = time.monotonic()
             r = c.post("/v1/predict", json={"inputs": _batch(digits, 1)},
-                       headers={"X-API-Key": "deadline"})
+                       headers={"X-API-Key": KEYS["deadline"]})
             took = time.monotonic() - t
             assert r.status_code == 504, r.text
             assert r.json()["error"]["code"] == "deadline_exceeded"
