@@ -139,6 +139,7 @@ class RetrainResult(BaseModel):
     n_removed: int
     removed: list[int] = Field(default_factory=list)
     suspicion_threshold: float | None = None
+    capped: list[int] = Field(default_factory=list)
     screen: dict[str, Any] = Field(default_factory=dict)
     clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
     n_train: int
@@ -149,7 +150,9 @@ class RetrainResult(BaseModel):
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (for the audit log)."""
         d = self.model_dump(exclude={"model"})
-        d["removed"] = d["removed"][:200]
+        d["removed"] = d["removed"][:2000]
+        d["n_capped"] = len(d["capped"])
+        d["capped"] = d["capped"][:2000]
         return d
 
 
@@ -464,7 +467,7 @@ class RetrainPipeline:
             passed=passed, gates=gates, n_feedback=len(yf), n_kept=int(keep.sum()),
             n_removed=int(suspicious.sum()), removed=[int(i) for i in np.flatnonzero(suspicious)],
             suspicion_threshold=c.max_disagreement if c.sanitize else None,
-            screen=screen, clients=client_info,
+            capped=[int(i) for i in np.flatnonzero(~used)], screen=screen, clients=client_info,
             n_train=len(y_train), time_s=time.perf_counter() - t0, reason=reason,
             model=candidate)
 
