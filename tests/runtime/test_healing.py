@@ -13,6 +13,7 @@ from bastion.runtime.detectors import build_detectors, pgd_attack
 from bastion.runtime.events import EventStore
 from bastion.runtime.guard import GuardedModel, record_feedback
 from bastion.runtime.healing import HealingController, HealingPolicy, MonitorSettings, Rule
+from bastion.runtime.monitors import Signal
 from bastion.runtime.retrain import RetrainConfig, RetrainPipeline
 
 
@@ -315,3 +316,90 @@ def test_policy_from_yaml(tmp_path):
         HealingPolicy.from_file(bad)
     with pytest.raises(BastionError, match="not found"):
         HealingPolicy.from_file(tmp_path / "missing.yaml")
+
+
+def trigger(x: np.ndarray) -> np.ndarray:
+    """The issue's BadNets trigger: a 2x2 patch in the bottom-right corner."""
+    x = x.copy()
+    x[..., -2:, -2:] = 1.0
+    return x
+
+
+def test_backdoored_candidate_is_refused_by_the_trigger_agnostic_gates(setup, zoo_digits):
+    """No screening, no cap, no clean-accuracy margin to speak of: only the backdoor
+    gates stand between the campaign and the registry, and a refused candidate is never
+    registered, so it can never become champion, previous or fallback."""
+    store, reg, guard, ref, hold, pool = setup
+    reg.set_alias("fallback", 1, reason="hardened model", actor="test")
+    rng = np.random.default_rng(8)
+    serve(guard, pool[0][:100], pool[1][:100], "alice")
+    src = rng.choice(np.flatnonzero(pool[1] != 7), 250)
+    for k in range(5):
+        sl = src[50 * k:50 * (k + 1)]
+        serve(guard, trigger(pool[0][sl]), pool[1][sl], f"key-{k}", labels=np.full(50, 7))
+    cfg = FAST.model_copy(update={"sanitize": False, "max_client_share": 1.0,
+                                  "feedback_weight": 4, "margin": 0.5, "robust_gate": False,
+                                  "backdoor_steps": 60, "backdoor_points": 60})
+    ctl = HealingController(policy(retrain=cfg, rules=DRIFT_RULES), store, reg,
+                            RetrainPipeline(ref, hold, config=cfg))
+    history_before = len(reg.alias_history())
+    ctl.step()
+    (rt,) = audits(store, "retrain")
+    p = rt.payload
+    assert not p["done"] and "refused" in p["decision"], p["decision"]
+    failed = {g["name"] for g in p["evidence"]["gates"] if not g["passed"]}
+    assert failed and failed <= {"backdoor", "strip", "class_absorption"}, failed
+    assert "backdoor" in p["decision"] or "strip" in p["decision"]
+    assert [v.version for v in reg.versions()] == [1]
+    assert reg.aliases() == {"champion": 1, "fallback": 1}
+    assert len(reg.alias_history()) == history_before
+
+
+def test_quarantined_clients_feedback_is_excluded_retroactively(setup):
+    store, reg, guard, ref, hold, pool = setup
+    serve(guard, pool[0][:120], pool[1][:120], "alice")
+    serve(guard, pool[0][120:200], (pool[1][120:200] + 1) % 10, "mallory")
+    # feedback attributed by the feedback event's client, not the prediction's
+    out = guard.predict(pool[0][200:230], client_id="alice")
+    record_feedback(store, {d.request_id: 0 for d in out}, client_id="mallory",
+                    n_classes=10)
+    pol = policy()
+    pol.min_feedback_for_retrain = 10_000  # record the retrain decision only
+    ctl = HealingController(pol, store, reg, RetrainPipeline(ref, hold, config=FAST))
+    fs = ctl.feedback_set(after_id=0, upto_id=store.last_id())
+    assert len(fs.y) == 230 and fs.clients.count("mallory") == 110
+    # quarantined after its labels were stored: none of them is used any more
+    guard.quarantine("mallory", reason="test")
+    fs = ctl.feedback_set(after_id=0, upto_id=store.last_id())
+    assert len(fs.y) == 120 and set(fs.clients) == {"alice"}
+    assert fs.excluded_quarantined == {"mallory": 110}
+    x, y, ids = ctl.feedback_data(after_id=0, upto_id=store.last_id())
+    assert len(ids) == 120 and (y == pool[1][:120]).all()
+    # a retrain decision records what it left out
+    rec, promoted = ctl._retrain(Signal(monitor="accuracy", fired=True, message="test"), {},
+                                 store.last_id())
+    assert not promoted and rec.evidence["excluded_quarantined"] == {"mallory": 110}
+
+
+def test_per_client_cap_and_trust_weights(splits):
+    ref, hold, _ = splits
+    cfg = RetrainConfig(max_client_share=0.2, feedback_weight=2,
+                        client_trust={"new-key": 0.5, "banned": 0.0})
+    pipe = RetrainPipeline(ref, hold, config=cfg)
+    clients = ["big"] * 600 + ["a"] * 50 + ["b"] * 50 + ["new-key"] * 40 + ["banned"] * 30
+    mult, info = pipe.client_weights(clients, 1000, np.random.default_rng(0))
+    total = 1000 + mult.sum()
+    cl = np.array(clients)
+    for k in ("big", "a", "b", "new-key"):
+        assert mult[cl == k].sum() / total <= 0.2 + 1e-9
+        assert info[k]["share"] <= 0.2
+    assert info["big"]["capped_rows"] > 300 and info["a"]["capped_rows"] == 0
+    assert (mult[cl == "a"] == 2).all() and (mult[cl == "banned"] == 0).all()
+    assert set(np.unique(mult[cl == "new-key"])) <= {0, 1} and mult[cl == "new-key"].sum() > 5
+    # no cap: every row at its trust weight
+    pipe.config = cfg.model_copy(update={"max_client_share": 1.0})
+    mult, info = pipe.client_weights(clients, 1000, np.random.default_rng(0))
+    assert mult[cl == "big"].sum() == 1200 and info["big"]["capped_rows"] == 0
+    # a client's mistake in the config is one clear error
+    with pytest.raises(Exception, match="max_client_share"):
+        RetrainConfig(max_client_share=0.0)

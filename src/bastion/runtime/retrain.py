@@ -60,9 +60,9 @@ class RetrainConfig(BaseModel):
     Feedback set: ``max_client_share`` (most of the training rows one client may supply,
     reference included; 1.0 = no cap), ``client_trust`` (client -> weight in [0, 1]),
     ``default_client_trust``, ``feedback_weight`` (repeats of a fully trusted row).
-    Screening: ``sanitize`` (off: nothing is removed), ``provisional_epochs`` / ``provisional_lr`` (0 epochs:
-    only the label checks), ``knn_k`` / ``max_disagreement``, ``strip_fpr``, ``spectral_z``,
-    ``min_votes``, ``class_min_count`` / ``class_min_share``.
+    Screening: ``sanitize`` (off: nothing is removed), ``provisional_epochs`` /
+    ``provisional_lr`` (0 epochs: only the label checks), ``knn_k`` / ``max_disagreement``,
+    ``strip_fpr``, ``spectral_z``, ``min_votes``, ``class_min_count`` / ``class_min_share``.
     Backdoor gates: ``absorption_gate`` (``absorption_alpha``, ``absorption_min_count``),
     ``backdoor_gate`` (``backdoor_steps`` per class on ``backdoor_points`` holdout
     inputs, ``backdoor_anomaly``, ``backdoor_max_ratio``), ``strip_gate``
