@@ -94,7 +94,7 @@ class RetrainConfig(BaseModel):
     epochs: int = Field(default=3, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
     batch_size: int = Field(default=128, ge=1)
-    margin: float = Field(default=0.02, ge=0.0)
+    margin: float = Field(default=0.03, ge=0.0)
     min_clean_accuracy: float = Field(default=0.0, ge=0.0, le=1.0)
     min_feedback_gain: float = 0.0
     robust_gate: bool = True
