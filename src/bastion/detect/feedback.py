@@ -23,7 +23,11 @@ Screening (:func:`screen_feedback`), every score from the detectors Bastion alre
 
 A row is removed when the kNN sanitiser flags it, or when its label disagrees with the
 champion and STRIP flags it, or when it disagrees and ``min_votes`` of the four
-detectors flag it. Per target class: a class where at least ``class_min_count`` rows
+detectors flag it, or when it is a *confident contradiction*: the champion is sure of
+another class (probability at least ``confident``) and at least 90% of the input's
+nearest trusted reference neighbours vote as the champion does (an in-distribution input
+with a wrong label: a targeted flip; a drifted input is neither).
+Per target class: a class where at least ``class_min_count`` rows
 (and ``class_min_share`` of its rows) were removed that way is a *suspected target*,
 and every row labelled with it that the champion disagrees with is removed too (the
 campaign's rows that happened to escape the per-row tests).
@@ -197,7 +201,7 @@ def screen_feedback(champion: Any, x: np.ndarray, y: np.ndarray, *, x_ref: np.nd
                     max_disagreement: float = 0.5, strip_fpr: float = 0.01,
                     strip_overlays: int = 16, spectral_z: float = 3.0, min_votes: int = 3,
                     class_min_count: int = 5, class_min_share: float = 0.1,
-                    seed: int = 0) -> ScreenReport:
+                    confident: float = 0.95, seed: int = 0) -> ScreenReport:
     """Screen labelled feedback ``(x, y)``; see the module docs.
 
     Args:
@@ -229,7 +233,19 @@ def screen_feedback(champion: Any, x: np.ndarray, y: np.ndarray, *, x_ref: np.nd
     errors: dict[str, str] = {}
     if n == 0:
         return ScreenReport(zeros, [], [], [], {}, {})
-    disagree = np.asarray(champion.predict_proba(x)).argmax(1) != y
+    pc = np.asarray(champion.predict_proba(x))
+    champ_label = pc.argmax(1)
+    disagree = champ_label != y
+    # a confident contradiction: an in-distribution input (the champion is sure, and the
+    # trusted reference's nearest neighbours vote as it does) with another label: what a
+    # targeted label flip looks like; a drifted input is neither sure nor near the reference
+    from sklearn.neighbors import NearestNeighbors
+
+    kk = min(knn_k, len(yr))
+    nb = NearestNeighbors(n_neighbors=kk).fit(xr.reshape(len(xr), -1)).kneighbors(
+        x.reshape(n, -1), return_distance=False)
+    ref_agree_champ = (yr[nb] == champ_label[:, None]).mean(1)
+    contradicted = disagree & (pc.max(1) >= confident) & (ref_agree_champ >= 0.9)
     # kNN sanitiser: the reference and the feedback together (random flips)
     xa, ya = np.concatenate([xr, x]), np.concatenate([yr, y])
     knn = KnnLabelDetector(k=knn_k).fit(xa, ya).scores_[len(yr):] > max_disagreement
@@ -267,7 +283,7 @@ def screen_feedback(champion: Any, x: np.ndarray, y: np.ndarray, *, x_ref: np.nd
             errors["activation"] = err
     votes = (strip.astype(int) + spectral.astype(int) + activation.astype(int)
              + knn_ref.astype(int))
-    row_hit = disagree & (strip | (votes >= min_votes))
+    row_hit = disagree & (strip | (votes >= min_votes)) | contradicted
     remove = knn | row_hit
     suspected: list[int] = []
     per_class = []
@@ -282,6 +298,7 @@ def screen_feedback(champion: Any, x: np.ndarray, y: np.ndarray, *, x_ref: np.nd
                           "strip": int((strip & m).sum()), "spectral": int((spectral & m).sum()),
                           "activation": int((activation & m).sum()),
                           "knn": int((knn & m).sum()), "knn_reference": int((knn_ref & m).sum()),
+                          "confident_contradiction": int((contradicted & m).sum()),
                           "removed_by_rows": int((remove & m).sum()), "suspected_target": sus})
     class_rm = np.isin(y, suspected) & disagree
     remove = remove | class_rm
@@ -295,17 +312,20 @@ def screen_feedback(champion: Any, x: np.ndarray, y: np.ndarray, *, x_ref: np.nd
         if row_hit[i]:
             r.append("disagrees with the champion; flagged by " + "+".join(
                 nm for nm, f in (("strip", strip), ("spectral", spectral),
-                                 ("activation", activation), ("knn_reference", knn_ref))
+                                 ("activation", activation), ("knn_reference", knn_ref),
+                                 ("confident_contradiction", contradicted))
                 if f[i]))
         if class_rm[i] and not (knn[i] or row_hit[i]):
             r.append(f"label {int(y[i])} is a suspected target class and disagrees with "
                      "the champion")
         reasons.append(r)
     flags = {"disagree_champion": int(disagree.sum()), "knn": int(knn.sum()),
+             "confident_contradiction": int(contradicted.sum()),
              "knn_reference": int(knn_ref.sum()), "strip": int(strip.sum()),
              "spectral": int(spectral.sum()), "activation": int(activation.sum())}
     return ScreenReport(remove, reasons, suspected, per_class, flags, {
         "knn_k": knn_k, "max_disagreement": max_disagreement, "strip_fpr": strip_fpr,
         "spectral_z": spectral_z, "min_votes": min_votes,
         "class_min_count": class_min_count, "class_min_share": class_min_share,
-        "provisional_model": provisional is not None, **({"errors": errors} if errors else {})})
+        "confident": confident, "provisional_model": provisional is not None,
+        **({"errors": errors} if errors else {})})
