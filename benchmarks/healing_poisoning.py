@@ -130,7 +130,8 @@ def send(c: Any, x: np.ndarray, labels: np.ndarray, client: str) -> None:
 
 
 def run_cell(name: str, *, model_dir: Path, mlflow: str, work: Path, ds: Any, seed: int,
-             campaign: str | None, rate: float, spread: str, drift: str) -> dict[str, Any]:
+             campaign: str | None, rate: float, spread: str, drift: str,
+             gates_only: bool = False) -> dict[str, Any]:
     import httpx
 
     from bastion.registry.models import ModelRegistry
@@ -146,6 +147,9 @@ def run_cell(name: str, *, model_dir: Path, mlflow: str, work: Path, ds: Any, se
                Rule(monitor="client_alert_rate", actions=["alert", "quarantine_client"])],
         monitors=MonitorSettings(mmd=False))
     policy.retrain.seed = seed
+    if gates_only:  # no screening, no cap: the backdoor gates alone
+        policy.retrain.sanitize = False
+        policy.retrain.max_client_share = 1.0
     cfg = ServiceConfig.build(model=str(model_dir), reference="builtin:digits",
                               model_name=name, events_url=f"sqlite:///{work / name}.db",
                               tracking_uri=mlflow, reference_limit=600,
@@ -248,6 +252,9 @@ def main() -> None:
                     help="a subset: 3 campaigns at 10%% and 30%%, 3 benign drifts")
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--only", default=None, help="run cells whose name contains this")
+    ap.add_argument("--gates-only", action="store_true",
+                    help="screening and caps off: what the backdoor gates stop alone "
+                         "(writes healing_poisoning_gates_only.json)")
     args = ap.parse_args()
     import torch
 
@@ -285,7 +292,7 @@ def main() -> None:
         name = cell.pop("name")
         safe = "b" + "".join(ch if ch.isalnum() else "-" for ch in name)
         r = run_cell(safe, model_dir=model_dir, mlflow=mlflow, work=work, ds=ds,
-                     seed=args.seed + i, **cell)
+                     seed=args.seed + i, gates_only=args.gates_only, **cell)
         r["cell"] = name
         rows.append(r)
         print(f"[{time.perf_counter() - t0:6.0f}s] {name:24s} {r['outcome']:10s} "
@@ -312,9 +319,9 @@ def main() -> None:
             benign_rows)) if rows else False,
         "time_s": round(time.perf_counter() - t0, 1),
     }
-    path = write_result("healing_poisoning", {
+    path = write_result("healing_poisoning" + ("_gates_only" if args.gates_only else ""), {
         "settings": {"quick": args.quick, "seed": args.seed, "n_feedback": N_FEEDBACK,
-                     "rates": list(rates), "only": args.only},
+                     "rates": list(rates), "only": args.only, "gates_only": args.gates_only},
         "summary": summary, "cells": rows})
     print(markdown_table(
         ["cell", "outcome", "failed gates", "screened out", "capped", "ASR after",
