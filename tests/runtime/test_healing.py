@@ -403,3 +403,16 @@ def test_per_client_cap_and_trust_weights(splits):
     # a client's mistake in the config is one clear error
     with pytest.raises(Exception, match="max_client_share"):
         RetrainConfig(max_client_share=0.0)
+
+
+def test_bad_trust_settings_are_one_clear_error(tmp_path):
+    p = tmp_path / "policy.yaml"
+    p.write_text("retrain:\n  client_trust:\n    mallory: 5\n")
+    with pytest.raises(BastionError, match="bad policy at retrain.client_trust.mallory"):
+        HealingPolicy.from_file(p)
+    p.write_text("retrain:\n  max_client_share: 2\n")
+    with pytest.raises(BastionError, match="bad policy at retrain.max_client_share"):
+        HealingPolicy.from_file(p)
+    p.write_text("retrain:\n  client_trust: {alice: 0.5}\n  max_client_share: 0.1\n")
+    pol = HealingPolicy.from_file(p)
+    assert pol.retrain.client_trust == {"alice": 0.5} and pol.retrain.max_client_share == 0.1

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,7 +73,8 @@ class RetrainConfig(BaseModel):
 
     sanitize: bool = True
     max_client_share: float = Field(default=0.2, gt=0.0, le=1.0)
-    client_trust: dict[str, float] = Field(default_factory=dict)
+    client_trust: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict)
     default_client_trust: float = Field(default=1.0, ge=0.0, le=1.0)
     provisional_epochs: int = Field(default=3, ge=0)
     provisional_lr: float = Field(default=3e-3, gt=0.0)
