@@ -12,7 +12,8 @@ from bastion.runtime import events as ev
 from bastion.runtime.detectors import build_detectors, pgd_attack
 from bastion.runtime.events import EventStore
 from bastion.runtime.guard import GuardedModel, record_feedback
-from bastion.runtime.healing import HealingController, HealingPolicy, MonitorSettings
+from bastion.runtime.healing import HealingController, HealingPolicy, MonitorSettings, Rule
+from bastion.runtime.monitors import Signal
 from bastion.runtime.retrain import RetrainConfig, RetrainPipeline
 
 
@@ -26,6 +27,14 @@ def shift(x: np.ndarray) -> np.ndarray:
 
 FAST = RetrainConfig(epochs=2, eps=0.1, at_steps=2, robust_points=50, robust_steps=5,
                      backdoor_steps=15, margin=0.03, max_reference=1000, seed=0)
+
+
+# A drift that reaches the service through one client looks, to the absolute per-client
+# alert monitor, like an attack from that client; quarantining it would (rightly) take
+# its feedback out of the retrain. These tests of the retrain path alert on it instead.
+DRIFT_RULES = [Rule(monitor="accuracy", actions=["alert", "retrain"]),
+               Rule(monitor="input_drift", actions=["alert"]),
+               Rule(monitor="client_alert_rate", actions=["alert"])]
 
 
 def policy(**kw) -> HealingPolicy:
@@ -96,8 +105,11 @@ def test_degradation_retrains_passes_gates_and_promotes(setup, zoo_digits):
     rng = np.random.default_rng(2)
     serve(guard, pool[0][:100], pool[1][:100], "alice")
     idx = rng.choice(len(pool[0]), 300)
-    serve(guard, shift(pool[0][idx]), pool[1][idx], "alice")
-    ctl = HealingController(policy(), store, reg, RetrainPipeline(ref, hold, config=FAST))
+    for k, who in enumerate(("alice", "bob", "carol")):  # a drift reaches every client
+        part = idx[k * 100:(k + 1) * 100]
+        serve(guard, shift(pool[0][part]), pool[1][part], who)
+    ctl = HealingController(policy(rules=DRIFT_RULES), store, reg,
+                            RetrainPipeline(ref, hold, config=FAST))
     rep = ctl.step()
     fired = {s.monitor for s in rep.fired}
     assert "accuracy" in fired and "input_drift" in fired
@@ -108,7 +120,7 @@ def test_degradation_retrains_passes_gates_and_promotes(setup, zoo_digits):
     gates = {g["name"]: g for g in p["evidence"]["gates"]}
     assert set(gates) >= {"clean_accuracy", "robust_accuracy", "feedback_accuracy", "backdoor"}
     assert all(g["passed"] for g in gates.values())
-    assert gates["feedback_accuracy"]["candidate"] > gates["feedback_accuracy"]["champion"] + 0.2
+    assert gates["feedback_accuracy"]["candidate"] > gates["feedback_accuracy"]["champion"] + 0.15
     assert p["evidence"]["signal"]["monitor"] == "accuracy"
     assert p["evidence"]["signal"]["evidence"]["n_feedback"] >= 300
     # the new champion really is better on the drifted data, and no worse on clean data
@@ -150,9 +162,12 @@ def test_poisoned_feedback_is_filtered(setup, zoo_digits):
     is_flip = np.array([fb_events[i] in flipped_rid for i in fb_ids])
     removed = np.zeros(len(fb_ids), dtype=bool)
     removed[summary["removed"]] = True
-    assert is_flip.sum() >= 60
-    assert removed[is_flip].mean() >= 0.9          # poisoned labels caught
-    assert removed[~is_flip].mean() <= 0.1         # few honest labels lost
+    used = np.ones(len(fb_ids), dtype=bool)  # the per-client cap left some rows out
+    used[summary["capped"]] = False
+    assert summary["n_capped"] == len(summary["capped"]) > 0
+    assert is_flip.sum() >= 60 and (is_flip & used).sum() >= 30
+    assert removed[is_flip & used].mean() >= 0.9          # poisoned labels caught
+    assert removed[~is_flip & used].mean() <= 0.1         # few honest labels lost
     # whatever happened, the champion is not worse on the trusted holdout
     champ = reg.load("champion")
     xh, yh = hold
@@ -172,7 +187,9 @@ def test_unsanitised_targeted_poison_is_refused_by_the_gates(setup):
     # no sanitiser, and feedback weighted so heavily that the poison really hurts
     cfg = FAST.model_copy(update={"sanitize": False, "feedback_weight": 8,
                                   "max_reference": 300})
-    serve(guard, x, y, "crowd", labels=labels)
+    for k in range(8):  # spread over many keys, so the per-client cap does not bite
+        sl = slice(50 * k, 50 * (k + 1))
+        serve(guard, x[sl], y[sl], f"crowd-{k}", labels=labels[sl])
     ctl = HealingController(policy(retrain=cfg), store, reg,
                             RetrainPipeline(ref, hold, config=cfg))
     ctl.step()
@@ -180,7 +197,12 @@ def test_unsanitised_targeted_poison_is_refused_by_the_gates(setup):
     assert not rt.payload["done"]
     assert "champion v1 kept" in rt.payload["decision"]
     failed = [g for g in rt.payload["evidence"]["gates"] if not g["passed"]]
-    assert any(g["name"] == "clean_accuracy" for g in failed)
+    names = {g["name"] for g in failed}
+    # the new class absorbs holdout answers (a trigger-agnostic test, with or without
+    # a clean-accuracy drop)
+    assert "class_absorption" in names, failed
+    absorb = next(g for g in failed if g["name"] == "class_absorption")
+    assert absorb["detail"]["flagged"] == [8]
     assert reg.get_alias("champion") == 1 and len(reg.versions()) == 1
 
 
@@ -206,7 +228,7 @@ def test_failing_gate_keeps_the_champion(setup):
         return m
 
     cfg = FAST.model_copy(update={"robust_gate": False, "backdoor_gate": False})
-    ctl = HealingController(policy(retrain=cfg), store, reg,
+    ctl = HealingController(policy(retrain=cfg, rules=DRIFT_RULES), store, reg,
                             RetrainPipeline(ref, hold, config=cfg, trainer=bad_trainer))
     ctl.step()
     (rt,) = audits(store, "retrain")
@@ -227,7 +249,7 @@ def test_crash_in_retraining_keeps_the_champion(setup):
     def crash(champion, x, y):
         raise RuntimeError("out of memory (simulated)")
 
-    ctl = HealingController(policy(), store, reg,
+    ctl = HealingController(policy(rules=DRIFT_RULES), store, reg,
                             RetrainPipeline(ref, hold, config=FAST, trainer=crash))
     rep = ctl.step()
     (rt,) = audits(store, "retrain")
@@ -294,3 +316,103 @@ def test_policy_from_yaml(tmp_path):
         HealingPolicy.from_file(bad)
     with pytest.raises(BastionError, match="not found"):
         HealingPolicy.from_file(tmp_path / "missing.yaml")
+
+
+def trigger(x: np.ndarray) -> np.ndarray:
+    """The issue's BadNets trigger: a 2x2 patch in the bottom-right corner."""
+    x = x.copy()
+    x[..., -2:, -2:] = 1.0
+    return x
+
+
+def test_backdoored_candidate_is_refused_by_the_trigger_agnostic_gates(setup, zoo_digits):
+    """No screening, no cap, no clean-accuracy margin to speak of: only the backdoor
+    gates stand between the campaign and the registry, and a refused candidate is never
+    registered, so it can never become champion, previous or fallback."""
+    store, reg, guard, ref, hold, pool = setup
+    reg.set_alias("fallback", 1, reason="hardened model", actor="test")
+    rng = np.random.default_rng(8)
+    serve(guard, pool[0][:100], pool[1][:100], "alice")
+    src = rng.choice(np.flatnonzero(pool[1] != 7), 250)
+    for k in range(5):
+        sl = src[50 * k:50 * (k + 1)]
+        serve(guard, trigger(pool[0][sl]), pool[1][sl], f"key-{k}", labels=np.full(50, 7))
+    cfg = FAST.model_copy(update={"sanitize": False, "max_client_share": 1.0,
+                                  "feedback_weight": 4, "margin": 0.5, "robust_gate": False,
+                                  "backdoor_steps": 60, "backdoor_points": 60})
+    ctl = HealingController(policy(retrain=cfg, rules=DRIFT_RULES), store, reg,
+                            RetrainPipeline(ref, hold, config=cfg))
+    history_before = len(reg.alias_history())
+    ctl.step()
+    (rt,) = audits(store, "retrain")
+    p = rt.payload
+    assert not p["done"] and "refused" in p["decision"], p["decision"]
+    failed = {g["name"] for g in p["evidence"]["gates"] if not g["passed"]}
+    assert failed and failed <= {"backdoor", "strip", "class_absorption"}, failed
+    assert "backdoor" in p["decision"] or "strip" in p["decision"]
+    assert [v.version for v in reg.versions()] == [1]
+    assert reg.aliases() == {"champion": 1, "fallback": 1}
+    assert len(reg.alias_history()) == history_before
+
+
+def test_quarantined_clients_feedback_is_excluded_retroactively(setup):
+    store, reg, guard, ref, hold, pool = setup
+    serve(guard, pool[0][:120], pool[1][:120], "alice")
+    serve(guard, pool[0][120:200], (pool[1][120:200] + 1) % 10, "mallory")
+    # feedback attributed by the feedback event's client, not the prediction's
+    out = guard.predict(pool[0][200:230], client_id="alice")
+    record_feedback(store, {d.request_id: 0 for d in out}, client_id="mallory",
+                    n_classes=10)
+    pol = policy()
+    pol.min_feedback_for_retrain = 10_000  # record the retrain decision only
+    ctl = HealingController(pol, store, reg, RetrainPipeline(ref, hold, config=FAST))
+    fs = ctl.feedback_set(after_id=0, upto_id=store.last_id())
+    assert len(fs.y) == 230 and fs.clients.count("mallory") == 110
+    # quarantined after its labels were stored: none of them is used any more
+    guard.quarantine("mallory", reason="test")
+    fs = ctl.feedback_set(after_id=0, upto_id=store.last_id())
+    assert len(fs.y) == 120 and set(fs.clients) == {"alice"}
+    assert fs.excluded_quarantined == {"mallory": 110}
+    x, y, ids = ctl.feedback_data(after_id=0, upto_id=store.last_id())
+    assert len(ids) == 120 and (y == pool[1][:120]).all()
+    # a retrain decision records what it left out
+    rec, promoted = ctl._retrain(Signal(monitor="accuracy", fired=True, message="test"), {},
+                                 store.last_id())
+    assert not promoted and rec.evidence["excluded_quarantined"] == {"mallory": 110}
+
+
+def test_per_client_cap_and_trust_weights(splits):
+    ref, hold, _ = splits
+    cfg = RetrainConfig(max_client_share=0.2, feedback_weight=2,
+                        client_trust={"new-key": 0.5, "banned": 0.0})
+    pipe = RetrainPipeline(ref, hold, config=cfg)
+    clients = ["big"] * 600 + ["a"] * 50 + ["b"] * 50 + ["new-key"] * 40 + ["banned"] * 30
+    mult, info = pipe.client_weights(clients, 1000, np.random.default_rng(0))
+    total = 1000 + mult.sum()
+    cl = np.array(clients)
+    for k in ("big", "a", "b", "new-key"):
+        assert mult[cl == k].sum() / total <= 0.2 + 1e-9
+        assert info[k]["share"] <= 0.2
+    assert info["big"]["capped_rows"] > 300 and info["a"]["capped_rows"] == 0
+    assert (mult[cl == "a"] == 2).all() and (mult[cl == "banned"] == 0).all()
+    assert set(np.unique(mult[cl == "new-key"])) <= {0, 1} and mult[cl == "new-key"].sum() > 5
+    # no cap: every row at its trust weight
+    pipe.config = cfg.model_copy(update={"max_client_share": 1.0})
+    mult, info = pipe.client_weights(clients, 1000, np.random.default_rng(0))
+    assert mult[cl == "big"].sum() == 1200 and info["big"]["capped_rows"] == 0
+    # a client's mistake in the config is one clear error
+    with pytest.raises(Exception, match="max_client_share"):
+        RetrainConfig(max_client_share=0.0)
+
+
+def test_bad_trust_settings_are_one_clear_error(tmp_path):
+    p = tmp_path / "policy.yaml"
+    p.write_text("retrain:\n  client_trust:\n    mallory: 5\n")
+    with pytest.raises(BastionError, match="bad policy at retrain.client_trust.mallory"):
+        HealingPolicy.from_file(p)
+    p.write_text("retrain:\n  max_client_share: 2\n")
+    with pytest.raises(BastionError, match="bad policy at retrain.max_client_share"):
+        HealingPolicy.from_file(p)
+    p.write_text("retrain:\n  client_trust: {alice: 0.5}\n  max_client_share: 0.1\n")
+    pol = HealingPolicy.from_file(p)
+    assert pol.retrain.client_trust == {"alice": 0.5} and pol.retrain.max_client_share == 0.1

@@ -105,7 +105,11 @@ class HealingPolicy(BaseModel):
     - ``min_feedback_for_retrain``: labelled answers needed before a retrain runs.
     - ``retrain_cooldown``: new labelled answers needed after a retrain attempt before the
       next one (a failed retrain is not repeated on the same evidence).
-    - ``feedback_window``: the latest labelled answers a retrain learns from.
+    - ``feedback_window``: the latest labelled answers a retrain learns from. Labels of a
+      quarantined client are left out of every retrain, those it sent before its
+      quarantine included; per-client caps and trust weights are in ``retrain``
+      (``max_client_share``, ``client_trust``, ``default_client_trust``), so no single
+      client dominates a retrain set. A retrain runs after the step's quarantines.
     - ``return_to_champion_after``: steps in a row without any monitor whose rule
       switches to the fallback firing, after which traffic returns to the champion
       (``0``: never automatically).
@@ -169,6 +173,19 @@ def _validate(cls: Any, doc: Any, path: str | os.PathLike[str]) -> Any:
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise BastionError(f"{path}: bad policy at {where or 'top level'}: {first.get('msg')}",
                            hint=f"{exc.error_count()} problem(s); see the policy docs") from None
+
+
+class FeedbackSet(BaseModel):
+    """Labelled feedback for a retrain: inputs, labels, feedback event ids, the client
+    of each label, and how many labels of each quarantined client were left out."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    x: Any
+    y: Any
+    ids: list[int]
+    clients: list[str | None]
+    excluded_quarantined: dict[str, int] = Field(default_factory=dict)
 
 
 class ActionRecord(BaseModel):
@@ -342,7 +359,7 @@ class HealingController:
                                       fired=False, severity="warning",
                                       message=f"monitor failed: {type(exc).__name__}: {exc}"))
         actions: list[ActionRecord] = []
-        retrain_done = False
+        retrain_req: tuple[Signal, dict[str, Any]] | None = None
         was_firing: dict[str, int] = st["firing"]
         firing: dict[str, int] = {}
         for sig in signals:
@@ -378,15 +395,15 @@ class HealingController:
                 elif a == "quarantine_client":
                     actions.append(self._quarantine(sig, evidence))
                 elif a == "retrain":
-                    if retrain_done:
-                        continue
-                    retrain_done = True
-                    rec, promoted = self._retrain(sig, evidence, upto)
-                    actions.append(rec)
-                    if promoted:
-                        baseline = upto
-                        if self._default_monitors:
-                            self._monitors = None  # rebuilt for the new champion
+                    if retrain_req is None:  # after every quarantine of this step
+                        retrain_req = (sig, evidence)
+        if retrain_req is not None:
+            rec, promoted = self._retrain(retrain_req[0], retrain_req[1], upto)
+            actions.append(rec)
+            if promoted:
+                baseline = upto
+                if self._default_monitors:
+                    self._monitors = None  # rebuilt for the new champion
         # traffic on the fallback goes back to the champion after enough quiet steps of
         # every monitor whose rule switched it there
         quiet = st["quiet_steps"]
@@ -471,30 +488,47 @@ class HealingController:
         return self._audit("quarantine_client", sig.monitor, True,
                            f"client {c} quarantined: {sig.message}", evidence, c)
 
-    def feedback_data(self, *, after_id: int, upto_id: int
-                      ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Inputs and labels of the latest labelled answers (inputs from the prediction
-        events), and the feedback event ids."""
+    def feedback_set(self, *, after_id: int, upto_id: int) -> FeedbackSet:
+        """The latest labelled answers (inputs from the prediction events) with the client
+        each label came from, without those of quarantined clients (retroactively: a
+        client quarantined now loses every label it ever sent)."""
         pairs = labelled_feedback(self.store, after_id=after_id, upto_id=upto_id,
                                   limit=self.policy.feedback_window)
+        quarantined = {str(c) for c in (self.store.get_state(STATE_QUARANTINE, []) or [])}
         d = int(np.prod(self.input_shape))
-        xs, ys, ids = [], [], []
+        xs, ys, ids, cls = [], [], [], []
+        excluded: dict[str, int] = {}
         for p, f in pairs:
             inp = p.payload.get("input")
             if not isinstance(inp, list) or len(inp) != d:
                 continue
+            # the feedback's (authenticated) client; else the client that asked
+            client = f.client_id or p.client_id
+            if client is not None and str(client) in quarantined:
+                excluded[str(client)] = excluded.get(str(client), 0) + 1
+                continue
             xs.append(inp)
             ys.append(int(f.payload["label"]))
             ids.append(f.id)
+            cls.append(None if client is None else str(client))
         x = np.asarray(xs, dtype=np.float32).reshape(-1, *self.input_shape)
-        return x, np.asarray(ys, dtype=np.int64), ids
+        return FeedbackSet(x=x, y=np.asarray(ys, dtype=np.int64), ids=ids, clients=cls,
+                           excluded_quarantined=excluded)
+
+    def feedback_data(self, *, after_id: int, upto_id: int
+                      ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Inputs, labels and feedback event ids of :meth:`feedback_set`."""
+        fs = self.feedback_set(after_id=after_id, upto_id=upto_id)
+        return fs.x, fs.y, fs.ids
 
     def _retrain(self, sig: Signal, evidence: dict[str, Any], upto: int
                  ) -> tuple[ActionRecord, bool]:
         st = self.state()
-        x, y, ids = self.feedback_data(after_id=0, upto_id=upto)
+        fs = self.feedback_set(after_id=0, upto_id=upto)
+        x, y, ids = fs.x, fs.y, fs.ids
         new_since = sum(1 for i in ids if i > st["last_retrain_feedback_id"])
-        base_ev = {**evidence, "n_feedback": len(y), "new_feedback_since_last_retrain": new_since}
+        base_ev = {**evidence, "n_feedback": len(y), "new_feedback_since_last_retrain": new_since,
+                   "excluded_quarantined": fs.excluded_quarantined}
         if len(y) < self.policy.min_feedback_for_retrain:
             return self._audit("retrain", sig.monitor, False,
                                f"retrain deferred: {len(y)} labelled answers with logged inputs, "
@@ -512,13 +546,25 @@ class HealingController:
 
             champion, cv, path = self._champion_model()
             meta = read_model_meta(path)
-            result: RetrainResult = self.retrain.run(champion, x, y)
+            result: RetrainResult = self.retrain.run(champion, x, y, clients=fs.clients)
             gates = [g.model_dump(mode="json") for g in result.gates]
-            ev_ = {**base_ev, "champion": cv, "retrain": result.summary(), "gates": gates}
+            summary = result.summary()
+            screen = summary.pop("screen", {})
+            for r in screen.get("removed", []):  # row index -> feedback event id
+                r["feedback_id"] = ids[r.pop("row")]
+            self._audit("screen_feedback", sig.monitor, bool(result.n_removed),
+                        f"feedback screened: {result.n_removed} of {len(y)} labels removed"
+                        + (f"; suspected target class(es) {screen['suspected_targets']}"
+                           if screen.get("suspected_targets") else "")
+                        + (f"; excluded from quarantined clients: {fs.excluded_quarantined}"
+                           if fs.excluded_quarantined else ""),
+                        {"screen": screen, "clients": result.clients,
+                         "excluded_quarantined": fs.excluded_quarantined})
+            ev_ = {**base_ev, "champion": cv, "retrain": summary, "gates": gates}
             if not result.passed:
                 return self._audit("retrain", sig.monitor, False,
-                                   f"candidate rejected, champion v{cv} kept: {result.reason}",
-                                   ev_), False
+                                   f"candidate refused, never registered, champion v{cv} "
+                                   f"kept: {result.reason}", ev_), False
             out = Path(tempfile.mkdtemp(prefix="bastion-candidate-"))
             try:
                 save_model(result.model, out / "model", arch=str(meta["arch"]),

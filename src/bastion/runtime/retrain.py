@@ -5,41 +5,48 @@ champion.
 :class:`RetrainResult`; it never touches the registry (the healing controller registers
 and promotes a candidate only when ``result.passed``). Steps:
 
-1. **Sanitise.** Feedback can be poisoned. Each feedback label is scored by
-   :class:`~bastion.detect.poison.KnnLabelDetector` fitted on the trusted reference data
-   *plus* the feedback: the share of its ``k`` nearest neighbours (itself excluded)
-   whose label disagrees; a label most neighbours contradict (score above
-   ``max_disagreement``) is dropped. The feedback takes part because under a real drift
-   the drifted inputs' nearest neighbours are other drifted inputs, not reference ones
-   (judging them by the reference alone would throw away exactly the data the retrain
-   needs). The limit: a poisoner who sends many *consistent* wrong labels for one
-   region can outvote the truth there; the ``poison_uptake`` and clean-accuracy gates
-   are the second line against that.
-2. **Fine-tune.** Trusted reference data plus the kept feedback (repeated
-   ``feedback_weight`` times), with :class:`~bastion.defend.training.AdversarialTrainer`
-   (PGD adversarial training mixed with the clean loss, starting from the champion's
-   weights).
+0. **Who says so.** Each feedback row carries its client (the authenticated key's client
+   name). Rows of a quarantined client never reach this pipeline (the controller drops
+   them, retroactively). Each client has a trust weight (``client_trust``, default
+   ``default_client_trust``): a row is repeated ``feedback_weight * trust`` times
+   (stochastically rounded; trust 0 drops it). No client may contribute more than
+   ``max_client_share`` of the training rows (the trusted reference included): a client
+   above its share keeps a random subset of its rows. Anonymous feedback counts as one
+   client, ``(anonymous)``.
+1. **Screen.** Feedback can be poisoned. A *provisional* model (the champion fine-tuned,
+   clean, for ``provisional_epochs`` on the reference plus the feedback) lets the
+   screening of :func:`bastion.detect.feedback.screen_feedback` see what the feedback
+   would teach: kNN label agreement (reference + feedback, as before, and reference
+   only), agreement with the champion, STRIP, spectral signatures and activation
+   clustering, per target class. What it removed and why is in the result's ``screen``.
+   Under a real drift the drifted inputs' nearest neighbours are other drifted inputs,
+   which is why the feedback takes part in the kNN vote; a label the champion agrees
+   with is never removed by the model-based tests.
+2. **Fine-tune.** Trusted reference data plus the kept feedback (repeated as in 0.),
+   with :class:`~bastion.defend.training.AdversarialTrainer` (PGD adversarial training
+   mixed with the clean loss, starting from the champion's weights).
 3. **Gate** on the trusted holdout and held-out feedback, candidate against champion:
    clean accuracy (no regression beyond ``margin``, and at least
    ``min_clean_accuracy``); robust accuracy under :func:`bastion.evaluate.scan.scan`
    (PGD at ``eps``, no regression beyond ``margin``); accuracy on held-out kept feedback
-   (at least the champion's ``+ min_feedback_gain``: the retrain must help where the
-   champion was failing); backdoor (a Neural-Cleanse-style trigger search must find no
-   backdoor-sized trigger for a class where the champion has none); optionally
-   (``poison_gate``) poison uptake: agreement with the *suspicious* feedback labels must
-   not rise beyond ``margin``. That last one is off by default: under a real drift the
-   suspicious set also holds legitimate hard examples, and a good candidate learns them.
-   Every gate records both numbers.
-
-   What stops poisoned feedback: the sanitiser first, then the no-regression gates on
-   the trusted holdout (a candidate that learned wrong labels loses clean accuracy there).
+   (at least the champion's ``+ min_feedback_gain``); and three trigger-agnostic
+   backdoor gates (:mod:`bastion.detect.feedback`): ``class_absorption`` (no class
+   suddenly absorbs holdout predictions the champion gave elsewhere),
+   ``backdoor`` (a Neural-Cleanse trigger search on candidate *and* champion, same seed
+   and inputs: no class whose minimal trigger shrank abnormally against the champion's,
+   MAD anomaly index of the log ratios above ``backdoor_anomaly`` and ratio below
+   ``backdoor_max_ratio``; the champion's search is cached per champion) and
+   ``strip`` (STRIP of the candidate calibrated on the holdout: no class with an excess
+   of trigger-like, low-entropy inputs among the feedback it trained on); optionally
+   (``poison_gate``) poison uptake on the suspicious labels. Every gate records both
+   numbers and its evidence.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,11 +55,34 @@ from bastion.errors import BastionError, DataError
 
 
 class RetrainConfig(BaseModel):
-    """Settings of the retrain pipeline and its gates."""
+    """Settings of the retrain pipeline and its gates (see the module docs for each step).
+
+    Feedback set: ``max_client_share`` (most of the training rows one client may supply,
+    reference included; 1.0 = no cap), ``client_trust`` (client -> weight in [0, 1]),
+    ``default_client_trust``, ``feedback_weight`` (repeats of a fully trusted row).
+    Screening: ``sanitize`` (off: nothing is removed), ``provisional_epochs`` /
+    ``provisional_lr`` (0 epochs: only the label checks), ``knn_k`` / ``max_disagreement``,
+    ``strip_fpr``, ``spectral_z``, ``min_votes``, ``class_min_count`` / ``class_min_share``.
+    Backdoor gates: ``absorption_gate`` (``absorption_alpha``, ``absorption_min_count``),
+    ``backdoor_gate`` (``backdoor_steps`` per class on ``backdoor_points`` holdout
+    inputs, ``backdoor_anomaly``, ``backdoor_max_ratio``), ``strip_gate``
+    (``strip_gate_fpr``, ``strip_gate_alpha``, ``strip_gate_min_count``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     sanitize: bool = True
+    max_client_share: float = Field(default=0.2, gt=0.0, le=1.0)
+    client_trust: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict)
+    default_client_trust: float = Field(default=1.0, ge=0.0, le=1.0)
+    provisional_epochs: int = Field(default=3, ge=0)
+    provisional_lr: float = Field(default=3e-3, gt=0.0)
+    strip_fpr: float = Field(default=0.01, gt=0.0, lt=0.5)
+    spectral_z: float = Field(default=3.0, gt=0.0)
+    min_votes: int = Field(default=4, ge=1, le=4)
+    class_min_count: int = Field(default=5, ge=1)
+    class_min_share: float = Field(default=0.1, ge=0.0, le=1.0)
     knn_k: int = Field(default=10, ge=1)
     max_disagreement: float = Field(default=0.5, ge=0.0, le=1.0)
     feedback_weight: int = Field(default=2, ge=1)
@@ -65,17 +95,25 @@ class RetrainConfig(BaseModel):
     epochs: int = Field(default=3, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
     batch_size: int = Field(default=128, ge=1)
-    margin: float = Field(default=0.02, ge=0.0)
+    margin: float = Field(default=0.03, ge=0.0)
     min_clean_accuracy: float = Field(default=0.0, ge=0.0, le=1.0)
     min_feedback_gain: float = 0.0
     robust_gate: bool = True
     robust_points: int = Field(default=100, ge=1)
     robust_steps: int = Field(default=10, ge=1)
     poison_gate: bool = False
+    absorption_gate: bool = True
+    absorption_alpha: float = Field(default=0.01, gt=0.0, lt=1.0)
+    absorption_min_count: int = Field(default=4, ge=1)
     backdoor_gate: bool = True
-    backdoor_steps: int = Field(default=60, ge=1)
-    backdoor_anomaly: float = Field(default=3.0, gt=0.0)
-    backdoor_mask_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    backdoor_steps: int = Field(default=100, ge=1)
+    backdoor_points: int = Field(default=100, ge=2)
+    backdoor_anomaly: float = Field(default=2.0, gt=0.0)
+    backdoor_max_ratio: float = Field(default=0.6, gt=0.0, le=1.0)
+    strip_gate: bool = True
+    strip_gate_fpr: float = Field(default=0.01, gt=0.0, lt=0.5)
+    strip_gate_alpha: float = Field(default=0.001, gt=0.0, lt=1.0)
+    strip_gate_min_count: int = Field(default=5, ge=1)
     seed: int = 0
 
 
@@ -102,6 +140,9 @@ class RetrainResult(BaseModel):
     n_removed: int
     removed: list[int] = Field(default_factory=list)
     suspicion_threshold: float | None = None
+    capped: list[int] = Field(default_factory=list)
+    screen: dict[str, Any] = Field(default_factory=dict)
+    clients: dict[str, dict[str, Any]] = Field(default_factory=dict)
     n_train: int
     time_s: float
     reason: str
@@ -110,7 +151,9 @@ class RetrainResult(BaseModel):
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (for the audit log)."""
         d = self.model_dump(exclude={"model"})
-        d["removed"] = d["removed"][:200]
+        d["removed"] = d["removed"][:2000]
+        d["n_capped"] = len(d["capped"])
+        d["capped"] = d["capped"][:2000]
         return d
 
 
@@ -147,6 +190,7 @@ class RetrainPipeline:
                             "20 holdout examples")
         self.config = config or RetrainConfig()
         self.trainer = trainer
+        self._nc_cache: dict[str, Any] = {}
 
     # -- 1. sanitise ----------------------------------------------------------------
     def suspicion(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -185,23 +229,88 @@ class RetrainPipeline:
                    attack_options={"pgd": {"steps": c.robust_steps}})
         return float(next(iter(rep.robust_accuracy.values())))
 
-    def _backdoor(self, model: Any) -> list[int]:
-        """Classes with a backdoor signature: an anomalously small reverse-engineered
-        trigger (MAD anomaly index above ``backdoor_anomaly`` *and* mask L1 below
-        ``backdoor_mask_ratio`` times the median; short searches give noisy anomaly
-        indices, the mask-size condition keeps them from failing the gate)."""
+    def _trigger_search(self, model: Any) -> Any:
+        """Neural-Cleanse minimal triggers of ``model`` on the first ``backdoor_points``
+        holdout inputs (the champion's result is cached by its weights)."""
+        import hashlib
+
         from bastion.detect.backdoor import NeuralCleanse
 
         c = self.config
-        res = NeuralCleanse(steps=c.backdoor_steps, batch_size=64, seed=c.seed,
-                            anomaly_threshold=c.backdoor_anomaly).run(model, self.x_hold[:200])
-        med = float(np.median(res.mask_l1))
-        return [k for k in range(len(res.mask_l1))
-                if res.anomaly_index[k] > c.backdoor_anomaly
-                and res.mask_l1[k] < c.backdoor_mask_ratio * med]
+        key = None
+        module = getattr(model, "module", None)
+        if module is not None:
+            h = hashlib.sha256()
+            for t in module.state_dict().values():
+                h.update(t.detach().cpu().numpy().tobytes())
+            key = h.hexdigest()
+            if key in self._nc_cache:
+                return self._nc_cache[key]
+        res = NeuralCleanse(steps=c.backdoor_steps, batch_size=32, seed=c.seed,
+                            anomaly_threshold=c.backdoor_anomaly).run(
+            model, self.x_hold[: c.backdoor_points])
+        if key is not None:
+            self._nc_cache = {key: res}  # one champion at a time
+        return res
+
+    def _backdoor_gates(self, candidate: Any, champion: Any, x_train_fb: np.ndarray
+                        ) -> list[GateResult]:
+        from bastion.detect.feedback import class_absorption, paired_trigger_anomaly, strip_excess
+
+        c = self.config
+        out: list[GateResult] = []
+        k = int(getattr(candidate, "n_classes", int(self.y_hold.max()) + 1))
+        if c.absorption_gate:
+            pa = np.asarray(champion.predict_proba(self.x_hold)).argmax(1)
+            pb = np.asarray(candidate.predict_proba(self.x_hold)).argmax(1)
+            t = class_absorption(self.y_hold, pa, pb, n_classes=k, alpha=c.absorption_alpha,
+                                 min_count=c.absorption_min_count)
+            out.append(GateResult(
+                name="class_absorption", passed=not t.flagged,
+                candidate=float(len(t.flagged)), champion=0.0,
+                rule=f"no class absorbs >= {c.absorption_min_count} more wrong holdout answers "
+                     f"than it loses (binomial p < {c.absorption_alpha}/{k})",
+                detail=t.as_dict()))
+        if c.backdoor_gate and callable(getattr(candidate, "logits", None)):
+            try:
+                rc, rh = self._trigger_search(candidate), self._trigger_search(champion)
+                t = paired_trigger_anomaly(np.asarray(rc.mask_l1), np.asarray(rh.mask_l1),
+                                           threshold=c.backdoor_anomaly,
+                                           max_ratio=c.backdoor_max_ratio)
+                out.append(GateResult(
+                    name="backdoor", passed=not t.flagged, candidate=float(len(t.flagged)),
+                    champion=0.0,
+                    rule=f"Neural-Cleanse minimal trigger per class, candidate / champion: no "
+                         f"class with anomaly index > {c.backdoor_anomaly} and ratio < "
+                         f"{c.backdoor_max_ratio}",
+                    detail={**t.as_dict(), "candidate_l1": [round(v, 3) for v in rc.mask_l1],
+                            "champion_l1": [round(v, 3) for v in rh.mask_l1],
+                            "steps": c.backdoor_steps, "time_s": round(rc.time_s, 2)}))
+            except BastionError as exc:
+                out.append(GateResult(name="backdoor", passed=True, rule="skipped",
+                                      detail={"skipped": str(exc)}))
+        if c.strip_gate and len(x_train_fb):
+            from bastion.detect.backdoor import StripDetector
+
+            det = StripDetector(model=candidate, n_overlays=16, seed=c.seed).fit(self.x_hold)
+            det.calibrate(self.x_hold, fpr=c.strip_gate_fpr)
+            flagged = det.predict(x_train_fb)
+            pred = np.asarray(candidate.predict_proba(x_train_fb)).argmax(1)
+            t = strip_excess(flagged, pred, n_classes=k, fpr=c.strip_gate_fpr,
+                             alpha=c.strip_gate_alpha, min_count=c.strip_gate_min_count)
+            out.append(GateResult(
+                name="strip", passed=not t.flagged, candidate=float(flagged.mean()),
+                champion=c.strip_gate_fpr,
+                rule=f"STRIP of the candidate (threshold: {c.strip_gate_fpr:.0%} of the holdout)"
+                     f" on the {len(x_train_fb)} feedback rows it trained on: no class with "
+                     f">= {c.strip_gate_min_count} low-entropy inputs beyond that rate "
+                     f"(binomial p < {c.strip_gate_alpha}/{k})",
+                detail=t.as_dict()))
+        return out
 
     def gates(self, candidate: Any, champion: Any, *, x_fb: np.ndarray, y_fb: np.ndarray,
-              x_sus: np.ndarray, y_sus: np.ndarray) -> list[GateResult]:
+              x_sus: np.ndarray, y_sus: np.ndarray,
+              x_train_fb: np.ndarray | None = None) -> list[GateResult]:
         """Run every gate; see the module docs."""
         c = self.config
         out: list[GateResult] = []
@@ -234,26 +343,77 @@ class RetrainPipeline:
                 passed=s_new <= s_old + c.margin,
                 rule=f"agreement with {len(y_sus)} suspicious feedback labels: candidate <= "
                      f"champion + {c.margin}"))
-        if c.backdoor_gate and callable(getattr(candidate, "logits", None)):
-            try:
-                b_new, b_old = self._backdoor(candidate), self._backdoor(champion)
-                new = sorted(set(b_new) - set(b_old))
-                out.append(GateResult(
-                    name="backdoor", passed=not new, candidate=float(len(b_new)),
-                    champion=float(len(b_old)),
-                    rule="a trigger-reverse-engineering scan flags no class for the candidate "
-                         "that it does not flag for the champion",
-                    detail={"candidate_flagged": b_new, "champion_flagged": b_old,
-                            "new": new, "steps": c.backdoor_steps}))
-            except BastionError as exc:
-                out.append(GateResult(name="backdoor", passed=True, rule="skipped",
-                                      detail={"skipped": str(exc)}))
+        out += self._backdoor_gates(candidate, champion, x_train_fb if x_train_fb is not None
+                                    else x_fb[:0])
         return out
 
+    # -- 0. who contributes how much --------------------------------------------------
+    def client_weights(self, clients: list[str], n_ref: int, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
+        """Per feedback row, how many times it is repeated in the training set (0 =
+        unused): trust weight times ``feedback_weight``, then the per-client cap."""
+        c = self.config
+        cl = np.asarray(clients, dtype=object)
+        trust = np.array([float(c.client_trust.get(k, c.default_client_trust)) for k in cl])
+        w = c.feedback_weight * trust
+        mult = np.floor(w) + (rng.random(len(w)) < (w - np.floor(w)))
+        mult = mult.astype(np.int64)
+        names = sorted(set(cl.tolist()))
+        tot = {k: int(mult[cl == k].sum()) for k in names}
+        # the largest per-client total m with m <= share * (n_ref + sum_k min(tot_k, m))
+        share = c.max_client_share
+        cap = float("inf")
+        if share < 1.0 and tot:
+            lo, hi = 0.0, float(max(tot.values()))
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                if mid <= share * (n_ref + sum(min(v, mid) for v in tot.values())):
+                    lo = mid
+                else:
+                    hi = mid
+            cap = lo
+        info: dict[str, dict[str, Any]] = {}
+        for k in names:
+            rows = np.flatnonzero(cl == k)
+            used = int(tot[k])
+            dropped = 0
+            if used > cap:  # keep a random subset of the client's rows within its share
+                keep_w = 0
+                for i in rng.permutation(rows):
+                    if keep_w + mult[i] > cap:
+                        mult[i], dropped = 0, dropped + 1
+                    else:
+                        keep_w += int(mult[i])
+                used = keep_w
+            info[str(k)] = {"rows": len(rows), "trust": float(trust[rows[0]]),
+                            "training_rows": used, "capped_rows": dropped}
+        total = n_ref + int(mult.sum())
+        for v in info.values():
+            v["share"] = round(v["training_rows"] / max(total, 1), 4)
+        return mult, info
+
+    def _provisional(self, champion: Any, x: np.ndarray, y: np.ndarray) -> Any:
+        """The champion fine-tuned (clean, briefly) on ``(x, y)``: what the feedback
+        would teach, for the model-based screening."""
+        import copy
+
+        from bastion.models.train import train_classifier
+
+        c = self.config
+        if c.provisional_epochs < 1 or getattr(champion, "module", None) is None:
+            return None
+        m = copy.deepcopy(champion)
+        train_classifier(m, x, y, epochs=c.provisional_epochs, lr=c.provisional_lr,
+                         batch_size=c.batch_size, seed=c.seed)
+        return m
+
     # -- all together -----------------------------------------------------------------
-    def run(self, champion: Any, x_feedback: np.ndarray, y_feedback: np.ndarray
-            ) -> RetrainResult:
-        """Sanitise, fine-tune, gate. Raises only on bad input or a crash of a step."""
+    def run(self, champion: Any, x_feedback: np.ndarray, y_feedback: np.ndarray, *,
+            clients: list[str | None] | None = None) -> RetrainResult:
+        """Weigh, screen, fine-tune, gate. ``clients``: the client of each feedback row
+        (``None``: one anonymous client). Raises only on bad input or a crash of a step."""
+        from bastion.detect.feedback import screen_feedback
+
         t0 = time.perf_counter()
         c = self.config
         xf = np.asarray(x_feedback, dtype=np.float32)
@@ -263,32 +423,72 @@ class RetrainPipeline:
         if xf.shape[1:] != self.x_ref.shape[1:]:
             raise DataError(f"feedback inputs have shape {xf.shape[1:]}, the reference "
                             f"{self.x_ref.shape[1:]}")
+        cl = [ANONYMOUS if k is None else str(k) for k in (clients or [None] * len(yf))]
+        if len(cl) != len(yf):
+            raise DataError(f"{len(cl)} client ids for {len(yf)} feedback labels")
         rng = np.random.default_rng(c.seed)
-        if len(xf):
-            sus_score = self.suspicion(xf, yf)
-            suspicious = sus_score > c.max_disagreement
-        else:
-            suspicious = np.zeros(0, dtype=bool)
-        keep = ~suspicious if c.sanitize else np.ones(len(yf), dtype=bool)
+        ri = rng.permutation(len(self.x_ref))[: c.max_reference]
+        mult, client_info = self.client_weights(cl, len(ri), rng)
+        used = mult > 0
+        keep = used.copy()
+        screen: dict[str, Any] = {}
+        suspicious = np.zeros(len(yf), dtype=bool)
+        if c.sanitize and used.any():
+            ui = np.flatnonzero(used)
+            rep_x = np.repeat(xf[ui], mult[ui], axis=0)
+            rep_y = np.repeat(yf[ui], mult[ui])
+            prov = self._provisional(champion, np.concatenate([self.x_ref[ri], rep_x]),
+                                     np.concatenate([self.y_ref[ri], rep_y]))
+            rep = screen_feedback(
+                champion, xf[ui], yf[ui], x_ref=self.x_ref[ri], y_ref=self.y_ref[ri],
+                provisional=prov, knn_k=c.knn_k, max_disagreement=c.max_disagreement,
+                strip_fpr=c.strip_fpr, spectral_z=c.spectral_z, min_votes=c.min_votes,
+                class_min_count=c.class_min_count, class_min_share=c.class_min_share,
+                seed=c.seed)
+            suspicious[ui[rep.remove]] = True
+            keep &= ~suspicious
+            screen = rep.summary(ids=[int(i) for i in ui])
+            for k, v in client_info.items():
+                v["screened_out"] = int(sum(1 for i in ui[rep.remove] if cl[i] == k))
         kept_idx = np.flatnonzero(keep)
         order = rng.permutation(kept_idx)
         n_hold = int(round(c.feedback_holdout * len(order)))
         fb_hold, fb_train = order[:n_hold], order[n_hold:]
-        ri = rng.permutation(len(self.x_ref))[: c.max_reference]
-        x_train = np.concatenate([self.x_ref[ri]] + [xf[fb_train]] * c.feedback_weight)
-        y_train = np.concatenate([self.y_ref[ri]] + [yf[fb_train]] * c.feedback_weight)
+        x_train = np.concatenate([self.x_ref[ri], np.repeat(xf[fb_train], mult[fb_train],
+                                                            axis=0)])
+        y_train = np.concatenate([self.y_ref[ri], np.repeat(yf[fb_train], mult[fb_train])])
         candidate = self._train(champion, x_train, y_train)
         gates = self.gates(candidate, champion, x_fb=xf[fb_hold], y_fb=yf[fb_hold],
-                           x_sus=xf[suspicious], y_sus=yf[suspicious])
+                           x_sus=xf[suspicious], y_sus=yf[suspicious],
+                           x_train_fb=xf[fb_train])
         passed = all(g.passed for g in gates)
-        failed = [g.name for g in gates if not g.passed]
-        reason = ("every gate passed" if passed else
-                  "failed gates: " + ", ".join(
-                      f"{g.name} (candidate {g.candidate}, champion {g.champion})"
-                      for g in gates if not g.passed))
+        reason = "every gate passed" if passed else "failed gates: " + "; ".join(
+            _why(g) for g in gates if not g.passed)
         return RetrainResult(
             passed=passed, gates=gates, n_feedback=len(yf), n_kept=int(keep.sum()),
-            n_removed=int((~keep).sum()), removed=[int(i) for i in np.flatnonzero(~keep)],
+            n_removed=int(suspicious.sum()), removed=[int(i) for i in np.flatnonzero(suspicious)],
             suspicion_threshold=c.max_disagreement if c.sanitize else None,
-            n_train=len(y_train), time_s=time.perf_counter() - t0,
-            reason=reason if failed or passed else "", model=candidate)
+            capped=[int(i) for i in np.flatnonzero(~used)], screen=screen, clients=client_info,
+            n_train=len(y_train), time_s=time.perf_counter() - t0, reason=reason,
+            model=candidate)
+
+
+ANONYMOUS = "(anonymous)"
+
+
+def _why(g: GateResult) -> str:
+    """One failed gate in words, for the audit log and the dashboard timeline."""
+    d = g.detail
+    if g.name == "class_absorption":
+        return (f"class_absorption: backdoor or targeted poisoning suspected, class(es) "
+                f"{d.get('flagged')} absorb holdout predictions the champion gave elsewhere")
+    if g.name == "backdoor":
+        f = d.get("flagged") or []
+        ratios = d.get("ratio") or []
+        return ("backdoor: trigger search finds class(es) " + ", ".join(
+            f"{t} (minimal trigger {ratios[t]:.2f}x the champion's)" for t in f)
+            + " abnormally easy to reach")
+    if g.name == "strip":
+        return (f"strip: backdoor suspected, the candidate keeps class(es) {d.get('flagged')} "
+                "under superimposition for too many of the feedback inputs it learned")
+    return f"{g.name} (candidate {g.candidate}, champion {g.champion})"
