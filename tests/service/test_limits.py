@@ -148,7 +148,8 @@ def test_slow_body_is_cut_with_408(service):
     s = _conn(st.port)
     t0 = time.monotonic()
     s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"X-API-Key: " + KEYS["slow-body"].encode() + b"\r\nContent-Length: 5000\r\n\r\n{\"inputs\": [")
+              b"X-API-Key: " + KEYS["slow-body"].encode()
+              + b"\r\nContent-Length: 5000\r\n\r\n{\"inputs\": [")
     got = b""
     for _ in range(30):
         try:
@@ -223,7 +224,8 @@ def test_flooding_key_gets_429_while_another_key_is_served(service, digits):
         err = r.json()["error"]
         assert err["code"] == "rate_limited" and err["details"]["retry_after_s"] >= 1
         # another key (a bearer token) is served; health is never rate limited
-        ok = c.post("/v1/predict", json=body, headers={"Authorization": f"Bearer {KEYS['other-key']}"})
+        ok = c.post("/v1/predict", json=body,
+                    headers={"Authorization": f"Bearer {KEYS['other-key']}"})
         assert ok.status_code == 200, ok.text
         for _ in range(10):
             assert c.get("/v1/health", headers={"X-API-Key": KEYS["flooder"]}).status_code == 200
