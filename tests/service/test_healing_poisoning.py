@@ -48,13 +48,15 @@ def attack_success(model, digits) -> float:
 
 
 def send(c: httpx.Client, x: np.ndarray, labels: np.ndarray, client: str) -> None:
-    """Predict ``x`` as ``client`` and label the answers ``labels``, over HTTP."""
+    """Predict ``x`` as ``client`` (with that client's own API key: feedback is credited
+    to the key, not to a name the caller chooses) and label the answers ``labels``."""
+    key = {"Authorization": f"Bearer {c.keys[client]}"}  # type: ignore[attr-defined]
     for i in range(0, len(x), 50):
-        r = c.post("/v1/predict", json={"inputs": x[i:i + 50].tolist(), "client_id": client})
+        r = c.post("/v1/predict", json={"inputs": x[i:i + 50].tolist()}, headers=key)
         assert r.status_code == 200, r.text
         fb = [{"request_id": rid, "label": int(y)}
               for rid, y in zip(r.json()["request_ids"], labels[i:i + 50], strict=True)]
-        r = c.post("/v1/feedback", json={"feedback": fb, "client_id": client})
+        r = c.post("/v1/feedback", json={"feedback": fb}, headers=key)
         assert r.status_code == 200, r.text
 
 
@@ -64,7 +66,15 @@ def service(request, svc_models, svc_mlflow, tmp_path, make_config):
     cfg = make_config(svc_models[0], tmp_path / "events.db", svc_mlflow, model_name=name,
                       healing=HEALING, heal_interval_s=0.0)
     app = create_app(cfg)
-    with ServiceThread(app) as st, httpx.Client(base_url=st.url, timeout=120) as c:
+    from bastion.web.keys import KeyStore
+
+    store = KeyStore(app.state.service.store)
+    admin = store.create("heal-operator", "admin")[0]
+    keys = {who: store.create(who, "client")[0]
+            for who in ("ann", "ben", "cat", "dan", "mallory")}
+    with ServiceThread(app) as st, httpx.Client(
+            base_url=st.url, timeout=120, headers={"Authorization": f"Bearer {admin}"}) as c:
+        c.keys = keys  # type: ignore[attr-defined]
         yield c, app.state.service, ModelRegistry(name, tracking_uri=svc_mlflow)
 
 
