@@ -121,12 +121,17 @@ def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def send(c: Any, x: np.ndarray, labels: np.ndarray, client: str) -> None:
+    """Predict and label as ``client``, with that client's own API key (created on first
+    use): the service credits feedback to the key, as in production."""
+    if client not in c.keys:
+        c.keys[client] = c.keystore.create(client, "client")[0]
+    key = {"Authorization": f"Bearer {c.keys[client]}"}
     for i in range(0, len(x), 50):
-        r = c.post("/v1/predict", json={"inputs": x[i:i + 50].tolist(), "client_id": client})
+        r = c.post("/v1/predict", json={"inputs": x[i:i + 50].tolist()}, headers=key)
         r.raise_for_status()
         fb = [{"request_id": rid, "label": int(t)}
               for rid, t in zip(r.json()["request_ids"], labels[i:i + 50], strict=True)]
-        c.post("/v1/feedback", json={"feedback": fb, "client_id": client}).raise_for_status()
+        c.post("/v1/feedback", json={"feedback": fb}, headers=key).raise_for_status()
 
 
 def run_cell(name: str, *, model_dir: Path, mlflow: str, work: Path, ds: Any, seed: int,
@@ -162,7 +167,13 @@ def run_cell(name: str, *, model_dir: Path, mlflow: str, work: Path, ds: Any, se
     svc = app.state.service
     reg = ModelRegistry(name, tracking_uri=mlflow)
     champion0 = reg.load("champion")
-    with ServiceThread(app) as st, httpx.Client(base_url=st.url, timeout=300) as c:
+    from bastion.web.keys import KeyStore
+
+    keystore = KeyStore(svc.store)
+    admin = keystore.create("bench-operator", "admin")[0]
+    with ServiceThread(app) as st, httpx.Client(
+            base_url=st.url, timeout=300, headers={"Authorization": f"Bearer {admin}"}) as c:
+        c.keystore, c.keys = keystore, {}
         # honest clients: a natural drift with true labels
         dfn = BENIGN[drift]
         i = rng.choice(len(ds.x_train), n_honest, replace=False)

@@ -41,6 +41,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
+#: the server's client API keys by name (written by ``--serve`` to ``WORK/keys.json``)
+KEYS: dict[str, str] = {}
+
+
 def serve_main(args: argparse.Namespace) -> None:
     import torch
 
@@ -55,7 +59,14 @@ def serve_main(args: argparse.Namespace) -> None:
         tracking_uri=f"sqlite:///{args.work}/mlflow.db", reload_interval_s=0,
         limits={"rate_limit_per_s": args.rate_limit, "rate_limit_burst": args.rate_burst,
                 "rate_limit_delay_s": args.rate_delay})
-    serve(create_app(cfg), host="127.0.0.1", port=args.port, log_level="critical")
+    app = create_app(cfg)
+    from bastion.web.keys import KeyStore
+
+    # real client keys (the rate limit keys on the verified key); the parent reads them
+    keys = {name: KeyStore(app.state.service.store).create(name, "client")[0]
+            for name in ("flooder", "well-behaved")}
+    (Path(args.work) / "keys.json").write_text(json.dumps(keys))
+    serve(app, host="127.0.0.1", port=args.port, log_level="critical")
 
 
 # -- attackers (separate processes) -------------------------------------------------------
@@ -145,9 +156,9 @@ def _idle_flood(port: int, n: int, seconds: float, opened: Any, out: Any) -> Non
     out.put(stats)
 
 
-def _flooder(port: int, body: bytes, seconds: float, out: Any) -> None:
+def _flooder(port: int, body: bytes, seconds: float, out: Any, key: str) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Content-Type": "application/json", "X-API-Key": "flooder"}
+    headers = {"Content-Type": "application/json", "X-API-Key": key}
     codes: dict[int, int] = {}
     stop = time.monotonic() + seconds
     while time.monotonic() < stop:
@@ -205,7 +216,7 @@ def _health_series(port: int, seconds: float, every: float = 0.05,
 
 def _predict_series(port: int, bodies: list[bytes], every: float) -> dict[str, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Content-Type": "application/json", "X-API-Key": "well-behaved"}
+    headers = {"Content-Type": "application/json", "X-API-Key": KEYS["well-behaved"]}
     lat, codes = [], {}
     t_start = time.perf_counter()
     for b in bodies:
@@ -294,6 +305,7 @@ def main() -> None:
             if proc.poll() is not None or time.time() - t0 > 300:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
+        KEYS.update(json.loads((work / "keys.json").read_text()))
         for _ in range(20):
             _health_once(port)
         _predict_series(port, bodies[:50], 0.0)  # warm-up
@@ -322,7 +334,8 @@ def main() -> None:
             quiet = _predict_series(port, bodies[2 * r * per:(2 * r + 1) * per], 0.1)
             fq = ctx.Queue()
             seconds = per * 0.1 + 3.0
-            fl = [ctx.Process(target=_flooder, args=(port, bodies[0], seconds, fq))
+            fl = [ctx.Process(target=_flooder, args=(port, bodies[0], seconds, fq,
+                                                           KEYS["flooder"]))
                   for _ in range(args.flooders)]
             for f in fl:
                 f.start()
