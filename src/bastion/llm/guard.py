@@ -358,7 +358,7 @@ class LlmGuard:
 
     def scan_output(self, content: str, system_prompt: str = "") -> OutputVerdict:
         """Does an answer leak a secret or the system prompt?"""
-        return self.output_scanner(system_prompt).feed(content)
+        return self.output_scanner(system_prompt).feed(content, final=True)
 
     def check_tool_calls(
         self, calls: list[Any], system_prompt: str = ""

@@ -6,7 +6,13 @@
   room for a secret spelled with spaces or zero-width characters between its letters) for
   the configured secrets, and keeps the system-prompt overlap (character 4-gram recall,
   verbatim runs of 60+ characters; :func:`~bastion.llm.judges.system_prompt_overlap`)
-  up to date incrementally. Its ``hold_back`` (at least twice the longest secret plus 16,
+  up to date incrementally. Every piece is checked for the secrets exactly (any case) and
+  by :func:`skeleton` (Unicode compatibility forms, homoglyphs, leetspeak, invisible and
+  tag characters, spacing and punctuation undone) and base64 decoding; the complete
+  normaliser of :func:`~bastion.llm.judges.contains_secret` (which also joins split
+  payloads) runs every ``full_every`` characters (4,096) and at the end (:meth:`flush`),
+  since at about 2 µs a character it would otherwise dominate a fast stream. Its
+  ``hold_back`` (at least twice the longest secret plus 16,
   at least ``min_hold_back``) is how many trailing characters a relay must keep until
   more text (or the end) arrives, so that no character of a secret is sent before the
   scan sees all of it.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress
@@ -34,9 +41,30 @@ from urllib.parse import unquote
 
 from bastion.errors import BastionError
 from bastion.llm.judges import _squash, contains_secret, system_prompt_overlap
-from bastion.llm.normalize import normalize
+from bastion.llm.normalize import (
+    _INVISIBLE,
+    HOMOGLYPHS,
+    LEET_DECODE,
+    decode_base64_segments,
+    normalize,
+)
 
-__all__ = ["OutputScanner", "HostAllowlist", "check_tool_call", "secret_like", "url_hosts"]
+__all__ = ["OutputScanner", "HostAllowlist", "check_tool_call", "secret_like", "url_hosts",
+           "skeleton"]
+
+_SKELETON = str.maketrans({
+    **{k: v for k, v in HOMOGLYPHS.items()}, **LEET_DECODE,
+    **{chr(c): chr(c - 0xE0000) for c in range(0xE0020, 0xE007F)},  # tag characters
+    **{chr(k): None for k in _INVISIBLE},
+})
+_B64_HINT = re.compile(r"[A-Za-z0-9+/]{16,}")
+
+
+def skeleton(s: str) -> str:
+    """``s`` reduced for secret matching (C-speed steps only): compatibility forms,
+    homoglyphs, leetspeak digits and symbols, tag and invisible characters mapped,
+    case folded, everything but letters and digits dropped."""
+    return _squash(unicodedata.normalize("NFKC", s).translate(_SKELETON))
 
 _WS = re.compile(r"\s+")
 RUN = 60  # a verbatim run of the system prompt this long is a leak (judges.py's rule)
@@ -61,8 +89,13 @@ class OutputScanner:
     """
 
     def __init__(self, secrets: Iterable[str], system_prompt: str = "",
-                 overlap_threshold: float = 0.5, *, min_hold_back: int = 64) -> None:
-        self.secrets = [(s, s.casefold(), normalize(s), _squash(s)) for s in secrets if s]
+                 overlap_threshold: float = 0.5, *, min_hold_back: int = 64,
+                 full_every: int = 4096) -> None:
+        self.secrets = [(s, s.casefold(), normalize(s), _squash(s), skeleton(s))
+                        for s in secrets if s]
+        self.full_every = int(full_every)
+        self._full = ""  # text not yet seen by the complete normaliser, after a window
+        self._full_pending = 0
         longest = max((len(s[0]) for s in self.secrets), default=0)
         self.window = 3 * longest + 64 if self.secrets else 0
         self.hold_back = max(int(min_hold_back), 2 * longest + 16 if self.secrets else 0)
@@ -81,27 +114,43 @@ class OutputScanner:
         self.max_run = 0
         self.verdict = Verdict(False)
 
-    def feed(self, new: str) -> Verdict:
-        """Scan ``new`` (the next piece of the answer); the verdict for the answer so far.
-        Once a leak is found it stays found."""
-        if self.verdict.leak or not new:
+    def feed(self, new: str, *, final: bool = False) -> Verdict:
+        """Scan ``new`` (the next piece of the answer); the verdict for the answer so far
+        (``final``: this is the end, run every check). Once a leak is found it stays found."""
+        if self.verdict.leak:
             return self.verdict
         self.chars += len(new)
-        if self.secrets:
+        if self.secrets and new:
             text = self._tail + new
-            low, norm = text.casefold(), normalize(text)
-            sq, sqn = _squash(text), _squash(norm)
-            for _s, s_low, s_norm, s_sq in self.secrets:
-                if (s_low in low or (s_norm and s_norm in norm)
-                        or (len(s_sq) >= 3 and (s_sq in sq or s_sq in sqn))):
+            low, sk = text.casefold(), skeleton(text)
+            dec = decode_base64_segments(text) if _B64_HINT.search(text) else text
+            skd = skeleton(dec) if dec != text else ""
+            for _s, s_low, _n, _q, s_sk in self.secrets:
+                if s_low in low or (len(s_sk) >= 3 and (s_sk in sk or (skd and s_sk in skd))):
                     self.verdict = Verdict(True, "secret", 1.0)
                     return self.verdict
             self._tail = text[-self.window:]
-        if self._sp:
+            self._full += new
+            self._full_pending += len(new)
+        if self.secrets and self._full_pending and (final or
+                                                    self._full_pending >= self.full_every):
+            norm = normalize(self._full)
+            sqn = _squash(norm)
+            for _s, _l, s_norm, s_sq, _k in self.secrets:
+                if (s_norm and s_norm in norm) or (len(s_sq) >= 3 and s_sq in sqn):
+                    self.verdict = Verdict(True, "secret", 1.0)
+                    return self.verdict
+            self._full = self._full[-self.window:]
+            self._full_pending = 0
+        if self._sp and new:
             ov = self._overlap(new)
             if ov >= self.threshold:
                 self.verdict = Verdict(True, "system_prompt", ov)
         return self.verdict
+
+    def flush(self) -> Verdict:
+        """The end of the answer: run the checks that wait for more text."""
+        return self.feed("", final=True)
 
     def _overlap(self, new: str) -> float:
         nt = _WS.sub(" ", new.casefold())

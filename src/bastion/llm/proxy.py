@@ -67,6 +67,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bastion.llm.client import redact_url
 from bastion.llm.events import LlmEventLog
 from bastion.llm.guard import (
+    ROLES,
     LlmGuard,
     RequestRefused,
     ScreenResult,
@@ -92,7 +93,10 @@ class ChatMessage(BaseModel):
     """One chat message (extra OpenAI fields are kept and forwarded)."""
 
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: str = Field(
+        description="One of these roles, in any case (aliases: human = user; ai, model = "
+        "assistant); any other role is refused with 422 unknown_role.",
+        json_schema_extra={"enum": sorted(set(ROLES.values()))})
     content: str | list[dict[str, Any]] | None = None
 
 
@@ -482,7 +486,12 @@ def create_guard_app(
                 return None
         return bytes(buf)
 
-    @app.post("/v1/chat/completions")
+    _chat_errors = {c: {"description": d} for c, d in (
+        (400, "Invalid body, or blocked as a prompt injection"),
+        (413, "Body or content to screen too large"), (422, "Unknown role"),
+        (502, "Upstream unreachable, failing or malformed"), (504, "Upstream timed out"))}
+
+    @app.post("/v1/chat/completions", responses=_chat_errors)  # type: ignore[arg-type]
     async def chat(body: ChatRequest, request: Request) -> Response:
         rq = _Req(rid=uuid.uuid4().hex, client_id="anonymous", model=body.model,
                   stream=bool(body.stream))
@@ -687,24 +696,21 @@ def create_guard_app(
                 yield b"data: [DONE]\n\n"
                 return
             metrics.upstream_s.observe(time.perf_counter() - t1)
+            out = relay.withheld_frames() if relay.leak else await run_in_threadpool(
+                relay.finish)
             rq.answer["chars"] = relay.chars
             if relay.leak is not None:
                 _leak_rows(rq, relay.leak.kind, relay.leak.score)
                 outcome = "redacted"
-                yield relay.withheld_frames()
+            elif relay.error:  # the last line broke the limits
+                rq.error = {"code": relay.error, "message": "the upstream stream broke off"}
+                metrics.errors.labels(relay.error).inc()
+                outcome = "upstream_error"
             else:
-                out = await run_in_threadpool(relay.finish)
-                if relay.error:  # the last line broke the limits
-                    rq.error = {"code": relay.error, "message": "the upstream stream broke off"}
-                    metrics.errors.labels(relay.error).inc()
-                    outcome = "upstream_error"
-                    yield out
-                else:
-                    _answer_rows(rq, relay.check, relay.system_prompt)
-                    outcome = "flagged" if rq.reasons else "allowed"
-                    if relay.check.withheld:
-                        outcome = "redacted"
-                    yield out
+                _answer_rows(rq, relay.check, relay.system_prompt)
+                outcome = "redacted" if relay.check.withheld else (
+                    "flagged" if rq.reasons else "allowed")
+            yield out
             await flush(outcome)
             yield b"data: [DONE]\n\n"
         finally:

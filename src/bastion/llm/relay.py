@@ -97,10 +97,10 @@ def screen_answer(guard: LlmGuard, data: dict[str, Any], system_prompt: str, *,
                            if k not in ("role", "content", "tool_calls", "function_call")})
     text = "\n".join(t for t in texts if t)
     res.chars = len(_content_text(choices[0]["message"]) or "")
-    verdict = guard.output_scanner(system_prompt).feed(text)
+    verdict = guard.output_scanner(system_prompt).feed(text, final=True)
     if not verdict.leak:  # the rest of the answer (ids, fingerprints...) for secrets
         rest = "\n".join(_strings({k: v for k, v in data.items() if k != "choices"}))
-        verdict = guard.output_scanner("").feed(rest)
+        verdict = guard.output_scanner("").feed(rest, final=True)
     if verdict.leak:
         res.leak = verdict
         safe = {k: data[k] for k in ("object", "created", "usage") if k in data}
@@ -269,15 +269,19 @@ class StreamRelay:
         return self.frame({"content": " " + WITHHELD}, "content_filter")
 
     def finish(self) -> bytes:
-        """The end of a clean stream: the held-back text, the checked tool calls, the
-        final frame. ``check`` says what was dropped or withheld."""
+        """The end of a stream: the last checks, then the held-back text, the checked
+        tool calls and the final frame (or, when the last checks find a leak, the
+        notice: ``leak`` is set). ``check`` says what was dropped or withheld."""
+        out = b""
         if self._buf and not self.done:  # a last line without its newline
             rest, self._buf = self._buf + b"\n", b""
             out = self.feed(rest)
             if self.stopped and not self.done:
-                return out
-        else:
-            out = b""
+                return out + (self.withheld_frames() if self.leak else b"")
+        v = self.scanner.flush()
+        if v.leak:
+            self.leak = v
+            return out + self.withheld_frames()
         if self._pending:
             out += self.frame({"content": self._pending})
             self._pending = ""
