@@ -349,12 +349,13 @@ class LlmGuard:
                 res.action = "wrap" if res.action == "allow" else res.action
         return res
 
-    def output_scanner(self, system_prompt: str = "", *, min_hold_back: int = 64
-                       ) -> OutputScanner:
+    def output_scanner(self, system_prompt: str = "", *, min_hold_back: int = 64,
+                       complete: bool = True) -> OutputScanner:
         """An incremental leak scanner for one answer (secrets and system-prompt overlap);
-        its ``hold_back`` is at least twice the longest secret."""
+        its ``hold_back`` is at least twice the longest secret (see
+        :class:`~bastion.llm.outscan.OutputScanner` for ``complete``)."""
         return OutputScanner(self.secrets, system_prompt, self.overlap_threshold,
-                             min_hold_back=min_hold_back)
+                             min_hold_back=min_hold_back, complete=complete)
 
     def scan_output(self, content: str, system_prompt: str = "") -> OutputVerdict:
         """Does an answer leak a secret or the system prompt?"""

@@ -8,10 +8,12 @@
   verbatim runs of 60+ characters; :func:`~bastion.llm.judges.system_prompt_overlap`)
   up to date incrementally. Every piece is checked for the secrets exactly (any case) and
   by :func:`skeleton` (Unicode compatibility forms, homoglyphs, leetspeak, invisible and
-  tag characters, spacing and punctuation undone) and base64 decoding; the complete
-  normaliser of :func:`~bastion.llm.judges.contains_secret` (which also joins split
-  payloads) runs every ``full_every`` characters (4,096) and at the end (:meth:`flush`),
-  since at about 2 µs a character it would otherwise dominate a fast stream. Its
+  tag characters, spacing and punctuation undone) and base64 decoding. With ``complete``
+  (the default; the proxy's non-streamed answers) the complete normaliser of
+  :func:`~bastion.llm.judges.contains_secret` (which also joins split payloads such as
+  ``a = "BLUE"; b = "-HERON"; a + b``) runs too, every ``full_every`` characters (4,096)
+  and at the end (:meth:`flush`); the proxy's streams leave it out, since at about 2 µs a
+  character it alone would make a fast stream twice as slow. Its
   ``hold_back`` (at least twice the longest secret plus 16,
   at least ``min_hold_back``) is how many trailing characters a relay must keep until
   more text (or the end) arrives, so that no character of a secret is sent before the
@@ -35,9 +37,10 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import compress
 from typing import Any
 from urllib.parse import unquote
+
+import numpy as np
 
 from bastion.errors import BastionError
 from bastion.llm.judges import _squash, contains_secret, system_prompt_overlap
@@ -90,9 +93,10 @@ class OutputScanner:
 
     def __init__(self, secrets: Iterable[str], system_prompt: str = "",
                  overlap_threshold: float = 0.5, *, min_hold_back: int = 64,
-                 full_every: int = 4096) -> None:
+                 complete: bool = True, full_every: int = 4096) -> None:
         self.secrets = [(s, s.casefold(), normalize(s), _squash(s), skeleton(s))
                         for s in secrets if s]
+        self.complete = bool(complete)
         self.full_every = int(full_every)
         self._full = ""  # text not yet seen by the complete normaliser, after a window
         self._full_pending = 0
@@ -106,7 +110,12 @@ class OutputScanner:
         self._sp = len(system_prompt) >= 20 and len(sp) >= N
         self._target = {sp[i:i + N] for i in range(len(sp) - N + 1)} if self._sp else set()
         self._runs = {sp[i:i + RUN] for i in range(len(sp) - RUN + 1)} if self._sp else set()
-        self._found: set[str] = set()
+        self._alpha = np.array(sorted({ord(c) for c in sp}) or [0], dtype=np.uint32)
+        keys = self._keys(sp) if self._sp else np.zeros(0, dtype=np.uint64)
+        self._target_keys = np.unique(keys[keys > 0]) if self._sp else np.zeros(
+            1, dtype=np.uint64)
+        self._found_mask = np.zeros(len(self._target_keys), dtype=bool)
+        # (_target, the set of grams, stays for its size: the recall's denominator)
         self._ntail = ""  # the last RUN - 1 normalised characters
         self._nlen = 0  # normalised characters seen
         self._last_match = -2
@@ -130,8 +139,9 @@ class OutputScanner:
                     self.verdict = Verdict(True, "secret", 1.0)
                     return self.verdict
             self._tail = text[-self.window:]
-            self._full += new
-            self._full_pending += len(new)
+            if self.complete:
+                self._full += new
+                self._full_pending += len(new)
         if self.secrets and self._full_pending and (final or
                                                     self._full_pending >= self.full_every):
             norm = normalize(self._full)
@@ -160,12 +170,14 @@ class OutputScanner:
             return self._score()
         text = self._ntail + nt
         base = self._nlen - len(self._ntail)  # global position of text[0]
-        grams = [text[i:i + N] for i in range(len(text) - N + 1)]
-        hit = [g in self._target for g in grams]
-        self._found.update(compress(grams, hit))
+        keys = self._keys(text)
+        tk = self._target_keys
+        pos = np.minimum(np.searchsorted(tk, keys), len(tk) - 1)
+        hit = (tk[pos] == keys) & (keys > 0)
+        self._found_mask[pos[hit]] = True
         # a verbatim run of RUN characters has RUN - N + 1 consecutive 4-gram hits: only
         # such stretches are checked against the prompt's RUN-grams
-        for m in re.finditer(rb"\x01{%d,}" % (RUN - N + 1), bytes(hit)):
+        for m in re.finditer(rb"\x01{%d,}" % (RUN - N + 1), hit.astype(np.uint8).tobytes()):
             for i in range(m.start(), m.end() - (RUN - N)):
                 if text[i:i + RUN] in self._runs:
                     p = base + i
@@ -176,8 +188,26 @@ class OutputScanner:
         self._ntail = text[-(RUN - 1):]
         return self._score()
 
+    def _keys(self, text: str) -> np.ndarray:
+        """One exact integer per 4-gram of ``text`` (characters numbered by their place
+        in the system prompt's alphabet; 0 for a gram with a character it lacks)."""
+        codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"),
+                              dtype=np.uint32)
+        pos = np.searchsorted(self._alpha, codes)
+        pos_c = np.minimum(pos, len(self._alpha) - 1)
+        ids = np.where(self._alpha[pos_c] == codes, pos_c + 1, 0).astype(np.uint64)
+        if len(ids) < N:
+            return np.zeros(0, dtype=np.uint64)
+        m = np.uint64(len(self._alpha) + 1)
+        keys = ids[: len(ids) - 3].copy()
+        for k in range(1, N):
+            keys = keys * m + ids[k: len(ids) - 3 + k]
+        nz = (ids[: len(ids) - 3] > 0) & (ids[1: len(ids) - 2] > 0) & (
+            ids[2: len(ids) - 1] > 0) & (ids[3:] > 0)
+        return np.where(nz, keys, np.uint64(0))
+
     def _score(self) -> float:
-        recall = len(self._found) / len(self._target) if self._target else 0.0
+        recall = int(self._found_mask.sum()) / len(self._target) if self._target else 0.0
         if recall >= 0.5 or self.max_run < RUN:
             return recall
         return max(recall, 0.95 * min(1.0, self.max_run / max(20, self.chars)), 0.5)

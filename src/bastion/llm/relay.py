@@ -19,33 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from bastion.llm.guard import WITHHELD, LlmGuard, _content_text, _strings
 from bastion.llm.outscan import ToolCallCheck, Verdict
 
-__all__ = ["StreamRelay", "AnswerCheck", "screen_answer", "chunk_of", "DONE", "tool_notice"]
-
-DONE: dict[str, Any] = {}
-
-
-def chunk_of(line: str) -> dict[str, Any] | None:
-    """The JSON object of one SSE ``data:`` line, :data:`DONE` for ``[DONE]``, None for
-    anything else (comments, keep-alives, malformed chunks)."""
-    line = line.strip()
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return DONE
-    try:
-        chunk = json.loads(data)
-    except (json.JSONDecodeError, RecursionError):
-        return None
-    if not isinstance(chunk, dict):
-        return None
-    if isinstance(chunk.get("choices"), list) or "error" in chunk:
-        return chunk
-    return None
-
+__all__ = ["StreamRelay", "AnswerCheck", "screen_answer", "tool_notice"]
 
 def tool_notice(dropped: list[str], withheld: list[ToolCallCheck]) -> str:
     """The text that replaces blocked or withheld tool calls in an answer."""
@@ -148,7 +127,10 @@ class StreamRelay:
         self.guard = guard
         self.system_prompt = system_prompt
         self.rid = rid
-        self.scanner = guard.output_scanner(system_prompt, min_hold_back=min_hold_back)
+        # the per-piece checks only (see OutputScanner: the complete normaliser would
+        # double the cost of a fast stream)
+        self.scanner = guard.output_scanner(system_prompt, min_hold_back=min_hold_back,
+                                            complete=False)
         self.hold_back = self.scanner.hold_back
         self.max_chars = int(max_chars)
         self._buf = b""
@@ -177,27 +159,30 @@ class StreamRelay:
             "model": self.meta.get("model") or "",
             "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
         }
-        return f"data: {json.dumps(obj)}\n\n".encode()
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
 
     def _take(self, chunk: dict[str, Any], text: list[str]) -> None:
         if "error" in chunk and not chunk.get("choices"):
             self.error = "upstream_error"
             return
         self.valid += 1
-        for k in ("id", "created", "model"):
-            if isinstance(chunk.get(k), str | int) and k not in self.meta:
-                self.meta[k] = chunk[k]
-        for ch in chunk.get("choices") or []:
+        if self.valid == 1:
+            for k in ("id", "created", "model"):
+                if isinstance(chunk.get(k), str | int):
+                    self.meta[k] = chunk[k]
+        for ch in chunk.get("choices") or ():
             if not isinstance(ch, dict):
                 continue
-            delta = ch["delta"] if isinstance(ch.get("delta"), dict) else {}
-            if isinstance(delta.get("content"), str):
-                text.append(delta["content"])
-            if isinstance(delta.get("tool_calls"), list):
-                for tc in delta["tool_calls"]:
-                    self._take_call(tc)
-            if isinstance(delta.get("function_call"), dict):  # legacy streamed call
-                self._take_call({"index": -1, "function": delta["function_call"]})
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                c = delta.get("content")
+                if isinstance(c, str):
+                    text.append(c)
+                if "tool_calls" in delta and isinstance(delta["tool_calls"], list):
+                    for tc in delta["tool_calls"]:
+                        self._take_call(tc)
+                if "function_call" in delta and isinstance(delta["function_call"], dict):
+                    self._take_call({"index": -1, "function": delta["function_call"]})
             if ch.get("finish_reason"):
                 self.finish_reason = str(ch["finish_reason"])[:64]
 
@@ -234,12 +219,20 @@ class StreamRelay:
             return b""
         text: list[str] = []
         for raw in lines:
-            chunk = chunk_of(raw.decode("utf-8", errors="replace"))
-            if chunk is None:
-                continue
-            if chunk is DONE:
+            raw = raw.strip()
+            if not raw.startswith(b"data:"):
+                continue  # comments, keep-alives, event names
+            raw = raw[5:].strip()
+            if raw == b"[DONE]":
                 self.done = True
                 break
+            try:
+                chunk = orjson.loads(raw)
+            except (orjson.JSONDecodeError, RecursionError):
+                continue  # a malformed chunk (invalid UTF-8 included) is skipped
+            if not isinstance(chunk, dict) or not (
+                    isinstance(chunk.get("choices"), list) or "error" in chunk):
+                continue
             self._take(chunk, text)
             if self.error:
                 break
