@@ -161,7 +161,8 @@ def _call_text(call: Any) -> str:
     such as ``\\u0049gnore`` hide nothing)."""
     if not isinstance(call, dict):
         return "\n".join(_strings(call))
-    fn = call.get("function") if isinstance(call.get("function"), dict) else call
+    f = call.get("function")
+    fn: dict[str, Any] = f if isinstance(f, dict) else call
     parts = [s for s in (fn.get("name"),) if isinstance(s, str)]
     args = fn.get("arguments")
     if isinstance(args, str):
@@ -367,7 +368,8 @@ class LlmGuard:
         """Split tool calls into ``(kept, withheld)``: a call is withheld when its
         arguments carry a configured secret, a secret-like string or a verbatim part of
         the system prompt, or a URL to a host not in ``allow_url_hosts``."""
-        kept, withheld = [], []
+        kept: list[Any] = []
+        withheld: list[Any] = []
         for c in calls:
             chk = check_tool_call(c, secrets=self.secrets, system_prompt=system_prompt,
                                   allow=self.url_hosts,

@@ -328,8 +328,9 @@ class ToolCallCheck:
 def _arg_strings(call: dict[str, Any]) -> tuple[str, list[str], list[str]]:
     """``(name, texts, url-keyed values)`` of a tool call: the raw arguments, every
     decoded string, and their percent-decoded forms."""
-    fn = call.get("function") if isinstance(call.get("function"), dict) else call
-    name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+    f = call.get("function")
+    fn: dict[str, Any] = f if isinstance(f, dict) else call
+    name = fn["name"] if isinstance(fn.get("name"), str) else ""
     args = fn.get("arguments")
     texts: list[str] = [name]
     keyed: list[str] = []

@@ -12,19 +12,29 @@
    ``invalid_unicode``; NaN or Infinity -> 400 ``invalid_number``; a bad ``X-Client-Id``
    -> 400 ``bad_client_id``; a body over
    ``max_body_bytes`` (by ``Content-Length`` or counted, for chunked uploads) -> 413
-   ``request_too_large``; untrusted text over ``max_scan_chars`` -> 413
+   ``request_too_large``; a role it does not know -> 422 ``unknown_role`` (roles are
+   matched case-insensitively, ``human`` is ``user``, and forwarded in canonical form);
+   text to screen over ``max_scan_chars`` (every field of every screened message) -> 413
    ``content_too_long`` (it could not be screened whole). An empty prompt is valid and
    forwarded;
-2. screens user and tool content with :class:`~bastion.llm.guard.LlmGuard` and blocks (400,
-   ``code: bastion_blocked_prompt_injection``), strips or wraps what is flagged;
+2. screens every message with :class:`~bastion.llm.guard.LlmGuard` (every role but the
+   guard's ``trusted_roles``; content parts, names, tool calls and other fields; every
+   chunk of long texts) and blocks (400, ``code: bastion_blocked_prompt_injection``),
+   strips or wraps what is flagged;
 3. forwards to ``{upstream}/chat/completions`` (the API key from ``api_key_env`` if set,
    otherwise the client's own ``Authorization`` header);
-4. scans the answer for configured secrets and system-prompt overlap: a leaking answer is
-   replaced by a notice with ``finish_reason: content_filter``; calls to forbidden tools
-   are dropped. Streaming answers are relayed chunk by chunk while holding back a short
-   tail (so a secret split over chunks is caught); when a leak shows up the stream ends
-   with the notice. Text already relayed before a system-prompt overlap crosses the
-   threshold has reached the client: streaming trades a little exposure for latency.
+4. scans the answer (every choice) for configured secrets and system-prompt overlap: a
+   leaking answer is replaced by a notice with ``finish_reason: content_filter``; calls to
+   forbidden tools are dropped, and tool calls whose arguments carry a secret, a
+   secret-like string of the system prompt or a URL to a host not in the guard's
+   ``allow_url_hosts`` are withheld with an ``alert`` (:mod:`bastion.llm.relay`).
+   Streaming answers are parsed and scanned in worker threads, block by block as they
+   arrive (incrementally: linear in the answer), and relayed at once but for a hold-back
+   of at least twice the longest secret (``hold_back_chars`` at least), so no character of
+   a secret reaches the client; tool calls are sent whole at the end, once checked. When a
+   leak shows up the stream ends with the notice. Text already relayed before a
+   system-prompt overlap crosses the threshold has reached the client: streaming trades a
+   little exposure for latency. ``logprobs`` are not relayed.
 
 Upstream trouble is never the client's fault and never a 500: unreachable -> 502
 ``upstream_unreachable``, timeout -> 504 ``upstream_timeout``, 5xx -> 502
@@ -96,7 +106,7 @@ class ChatMessage(BaseModel):
     role: str = Field(
         description="One of these roles, in any case (aliases: human = user; ai, model = "
         "assistant); any other role is refused with 422 unknown_role.",
-        json_schema_extra={"enum": sorted(set(ROLES.values()))})
+        json_schema_extra={"enum": list(sorted(set(ROLES.values())))})  # type: ignore[dict-item]
     content: str | list[dict[str, Any]] | None = None
 
 

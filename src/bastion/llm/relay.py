@@ -82,7 +82,7 @@ def screen_answer(guard: LlmGuard, data: dict[str, Any], system_prompt: str, *,
         verdict = guard.output_scanner("").feed(rest, final=True)
     if verdict.leak:
         res.leak = verdict
-        safe = {k: data[k] for k in ("object", "created", "usage") if k in data}
+        safe: dict[str, Any] = {k: data[k] for k in ("object", "created", "usage") if k in data}
         safe.update(id=f"chatcmpl-{rid}", model=model or "", choices=[
             {"index": ch.get("index", i), "finish_reason": "content_filter",
              "message": {"role": "assistant", "content": WITHHELD}}
@@ -197,7 +197,8 @@ class StreamRelay:
                                         "function": {"name": "", "arguments": ""}})
         if isinstance(tc.get("id"), str) and not cur["id"]:
             cur["id"] = tc["id"]
-        fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+        f = tc.get("function")
+        fn: dict[str, Any] = f if isinstance(f, dict) else {}
         for k in ("name", "arguments"):
             v = fn.get(k)
             if isinstance(v, str):
