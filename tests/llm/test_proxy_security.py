@@ -389,3 +389,37 @@ def test_fuzz_openapi_no_5xx(proxy) -> None:
     chat = statuses["/v1/chat/completions"]
     assert chat.count(200) >= 25 and any(400 <= c < 500 for c in chat)  # both sides reached
     assert 200 in statuses["/v1/events"]
+
+
+def test_every_choice_and_field_of_an_answer_is_checked(keyword_detector) -> None:
+    """Not only choices[0].message.content: a second choice, a ``refusal``, a top-level
+    field or the logprobs' alternative tokens cannot carry a secret out."""
+    from bastion.llm.relay import screen_answer
+
+    guard = LlmGuard(keyword_detector, secrets=[KEY])
+
+    def answer(**kw):  # type: ignore[no-untyped-def]
+        base = {"id": "c1", "object": "chat.completion", "model": "m", "choices": [
+            {"index": 0, "finish_reason": "stop",
+             "message": {"role": "assistant", "content": "fine"}}]}
+        base.update(kw)
+        return base
+
+    leaks = [
+        answer(choices=[answer()["choices"][0], {"index": 1, "finish_reason": "stop",
+                                                 "message": {"role": "assistant",
+                                                             "content": f"key {KEY}"}}]),
+        answer(choices=[{"index": 0, "message": {"role": "assistant", "content": None,
+                                                 "refusal": f"no, {KEY}"}}]),
+        answer(system_fingerprint=f"fp-{KEY}"),
+    ]
+    for data in leaks:
+        out, found = screen_answer(guard, data, "", rid="r1", model="m")
+        assert found.leak is not None and KEY not in json.dumps(out)
+        assert all(c["message"]["content"] == WITHHELD for c in out["choices"])
+    lp = answer()
+    lp["choices"][0]["logprobs"] = {"content": [{"token": "fine", "top_logprobs": [
+        {"token": KEY, "logprob": -9.0}]}]}
+    out, found = screen_answer(guard, lp, "", rid="r1", model="m")
+    assert found.leak is None and "logprobs" not in out["choices"][0]
+    assert KEY not in json.dumps(out)
