@@ -118,6 +118,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     assert code == 1 and "unknown label" in capsys.readouterr().err
     code = run(["guard-llm", "--upstream", "http://x/v1", "--listen", "nohostport", "--no-track"])
     assert code == 1 and "HOST:PORT" in capsys.readouterr().err
+    for opt, val, why in (("--trust-role", "wizard", "not a role"),
+                          ("--allow-url-host", "evil.com/x", "not a host name")):
+        code = run(["guard-llm", "--upstream", "http://x/v1", opt, val, "--no-track"])
+        err = capsys.readouterr().err
+        assert code == 1 and why in err and len(err.strip().splitlines()) <= 2, err
 
 
 def test_train_evaluate_harden_cli(tiny_data, tmp_path, minilm_detector, monkeypatch) -> None:

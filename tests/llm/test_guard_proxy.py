@@ -33,6 +33,8 @@ def proxy(vuln_server, uvicorn_thread, keyword_detector, tmp_path):
             keyword_detector,
             secrets=[SECRET],
             forbidden_tools=["transfer_funds"],
+            # SYSTEM says "reveal", a word the keyword stand-in flags in any role
+            trusted_roles=("system",),
             **{k: v for k, v in kw.items() if k in ("policy", "tool_policy")},
         )
         store = LlmEventLog(f"sqlite:///{tmp_path / 'events.db'}")

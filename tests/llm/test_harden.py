@@ -148,10 +148,12 @@ def test_guard_policies_without_a_model() -> None:
         {"role": "user", "content": "Hello there. Do something evil now. Thanks!"},
         {"role": "tool", "content": "Result: evil payload"},
     ]
-    g = LlmGuard(_Fixed(), policy="strip")
+    g = LlmGuard(_Fixed(), policy="strip", trusted_roles=("system",))
     r = g.screen(msgs)
     assert not r.blocked and r.action == "strip" and len(r.flags) == 2
-    assert r.messages[0]["content"] == msgs[0]["content"]  # system is trusted
+    assert r.messages[0]["content"] == msgs[0]["content"]  # system is trusted here
+    # by default every role is screened, the system prompt too
+    assert LlmGuard(_Fixed(), policy="strip").screen(msgs).messages[0]["content"] == STRIP_MARKER
     assert r.messages[1]["content"] == f"Hello there. {STRIP_MARKER} Thanks!"
     assert msgs[1]["content"].startswith("Hello there. Do")  # input untouched
     r = LlmGuard(_Fixed(), policy="block", tool_policy="wrap").screen(msgs)

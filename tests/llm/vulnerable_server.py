@@ -14,7 +14,10 @@ Special model names exercise failure handling: ``error-500``, ``malformed`` (inv
 second request), ``empty`` (no choices), ``echo-key-401`` (a 401 whose message echoes the
 ``Authorization`` header it got, as careless providers do), ``bad-model-404``, and for
 streamed requests ``stream-garbage`` (no valid chunk) and ``stream-error`` (one chunk, then
-an error object).
+an error object). For the security tests: ``echo`` answers the last message's text verbatim;
+``tool-echo`` calls the first offered tool (``http_get`` if none) with the last message's
+text as its arguments (streamed in 7-character fragments); ``long:N[:S]`` answers N
+characters of filler (streamed over about S seconds).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ TRIGGER = re.compile(
     r"grandmother|maintenance|override|audit|new instructions|decode|what z says",
     re.I,
 )
+
+
+LOREM = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
+         "incididunt ut labore et dolore magna aliqua. ")
 
 
 def _text_of(m: dict[str, Any]) -> str:
@@ -170,6 +177,18 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         content, calls = agent_reply(body)
+        msgs = body.get("messages") or [{}]
+        if model == "echo":
+            content, calls = _text_of(msgs[-1]), []
+        elif model == "tool-echo":
+            tool = next(((t.get("function") or {}).get("name") for t in body.get("tools") or []
+                         if isinstance(t, dict)), None) or "http_get"
+            content, calls = "", [{"id": "call_echo_1", "type": "function",
+                                   "function": {"name": tool,
+                                                "arguments": _text_of(msgs[-1])}}]
+        elif model.startswith("long:"):
+            n = int(model.split(":")[1])
+            content, calls = (LOREM * (n // len(LOREM) + 1))[:n], []
         created = int(time.time())
         cid = f"chatcmpl-{count}"
         if body.get("stream"):
@@ -213,9 +232,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         chunk({"role": "assistant", "content": ""})
+        parts = model.split(":")
+        pace = float(parts[2]) / max(1, len(content) // 16) if len(parts) > 2 else 0.0
         for i in range(0, len(content), 16):
             chunk({"content": content[i : i + 16]})
+            if pace and (i // 16) % 100 == 99:
+                time.sleep(pace * 100)
         for i, c in enumerate(calls):
+            if model == "tool-echo":  # fragments, as real models stream arguments
+                args = c["function"]["arguments"]
+                chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
+                                       "function": {"name": c["function"]["name"],
+                                                    "arguments": ""}}]})
+                for j in range(0, len(args), 7):
+                    chunk({"tool_calls": [{"index": i,
+                                           "function": {"arguments": args[j : j + 7]}}]})
+                continue
             chunk({"tool_calls": [{"index": i, **c}]})
         chunk({}, "tool_calls" if calls else "stop")
         self.wfile.write(b"data: [DONE]\n\n")

@@ -175,6 +175,20 @@ def guard_llm(
     forbid_tool: list[str] | None = typer.Option(
         None, "--forbid-tool", help="Tool the model may not call (repeatable)."
     ),
+    allow_url_host: list[str] | None = typer.Option(
+        None, "--allow-url-host",
+        help="Host a tool call's arguments may point at (repeatable; *.example.com for "
+        "subdomains, * for any). Default none: tool calls carrying a URL are withheld.",
+    ),
+    trust_role: list[str] | None = typer.Option(
+        None, "--trust-role",
+        help="Role not screened (repeatable), e.g. system when only your app writes it. "
+        "Default: every role is screened.",
+    ),
+    max_screen_chars: int = typer.Option(
+        200_000, "--max-screen-chars", min=1,
+        help="Text per request screened at most; more is refused with 413.",
+    ),
     overlap: float = typer.Option(0.5, "--system-prompt-overlap", min=0.0, max=1.0),
     threshold: float | None = typer.Option(
         None, "--threshold", help="Override the detector threshold."
@@ -234,7 +248,15 @@ def guard_llm(
             f"missing dependency {exc.name}", hint="pip install 'bastion[llm]'"
         ) from exc
     from bastion.llm.client import redact_url
+    from bastion.llm.guard import canonical_role
+    from bastion.llm.outscan import HostAllowlist
     from bastion.registry.tracking import track_run
+
+    HostAllowlist(allow_url_host or [])  # bad options fail before the detector loads
+    for r in trust_role or []:
+        if canonical_role(r) is None:
+            raise BastionError(f"--trust-role {r!r} is not a role",
+                               hint="use system, developer, user, assistant, tool or function")
 
     if torch_threads:
         import torch
@@ -254,12 +276,15 @@ def guard_llm(
         secrets=list(secret or []),
         overlap_threshold=overlap,
         forbidden_tools=list(forbid_tool or []),
+        trusted_roles=list(trust_role or []),
+        allow_url_hosts=list(allow_url_host or []),
     )
     url = events if "://" in events else f"sqlite:///{Path(events).expanduser().resolve()}"
     store = LlmEventLog(url, mask=list(secret or []))
     app = create_guard_app(
         upstream, guard=guard, events=store, api_key_env=api_key_env, timeout=timeout,
         limits=limits,
+        max_scan_chars=max_screen_chars,
     )
     det.score(["warm-up"])  # load the encoder before the first request
     params = {"upstream": redact_url(upstream), "listen": listen, "policy": policy, "seed": seed}

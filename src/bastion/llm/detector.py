@@ -11,7 +11,9 @@ its MiniLM sentence embedding (meaning) and, side by side, hashed TF-IDF charact
 and word 1-2-grams (exact wording that embeddings blur: "ignore previous instructions",
 "system prompt", "DAN", markup of planted instructions) and four text statistics
 (:mod:`bastion.llm.textstats`: how much of the chunk is gibberish, as optimised adversarial
-suffixes are). The n-grams are hashed with
+suffixes are). Every chunk of a text is scored, however long the text (an injection in
+the middle of a long document counts as much as one at its start); the chunks of all
+texts of one call go through the embedder together, in batches. The n-grams are hashed with
 scikit-learn's ``HashingVectorizer`` (murmurhash3, stateless), so only their IDF weights and
 coefficients are stored, as plain arrays.
 
@@ -157,8 +159,8 @@ class PromptInjectionDetector:
             statistics); folded into the stored coefficients.
         mil_rounds: rounds of multiple-instance refinement (see module doc).
         chunk_chars: characters per chunk; ``overlap``: characters shared by neighbours.
-        max_chunks: chunks scored per text at most; for longer texts the first and last
-            ``max_chunks // 2`` chunks are scored (the middle of an enormous text is not).
+        max_chunks: chunks per text at most (None: no limit); a longer text is refused
+            with a :class:`~bastion.errors.DataError`, never scored in part.
         use_normalizer: undo obfuscation before scoring (on by default).
         embedder: an :class:`~bastion.llm.embed.Embedder` (default: the shared one, the
             first 3 MiniLM layers); :meth:`save` records its name and :meth:`load`
@@ -172,7 +174,7 @@ class PromptInjectionDetector:
         C: float = 16.0,
         chunk_chars: int = 500,
         overlap: int = 100,
-        max_chunks: int = 200,
+        max_chunks: int | None = None,
         use_normalizer: bool = True,
         embedder: Embedder | None = None,
         seed: int = 0,
@@ -214,9 +216,11 @@ class PromptInjectionDetector:
         """The (normalised) chunks of one text that are scored."""
         t = normalize(text) if self.use_normalizer else _as_texts([text])[0]
         ch = chunk_text(t, chunk_chars=self.chunk_chars, overlap=self.overlap)
-        if len(ch) > self.max_chunks:
-            half = self.max_chunks // 2
-            ch = ch[:half] + ch[-(self.max_chunks - half) :]
+        if self.max_chunks is not None and len(ch) > self.max_chunks:
+            raise DataError(
+                f"a text of {len(t)} characters makes {len(ch)} chunks, over max_chunks="
+                f"{self.max_chunks}; it is not scored in part",
+                hint="shorten the text or raise max_chunks")
         return ch
 
     def _chunked(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
@@ -485,7 +489,9 @@ class PromptInjectionDetector:
             C=p.get("C", 16.0),
             chunk_chars=p.get("chunk_chars", 500),
             overlap=p.get("overlap", 100),
-            max_chunks=p.get("max_chunks", 200),
+            # detectors saved before every chunk was scored stored a scoring cap here
+            # (200: the first and last 100 chunks); it is not a limit to keep
+            max_chunks=None,
             use_normalizer=p.get("use_normalizer", True),
             seed=p.get("seed", 0),
             embedder=embedder,

@@ -12,19 +12,29 @@
    ``invalid_unicode``; NaN or Infinity -> 400 ``invalid_number``; a bad ``X-Client-Id``
    -> 400 ``bad_client_id``; a body over
    ``max_body_bytes`` (by ``Content-Length`` or counted, for chunked uploads) -> 413
-   ``request_too_large``; untrusted text over ``max_scan_chars`` -> 413
+   ``request_too_large``; a role it does not know -> 422 ``unknown_role`` (roles are
+   matched case-insensitively, ``human`` is ``user``, and forwarded in canonical form);
+   text to screen over ``max_scan_chars`` (every field of every screened message) -> 413
    ``content_too_long`` (it could not be screened whole). An empty prompt is valid and
    forwarded;
-2. screens user and tool content with :class:`~bastion.llm.guard.LlmGuard` and blocks (400,
-   ``code: bastion_blocked_prompt_injection``), strips or wraps what is flagged;
+2. screens every message with :class:`~bastion.llm.guard.LlmGuard` (every role but the
+   guard's ``trusted_roles``; content parts, names, tool calls and other fields; every
+   chunk of long texts) and blocks (400, ``code: bastion_blocked_prompt_injection``),
+   strips or wraps what is flagged;
 3. forwards to ``{upstream}/chat/completions`` (the API key from ``api_key_env`` if set,
    otherwise the client's own ``Authorization`` header);
-4. scans the answer for configured secrets and system-prompt overlap: a leaking answer is
-   replaced by a notice with ``finish_reason: content_filter``; calls to forbidden tools
-   are dropped. Streaming answers are relayed chunk by chunk while holding back a short
-   tail (so a secret split over chunks is caught); when a leak shows up the stream ends
-   with the notice. Text already relayed before a system-prompt overlap crosses the
-   threshold has reached the client: streaming trades a little exposure for latency.
+4. scans the answer (every choice) for configured secrets and system-prompt overlap: a
+   leaking answer is replaced by a notice with ``finish_reason: content_filter``; calls to
+   forbidden tools are dropped, and tool calls whose arguments carry a secret, a
+   secret-like string of the system prompt or a URL to a host not in the guard's
+   ``allow_url_hosts`` are withheld with an ``alert`` (:mod:`bastion.llm.relay`).
+   Streaming answers are parsed and scanned in worker threads, block by block as they
+   arrive (incrementally: linear in the answer), and relayed at once but for a hold-back
+   of at least twice the longest secret (``hold_back_chars`` at least), so no character of
+   a secret reaches the client; tool calls are sent whole at the end, once checked. When a
+   leak shows up the stream ends with the notice. Text already relayed before a
+   system-prompt overlap crosses the threshold has reached the client: streaming trades a
+   little exposure for latency. ``logprobs`` are not relayed.
 
 Upstream trouble is never the client's fault and never a 500: unreachable -> 502
 ``upstream_unreachable``, timeout -> 504 ``upstream_timeout``, 5xx -> 502
@@ -64,9 +74,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bastion.llm.client import parse_sse_lines, redact_url
+from bastion.llm.client import redact_url
 from bastion.llm.events import LlmEventLog
-from bastion.llm.guard import WITHHELD, LlmGuard, ScreenResult, _content_text, system_prompt_of
+from bastion.llm.guard import (
+    ROLES,
+    LlmGuard,
+    RequestRefused,
+    ScreenResult,
+    message_pieces,
+    prepare_messages,
+    system_prompt_of,
+)
+from bastion.llm.outscan import ToolCallCheck
+from bastion.llm.relay import AnswerCheck, StreamRelay, screen_answer
 from bastion.runtime import events as ev
 
 __all__ = ["create_guard_app", "ChatRequest", "ChatMessage", "ADMIN_TOKEN_ENV"]
@@ -83,7 +103,10 @@ class ChatMessage(BaseModel):
     """One chat message (extra OpenAI fields are kept and forwarded)."""
 
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: str = Field(
+        description="One of these roles, in any case (aliases: human = user; ai, model = "
+        "assistant); any other role is refused with 422 unknown_role.",
+        json_schema_extra={"enum": list(sorted(set(ROLES.values())))})  # type: ignore[dict-item]
     content: str | list[dict[str, Any]] | None = None
 
 
@@ -163,6 +186,11 @@ class _Metrics:
         self.tools = Counter(
             "bastion_llm_tool_calls_dropped_total",
             "Forbidden tool calls dropped",
+            registry=self.registry,
+        )
+        self.tools_withheld = Counter(
+            "bastion_llm_tool_calls_withheld_total",
+            "Tool calls withheld for carrying a secret or an unlisted URL host",
             registry=self.registry,
         )
         self.event_failures = Counter(
@@ -480,7 +508,12 @@ def create_guard_app(
                 return None
         return bytes(buf)
 
-    @app.post("/v1/chat/completions")
+    _chat_errors = {c: {"description": d} for c, d in (
+        (400, "Invalid body, or blocked as a prompt injection"),
+        (413, "Body or content to screen too large"), (422, "Unknown role"),
+        (502, "Upstream unreachable, failing or malformed"), (504, "Upstream timed out"))}
+
+    @app.post("/v1/chat/completions", responses=_chat_errors)  # type: ignore[arg-type]
     async def chat(body: ChatRequest, request: Request) -> Response:
         rq = _Req(rid=uuid.uuid4().hex, client_id="anonymous", model=body.model,
                   stream=bool(body.stream))
@@ -499,18 +532,16 @@ def create_guard_app(
         if why:
             return await client_error(rq, 400, "the request holds NaN or Infinity, which "
                                       "JSON does not allow", why)
-        messages = payload["messages"]
-        untrusted = sum(
-            len(m.get("content") or "")
-            if isinstance(m.get("content"), str)
-            else len(json.dumps(m.get("content")))
-            for m in messages
-            if m.get("role") in guard.screen_roles
-        )
+        try:  # canonical roles (User, human -> user); an unknown role is refused
+            messages = prepare_messages(payload["messages"])
+        except RequestRefused as exc:
+            return await client_error(rq, exc.status, exc.message, exc.code, exc.param)
+        untrusted = sum(len(t) for m in messages if m["role"] not in guard.trusted_roles
+                        for _, t in message_pieces(m))
         if untrusted > max_scan_chars:
             return await client_error(
-                rq, 413, f"untrusted content over {max_scan_chars} characters cannot be "
-                f"screened ({untrusted} characters)", "content_too_long")
+                rq, 413, f"content to screen over {max_scan_chars} characters cannot be "
+                f"screened whole ({untrusted} characters)", "content_too_long")
         t0 = time.perf_counter()
         screened = await run_in_threadpool(guard.screen, messages)
         metrics.screen_s.observe(time.perf_counter() - t0)
@@ -573,53 +604,59 @@ def create_guard_app(
                                         "bytes", "upstream_answer_too_large")
         try:
             data = json.loads(answer.decode("utf-8", errors="replace"))
-            msg = data["choices"][0]["message"]
-            if not isinstance(msg, dict):
+            if not isinstance(data, dict):
                 raise TypeError
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            data, found = await run_in_threadpool(
+                lambda: screen_answer(guard, data, system_prompt, rid=rq.rid, model=rq.model))
+        except (json.JSONDecodeError, RecursionError, TypeError):
             return await upstream_error(rq, 502, "upstream answer is malformed",
                                         "upstream_malformed")
-        content = _content_text(msg) or ""  # text or content parts
-        rq.answer["chars"] = len(content)
-        verdict = guard.scan_output(content or "", system_prompt)
-        if verdict.leak:
-            _leak_rows(rq, verdict.kind, verdict.score)
-            msg["content"] = WITHHELD
-            msg.pop("tool_calls", None)
-            data["choices"][0]["finish_reason"] = "content_filter"
-        calls = msg.get("tool_calls")
-        if isinstance(calls, list) and calls:
-            kept, dropped = guard.filter_tool_calls(calls)
-            if dropped:
-                _tool_rows(rq, dropped, len(kept))
-                if kept:
-                    msg["tool_calls"] = kept
-                else:
-                    msg.pop("tool_calls", None)
-                    msg["content"] = (
-                        msg.get("content") or ""
-                    ) + f"[tool call to {', '.join(dropped)} blocked by Bastion guard]"
-                    data["choices"][0]["finish_reason"] = "content_filter"
-        outcome = "redacted" if verdict.leak else ("flagged" if screened.flags else "allowed")
+        rq.answer["chars"] = found.chars
+        _answer_rows(rq, found, system_prompt)
+        outcome = "redacted" if found.leak else ("flagged" if screened.flags else "allowed")
         return await finish(rq, outcome, JSONResponse(data))
+
+    def _answer_rows(rq: _Req, found: AnswerCheck, system_prompt: str) -> None:
+        """The events of an answer's findings: a leak, dropped or withheld tool calls."""
+        if found.leak is not None:
+            _leak_rows(rq, found.leak.kind, found.leak.score)
+        if found.dropped:
+            _tool_rows(rq, found.dropped, found.kept_calls)
+        if found.withheld:
+            _withheld_rows(rq, found.withheld, found.kept_calls, system_prompt)
+
+    def _withheld_rows(rq: _Req, withheld: list[ToolCallCheck], kept: int,
+                       system_prompt: str) -> None:
+        metrics.tools_withheld.inc(len(withheld))
+        rq.answer["tool_calls_withheld"] = [w.name for w in withheld]
+        for w in withheld:
+            kinds = sorted({r["kind"] for r in w.reasons})
+            rq.rows.append(elog.row(ev.ALERT, {
+                "monitor": "llm_tool_call_exfiltration", "severity": "critical",
+                "message": f"tool call to {w.name or '?'} withheld: its arguments carry "
+                           f"{', '.join(kinds)}",
+                "tool": w.name, "reasons": w.reasons, "value": 1.0, "threshold": 1.0,
+            }, request_id=rq.rid, client_id=rq.client_id))
+            rq.rows.append(elog.audit_row(
+                "withhold_tool_call", "llm_tool_call_exfiltration",
+                f"withheld a call to {w.name or '?'} ({', '.join(kinds)}); kept {kept}",
+                {"tool": w.name, "reasons": w.reasons, "kept": kept},
+                request_id=rq.rid, client_id=rq.client_id))
 
     async def _start_stream(rq: _Req, resp: httpx.Response, system_prompt: str, t1: float
                             ) -> Response:
         """Read up to the first valid chunk before answering, so an upstream that streams
         nothing usable is a 502, not an empty 200."""
-        lines = resp.aiter_lines()
-        first: list[dict[str, Any]] = []
+        relay = StreamRelay(guard, system_prompt, rid=rq.rid, min_hold_back=hold_back_chars,
+                            max_chars=max_answer_bytes)
+        blocks = resp.aiter_bytes()
+        head = b""
         seen = 0
         try:
-            async for line in lines:
-                seen += len(line)
-                chunk = _chunk_of(line)
-                if chunk is _DONE:
-                    break
-                if chunk is not None:
-                    first.append(chunk)
-                    break
-                if seen > max_answer_bytes:
+            async for data in blocks:
+                seen += len(data)
+                head += await run_in_threadpool(relay.feed, data)
+                if relay.valid or relay.stopped or seen > max_answer_bytes:
                     break
         except httpx.TimeoutException:
             await resp.aclose()
@@ -628,93 +665,47 @@ def create_guard_app(
             await resp.aclose()
             return await upstream_error(rq, 502, f"upstream broke off: {type(exc).__name__}",
                                         "upstream_unreachable")
-        if not first:
+        if not relay.valid:
             await resp.aclose()
+            if relay.error == "upstream_error":
+                return await upstream_error(rq, 502, "upstream answered its stream with an "
+                                            "error", "upstream_error")
             return await upstream_error(rq, 502, "upstream stream holds no chat-completion "
                                         "chunk", "upstream_malformed")
-        if "error" in first[0] and not first[0].get("choices"):
-            await resp.aclose()
-            return await upstream_error(rq, 502, "upstream answered its stream with an error",
-                                        "upstream_error")
         return StreamingResponse(
-            _relay_stream(rq, resp, lines, first, system_prompt, t1),
+            _relay_stream(rq, resp, blocks, relay, head, t1),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
 
     async def _relay_stream(
-        rq: _Req, resp: httpx.Response, lines: AsyncIterator[str],
-        first_chunks: list[dict[str, Any]], system_prompt: str, t1: float,
+        rq: _Req, resp: httpx.Response, blocks: AsyncIterator[bytes], relay: StreamRelay,
+        head: bytes, t1: float,
     ) -> AsyncIterator[bytes]:
-        text = ""
-        sent = 0
-        meta: dict[str, Any] = {}
-        finish_reason: str | None = None
-        calls_lines: list[str] = []
+        """Relay the stream: every block is parsed and scanned in a worker thread (the
+        event loop only moves bytes), and everything but the hold-back goes out at once."""
         outcome = "client_disconnected"
-
-        def frame(delta: dict[str, Any], reason: str | None = None) -> bytes:
-            obj = {
-                "id": meta.get("id") or f"chatcmpl-{rq.rid}",
-                "object": "chat.completion.chunk",
-                "created": meta.get("created") or int(time.time()),
-                "model": meta.get("model") or "",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-            }
-            return f"data: {json.dumps(obj)}\n\n".encode()
-
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            for c in first_chunks:
-                yield c
-            async for line in lines:
-                nxt = _chunk_of(line)
-                if nxt is _DONE:
-                    return
-                if nxt is not None:
-                    yield nxt
 
         async def flush(outcome_: str) -> None:
             metrics.requests.labels(outcome_).inc()
             await write([*rq.rows, verdict_row(rq, outcome_, 200)], rq)
 
-        leaked = None
-        first = True
         try:
             try:
-                async for chunk in chunks():
-                    if "error" in chunk and not chunk.get("choices"):
-                        raise _StreamError
-                    for k in ("id", "created", "model"):
-                        meta.setdefault(k, chunk.get(k))
-                    for ch in chunk.get("choices") or []:
-                        if not isinstance(ch, dict):
-                            continue
-                        delta: dict[str, Any] = (
-                            ch["delta"] if isinstance(ch.get("delta"), dict) else {})
-                        if isinstance(delta.get("content"), str):
-                            text += delta["content"]
-                        if isinstance(delta.get("tool_calls"), list):
-                            calls_lines.append("data: " + json.dumps(
-                                {"choices": [{"delta": {"tool_calls": delta["tool_calls"]}}]}))
-                        if ch.get("finish_reason"):
-                            finish_reason = str(ch["finish_reason"])
-                    if len(text) > max_answer_bytes:
-                        raise _TooLarge
-                    verdict = guard.scan_output(text, system_prompt)
-                    if verdict.leak:
-                        leaked = verdict
+                if head:
+                    yield head
+                while not relay.stopped:
+                    try:
+                        data = await blocks.__anext__()
+                    except StopAsyncIteration:
                         break
-                    safe_upto = max(sent, len(text) - hold_back_chars)
-                    if safe_upto > sent or first:
-                        delta_out: dict[str, Any] = {"content": text[sent:safe_upto]}
-                        if first:
-                            delta_out["role"] = "assistant"
-                            first = False
-                        yield frame(delta_out)
-                        sent = safe_upto
-            except (httpx.HTTPError, _TooLarge, _StreamError) as exc:
-                code = ("upstream_answer_too_large" if isinstance(exc, _TooLarge)
-                        else "upstream_error" if isinstance(exc, _StreamError)
+                    out = await run_in_threadpool(relay.feed, data)
+                    if out:
+                        yield out
+                if relay.error:
+                    raise _StreamError(relay.error)
+            except (httpx.HTTPError, _StreamError) as exc:
+                code = (str(exc) if isinstance(exc, _StreamError)
                         else "upstream_timeout" if isinstance(exc, httpx.TimeoutException)
                         else "upstream_unreachable")
                 metrics.errors.labels(code).inc()
@@ -727,28 +718,21 @@ def create_guard_app(
                 yield b"data: [DONE]\n\n"
                 return
             metrics.upstream_s.observe(time.perf_counter() - t1)
-            rq.answer["chars"] = len(text)
-            if leaked is not None:
-                _leak_rows(rq, leaked.kind, leaked.score)
+            out = relay.withheld_frames() if relay.leak else await run_in_threadpool(
+                relay.finish)
+            rq.answer["chars"] = relay.chars
+            if relay.leak is not None:
+                _leak_rows(rq, relay.leak.kind, relay.leak.score)
                 outcome = "redacted"
-                yield frame({"content": " " + WITHHELD}, "content_filter")
+            elif relay.error:  # the last line broke the limits
+                rq.error = {"code": relay.error, "message": "the upstream stream broke off"}
+                metrics.errors.labels(relay.error).inc()
+                outcome = "upstream_error"
             else:
-                if sent < len(text):
-                    yield frame({"content": text[sent:]})
-                if calls_lines:
-                    try:
-                        _, calls = parse_sse_lines(calls_lines)
-                    except (ValueError, TypeError):
-                        calls = []
-                    kept, dropped = guard.filter_tool_calls(calls)
-                    if dropped:
-                        _tool_rows(rq, dropped, len(kept))
-                        finish_reason = "content_filter" if not kept else finish_reason
-                    if kept:
-                        yield frame({"tool_calls": [{"index": i, **c}
-                                                    for i, c in enumerate(kept)]})
-                outcome = "flagged" if rq.reasons else "allowed"
-                yield frame({}, finish_reason or "stop")
+                _answer_rows(rq, relay.check, relay.system_prompt)
+                outcome = "redacted" if relay.check.withheld else (
+                    "flagged" if rq.reasons else "allowed")
+            yield out
             await flush(outcome)
             yield b"data: [DONE]\n\n"
         finally:
@@ -765,10 +749,6 @@ def create_guard_app(
                                 type(exc).__name__)
 
     return app
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class _CountBody:
@@ -799,26 +779,3 @@ class _CountBody:
 
 class _StreamError(Exception):
     """The upstream sent an error object in its stream."""
-
-
-_DONE: dict[str, Any] = {}
-
-
-def _chunk_of(line: str) -> dict[str, Any] | None:
-    """The JSON object of one SSE ``data:`` line, ``_DONE`` for ``[DONE]``, None for
-    anything else (comments, keep-alives, malformed chunks)."""
-    line = line.strip()
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return _DONE
-    try:
-        chunk = json.loads(data)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(chunk, dict):
-        return None
-    if isinstance(chunk.get("choices"), list) or "error" in chunk:
-        return chunk
-    return None

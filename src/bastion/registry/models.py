@@ -135,8 +135,13 @@ class ModelRegistry:
             try:
                 from mlflow import MlflowClient
 
-                self._client_ = MlflowClient(tracking_uri=self.tracking_uri,
-                                             registry_uri=self.tracking_uri)
+                from bastion.registry.tracking import store_init_lock
+
+                client = MlflowClient(tracking_uri=self.tracking_uri,
+                                      registry_uri=self.tracking_uri)
+                with store_init_lock(self.tracking_uri):  # creates/migrates the store
+                    client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+                self._client_ = client
             except Exception as exc:
                 raise RegistryError(
                     f"cannot open the MLflow registry at {_redact(self.tracking_uri)}: "

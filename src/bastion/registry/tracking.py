@@ -37,6 +37,23 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+@contextmanager
+def store_init_lock(uri: str, timeout: float = 120.0) -> Iterator[None]:
+    """Hold a file lock (``<db>.lock`` beside a local SQLite store) while MLflow creates or
+    migrates the store, so processes started at once in one folder do not race its schema
+    migration (the losers failed with "table ... already exists" or an Alembic
+    CommandError). Other stores need no lock: it yields at once."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if not path or path.startswith(":memory:") or "?" in path:
+        yield
+        return
+    from filelock import FileLock
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=timeout):
+        yield
+
+
 def _artifact_location() -> str:
     return (Path.cwd() / "mlartifacts").as_uri()
 
@@ -153,14 +170,15 @@ def track_run(
         import mlflow
 
         mlflow.set_tracking_uri(uri)
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is None:
-            kwargs: dict[str, Any] = {}
-            if uri.startswith("sqlite:"):
-                kwargs["artifact_location"] = _artifact_location()
-            exp_id = mlflow.create_experiment(experiment, **kwargs)
-        else:
-            exp_id = exp.experiment_id
+        with store_init_lock(uri):  # the first touch creates/migrates the store
+            exp = mlflow.get_experiment_by_name(experiment)
+            if exp is None:
+                kwargs: dict[str, Any] = {}
+                if uri.startswith("sqlite:"):
+                    kwargs["artifact_location"] = _artifact_location()
+                exp_id = mlflow.create_experiment(experiment, **kwargs)
+            else:
+                exp_id = exp.experiment_id
         active = mlflow.start_run(experiment_id=exp_id, run_name=command)
         started = True
         run.run_id = active.info.run_id
