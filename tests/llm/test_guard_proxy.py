@@ -413,13 +413,20 @@ def test_one_store_shared_with_the_model_service(
     x = load_data("builtin:digits", seed=0).x_test[:4].tolist()
     guard = LlmGuard(keyword_detector, secrets=[SECRET])
     n = 25
+    from bastion.web.keys import KeyStore
+
+    ks = rev.EventStore(url)
+    client_key = KeyStore(ks).create("digits-app", "client")[0]
+    admin_key = KeyStore(ks).create("operator", "admin")[0]
+    ks.close()
     with ServiceThread(create_app(cfg)) as svc_t, uvicorn_thread(
         create_guard_app(vuln_server.base_url, guard=guard, events=url)
     ) as proxy_t:
         before = rev.EventStore(url).count(kinds=rev.PREDICTION)
 
         def model_traffic() -> None:
-            with httpx.Client(base_url=svc_t.url, timeout=60) as c:
+            with httpx.Client(base_url=svc_t.url, timeout=60,
+                              headers={"X-API-Key": client_key}) as c:
                 for _ in range(n):
                     assert c.post("/v1/predict", json={"inputs": x}).status_code == 200
 
@@ -443,7 +450,8 @@ def test_one_store_shared_with_the_model_service(
         for t in ts:
             t.join()
         assert other.wait(timeout=60) == 0
-        with httpx.Client(base_url=svc_t.url, timeout=60) as c:
+        with httpx.Client(base_url=svc_t.url, timeout=60,
+                          headers={"X-API-Key": admin_key}) as c:
             shown = c.get("/v1/events", params={"kind": "verdict", "client_id": "chat-app",
                                                 "limit": 1000}).json()
             dash = c.get("/v1/dashboard/data").json()
