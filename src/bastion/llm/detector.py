@@ -65,7 +65,7 @@ class _Ngrams:
     """Hashed TF-IDF n-gram blocks: sublinear term frequency times IDF, unit length per
     block. Stateless hashing; :meth:`fit` learns only the IDF vector of each block."""
 
-    def __init__(self, n_features: int) -> None:
+    def __init__(self, n_features: int, blocks: Sequence[str] = tuple(NGRAM_BLOCKS)) -> None:
         from sklearn.feature_extraction.text import HashingVectorizer
 
         self.n_features = n_features
@@ -79,6 +79,7 @@ class _Ngrams:
                 **spec,
             )
             for k, spec in NGRAM_BLOCKS.items()
+            if k in blocks
         }
         self.idf: dict[str, np.ndarray] = {}
 
@@ -155,6 +156,8 @@ class PromptInjectionDetector:
             3 → 0.922, 4 → 0.910).
         stats_scale: weight of the text statistics block during training (``0``: no
             statistics); folded into the stored coefficients.
+        ngram_blocks: which n-gram blocks to use (``"char"``: character 3-5-grams,
+            ``"word"``: word 1-2-grams).
         mil_rounds: rounds of multiple-instance refinement (see module doc).
         chunk_chars: characters per chunk; ``overlap``: characters shared by neighbours.
         max_chunks: chunks scored per text at most; for longer texts the first and last
@@ -180,9 +183,15 @@ class PromptInjectionDetector:
         emb_scale: float = 2.0,
         mil_rounds: int = 1,
         stats_scale: float = 3.0,
+        ngram_blocks: Sequence[str] = ("char", "word"),
     ) -> None:
         if ngram_features < 0:
             raise DataError(f"ngram_features must be >= 0, got {ngram_features}")
+        unknown = set(ngram_blocks) - set(NGRAM_BLOCKS)
+        if unknown or not ngram_blocks:
+            raise DataError(f"unknown n-gram blocks {sorted(unknown) or '(none)'}",
+                            hint=f"choose from {', '.join(NGRAM_BLOCKS)}")
+        self.ngram_blocks = tuple(k for k in NGRAM_BLOCKS if k in ngram_blocks)
         self.C = C
         self.ngram_features = int(ngram_features)
         self.emb_scale = float(emb_scale)
@@ -245,6 +254,25 @@ class PromptInjectionDetector:
             z = z + self._ngrams.logit(chunks, self.coef_ngram_)
         return _sigmoid(z)
 
+    def logit_parts(self, chunks: Sequence[str]) -> dict[str, np.ndarray]:
+        """Each feature block's share of the head's logit for already-normalised
+        ``chunks`` (``embedding``, ``stats``, one per n-gram block, ``intercept``): what
+        a score rests on, e.g. to check that no block keys on a script."""
+        self._check_fitted()
+        assert self.coef_ is not None and self.intercept_ is not None
+        ch = list(chunks)
+        out = {"embedding": self._emb.encode(ch) @ self.coef_,
+               "intercept": np.full(len(ch), self.intercept_)}
+        if self.coef_stats_ is not None:
+            out["stats"] = text_stats(ch) @ self.coef_stats_
+        if self._ngrams is not None and self.coef_ngram_ is not None:
+            n = self._ngrams.n_features
+            for b, k in enumerate(self._ngrams.vec):
+                one = _Ngrams(n, (k,))
+                one.idf = {k: self._ngrams.idf[k]}
+                out[k] = one.logit(ch, self.coef_ngram_[b * n : (b + 1) * n])
+        return out
+
     # -- contract -------------------------------------------------------------------
     def fit(
         self,
@@ -282,7 +310,7 @@ class PromptInjectionDetector:
             dense.append(text_stats(chunks) * self.stats_scale)
         dense_feats = np.hstack(dense) if len(dense) > 1 else dense[0]
         if self.ngram_features:
-            self._ngrams = _Ngrams(self.ngram_features).fit(chunks)
+            self._ngrams = _Ngrams(self.ngram_features, self.ngram_blocks).fit(chunks)
             feats: Any = sparse.hstack(
                 [sparse.csr_matrix(dense_feats), self._ngrams.transform(chunks)],
                 format="csr",
@@ -293,6 +321,11 @@ class PromptInjectionDetector:
         d = emb.shape[1]
         ds = d + (len(STATS_NAMES) if self.stats_scale else 0)
 
+        # one solver for all rounds: a refinement round starts from the previous head
+        # (the same convex problem's optimum, reached in fewer iterations)
+        clf = LogisticRegression(C=self.C, max_iter=3000, random_state=self.seed,
+                                 warm_start=True)
+
         def train(mask: np.ndarray) -> None:
             # class balance by hand so that sample weights multiply it
             w = wc[mask].copy()
@@ -301,7 +334,6 @@ class PromptInjectionDetector:
                 tot = w[ym == c].sum()
                 if tot > 0:
                     w[ym == c] *= len(ym) / (2.0 * tot)
-            clf = LogisticRegression(C=self.C, max_iter=3000, random_state=self.seed)
             clf.fit(feats[mask], ym, sample_weight=w)
             coef = clf.coef_[0]
             self.coef_ = (coef[:d] * self.emb_scale).astype(np.float32)
@@ -421,6 +453,7 @@ class PromptInjectionDetector:
                         "blocks": {
                             k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in b.items()}
                             for k, b in NGRAM_BLOCKS.items()
+                            if k in self._ngrams.vec
                         },
                         "tf": "log1p",
                     }
@@ -440,6 +473,7 @@ class PromptInjectionDetector:
                     "emb_scale": self.emb_scale,
                     "mil_rounds": self.mil_rounds,
                     "stats_scale": self.stats_scale if self.coef_stats_ is not None else 0.0,
+                    "ngram_blocks": list(self.ngram_blocks),
                 },
                 "meta": self.meta_,
             },
@@ -493,6 +527,7 @@ class PromptInjectionDetector:
             emb_scale=float(p.get("emb_scale", 1.0)),
             mil_rounds=int(p.get("mil_rounds", 1)),
             stats_scale=float(p.get("stats_scale", 0.0)),
+            ngram_blocks=tuple(p.get("ngram_blocks", ("char", "word"))),
         )
         if int(meta.get("format_version", 1)) > FORMAT_VERSION:
             raise ModelError(
@@ -503,7 +538,7 @@ class PromptInjectionDetector:
         if coef.shape != (det._emb.dim,):
             raise ModelError(f"detector head in {d} has shape {coef.shape}")
         if det.ngram_features:
-            ng = _Ngrams(det.ngram_features)
+            ng = _Ngrams(det.ngram_features, det.ngram_blocks)
             parts = []
             for k in ng.vec:
                 ck, ik = tensors.get(f"coef_{k}"), tensors.get(f"idf_{k}")

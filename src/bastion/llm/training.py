@@ -27,7 +27,12 @@ from bastion.llm.metrics import evaluate_detector
 from bastion.reporting.html import HtmlPage
 
 __all__ = [
+    "detector_training_rows",
+    "evaluate_all",
     "evaluate_loso",
+    "extraction_attacks",
+    "recipe_eval_sets",
+    "recipe_weight",
     "evaluate_on_records",
     "fit_calibrated",
     "language_table",
@@ -482,3 +487,103 @@ def detector_training_rows(
 
 def recipe_weight(r: PromptRecord) -> float:
     return float(r.extra.get("weight", 1.0))
+
+
+def recipe_eval_sets(
+    shared: str | os.PathLike[str], *, seed: int = 0, n_trigger: int = 600
+) -> dict[str, list[PromptRecord]]:
+    """Held-out evaluation sets beside the leave-one-source-out folds, all from
+    ``split=test`` rows and from template halves no training row used:
+
+    - ``trigger_benign``: real benign rows with trigger words (``hard_negative`` rows of
+      the corpus and of the agent data) and ``n_trigger`` benign trigger-word
+      counterparts (:func:`~bastion.llm.datasets.trigger_counterparts`, ``part="eval"``)
+      of benign test rows, languages drawn evenly;
+    - ``extraction``: the test-split extraction attacks (:func:`extraction_attacks`) and
+      their quiet variants (:func:`~bastion.llm.datasets.quiet_extraction_positives`,
+      ``part="eval"``);
+    - ``agent_injections``: the agent data's test-split injections (position and wording
+      in ``subtype``); ``agent_benign``: its benign test rows;
+    - ``multilingual_benign``: benign multilingual test rows; ``english_benign``: the
+      corpus's benign test rows."""
+    from bastion.llm.datasets import quiet_extraction_positives, trigger_counterparts
+
+    root = Path(shared) / "datasets"
+    base = load_prompt_jsonl(root / "prompt-injection" / "prompts.jsonl", split="test")
+    agents = load_prompt_jsonl(root / "prompt-injection-agents" / "prompts.jsonl", split="test")
+    ml = load_prompt_jsonl(root / "benign-multilingual" / "prompts.jsonl", split="test")
+    trig = [r for r in base + agents if r.y == 0 and r.hard_negative]
+    by_lang: dict[str, list[PromptRecord]] = {"en": [r for r in base if r.y == 0]}
+    for r in ml:
+        by_lang.setdefault(r.lang or "en", []).append(r)
+    rng = np.random.default_rng(seed + 1)
+    langs = sorted(by_lang)
+    for k, lang in enumerate(langs):
+        pool = by_lang[lang]
+        n = n_trigger // len(langs) + (1 if k < n_trigger % len(langs) else 0)
+        for text, _, h in trigger_counterparts([(r.text, lang) for r in pool], n,
+                                               seed=int(rng.integers(2**31)), part="eval"):
+            trig.append(_rec(text, 0, "benign", "test", pool[h].source, lang=lang,
+                             generated="trigger", subtype=f"generated:trigger:{lang}"))
+    ex = [r for r in extraction_attacks(shared) if r.split == "test"]
+    quiet = [
+        _rec(q, 1, "injection", "test", r.source, generated="extraction",
+             subtype="generated:extraction")
+        for r in ex for q in quiet_extraction_positives([r.text], seed=seed, part="eval")
+    ]
+    return {
+        "trigger_benign": trig,
+        "extraction": ex + quiet,
+        "agent_injections": [r for r in agents if r.y == 1],
+        "agent_benign": [r for r in agents if r.y == 0],
+        "multilingual_benign": ml,
+        "english_benign": [r for r in base if r.y == 0],
+    }
+
+
+def evaluate_all(
+    det: PromptInjectionDetector,
+    data: str | os.PathLike[str],
+    *,
+    split: str | None = "test",
+    harmful: str | os.PathLike[str] | None = None,
+    languages: str | os.PathLike[str] | None = None,
+    loso: bool = False,
+    min_rows: int = 20,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """What ``bastion llm evaluate-detector`` reports: the random split (the ``split``
+    rows of ``data``, :func:`evaluate_on_records`); benign flagged rates per language and
+    script (:func:`language_table`) over the benign rows of ``data`` and of ``languages``
+    (a JSONL of benign rows with a ``lang`` field, e.g. ``benign-multilingual``); and, with
+    ``loso``, leave-one-source-out (:func:`evaluate_loso`): a detector with ``det``'s
+    settings retrained and recalibrated (its calibration FPR) per held-out repository of
+    ``data``'s ``source`` field, on ``data``'s rows alone, unweighted."""
+    rows = load_prompt_jsonl(data)
+    test = [r for r in rows if split is None or r.split in (None, split)]
+    htexts = (
+        [r.text for r in load_prompt_jsonl(harmful, default_label="harmful")] if harmful else None
+    )
+    ev = evaluate_on_records(det, test, harmful=htexts)
+    lang_rows = [r for r in test if r.y == 0]
+    if languages:
+        lang_rows += [r for r in load_prompt_jsonl(languages, split=split) if r.y == 0]
+    ev["languages"] = language_table(det, lang_rows)
+    if loso:
+        if not any(r.source for r in rows):
+            raise DataError(f"{data} has no 'source' field to hold sources out by",
+                            hint="add source (owner/repo:path) to each row, or drop --loso")
+        fpr = float(det.calibration_.get("target_fpr", 0.01))
+        params = {
+            "C": det.C, "chunk_chars": det.chunk_chars, "overlap": det.overlap,
+            "max_chunks": det.max_chunks, "use_normalizer": det.use_normalizer,
+            "seed": det.seed, "ngram_features": det.ngram_features,
+            "emb_scale": det.emb_scale, "mil_rounds": det.mil_rounds,
+            "stats_scale": det.stats_scale,
+        }
+
+        def fit(train: Sequence[PromptRecord]) -> PromptInjectionDetector:
+            return fit_calibrated(train, embedder=det.embedder, fpr=fpr, **params)
+
+        ev["loso"] = evaluate_loso(rows, fit, min_rows=min_rows, log=log)
+    return ev
