@@ -102,10 +102,16 @@ def run_loso(args: argparse.Namespace, emb: Any) -> dict[str, Any]:
     fold_dir.mkdir(parents=True, exist_ok=True)
     per: dict[str, Any] = {}
     names = {r.text for r in rows}
+    memo: dict[str, Any] = {}  # folds whose training rows are the same share one fit
 
     def fit(train: list[Any]) -> Any:
+        import hashlib
+
         train = [r for r in train if r.text in names]
-        return fit_calibrated(train, embedder=emb, weight=recipe_weight, **params)
+        key = hashlib.sha1("\x00".join(sorted(r.text for r in train)).encode()).hexdigest()
+        if key not in memo:
+            memo[key] = fit_calibrated(train, embedder=emb, weight=recipe_weight, **params)
+        return memo[key]
 
     for g in folds:
         f = fold_dir / (g.replace("/", "__") + ".json")
