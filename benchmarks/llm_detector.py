@@ -66,7 +66,9 @@ def _recipe(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
         SHARED, seed=args.seed, agents=v2, multilingual=v2,
         counterparts=args.counterparts if v2 else 0, extraction=v2, dropout=args.dropout,
     )
-    params = {"ngram_blocks": tuple(args.blocks.split(",")), "seed": args.seed}
+    params = {"ngram_blocks": tuple(args.blocks.split(",")), "seed": args.seed,
+              # v1: the text statistics as the detector before issue 17 computed them
+              "stats_version": 2 if v2 else 1}
     return rows, params
 
 

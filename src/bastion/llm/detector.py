@@ -47,7 +47,7 @@ from bastion._util import atomic_path, write_json_atomic
 from bastion.errors import DataError, ModelError
 from bastion.llm.embed import Embedder, chunk_text, get_embedder, layers_of
 from bastion.llm.normalize import NORMALIZER_VERSION, normalize
-from bastion.llm.textstats import STATS_NAMES, text_stats
+from bastion.llm.textstats import STATS_NAMES, STATS_VERSION, text_stats
 
 __all__ = ["PromptInjectionDetector", "DEFAULT_DETECTOR_DIR"]
 
@@ -158,6 +158,9 @@ class PromptInjectionDetector:
             statistics); folded into the stored coefficients.
         ngram_blocks: which n-gram blocks to use (``"char"``: character 3-5-grams,
             ``"word"``: word 1-2-grams).
+        stats_version: definition of the text statistics
+            (:data:`~bastion.llm.textstats.STATS_VERSION`; detectors saved without one
+            load with version 1).
         mil_rounds: rounds of multiple-instance refinement (see module doc).
         chunk_chars: characters per chunk; ``overlap``: characters shared by neighbours.
         max_chunks: chunks scored per text at most; for longer texts the first and last
@@ -184,6 +187,7 @@ class PromptInjectionDetector:
         mil_rounds: int = 1,
         stats_scale: float = 3.0,
         ngram_blocks: Sequence[str] = ("char", "word"),
+        stats_version: int = STATS_VERSION,
     ) -> None:
         if ngram_features < 0:
             raise DataError(f"ngram_features must be >= 0, got {ngram_features}")
@@ -192,6 +196,7 @@ class PromptInjectionDetector:
             raise DataError(f"unknown n-gram blocks {sorted(unknown) or '(none)'}",
                             hint=f"choose from {', '.join(NGRAM_BLOCKS)}")
         self.ngram_blocks = tuple(k for k in NGRAM_BLOCKS if k in ngram_blocks)
+        self.stats_version = int(stats_version)
         self.C = C
         self.ngram_features = int(ngram_features)
         self.emb_scale = float(emb_scale)
@@ -249,7 +254,7 @@ class PromptInjectionDetector:
         assert self.coef_ is not None and self.intercept_ is not None
         z = emb @ self.coef_ + self.intercept_
         if self.coef_stats_ is not None:
-            z = z + text_stats(chunks) @ self.coef_stats_
+            z = z + text_stats(chunks, version=self.stats_version) @ self.coef_stats_
         if self._ngrams is not None and self.coef_ngram_ is not None:
             z = z + self._ngrams.logit(chunks, self.coef_ngram_)
         return _sigmoid(z)
@@ -264,7 +269,7 @@ class PromptInjectionDetector:
         out = {"embedding": self._emb.encode(ch) @ self.coef_,
                "intercept": np.full(len(ch), self.intercept_)}
         if self.coef_stats_ is not None:
-            out["stats"] = text_stats(ch) @ self.coef_stats_
+            out["stats"] = text_stats(ch, version=self.stats_version) @ self.coef_stats_
         if self._ngrams is not None and self.coef_ngram_ is not None:
             n = self._ngrams.n_features
             for b, k in enumerate(self._ngrams.vec):
@@ -307,7 +312,7 @@ class PromptInjectionDetector:
         wc = sw[owner]
         dense = [emb * self.emb_scale]
         if self.stats_scale:
-            dense.append(text_stats(chunks) * self.stats_scale)
+            dense.append(text_stats(chunks, version=self.stats_version) * self.stats_scale)
         dense_feats = np.hstack(dense) if len(dense) > 1 else dense[0]
         if self.ngram_features:
             self._ngrams = _Ngrams(self.ngram_features, self.ngram_blocks).fit(chunks)
@@ -474,6 +479,7 @@ class PromptInjectionDetector:
                     "mil_rounds": self.mil_rounds,
                     "stats_scale": self.stats_scale if self.coef_stats_ is not None else 0.0,
                     "ngram_blocks": list(self.ngram_blocks),
+                    "stats_version": self.stats_version,
                 },
                 "meta": self.meta_,
             },
@@ -528,6 +534,7 @@ class PromptInjectionDetector:
             mil_rounds=int(p.get("mil_rounds", 1)),
             stats_scale=float(p.get("stats_scale", 0.0)),
             ngram_blocks=tuple(p.get("ngram_blocks", ("char", "word"))),
+            stats_version=int(p.get("stats_version", 1)),
         )
         if int(meta.get("format_version", 1)) > FORMAT_VERSION:
             raise ModelError(
