@@ -263,7 +263,7 @@ def test_text_stats_v2_do_not_key_on_script() -> None:
     # ASCII gibberish still scores: the same OOV and symbol-in-word shares, and brackets,
     # backslashes and asterisks still count as symbols
     np.testing.assert_allclose(g1[0, [0, 2, 3]], g2[0, [0, 2, 3]])
-    assert g2[0, 1] > 0.5 * g1[0, 1] and g2[0].sum() > 0.5
+    assert g2[0, 1] >= 0.5 * g1[0, 1] and g2[0].sum() > 0.5
     from bastion.errors import ModelError
 
     with pytest.raises(ModelError, match="text-statistics version"):
