@@ -44,6 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BASTION_SHARED", ROOT.parent / "shared"))
 RESULTS = ROOT / "benchmarks" / "results"
+SHIP = ROOT / "src" / "bastion" / "llm" / "data" / "detector"
 #: the sources model choices were made on (their LOSO folds); the others are report-only
 DEV_SOURCES = (
     "JailbreakBench/artifacts", "clinc/oos-eval", "microsoft/BIPIA", "ethz-spylab/agentdojo",
@@ -154,6 +155,21 @@ def evaluate_one(det: Any, args: argparse.Namespace) -> dict[str, Any]:
     out["random_split"] = {k: ev[k] for k in ("overall", "hard_negatives", "harmful_requests",
                                               "length_slices") if k in ev}
     out["languages"] = language_table(det, sets["english_benign"] + sets["multilingual_benign"])
+    # the other side of "no language as evidence": attacks in non-Latin scripts still caught
+    from bastion.llm.datasets import script_of
+
+    att = [r for r in test if r.y == 1]
+    hit = det.score([r.text for r in att]) >= thr
+    sc = [script_of(r.text) for r in att]
+    out["attack_recall_by_script"] = {
+        k: _rate(int(sum(h for h, x in zip(hit, sc, strict=True) if x == k)), sc.count(k))
+        for k in sorted(set(sc))
+    }
+    import re
+
+    cjk = [bool(re.search(r"[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]", r.text)) for r in att]
+    out["attack_recall_by_script"]["with_cjk_characters"] = _rate(
+        int(sum(h for h, c in zip(hit, cjk, strict=True) if c)), sum(cjk))
     trig = sets["trigger_benign"]
     s = det.score([r.text for r in trig])
     fl = s >= thr
@@ -277,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detector", default=None, help="'shipped' or a folder (skips training)")
     ap.add_argument("--train-out", default=None, help="save the recipe detector here")
     ap.add_argument("--no-eval", action="store_true", help="LOSO only")
+    ap.add_argument("--ship", action="store_true",
+                    help="write the evaluated detector into the package, with the LOSO "
+                         "macro numbers in its metadata (needs --loso all)")
     ap.add_argument("--wording-holdout", action="store_true")
     ap.add_argument("--cache", default=None, help="embedding cache .npz")
     ap.add_argument("--out", default=str(RESULTS / "llm_detector.json"))
@@ -316,6 +335,22 @@ def main(argv: list[str] | None = None) -> int:
                 det.save(args.train_out)
         result["detector"] = args.detector or _variant_name(args)
         result.update(evaluate_one(det, args))
+        if args.ship:
+            if args.loso != "all" or args.sources:
+                raise SystemExit("--ship needs the leave-one-source-out table: --loso all")
+            m = result["loso"]["macro"]
+            det.meta_.update({
+                "recipe": _variant_name(args),
+                "trained_on": "shared prompt-injection corpus + agent data + benign "
+                              "multilingual (split=train) + generated rows (see NOTICE)",
+                "loso_n_sources": m["n_sources"], "loso_macro_auroc": m["auroc"],
+                "loso_macro_tpr": m["tpr"],
+                "loso_worst_benign_flagged": m["worst_benign_flagged"],
+                "test_auroc": result["random_split"]["overall"]["auroc"],
+                "test_tpr_at_1pct_fpr": result["random_split"]["overall"]["tpr_at_1pct_fpr"],
+            })
+            det.save(SHIP)
+            print(f"shipped the detector to {SHIP}")
     if cache is not None:
         cache.save()
     result["seconds"] = round(time.time() - t0, 1)

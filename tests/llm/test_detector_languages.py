@@ -40,3 +40,20 @@ def test_benign_text_in_every_language_is_flagged_no_more_than_english(
         if k > allowed:
             over[lang] = f"{k}/{n} flagged (allowed {allowed})"
     assert not over, f"English benign flagged {en_rate:.2%}; over it: {over}"
+
+
+def test_shipped_detector_metadata_records_recipe_and_loso() -> None:
+    import json
+    from importlib import resources
+
+    base = resources.files("bastion.llm") / "data" / "detector"
+    meta = json.loads((base / "detector.json").read_text(encoding="utf-8"))
+    p = meta["params"]
+    assert p["stats_version"] == 2 and p["ngram_blocks"] == ["word"]
+    m = meta["meta"]
+    assert m["recipe"].startswith("v2")
+    # the leave-one-source-out numbers it was chosen on travel with it
+    assert 0.5 < m["loso_macro_auroc"] <= 1 and m["loso_n_sources"] >= 15
+    notice = (base / "NOTICE").read_text(encoding="utf-8")
+    for src in ("agentdojo", "tau2-bench", "tldr", "Tatoeba", "MGSM", "CC-BY 2.0 FR"):
+        assert src in notice

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from importlib import resources
@@ -49,7 +50,7 @@ from bastion.llm.embed import Embedder, chunk_text, get_embedder, layers_of
 from bastion.llm.normalize import NORMALIZER_VERSION, normalize
 from bastion.llm.textstats import STATS_NAMES, STATS_VERSION, text_stats
 
-__all__ = ["PromptInjectionDetector", "DEFAULT_DETECTOR_DIR"]
+__all__ = ["PromptInjectionDetector", "DEFAULT_DETECTOR_DIR", "sentence_windows"]
 
 FORMAT_VERSION = 2
 
@@ -59,6 +60,30 @@ NGRAM_BLOCKS: dict[str, dict[str, Any]] = {
     "char": {"analyzer": "char_wb", "ngram_range": (3, 5)},
     "word": {"analyzer": "word", "ngram_range": (1, 2), "token_pattern": r"(?u)\b\w+\b"},
 }
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？\n])\s+|\n+")
+
+
+def sentence_windows(text: str, max_chars: int) -> list[str]:
+    """``text`` cut at sentence ends and line breaks into windows of consecutive sentences
+    of at most ``max_chars`` characters (a longer sentence is one window of its own, cut
+    by :func:`~bastion.llm.embed.chunk_text`)."""
+    out: list[str] = []
+    cur = ""
+    for sent in (x.strip() for x in _SENTENCE_END.split(text)):
+        if not sent:
+            continue
+        if cur and len(cur) + 1 + len(sent) > max_chars:
+            out.append(cur)
+            cur = ""
+        if len(sent) > max_chars:
+            out.extend(chunk_text(sent, chunk_chars=max_chars, overlap=max_chars // 5))
+            continue
+        cur = f"{cur} {sent}" if cur else sent
+    if cur:
+        out.append(cur)
+    return out
 
 
 class _Ngrams:
@@ -158,6 +183,10 @@ class PromptInjectionDetector:
             statistics); folded into the stored coefficients.
         ngram_blocks: which n-gram blocks to use (``"char"``: character 3-5-grams,
             ``"word"``: word 1-2-grams).
+        doc_windows: when above 0, :meth:`score` also scores the sentence windows (up to
+            this many characters, :func:`sentence_windows`) of texts longer than one
+            chunk and takes the maximum over all, so that one planted sentence in a long
+            document is scored without the benign text around it (training is unchanged).
         stats_version: definition of the text statistics
             (:data:`~bastion.llm.textstats.STATS_VERSION`; detectors saved without one
             load with version 1).
@@ -188,6 +217,7 @@ class PromptInjectionDetector:
         stats_scale: float = 3.0,
         ngram_blocks: Sequence[str] = ("char", "word"),
         stats_version: int = STATS_VERSION,
+        doc_windows: int = 0,
     ) -> None:
         if ngram_features < 0:
             raise DataError(f"ngram_features must be >= 0, got {ngram_features}")
@@ -197,6 +227,9 @@ class PromptInjectionDetector:
                             hint=f"choose from {', '.join(NGRAM_BLOCKS)}")
         self.ngram_blocks = tuple(k for k in NGRAM_BLOCKS if k in ngram_blocks)
         self.stats_version = int(stats_version)
+        if doc_windows < 0:
+            raise DataError(f"doc_windows must be >= 0, got {doc_windows}")
+        self.doc_windows = int(doc_windows)
         self.C = C
         self.ngram_features = int(ngram_features)
         self.emb_scale = float(emb_scale)
@@ -224,20 +257,26 @@ class PromptInjectionDetector:
     def _emb(self) -> Embedder:
         return self.embedder if self.embedder is not None else get_embedder()
 
-    def chunks(self, text: str | bytes) -> list[str]:
-        """The (normalised) chunks of one text that are scored."""
+    def chunks(self, text: str | bytes, *, windows: bool = False) -> list[str]:
+        """The (normalised) chunks of one text that are scored; with ``windows`` (what
+        :meth:`score` uses) and ``doc_windows`` set, a text longer than one chunk also
+        gets its sentence windows (:func:`sentence_windows`)."""
         t = normalize(text) if self.use_normalizer else _as_texts([text])[0]
         ch = chunk_text(t, chunk_chars=self.chunk_chars, overlap=self.overlap)
         if len(ch) > self.max_chunks:
             half = self.max_chunks // 2
             ch = ch[:half] + ch[-(self.max_chunks - half) :]
+        if windows and self.doc_windows and len(t) > self.chunk_chars:
+            extra = [w for w in sentence_windows(t, self.doc_windows) if w not in ch]
+            ch = ch + extra[: self.max_chunks]
         return ch
 
-    def _chunked(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    def _chunked(self, texts: list[str], *, windows: bool = False
+                 ) -> tuple[list[str], np.ndarray]:
         all_chunks: list[str] = []
         owner: list[int] = []
         for i, t in enumerate(texts):
-            ch = self.chunks(t)
+            ch = self.chunks(t, windows=windows)
             all_chunks.extend(ch)
             owner.extend([i] * len(ch))
         return all_chunks, np.asarray(owner, dtype=np.int64)
@@ -376,7 +415,7 @@ class PromptInjectionDetector:
         self._check_fitted()
         if not tx:
             return np.zeros(0, dtype=np.float64)
-        chunks, owner = self._chunked(tx)
+        chunks, owner = self._chunked(tx, windows=True)
         s = self._chunk_scores(chunks, self._emb.encode(chunks))
         out = np.full(len(tx), -np.inf)
         np.maximum.at(out, owner, s)
@@ -384,7 +423,7 @@ class PromptInjectionDetector:
 
     def score_chunks(self, text: str | bytes) -> list[tuple[str, float]]:
         """``(chunk, score)`` for every scored chunk of one text."""
-        ch = self.chunks(text)
+        ch = self.chunks(text, windows=True)
         s = self._chunk_scores(ch, self._emb.encode(ch))
         return list(zip(ch, s.astype(float).tolist(), strict=True))
 
@@ -480,6 +519,7 @@ class PromptInjectionDetector:
                     "stats_scale": self.stats_scale if self.coef_stats_ is not None else 0.0,
                     "ngram_blocks": list(self.ngram_blocks),
                     "stats_version": self.stats_version,
+                    "doc_windows": self.doc_windows,
                 },
                 "meta": self.meta_,
             },
@@ -535,6 +575,7 @@ class PromptInjectionDetector:
             stats_scale=float(p.get("stats_scale", 0.0)),
             ngram_blocks=tuple(p.get("ngram_blocks", ("char", "word"))),
             stats_version=int(p.get("stats_version", 1)),
+            doc_windows=int(p.get("doc_windows", 0)),
         )
         if int(meta.get("format_version", 1)) > FORMAT_VERSION:
             raise ModelError(
