@@ -287,8 +287,8 @@ def test_document_windows_score_a_planted_sentence_like_the_sentence(
     hash_embedder, toy_corpus, tmp_path
 ) -> None:
     """A long benign document with one planted instruction: with ``doc_windows`` the
-    document scores at least as high as the planted sentence's own window, while the same
-    document without it stays low; the setting is saved and loaded."""
+    planted sentence is scored in a short window, which lifts the document's score, while
+    the same document without it stays lower; the setting is saved and loaded."""
     from bastion.llm.detector import PromptInjectionDetector
 
     x, y = toy_corpus
@@ -300,8 +300,11 @@ def test_document_windows_score_a_planted_sentence_like_the_sentence(
     base = det.score([doc])[0]
     det.doc_windows = 200
     s_doc, s_benign = det.score([doc, filler + filler])
-    assert s_doc >= base
-    assert s_doc >= det.score([planted])[0] - 1e-6  # the sentence's own window is scored
+    assert s_doc > base + 0.05  # the planted sentence is no longer diluted by the filler
+    # it is scored in a window of at most 200 characters, and that window sets the score
+    wins = [(c, sc) for c, sc in det.score_chunks(doc) if planted.lower() in c]
+    assert any(len(c) <= 200 for c, _ in wins)
+    assert s_doc == pytest.approx(max(sc for _, sc in det.score_chunks(doc)))
     assert s_benign < s_doc
     # texts of one chunk are scored as before (no extra windows, no extra cost)
     assert det.chunks(planted, windows=True) == det.chunks(planted)
