@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/llm_detector.py --cache FILE [--recipe v2|v1]
         [--loso all|dev|report|none] [--sources A,B] [--folds DIR] [--detector DIR]
         [--train-out DIR] [--blocks char,word] [--counterparts 2000] [--dropout]
+        [--doc-windows 200] [--wording-holdout] [--ship]
 
 Data: ``$BASTION_SHARED/datasets``: ``prompt-injection`` (corpus, harmful requests, canary
 cases), ``prompt-injection-agents``, ``benign-multilingual``. The recipe's rows come from
@@ -257,7 +258,9 @@ def wording_holdout(args: argparse.Namespace, emb: Any) -> dict[str, Any]:
     from bastion.llm.training import fit_calibrated, recipe_weight
 
     rows, params = _recipe(args)
-    agent = [r for r in rows if r.y == 1 and attack_wording(r.subtype)]
+    # the agent data's injections (every one is derived: an attack planted in a document)
+    agent = [r for r in rows if r.y == 1 and r.extra.get("derived")
+             and attack_wording(r.subtype)]
     words = sorted({attack_wording(r.subtype) for r in agent})
     halves = [words[0::2], words[1::2]]
     out: dict[str, Any] = {"wordings": halves, "folds": []}
@@ -293,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detector", default=None, help="'shipped' or a folder (skips training)")
     ap.add_argument("--train-out", default=None, help="save the recipe detector here")
     ap.add_argument("--no-eval", action="store_true", help="LOSO only")
+    ap.add_argument("--doc-windows", type=int, default=None,
+                    help="sentence windows (chars) for long texts in the evaluated detector")
     ap.add_argument("--ship", action="store_true",
                     help="write the evaluated detector into the package, with the LOSO "
                          "macro numbers in its metadata (needs --loso all)")
@@ -333,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
             det.meta_.update({"trained_on": f"recipe {_variant_name(args)} (split=train)"})
             if args.train_out:
                 det.save(args.train_out)
+        if args.doc_windows is not None:
+            det.doc_windows = args.doc_windows
         result["detector"] = args.detector or _variant_name(args)
+        result["doc_windows"] = det.doc_windows
         result.update(evaluate_one(det, args))
         if args.ship:
             if args.loso != "all" or args.sources:
