@@ -46,6 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BASTION_SHARED", ROOT.parent / "shared"))
 RESULTS = ROOT / "benchmarks" / "results"
 SHIP = ROOT / "src" / "bastion" / "llm" / "data" / "detector"
+#: the repositories of ../shared/datasets/prompt-injection-agents
+AGENT_SOURCES = frozenset({
+    "ethz-spylab/agentdojo", "AthaSSiN/CrAIBench", "Zhang-Henry/AIOS_agent",
+    "sierra-research/tau2-bench", "tldr-pages/tldr", "ActiveCampaign/postmark-templates",
+})
 #: the sources model choices were made on (their LOSO folds); the others are report-only
 DEV_SOURCES = (
     "JailbreakBench/artifacts", "clinc/oos-eval", "microsoft/BIPIA", "ethz-spylab/agentdojo",
@@ -258,8 +263,8 @@ def wording_holdout(args: argparse.Namespace, emb: Any) -> dict[str, Any]:
     from bastion.llm.training import fit_calibrated, recipe_weight
 
     rows, params = _recipe(args)
-    # the agent data's injections (every one is derived: an attack planted in a document)
-    agent = [r for r in rows if r.y == 1 and r.extra.get("derived")
+    # the agent data's injections (an attack planted in a document of one of its hosts)
+    agent = [r for r in rows if r.y == 1 and r.groups & AGENT_SOURCES
              and attack_wording(r.subtype)]
     words = sorted({attack_wording(r.subtype) for r in agent})
     halves = [words[0::2], words[1::2]]
