@@ -13,7 +13,9 @@ retrained. Evasion is the share of fresh variants missed among those made from h
 attacks the detector catches in plain form; the share of all variants missed is written
 beside it. Writes ``benchmarks/results/llm_harden.json`` with per-round evasion, TPR and
 hard-negative FPR, and the full held-out evaluation before and after. ``--ship`` writes
-the final detector into the package (``bastion/llm/data/detector``). Goal (issue 6):
+the final detector into the package (``bastion/llm/data/detector``; note: since issue 17
+the shipped detector comes from ``llm_detector.py --recipe v2 ... --ship``, which this
+script's recipe, the corpus alone, does not reproduce). Goal (issue 6):
 evasion under 5% after, with the hard-negative FPR no worse than before.
 """
 

@@ -378,39 +378,53 @@ def evaluate_detector_cmd(
     split: str | None = typer.Option(
         "test", "--split", help="Split to evaluate ('' for all rows)."
     ),
+    languages: Path | None = typer.Option(
+        None, "--languages", help="JSONL of benign rows with 'lang' (per-language FPR table)."
+    ),
+    loso: bool = typer.Option(
+        False, "--loso", help="Also leave-one-source-out: retrain per held-out 'source' repo."
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Embedding cache file (.npz) to reuse (for --loso)."
+    ),
     seed: int = c.SeedOpt,
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
-    """Evaluate a detector: AUROC, F1, TPR@1%FPR, length slices, subtypes, hard negatives."""
-    from bastion.llm.datasets import load_prompt_jsonl
+    """Evaluate a detector: the split (AUROC, F1, TPR@1%FPR, slices, hard negatives), the
+    benign flagged rate per language/script and, with --loso, leave-one-source-out."""
     from bastion.llm.detector import PromptInjectionDetector
+    from bastion.llm.embed import Embedder, EmbeddingCache
     from bastion.llm.reports import DetectorEvalReport, write_llm_report
-    from bastion.llm.training import evaluate_on_records, render_eval_html
+    from bastion.llm.training import evaluate_all, render_eval_html
     from bastion.registry.tracking import track_run
 
     out = c.prepare_out_dir(out)
+    emb_cache = EmbeddingCache(cache) if cache else None
+    emb = Embedder(cache=emb_cache) if emb_cache else None
     det = (
-        PromptInjectionDetector.load(detector)
+        PromptInjectionDetector.load(detector, embedder=emb)
         if detector
-        else PromptInjectionDetector.load_default()
-    )
-    rows = load_prompt_jsonl(data, split=split or None)
-    htexts = (
-        [r.text for r in load_prompt_jsonl(harmful, default_label="harmful")] if harmful else None
+        else PromptInjectionDetector.load_default(embedder=emb)
     )
     params = {
         "data": str(data),
         "detector": str(detector or "shipped"),
         "split": split,
         "seed": seed,
+        "loso": loso,
     }
     with track_run(
         "llm-evaluate-detector", params=params, tracking_uri=tracking_uri, enabled=not no_track
     ) as run:
-        ev = evaluate_on_records(det, rows, harmful=htexts)
+        ev = evaluate_all(
+            det, data, split=split or None, harmful=harmful, languages=languages, loso=loso,
+            log=lambda m: c.info(m, quiet=quiet),
+        )
+        if emb_cache is not None:
+            emb_cache.save()
         report = DetectorEvalReport.model_validate(
             {**ev, "data": str(data), "detector": str(detector or "shipped"),
              "split": split or None}
@@ -433,6 +447,16 @@ def evaluate_detector_cmd(
         f"F1 {o.f1:.3f}; report: {out / 'report.json'}",
         quiet=quiet,
     )
+    worst = max(report.languages["by_lang"].items(), key=lambda kv: kv[1]["rate"],
+                default=None) if report.languages else None
+    if worst:
+        c.info(f"benign flagged by language: worst {worst[0]} {worst[1]['rate']:.1%} "
+               f"({worst[1]['flagged']}/{worst[1]['n']})", quiet=quiet)
+    if report.loso:
+        m = report.loso["macro"]
+        c.info(f"leave-one-source-out over {m['n_sources']} sources: macro AUROC "
+               f"{fmt(m['auroc'], '.4f')}, TPR {fmt(m['tpr'], '.3f')}, worst benign flagged "
+               f"{fmt(m['worst_benign_flagged'], '.3f')}", quiet=quiet)
 
 
 @llm_app.command("harden-detector")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from importlib import resources
@@ -49,9 +50,9 @@ from bastion._util import atomic_path, write_json_atomic
 from bastion.errors import DataError, ModelError
 from bastion.llm.embed import Embedder, chunk_text, get_embedder, layers_of
 from bastion.llm.normalize import NORMALIZER_VERSION, normalize
-from bastion.llm.textstats import STATS_NAMES, text_stats
+from bastion.llm.textstats import STATS_NAMES, STATS_VERSION, text_stats
 
-__all__ = ["PromptInjectionDetector", "DEFAULT_DETECTOR_DIR"]
+__all__ = ["PromptInjectionDetector", "DEFAULT_DETECTOR_DIR", "sentence_windows"]
 
 FORMAT_VERSION = 2
 
@@ -63,11 +64,35 @@ NGRAM_BLOCKS: dict[str, dict[str, Any]] = {
 }
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？\n])\s+|\n+")
+
+
+def sentence_windows(text: str, max_chars: int) -> list[str]:
+    """``text`` cut at sentence ends and line breaks into windows of consecutive sentences
+    of at most ``max_chars`` characters (a longer sentence is one window of its own, cut
+    by :func:`~bastion.llm.embed.chunk_text`)."""
+    out: list[str] = []
+    cur = ""
+    for sent in (x.strip() for x in _SENTENCE_END.split(text)):
+        if not sent:
+            continue
+        if cur and len(cur) + 1 + len(sent) > max_chars:
+            out.append(cur)
+            cur = ""
+        if len(sent) > max_chars:
+            out.extend(chunk_text(sent, chunk_chars=max_chars, overlap=max_chars // 5))
+            continue
+        cur = f"{cur} {sent}" if cur else sent
+    if cur:
+        out.append(cur)
+    return out
+
+
 class _Ngrams:
     """Hashed TF-IDF n-gram blocks: sublinear term frequency times IDF, unit length per
     block. Stateless hashing; :meth:`fit` learns only the IDF vector of each block."""
 
-    def __init__(self, n_features: int) -> None:
+    def __init__(self, n_features: int, blocks: Sequence[str] = tuple(NGRAM_BLOCKS)) -> None:
         from sklearn.feature_extraction.text import HashingVectorizer
 
         self.n_features = n_features
@@ -81,6 +106,7 @@ class _Ngrams:
                 **spec,
             )
             for k, spec in NGRAM_BLOCKS.items()
+            if k in blocks
         }
         self.idf: dict[str, np.ndarray] = {}
 
@@ -157,6 +183,15 @@ class PromptInjectionDetector:
             3 → 0.922, 4 → 0.910).
         stats_scale: weight of the text statistics block during training (``0``: no
             statistics); folded into the stored coefficients.
+        ngram_blocks: which n-gram blocks to use (``"char"``: character 3-5-grams,
+            ``"word"``: word 1-2-grams).
+        doc_windows: when above 0, :meth:`score` also scores the sentence windows (up to
+            this many characters, :func:`sentence_windows`) of texts longer than one
+            chunk and takes the maximum over all, so that one planted sentence in a long
+            document is scored without the benign text around it (training is unchanged).
+        stats_version: definition of the text statistics
+            (:data:`~bastion.llm.textstats.STATS_VERSION`; detectors saved without one
+            load with version 1).
         mil_rounds: rounds of multiple-instance refinement (see module doc).
         chunk_chars: characters per chunk; ``overlap``: characters shared by neighbours.
         max_chunks: chunks per text at most (None: no limit); a longer text is refused
@@ -182,9 +217,21 @@ class PromptInjectionDetector:
         emb_scale: float = 2.0,
         mil_rounds: int = 1,
         stats_scale: float = 3.0,
+        ngram_blocks: Sequence[str] = ("char", "word"),
+        stats_version: int = STATS_VERSION,
+        doc_windows: int = 0,
     ) -> None:
         if ngram_features < 0:
             raise DataError(f"ngram_features must be >= 0, got {ngram_features}")
+        unknown = set(ngram_blocks) - set(NGRAM_BLOCKS)
+        if unknown or not ngram_blocks:
+            raise DataError(f"unknown n-gram blocks {sorted(unknown) or '(none)'}",
+                            hint=f"choose from {', '.join(NGRAM_BLOCKS)}")
+        self.ngram_blocks = tuple(k for k in NGRAM_BLOCKS if k in ngram_blocks)
+        self.stats_version = int(stats_version)
+        if doc_windows < 0:
+            raise DataError(f"doc_windows must be >= 0, got {doc_windows}")
+        self.doc_windows = int(doc_windows)
         self.C = C
         self.ngram_features = int(ngram_features)
         self.emb_scale = float(emb_scale)
@@ -212,8 +259,10 @@ class PromptInjectionDetector:
     def _emb(self) -> Embedder:
         return self.embedder if self.embedder is not None else get_embedder()
 
-    def chunks(self, text: str | bytes) -> list[str]:
-        """The (normalised) chunks of one text that are scored."""
+    def chunks(self, text: str | bytes, *, windows: bool = False) -> list[str]:
+        """The (normalised) chunks of one text that are scored; with ``windows`` (what
+        :meth:`score` uses) and ``doc_windows`` set, a text longer than one chunk also
+        gets its sentence windows (:func:`sentence_windows`)."""
         t = normalize(text) if self.use_normalizer else _as_texts([text])[0]
         ch = chunk_text(t, chunk_chars=self.chunk_chars, overlap=self.overlap)
         if self.max_chunks is not None and len(ch) > self.max_chunks:
@@ -221,13 +270,17 @@ class PromptInjectionDetector:
                 f"a text of {len(t)} characters makes {len(ch)} chunks, over max_chunks="
                 f"{self.max_chunks}; it is not scored in part",
                 hint="shorten the text or raise max_chunks")
+        if windows and self.doc_windows and len(t) > self.chunk_chars:
+            extra = [w for w in sentence_windows(t, self.doc_windows) if w not in ch]
+            ch = ch + extra[: self.max_chunks]
         return ch
 
-    def _chunked(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    def _chunked(self, texts: list[str], *, windows: bool = False
+                 ) -> tuple[list[str], np.ndarray]:
         all_chunks: list[str] = []
         owner: list[int] = []
         for i, t in enumerate(texts):
-            ch = self.chunks(t)
+            ch = self.chunks(t, windows=windows)
             all_chunks.extend(ch)
             owner.extend([i] * len(ch))
         return all_chunks, np.asarray(owner, dtype=np.int64)
@@ -244,10 +297,29 @@ class PromptInjectionDetector:
         assert self.coef_ is not None and self.intercept_ is not None
         z = emb @ self.coef_ + self.intercept_
         if self.coef_stats_ is not None:
-            z = z + text_stats(chunks) @ self.coef_stats_
+            z = z + text_stats(chunks, version=self.stats_version) @ self.coef_stats_
         if self._ngrams is not None and self.coef_ngram_ is not None:
             z = z + self._ngrams.logit(chunks, self.coef_ngram_)
         return _sigmoid(z)
+
+    def logit_parts(self, chunks: Sequence[str]) -> dict[str, np.ndarray]:
+        """Each feature block's share of the head's logit for already-normalised
+        ``chunks`` (``embedding``, ``stats``, one per n-gram block, ``intercept``): what
+        a score rests on, e.g. to check that no block keys on a script."""
+        self._check_fitted()
+        assert self.coef_ is not None and self.intercept_ is not None
+        ch = list(chunks)
+        out = {"embedding": self._emb.encode(ch) @ self.coef_,
+               "intercept": np.full(len(ch), self.intercept_)}
+        if self.coef_stats_ is not None:
+            out["stats"] = text_stats(ch, version=self.stats_version) @ self.coef_stats_
+        if self._ngrams is not None and self.coef_ngram_ is not None:
+            n = self._ngrams.n_features
+            for b, k in enumerate(self._ngrams.vec):
+                one = _Ngrams(n, (k,))
+                one.idf = {k: self._ngrams.idf[k]}
+                out[k] = one.logit(ch, self.coef_ngram_[b * n : (b + 1) * n])
+        return out
 
     # -- contract -------------------------------------------------------------------
     def fit(
@@ -283,10 +355,10 @@ class PromptInjectionDetector:
         wc = sw[owner]
         dense = [emb * self.emb_scale]
         if self.stats_scale:
-            dense.append(text_stats(chunks) * self.stats_scale)
+            dense.append(text_stats(chunks, version=self.stats_version) * self.stats_scale)
         dense_feats = np.hstack(dense) if len(dense) > 1 else dense[0]
         if self.ngram_features:
-            self._ngrams = _Ngrams(self.ngram_features).fit(chunks)
+            self._ngrams = _Ngrams(self.ngram_features, self.ngram_blocks).fit(chunks)
             feats: Any = sparse.hstack(
                 [sparse.csr_matrix(dense_feats), self._ngrams.transform(chunks)],
                 format="csr",
@@ -297,6 +369,11 @@ class PromptInjectionDetector:
         d = emb.shape[1]
         ds = d + (len(STATS_NAMES) if self.stats_scale else 0)
 
+        # one solver for all rounds: a refinement round starts from the previous head
+        # (the same convex problem's optimum, reached in fewer iterations)
+        clf = LogisticRegression(C=self.C, max_iter=3000, random_state=self.seed,
+                                 warm_start=True)
+
         def train(mask: np.ndarray) -> None:
             # class balance by hand so that sample weights multiply it
             w = wc[mask].copy()
@@ -305,7 +382,6 @@ class PromptInjectionDetector:
                 tot = w[ym == c].sum()
                 if tot > 0:
                     w[ym == c] *= len(ym) / (2.0 * tot)
-            clf = LogisticRegression(C=self.C, max_iter=3000, random_state=self.seed)
             clf.fit(feats[mask], ym, sample_weight=w)
             coef = clf.coef_[0]
             self.coef_ = (coef[:d] * self.emb_scale).astype(np.float32)
@@ -343,7 +419,7 @@ class PromptInjectionDetector:
         self._check_fitted()
         if not tx:
             return np.zeros(0, dtype=np.float64)
-        chunks, owner = self._chunked(tx)
+        chunks, owner = self._chunked(tx, windows=True)
         s = self._chunk_scores(chunks, self._emb.encode(chunks))
         out = np.full(len(tx), -np.inf)
         np.maximum.at(out, owner, s)
@@ -351,7 +427,7 @@ class PromptInjectionDetector:
 
     def score_chunks(self, text: str | bytes) -> list[tuple[str, float]]:
         """``(chunk, score)`` for every scored chunk of one text."""
-        ch = self.chunks(text)
+        ch = self.chunks(text, windows=True)
         s = self._chunk_scores(ch, self._emb.encode(ch))
         return list(zip(ch, s.astype(float).tolist(), strict=True))
 
@@ -425,6 +501,7 @@ class PromptInjectionDetector:
                         "blocks": {
                             k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in b.items()}
                             for k, b in NGRAM_BLOCKS.items()
+                            if k in self._ngrams.vec
                         },
                         "tf": "log1p",
                     }
@@ -444,6 +521,9 @@ class PromptInjectionDetector:
                     "emb_scale": self.emb_scale,
                     "mil_rounds": self.mil_rounds,
                     "stats_scale": self.stats_scale if self.coef_stats_ is not None else 0.0,
+                    "ngram_blocks": list(self.ngram_blocks),
+                    "stats_version": self.stats_version,
+                    "doc_windows": self.doc_windows,
                 },
                 "meta": self.meta_,
             },
@@ -499,6 +579,9 @@ class PromptInjectionDetector:
             emb_scale=float(p.get("emb_scale", 1.0)),
             mil_rounds=int(p.get("mil_rounds", 1)),
             stats_scale=float(p.get("stats_scale", 0.0)),
+            ngram_blocks=tuple(p.get("ngram_blocks", ("char", "word"))),
+            stats_version=int(p.get("stats_version", 1)),
+            doc_windows=int(p.get("doc_windows", 0)),
         )
         if int(meta.get("format_version", 1)) > FORMAT_VERSION:
             raise ModelError(
@@ -509,7 +592,7 @@ class PromptInjectionDetector:
         if coef.shape != (det._emb.dim,):
             raise ModelError(f"detector head in {d} has shape {coef.shape}")
         if det.ngram_features:
-            ng = _Ngrams(det.ngram_features)
+            ng = _Ngrams(det.ngram_features, det.ngram_blocks)
             parts = []
             for k in ng.vec:
                 ck, ik = tensors.get(f"coef_{k}"), tensors.get(f"idf_{k}")

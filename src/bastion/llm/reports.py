@@ -171,6 +171,10 @@ class DetectorEvalReport(BaseModel):
     by_subtype: dict[str, SubtypeRate] | None = None
     hard_negatives: HardNegatives | None = None
     harmful_requests: HarmfulRequests | None = None
+    languages: dict[str, Any] | None = Field(
+        None, description="benign flagged rate by language and by script")
+    loso: dict[str, Any] | None = Field(
+        None, description="leave-one-source-out: per held-out repository and macro")
     bastion_version: str = __version__
     created_at: str = Field(default_factory=_now, description="ISO 8601, UTC")
 
