@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import CACHE, THREADS, load_mnist, markdown_table, write_result, wong_cnn
+from common import CACHE, THREADS, load_mnist, markdown_table, wong_cnn, write_result
 from safetensors.torch import load_file, save_file
 
 from bastion.data.dataset import Dataset
