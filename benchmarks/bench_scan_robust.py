@@ -101,7 +101,8 @@ def autoattack(model: TorchModel, x: np.ndarray, y: np.ndarray, seed: int) -> di
                                   n_classes=10, seed=seed)
     t0 = time.perf_counter()
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    adv = torch.cat([atk(xs[i:i + 250], ys[i:i + 250]) for i in range(0, len(xs), 250)])
+    adv = torch.cat([atk(xs[i:i + 250], ys[i:i + 250]).detach()
+                     for i in range(0, len(xs), 250)])
     t = time.perf_counter() - t0
     with torch.no_grad():
         pred = net(adv).argmax(1).numpy()

@@ -137,27 +137,34 @@ def scan(
     order_info: dict[str, Any] = {"measured": False}
     pilot = np.zeros(n, dtype=bool)
     measure = (not custom) and white and preset != "quick" and len(stages) > 1
-    n_pilot = min(presets.PILOT_POINTS, int(correct.sum()) // 4)
-    if measure and n_pilot >= 4:
+    n_pilot = min(presets.PILOT_POINTS, max(4, int(correct.sum()) // presets.PILOT_SHARE))
+    pilot_free_only = 0
+    if measure and int(correct.sum()) >= 4 * n_pilot:
         pilot[np.flatnonzero(correct)[:n_pilot]] = True
         start = run.robust.copy()
         own: list[dict[str, Any]] = []
+        grad_own, free_own = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         for k, (name, atk) in enumerate(stages, start=1):
             set_seed(seed + k)
             summ, broke = run.stage(k, name, atk, mask=pilot, phase="pilot", start=start)
+            if getattr(atk, "white_box", False):
+                grad_own |= run.last_own
+            else:
+                free_own |= run.last_own
             own.append({"stage": name, "points": n_pilot, "removed": int(broke),
                         "time_s": round(summ.time_s, 3),
                         "s_per_removal": (summ.time_s / broke) if broke else None,
                         "gradient": bool(getattr(atk, "white_box", False))})
         stages = _order_stages(stages, own)
+        pilot_free_only = int((free_own & ~grad_own).sum())
         order_info = {"measured": True, "pilot_points": n_pilot, "stages": own,
                       "order": [nm for nm, _ in stages],
                       "rule": "gradient stages by seconds per removed pilot point (ascending; "
                               "none removed: last, in preset order); gradient-free stages "
                               "after them, as the masking check"}
     elif not custom:
-        order_info["note"] = ("preset order (quick preset, black-box model or fewer than 16 "
-                              "correctly classified points: nothing to measure on)")
+        order_info["note"] = ("preset order (quick preset, black-box model or too few "
+                              "correctly classified points for a pilot)")
 
     with _progress_bar(progress, len(stages)) as advance:
         for k, (name, atk) in enumerate(stages, start=1):
@@ -166,7 +173,10 @@ def scan(
             run.stage(k, name, atk, mask=~pilot, phase="main")
 
     # escalation: the gradients lied (a gradient-free stage broke what gradient stages left)
-    evidence = _masking_evidence(run.summaries, pilot_rows=order_info.get("stages"))
+    evidence = _masking_evidence(run.summaries)
+    if order_info.get("measured") and pilot_free_only:
+        evidence["by_stage"]["pilot (gradient-free stages alone)"] = pilot_free_only
+        evidence["points"] += pilot_free_only
     grad_info: dict[str, Any] = {}
     if escalate and white:
         pick = np.flatnonzero(correct)[: sanity.SANITY_POINTS]
@@ -590,6 +600,7 @@ class _Cascade:
         self.first: dict[int, dict[str, Any]] = {}
         self.summaries: list[AttackSummary] = []
         self.warnings: list[str] = []
+        self.last_own = np.zeros(len(y), dtype=bool)
 
     def stage(self, k: int, name: str, atk: Attack, *, mask: np.ndarray | None = None,
               phase: str = "main", round_: int = 0, start: np.ndarray | None = None
@@ -620,7 +631,9 @@ class _Cascade:
                 "is an overestimate by whatever it would have found. Fix the attack "
                 "options or drop it from the list."
             )
-        own = int((stats["broken"] & todo).any(axis=0).sum())
+        own_mask = (stats["broken"] & todo).any(axis=0)
+        own = int(own_mask.sum())
+        self.last_own = own_mask
         broken = stats["broken"] & before
         self.robust = np.logical_and.accumulate(before & ~broken, axis=0)
         for i, e, adv in stats["records"]:
@@ -701,10 +714,10 @@ def _order_stages(stages: list[tuple[str, Attack]], own: list[dict[str, Any]]
     return [st for _, st in sorted(grad, key=key)] + free
 
 
-def _masking_evidence(summaries: Sequence[AttackSummary],
-                      pilot_rows: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
+def _masking_evidence(summaries: Sequence[AttackSummary]) -> dict[str, Any]:
     """Points gradient-free stages broke that the gradient stages before them left
-    standing (main phase), per stage."""
+    standing (main phase), per stage. (The pilot's share is added by the caller: points a
+    gradient-free stage broke there that no gradient stage broke on its own.)"""
     by_stage: dict[str, int] = {}
     seen_white = False
     for s in summaries:

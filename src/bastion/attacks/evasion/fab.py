@@ -20,12 +20,12 @@ true one at the clean point, in turn, on the points not yet broken. Untargeted F
 each iteration, the class whose linearised boundary is closest (it needs the gradient of
 every logit: ``n_classes`` backward passes per iteration).
 
-The box-constrained projection onto a hyperplane is solved from its optimality
-conditions: the minimiser moves every coordinate by ``clip(lam * s_i, lo - x_i, hi - x_i)``
-(L-inf, ``s_i`` the sign of ``c * w_i``) or ``clip(mu * c * w_i, ...)`` (L2), with one
-scalar ``lam`` or ``mu`` found by bisection, since the hyperplane value is monotone in it.
-When the hyperplane cannot be reached inside the box, the step goes as far as the box
-allows (as in the reference).
+The box-constrained projection onto a hyperplane is solved exactly from its optimality
+conditions: the minimiser moves every coordinate towards the plane by ``min(lam, room_i)``
+(L-inf) or ``min(mu |w_i|, room_i)`` (L2), ``room_i`` being the distance to the box; the
+hyperplane value is piecewise linear in the one scalar, so one sort and a cumulative sum
+find it. When the hyperplane cannot be reached inside the box, the step goes as far as
+the box allows (as in the reference).
 """
 
 from __future__ import annotations
@@ -38,13 +38,25 @@ from bastion.errors import BastionError
 
 Tensor = torch.Tensor
 
-#: bisection steps of the box-constrained projection (relative precision ~ 2^-40)
-BISECT_STEPS = 40
-
-
-def _reach(w: Tensor, s: Tensor, lam: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    """``sum_i w_i clip(lam s_i, low_i, high_i)`` per row, for per-row scalars ``lam``."""
-    return (w * torch.clamp(lam[:, None] * s, low, high)).sum(dim=1)
+def _solve_piecewise(rate: Tensor, brk: Tensor, need: Tensor) -> Tensor:
+    """Per row, the smallest ``t >= 0`` with ``sum_i rate_i * min(t, brk_i) = need`` (the
+    largest breakpoint where even that falls short). The left side is piecewise linear,
+    increasing and concave in ``t``: sort the breakpoints, evaluate it at each by a
+    cumulative sum, and solve the one linear piece that crosses ``need``."""
+    bs, order = brk.sort(dim=1)
+    rs = rate.gather(1, order)
+    done = torch.cumsum(rs * bs, dim=1)  # saturated coordinates' share at each breakpoint
+    left = rs.sum(dim=1, keepdim=True) - torch.cumsum(rs, dim=1)  # still-linear rate
+    at = done + bs * left  # the value at each breakpoint
+    k = torch.searchsorted(at.contiguous(), need[:, None].contiguous()).squeeze(1)
+    k = k.clamp(max=brk.shape[1] - 1)
+    prev_done = torch.where(k > 0, done.gather(1, (k - 1).clamp_min(0)[:, None]).squeeze(1),
+                            torch.zeros_like(need))
+    prev_rate = torch.where(k > 0, left.gather(1, (k - 1).clamp_min(0)[:, None]).squeeze(1),
+                            rs.sum(dim=1))
+    t = (need - prev_done) / prev_rate.clamp_min(1e-30)
+    reachable = at[:, -1] >= need
+    return torch.where(reachable, torch.minimum(t, bs[:, -1]), bs[:, -1])
 
 
 def project_hyperplane_box(
@@ -52,35 +64,25 @@ def project_hyperplane_box(
 ) -> Tensor:
     """The smallest ``norm`` step ``d`` (rows of a flat batch) with ``w . (t + d) = b`` and
     ``t + d`` inside ``bounds``; where the hyperplane is out of reach, the step that gets
-    closest (every coordinate at its limit)."""
+    closest (every useful coordinate at its limit).
+
+    The minimiser moves each coordinate towards the plane, ``sign(c w_i)``, by
+    ``min(lam, room_i)`` (L-inf) or ``min(mu |w_i|, room_i)`` (L2), ``room_i`` being the
+    distance to the box in that direction; the scalar comes from :func:`_solve_piecewise`.
+    """
     lo, hi = bounds
     c = b - (w * t).sum(dim=1)  # the change of w . d that is needed
-    sc = torch.sign(c)
-    low, high = lo - t, hi - t
+    direction = torch.sign(w) * torch.sign(c)[:, None]
+    room = torch.where(direction > 0, hi - t, t - lo).clamp_min(0.0)
+    aw = w.abs()
     if norm == "linf":
-        s = torch.sign(w) * sc[:, None]  # each coordinate moves by +-lam, towards the plane
-        lam_lo = torch.zeros_like(c)
-        lam_hi = torch.full_like(c, hi - lo)
-        for _ in range(BISECT_STEPS):
-            mid = (lam_lo + lam_hi) / 2
-            short = _reach(w, s, mid, low, high) * sc < c.abs()
-            lam_lo, lam_hi = torch.where(short, mid, lam_lo), torch.where(short, lam_hi, mid)
-        lam = lam_hi
+        lam = _solve_piecewise(aw, room, c.abs())
+        step = torch.minimum(lam[:, None].expand_as(room), room)
     else:
-        s = w * sc[:, None]  # d_i = clip(mu * s_i): the L2 minimiser's form
-        wn2 = (w * w).sum(dim=1).clamp_min(1e-30)
-        mu_lo = c.abs() / wn2  # the unconstrained solution: clipping only falls short of it
-        aw = w.abs()
-        big = torch.where(aw > 1e-12, (hi - lo) / aw.clamp_min(1e-12), torch.zeros_like(aw))
-        mu_hi = torch.maximum(big.amax(dim=1), mu_lo)  # every coordinate saturated
-        mu_lo = mu_lo.clamp_min(1e-30)
-        for _ in range(BISECT_STEPS):
-            mid = torch.sqrt(mu_lo * mu_hi)  # geometric: the bracket spans many decades
-            short = _reach(w, s, mid, low, high) * sc < c.abs()
-            mu_lo, mu_hi = torch.where(short, mid, mu_lo), torch.where(short, mu_hi, mid)
-        lam = mu_hi
-    d = torch.clamp(lam[:, None] * s, low, high)
-    return torch.where((c == 0)[:, None], torch.zeros_like(d), d)
+        brk = torch.where(aw > 0, room / aw.clamp_min(1e-30), torch.full_like(room, 1e30))
+        mu = _solve_piecewise(aw * aw, brk, c.abs())
+        step = torch.minimum(mu[:, None] * aw, room)
+    return direction * step
 
 
 def _margin_and_grad(logits_fn: object, x: Tensor, y: Tensor, t: Tensor
