@@ -165,3 +165,27 @@ def test_transfer_from_a_surrogate_is_verified_on_the_model(digits_cnn, masked, 
     assert tr.points_broken >= 2 and tr.rejected >= 0
     with pytest.raises(BastionError, match="surrogate must be a white-box"):
         scan(masked, x, y, epsilons=[0.3], attacks=["apgd-ce"], surrogate=object())
+
+
+class Noisy(nn.Module):
+    """The digits CNN with Gaussian input noise: a randomised model."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + 0.05 * torch.randn_like(x))
+
+
+def test_thorough_attacks_a_randomised_model_through_eot(digits_cnn, pts):
+    x, y = pts[0][:8], pts[1][:8]
+    noisy = TorchModel(Noisy(digits_cnn.module), n_classes=10, input_shape=(1, 8, 8),
+                       bounds=(0.0, 1.0), name="noisy")
+    opts = {"apgd-ce": {"steps": 5, "restarts": 1}, "apgd-t": {"steps": 3,
+            "n_target_classes": 1, "restarts": 1}, "fab-t": {"steps": 3, "n_target_classes": 1,
+            "restarts": 1}, "square": {"max_queries": 10}}
+    r = scan(noisy, x, y, epsilons=[0.2], preset="thorough", attack_options=opts,
+             eot_samples=4, escalate=False, sanity_checks=False, seed=0)
+    assert any("average of 4 draws (EOT)" in w for w in r.warnings)
+    assert r.robust_accuracy["0.2"] < r.clean_accuracy
