@@ -59,7 +59,7 @@ SQUARE_P_INIT = {"linf": 0.8, "l2": 0.1}
 MAX_ROUNDS = {"quick": 0, "standard": 3, "thorough": 5}
 #: escalation budget: extra Square queries per surviving point, as a multiple of the
 #: preset's Square budget, summed over all rounds
-ESCALATION_BUDGET = {"quick": 0.0, "standard": 3.0, "thorough": 7.0}
+ESCALATION_BUDGET = {"quick": 0.0, "standard": 1.0, "thorough": 3.0}
 #: pilot: the first points (at most this many) on which every stage runs on its own, to
 #: measure each stage's cost per removed point
 PILOT_POINTS = 24

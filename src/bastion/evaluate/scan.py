@@ -734,15 +734,16 @@ def _masking_evidence(summaries: Sequence[AttackSummary]) -> dict[str, Any]:
 def _escalate(run: _Cascade, preset: str, norm: str, seed: int, k0: int,
               stages: Sequence[tuple[str, Attack]]) -> list[dict[str, Any]]:
     """Square rounds on the survivors, each with a new seed and twice the queries of the
-    last, until one removes nothing or the budget (``ESCALATION_BUDGET`` times the
-    preset's Square queries per point, over all rounds) is spent."""
+    last (the first gets a fifth of the preset's Square budget), until one removes nothing
+    or the budget (``ESCALATION_BUDGET`` times the preset's Square queries per point, over
+    all rounds) is spent."""
     from bastion.attacks import get_attack
 
     base_q = next((int(getattr(a, "max_queries", 0)) for _, a in stages
                    if getattr(a, "name", "") == "square"), 1000) or 1000
     budget = int(presets.ESCALATION_BUDGET.get(preset, 3.0) * base_q)
     rounds: list[dict[str, Any]] = []
-    q, spent = max(base_q // 2, 100), 0
+    q, spent = max(base_q // 10, 50), 0  # round 1: a fifth of the preset's Square budget
     for r in range(1, presets.MAX_ROUNDS.get(preset, 3) + 1):
         q = min(q * 2, budget - spent)
         if q < 50 or not run.robust.any():
