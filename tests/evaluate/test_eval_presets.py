@@ -65,9 +65,13 @@ def test_standard_is_the_default_and_runs_autoattacks_stages(clean_report):
     # the order was measured on a pilot, and the measurement is in the report
     assert r.stage_order["measured"] and r.stage_order["order"] == r.attacks
     assert {row["stage"] for row in r.stage_order["stages"]} == set(r.attacks)
-    assert all(row["points"] == r.stage_order["pilot_points"] for row in r.stage_order["stages"])
+    rows = {row["stage"]: row for row in r.stage_order["stages"]}
+    for name in ("apgd-ce", "apgd-t", "fab-t"):  # the gradient stages were measured
+        assert rows[name]["points"] == r.stage_order["pilot_points"] and rows[name]["gradient"]
+    assert rows["square"]["points"] == 0  # the gradient-free guard is not piloted
     pilot = [s for s in r.per_attack if s.phase == "pilot"]
-    assert len(pilot) == 4 and all(s.time_s >= 0 for s in r.per_attack)
+    assert [s.name for s in pilot] == ["apgd-ce", "apgd-t", "fab-t"]
+    assert all(s.time_s >= 0 for s in r.per_attack)
     # every break is accounted for by exactly one stage, pilot or main
     broken = sum(s.points_broken for s in r.per_attack)
     n_correct = round(r.clean_accuracy * r.n_points)

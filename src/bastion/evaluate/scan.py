@@ -138,30 +138,28 @@ def scan(
     pilot = np.zeros(n, dtype=bool)
     measure = (not custom) and white and preset != "quick" and len(stages) > 1
     n_pilot = min(presets.PILOT_POINTS, max(4, int(correct.sum()) // presets.PILOT_SHARE))
-    pilot_free_only = 0
     if measure and int(correct.sum()) >= 4 * n_pilot:
         pilot[np.flatnonzero(correct)[:n_pilot]] = True
         start = run.robust.copy()
         own: list[dict[str, Any]] = []
-        grad_own, free_own = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         for k, (name, atk) in enumerate(stages, start=1):
+            if not getattr(atk, "white_box", False):
+                continue  # gradient-free stages run last anyway: not worth a pilot
             set_seed(seed + k)
             summ, broke = run.stage(k, name, atk, mask=pilot, phase="pilot", start=start)
-            if getattr(atk, "white_box", False):
-                grad_own |= run.last_own
-            else:
-                free_own |= run.last_own
             own.append({"stage": name, "points": n_pilot, "removed": int(broke),
                         "time_s": round(summ.time_s, 3),
                         "s_per_removal": (summ.time_s / broke) if broke else None,
                         "gradient": bool(getattr(atk, "white_box", False))})
+        own = _pilot_rows(stages, own)
         stages = _order_stages(stages, own)
-        pilot_free_only = int((free_own & ~grad_own).sum())
         order_info = {"measured": True, "pilot_points": n_pilot, "stages": own,
                       "order": [nm for nm, _ in stages],
                       "rule": "gradient stages by seconds per removed pilot point (ascending; "
                               "none removed: last, in preset order); gradient-free stages "
-                              "after them, as the masking check"}
+                              "after them in preset order (they are the masking check, and "
+                              "the costliest per point on robust models), so the pilot "
+                              "does not run them"}
     elif not custom:
         order_info["note"] = ("preset order (quick preset, black-box model or too few "
                               "correctly classified points for a pilot)")
@@ -174,9 +172,6 @@ def scan(
 
     # escalation: the gradients lied (a gradient-free stage broke what gradient stages left)
     evidence = _masking_evidence(run.summaries)
-    if order_info.get("measured") and pilot_free_only:
-        evidence["by_stage"]["pilot (gradient-free stages alone)"] = pilot_free_only
-        evidence["points"] += pilot_free_only
     grad_info: dict[str, Any] = {}
     if escalate and white:
         pick = np.flatnonzero(correct)[: sanity.SANITY_POINTS]
@@ -697,6 +692,16 @@ def _attack_model(model: Any, x: np.ndarray, preset: str, custom: bool, eot_samp
             raise ModelError("bpda needs a model with predict_proba")
         out = presets.BPDAModel(out, bpda)
     return out, notes
+
+
+def _pilot_rows(stages: list[tuple[str, Attack]], rows: list[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """One row per stage, in stage order; gradient-free stages (not run in the pilot) get
+    an empty measurement."""
+    by_name = {r["stage"]: r for r in rows}
+    return [by_name.get(nm, {"stage": nm, "points": 0, "removed": 0, "time_s": 0.0,
+                             "s_per_removal": None, "gradient": False})
+            for nm, _ in stages]
 
 
 def _order_stages(stages: list[tuple[str, Attack]], own: list[dict[str, Any]]
