@@ -27,7 +27,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -159,14 +159,14 @@ class EpsilonContext:
         rng: a NumPy ``Generator`` seeded likewise.
     """
 
-    model: object
-    logits: object
+    model: Any
+    logits: Any
     bounds: tuple[float, float]
     eps_index: int
-    idx: object
-    clean_logits: object
-    counter: object
-    gen: object
+    idx: Any
+    clean_logits: Any
+    counter: Any
+    gen: Any
     rng: np.random.Generator
 
 
@@ -187,7 +187,7 @@ class FixedEpsilonAttack(Attack):
         x: np.ndarray,
         y: np.ndarray,
         *,
-        epsilons: Sequence[float] | float,
+        epsilons: Sequence[float],
         target: np.ndarray | None = None,
     ) -> AttackResult:
         """Attack ``x`` (labels ``y``, optional ``target`` classes) at every epsilon.
@@ -200,8 +200,8 @@ class FixedEpsilonAttack(Attack):
         return run_attack_epsilons(self, model, x, y, epsilons=epsilons, target=target)
 
     def attack_epsilon(
-        self, ctx: EpsilonContext, x: object, y: object, target: object | None, eps: float
-    ) -> tuple[object, object]:
+        self, ctx: EpsilonContext, x: Any, y: Any, target: Any | None, eps: float
+    ) -> tuple[Any, Any]:
         """Attack the points ``x`` (float tensor), labels ``y`` (int64 tensor), optional
         ``target`` at budget ``eps > 0``; return ``(x_adv, success)`` tensors. ``x_adv``
         outside the budget or the bounds is projected back by the base class (and its

@@ -195,8 +195,8 @@ def scan(
     broken_eps: list[float | None] = [None] * n
     for i in np.flatnonzero(~correct):
         broken_by[i], broken_eps[i] = "clean", 0.0
-    for i, rec in first.items():
-        broken_by[i], broken_eps[i] = str(rec["attack"]), float(rec["epsilon"])
+    for p, rec in first.items():
+        broken_by[p], broken_eps[p] = str(rec["attack"]), float(rec["epsilon"])
 
     warnings = list(stage_warnings)
     sanity_info: dict[str, Any] = {}
@@ -662,10 +662,11 @@ class TransferAttack(FixedEpsilonAttack):
             raise BastionError("the surrogate must be a white-box model (with logits)",
                                hint="wrap a torch module in TorchModel")
         self.surrogate, self.norm, self.seed = surrogate, norm, seed
-        self.inner = get_attack("apgd-ce", norm=norm, seed=seed, steps=steps)
+        self.inner = cast(FixedEpsilonAttack,
+                          get_attack("apgd-ce", norm=norm, seed=seed, steps=steps))
 
     def run(self, model: object, x: np.ndarray, y: np.ndarray, *,
-            epsilons: Sequence[float] | float, target: np.ndarray | None = None) -> Any:
+            epsilons: Sequence[float], target: np.ndarray | None = None) -> Any:
         res = self.inner.run(self.surrogate, x, y, epsilons=epsilons, target=target)
         res.attack = self.name
         return res
