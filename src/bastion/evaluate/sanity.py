@@ -121,10 +121,8 @@ def check_black_box_after_white_box(
     evidence: dict[str, Any] | None = None,
     escalations: Sequence[dict[str, Any]] = (),
 ) -> list[str]:
-    """Warn when black-box stages broke points that earlier white-box stages left standing
-    (at least 2, and more than ``BLACK_BOX_SHARE`` of the points unless the scan escalated
-    on that evidence), naming the evidence (how many points, which stage) and any
-    escalation rounds."""
+    """Warn when black-box stages broke points that earlier white-box stages left standing,
+    naming the evidence (how many points, which stage) and any escalation rounds."""
     seen_white = False
     by_stage: dict[str, int] = {}
     for s in per_attack:
@@ -139,7 +137,7 @@ def check_black_box_after_white_box(
     zero = (evidence or {}).get("zero_grad_fraction")
     grads = ", ".join(s.name for s in per_attack
                       if s.white_box and getattr(s, "phase", "main") == "main")
-    if count >= 2 and (count > BLACK_BOX_SHARE * n_points or escalations):
+    if count >= 2 and count > BLACK_BOX_SHARE * n_points:
         what = "; ".join(f"stage {k} broke {v}" for k, v in by_stage.items())
         msg = (f"Gradient masking: black-box stage(s) broke {count} of {n_points} point(s) "
                f"that the gradient stages ({grads}) left standing ({what}). A gradient "

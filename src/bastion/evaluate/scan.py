@@ -177,9 +177,8 @@ def scan(
         pick = np.flatnonzero(correct)[: sanity.SANITY_POINTS]
         grad_info, _ = sanity.check_gradients(attack_model, xa[pick], ya[pick], [])
     zero_frac = grad_info.get("zero_grad_fraction") or 0.0
-    # any two points a gradient-free stage broke after the gradient stages: escalating costs
-    # at most the stated budget, trusting a number the gradients lied about costs more
-    triggered = evidence["points"] >= 2 or zero_frac > sanity.ZERO_GRAD_SHARE
+    triggered = (evidence["points"] >= 2 and evidence["points"] > sanity.BLACK_BOX_SHARE * n) \
+        or zero_frac > sanity.ZERO_GRAD_SHARE
     escalations: list[dict[str, Any]] = []
     if escalate and triggered:
         escalations = _escalate(run, preset, norm, seed, len(stages), stages)
