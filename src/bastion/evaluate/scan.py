@@ -5,8 +5,10 @@ ensemble run as a cascade gives a reliable worst case cheaply: each attack only 
 the points every earlier attack failed on, and a point counts as broken if *any* attack
 broke it. :func:`scan` does that, per epsilon:
 
-- white-box model (default): APGD-CE on every point, APGD-T on what still stands, then the
-  black-box Square attack on what is left (a guard against gradient masking);
+- white-box model: a preset (:mod:`bastion.evaluate.presets`; ``standard`` by default:
+  APGD-CE, APGD-T, FAB-T, then the black-box Square attack as a guard against gradient
+  masking, with a pilot that measures the gradient stages' cost per removed point and
+  escalation when the gradients lie);
 - black-box model (default): Square, then HopSkipJump (a minimal attack);
 - or any list of registered attack names (or attack objects), run in that order.
 
