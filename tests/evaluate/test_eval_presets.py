@@ -193,3 +193,14 @@ def test_thorough_attacks_a_randomised_model_through_eot(digits_cnn, pts):
              eot_samples=4, escalate=False, sanity_checks=False, seed=0)
     assert any("average of 4 draws (EOT)" in w for w in r.warnings)
     assert r.robust_accuracy["0.2"] < r.clean_accuracy
+
+
+def test_square_also_attacks_the_pilot_points(clean_report):
+    r = clean_report
+    n_pilot = r.stage_order["pilot_points"]
+    square = next(s for s in r.per_attack if s.name == "square" and s.phase == "main")
+    apgd = next(s for s in r.per_attack if s.name == "apgd-ce" and s.phase == "main")
+    # gradient stages skip the pilot points (they ran there already); Square does not
+    standing = round(r.robust_accuracy["0.1"] * r.n_points) + square.points_broken
+    assert square.points_attacked == standing
+    assert apgd.points_attacked <= r.n_points - n_pilot

@@ -170,7 +170,9 @@ def scan(
         for k, (name, atk) in enumerate(stages, start=1):
             advance(f"{name} ({k}/{len(stages)})")
             set_seed(seed + k)
-            run.stage(k, name, atk, mask=~pilot, phase="main")
+            # the pilot already ran the gradient stages on its points; not the others
+            piloted = bool(pilot.any()) and bool(getattr(atk, "white_box", False))
+            run.stage(k, name, atk, mask=~pilot if piloted else None, phase="main")
 
     # escalation: the gradients lied (a gradient-free stage broke what gradient stages left)
     evidence = _masking_evidence(run.summaries)
@@ -179,8 +181,9 @@ def scan(
         pick = np.flatnonzero(correct)[: sanity.SANITY_POINTS]
         grad_info, _ = sanity.check_gradients(attack_model, xa[pick], ya[pick], [])
     zero_frac = grad_info.get("zero_grad_fraction") or 0.0
-    triggered = (evidence["points"] >= 2 and evidence["points"] > sanity.BLACK_BOX_SHARE * n) \
-        or zero_frac > sanity.ZERO_GRAD_SHARE
+    # escalate on any two points (the masking *warning* keeps its 2%-of-points threshold):
+    # escalating costs at most the stated budget; a number the gradients lied about, more
+    triggered = evidence["points"] >= 2 or zero_frac > sanity.ZERO_GRAD_SHARE
     escalations: list[dict[str, Any]] = []
     if escalate and triggered:
         escalations = _escalate(run, preset, norm, seed, len(stages), stages)
