@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--eps", type=float, nargs="+", default=[0.3, 0.1])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="standard", help="the scan's preset (issue 16)")
     args = ap.parse_args()
     model, x, y = common.setup(args.n)
     clean = common.accuracy(model, x, y)
@@ -36,7 +37,7 @@ def main() -> None:
     for eps in args.eps:
         t0 = time.perf_counter()
         report = scan(model, x, y, norm="linf", epsilons=[eps], seed=args.seed,
-                      sanity_checks=False)
+                      sanity_checks=False, preset=args.preset)
         t_bastion = time.perf_counter() - t0
         ra_bastion = report.robust_accuracy_at(eps)
 

@@ -173,6 +173,7 @@ def run_scan(
     tracking_uri: str | None = None,
     track: bool = True,
     progress: bool = False,
+    preset: str = "standard",
 ) -> tuple[Any, dict[str, Path], list[str]]:
     """Scan ``model_spec`` on the test split of ``data_spec`` and write the report.
 
@@ -186,8 +187,10 @@ def run_scan(
     from bastion.data import load_data
     from bastion.data.validate import check_dataset_for_model
     from bastion.evaluate import scan, write_scan_report
+    from bastion.evaluate.presets import check_preset
     from bastion.registry.tracking import track_run
 
+    preset = check_preset(preset)
     norm = check_norm(norm)
     epsilons = check_epsilons(epsilons)
     if limit is not None and limit < 1:
@@ -216,6 +219,7 @@ def run_scan(
         "norm": norm,
         "epsilons": ",".join(str(e) for e in epsilons),
         "attacks": ",".join(attacks) if attacks else "default",
+        "preset": preset,
         "limit": limit,
         "n_points": len(x),
         "seed": seed,
@@ -230,6 +234,7 @@ def run_scan(
         seed=seed,
         attack_options=attack_options,
         progress=progress,
+        preset=preset,
     )
     report.data = {**dict(report.data or {}), "spec": data_spec, "split": "test", "name": ds.name}
     report.model = {**dict(report.model or {}), "spec": model_spec}

@@ -22,6 +22,10 @@ FAST = [
     "apgd-t.n_target_classes=2",
     "--set",
     "square.max_queries=50",
+    "--set",
+    "fab-t.steps=10",
+    "--set",
+    "fab-t.n_target_classes=2",
 ]
 
 
@@ -204,6 +208,7 @@ def test_train_then_scan_the_folder(tmp_path: Path) -> None:
         (["--norm", "l3"], "norm"),
         (["--limit", "0"], "limit"),
         (["--attacks", "nosuchattack"], "nosuchattack"),
+        (["--preset", "fastest"], "unknown preset 'fastest'"),
     ],
 )
 def test_bad_options_fail_cleanly_and_write_nothing(

@@ -10,7 +10,8 @@ from bastion.errors import BastionError
 
 
 def test_names():
-    assert set(ATTACKS) == {"fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "deepfool", "cw",
+    assert set(ATTACKS) == {"fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "fab",
+                            "deepfool", "cw",
                             "square", "hsj"}
 
 

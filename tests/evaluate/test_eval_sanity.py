@@ -31,8 +31,9 @@ def test_gradient_masking_is_flagged(masked_report):
     pgd, square = r.per_attack
     assert square.points_broken >= 2
     text = " ".join(r.warnings)
-    assert "white-box (gradient) attacks left standing" in text
-    assert f"broke {square.points_broken} point(s)" in text
+    assert "that the gradient stages (pgd) left standing" in text
+    assert "stage 2. square broke" in text  # the evidence: which stage, how many
+    assert f"broke {square.points_broken} of 40 point(s)" in text
     assert "gradient of the model's logit margin is zero" in text
     assert r.sanity["zero_grad_fraction"] == 1.0
 

@@ -29,7 +29,8 @@ DEFAULT_FAST = {
 @pytest.fixture(scope="module")
 def default_cascade(digits_cnn, small):
     x, y = small
-    return scan(digits_cnn, x, y, epsilons=EPS, attack_options=DEFAULT_FAST, seed=0)
+    return scan(digits_cnn, x, y, epsilons=EPS, attack_options=DEFAULT_FAST, seed=0,
+                preset="quick")
 
 
 def test_default_white_box_cascade(digits_cnn, small, default_cascade):

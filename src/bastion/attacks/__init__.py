@@ -91,6 +91,14 @@ def _apgd_t(norm: str, seed: int, **kw: Any) -> Attack:
     return _build("apgd", "APGDT", {"norm": norm, "seed": seed}, kw)
 
 
+def _fab_t(norm: str, seed: int, **kw: Any) -> Attack:
+    return _build("fab", "FAB", {"norm": norm, "seed": seed, "targeted": True}, kw)
+
+
+def _fab(norm: str, seed: int, **kw: Any) -> Attack:
+    return _build("fab", "FAB", {"norm": norm, "seed": seed, "targeted": False}, kw)
+
+
 def _deepfool(norm: str, seed: int, **kw: Any) -> Attack:
     # deterministic: takes no seed
     return _build("deepfool", "DeepFool", {"norm": norm}, kw)
@@ -119,6 +127,8 @@ ATTACKS: dict[str, AttackFactory] = {
     "apgd-ce": _apgd_ce,
     "apgd-dlr": _apgd_dlr,
     "apgd-t": _apgd_t,
+    "fab-t": _fab_t,
+    "fab": _fab,
     "deepfool": _deepfool,
     "cw": _cw,
     "square": _square,

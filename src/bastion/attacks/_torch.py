@@ -9,8 +9,9 @@ and never leaves torch inside a loop. The pieces:
 - losses: :func:`attack_loss` (``"ce"``, ``"dlr"``, both targeted or not, always a loss to
   *maximise*), :func:`loss_and_grad`, :func:`is_success`;
 - book-keeping: :class:`QueryCounter` (per-point model evaluations) and
-  :func:`run_fixed_epsilons`, the driver that turns a per-epsilon batch attack into an
-  :class:`~bastion.attacks.base.AttackResult` over a whole list of epsilons.
+  :func:`run_attack_epsilons`, the epsilon loop that
+  :meth:`bastion.attacks.base.FixedEpsilonAttack.run` runs around an attack's per-epsilon
+  hook and that gathers one :class:`~bastion.attacks.base.AttackResult`.
 
 Norm names are ``"linf"`` and ``"l2"`` (see :func:`bastion.attacks.base.check_norm`).
 """
@@ -87,6 +88,8 @@ def prepare_batch(
         if int(lab.min()) < 0 or (n_classes and int(lab.max()) >= n_classes):
             raise DataError(f"{name} must lie in [0, {n_classes}), got {lab.min()}..{lab.max()}")
     lo, hi = bounds_of(model)
+    if xt.numel() and not bool(torch.isfinite(xt).all()):
+        raise DataError("inputs hold NaN or infinite values", hint="drop or impute them")
     if xt.numel() and (float(xt.min()) < lo - BOUNDS_TOL or float(xt.max()) > hi + BOUNDS_TOL):
         raise DataError(
             f"inputs lie in [{float(xt.min()):.4g}, {float(xt.max()):.4g}], outside the "
@@ -114,6 +117,8 @@ def per_point(v: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | flo
 
 def flat_norm(d: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-point norm ``(n,)`` of a batch ``d``: ``"linf"``, ``"l2"`` or ``"l1"``."""
+    if d.numel() == 0:
+        return d.new_zeros(len(d))
     flat = d.reshape(len(d), -1)
     if flat.shape[1] == 0:
         return flat.new_zeros(len(d))
@@ -278,16 +283,6 @@ class QueryCounter:
         return self.counts.numpy().copy()
 
 
-BatchAttack = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor | None, float, torch.Tensor, QueryCounter],
-    tuple[torch.Tensor, torch.Tensor],
-]
-"""One epsilon of a fixed-budget attack: ``(x, y, target, eps, idx, counter) ->
-(x_adv, success)`` for the points ``idx`` of the full batch (``x``, ``y``, ``target`` are
-already those points). It must keep ``x_adv`` within ``eps`` of ``x`` in the attack's norm
-and within the bounds, and add its queries to ``counter`` (indices ``idx``)."""
-
-
 def clean_pass(
     logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, float]:
@@ -298,74 +293,117 @@ def clean_pass(
     return logits, gn
 
 
-def run_fixed_epsilons(
-    *,
-    name: str,
-    norm: str,
+def _require_scores(model: Any, name: str) -> None:
+    if not callable(getattr(model, "predict_proba", None)):
+        raise BastionError(
+            f"{name} needs model.predict_proba, which {type(model).__name__} lacks",
+            hint="wrap your classifier in a Bastion model adapter",
+        )
+
+
+def predict_scores(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """``model.predict_proba`` of a tensor batch, as a float64 tensor."""
+    return torch.as_tensor(np.asarray(model.predict_proba(x.detach().cpu().numpy()),
+                                      dtype=np.float64))
+
+
+def run_attack_epsilons(
+    attack: Any,
     model: Any,
     x: Any,
     y: Any,
+    *,
     epsilons: Sequence[float] | float,
-    target: Any | None,
-    attack: BatchAttack,
-    gradients: bool = True,
-    extra: dict[str, object] | None = None,
+    target: Any | None = None,
 ) -> AttackResult:
-    """Run ``attack`` at every epsilon and gather one :class:`AttackResult`.
+    """The epsilon loop every :class:`~bastion.attacks.base.FixedEpsilonAttack` runs.
 
-    Epsilons are visited in ascending order. Points the model already gets wrong (or, when
-    targeted, already puts in the target class) succeed with a zero perturbation; a point
-    fooled at a smaller epsilon keeps that adversarial input at every larger one (its norm
-    fits the larger budget too), so only the remaining points are attacked. ``eps = 0``
-    gives the clean input.
+    Epsilons are visited in ascending order. One clean pass (a gradient pass for a
+    white-box attack, ``predict_proba`` for a black-box one; one query per point) finds the
+    points the model already gets wrong (or, when targeted, already puts in the target
+    class): they succeed with a zero perturbation. A point fooled at a smaller epsilon keeps
+    that adversarial input at every larger one, so ``attack.attack_epsilon`` only sees the
+    remaining points; ``eps = 0`` gives the clean input. Whatever the hook returns is
+    projected onto the ``eps``-ball and clipped to the bounds; a claimed success that the
+    projection moved is re-checked with one more query.
 
-    Args:
-        name: the attack's name for the result.
-        norm: ``"linf"`` or ``"l2"``.
-        model: the model; with ``gradients=True`` it must be white-box.
-        x, y, target: the batch (NumPy or tensors), labels and optional target classes.
-        epsilons: budgets (validated with :func:`~bastion.attacks.base.check_epsilons`).
-        attack: the per-epsilon batch attack (see :class:`BatchAttack`).
-        gradients: compute clean logits and the mean clean gradient norm with the model's
-            ``logits`` (``extra["grad_norm_mean"]``); else use ``predict_proba``.
-        extra: diagnostics to add to the result's ``extra``.
+    ``extra`` gets ``grad_norm_mean`` (white-box), ``clean_accuracy``, ``mean_queries``,
+    ``queries_per_epsilon`` (the clean pass counts in the first epsilon's column) and the
+    attack's :meth:`extra_info`.
     """
+    from bastion._util import torch_generator
+    from bastion.attacks.base import EpsilonContext
+
+    name = str(getattr(attack, "name", type(attack).__name__))
+    norm = str(attack.norm)
+    white = bool(getattr(attack, "white_box", True))
     eps_list = check_epsilons(epsilons)
     start = time.perf_counter()
+    logits_fn = require_white_box(model, name) if white else None
+    if not white:
+        _require_scores(model, name)
     xt, yt, tt = prepare_batch(model, x, y, target)
+    bounds = bounds_of(model)
     n = len(xt)
     counter = QueryCounter(n)
-    info: dict[str, object] = dict(extra or {})
-    if n and gradients:
-        logits, gn = clean_pass(require_white_box(model, name), xt, yt)
+    info: dict[str, object] = {}
+    if n and logits_fn is not None:
+        clean_out, gn = clean_pass(logits_fn, xt, yt)
         info["grad_norm_mean"] = gn
     elif n:
-        logits = torch.as_tensor(np.asarray(model.predict_proba(xt.numpy())))
+        clean_out = predict_scores(model, xt)
     else:
-        logits = torch.zeros(0, int(getattr(model, "n_classes", 2)))
+        clean_out = torch.zeros(0, int(getattr(model, "n_classes", 2)))
     counter.add(None, 1)
-    clean_success = is_success(logits, yt, tt) if n else torch.zeros(0, dtype=torch.bool)
-    info["clean_accuracy"] = float((logits.argmax(1) == yt).float().mean()) if n else float("nan")
+    clean_success = is_success(clean_out, yt, tt) if n else torch.zeros(0, dtype=torch.bool)
+    info["clean_accuracy"] = (float((clean_out.argmax(1) == yt).float().mean()) if n
+                              else float("nan"))
 
+    seed = int(getattr(attack, "seed", 0) or 0)
+    gen = torch_generator(seed)
+    rng = np.random.default_rng(seed)
     x_adv = xt.unsqueeze(0).repeat(len(eps_list), *([1] * xt.ndim))
     success = torch.zeros(len(eps_list), n, dtype=torch.bool)
+    per_eps = np.zeros((len(eps_list), n), dtype=np.int64)
     done = clean_success.clone()
     done_x = xt.clone()
+    rechecked = 0
     for i, eps in enumerate(eps_list):
+        before = counter.counts.clone()
         x_adv[i] = done_x
         success[i] = done
         todo = torch.nonzero(~done).flatten()
-        if eps == 0 or len(todo) == 0:
-            continue
-        tsub = None if tt is None else tt[todo]
-        adv, ok = attack(xt[todo], yt[todo], tsub, float(eps), todo, counter)
-        x_adv[i, todo] = adv.detach().to(xt.dtype)
-        success[i, todo] = ok.cpu()
-        done = success[i].clone()
-        done_x = torch.where(per_point(done, xt), x_adv[i], done_x)  # type: ignore[arg-type]
+        if eps > 0 and len(todo):
+            tsub = None if tt is None else tt[todo]
+            ctx = EpsilonContext(model=model, logits=logits_fn, bounds=bounds, eps_index=i,
+                                 idx=todo, clean_logits=clean_out[todo], counter=counter,
+                                 gen=gen, rng=rng)
+            adv, ok = attack.attack_epsilon(ctx, xt[todo].clone(), yt[todo], tsub, float(eps))
+            adv = torch.as_tensor(adv).detach().to(xt.dtype).reshape(xt[todo].shape)
+            ok = torch.as_tensor(ok, dtype=torch.bool).reshape(-1).cpu()
+            fixed = project_and_clip(adv, xt[todo], float(eps), norm, bounds)
+            moved = ok & (flat_norm(fixed - adv, "linf") > BOUNDS_TOL)
+            if bool(moved.any()):  # the hook left the budget: trust only a fresh check
+                sel = torch.nonzero(moved).flatten()
+                with torch.no_grad():
+                    out = (logits_fn(fixed[sel]) if logits_fn is not None
+                           else predict_scores(model, fixed[sel]))
+                counter.add(todo[sel])
+                ok[sel] = is_success(out, yt[todo][sel], None if tsub is None else tsub[sel])
+                rechecked += len(sel)
+            x_adv[i, todo] = fixed
+            success[i, todo] = ok
+            done = success[i].clone()
+            done_x = torch.where(per_point(done, xt), x_adv[i], done_x)  # type: ignore[arg-type]
+        per_eps[i] = (counter.counts - before).numpy()
+    if n:  # the clean pass was counted before the loop: it belongs to column 0
+        per_eps[0] += 1
 
     norms = torch.stack([flat_norm(x_adv[i] - xt, norm) for i in range(len(eps_list))])
     info["mean_queries"] = float(counter.counts.float().mean()) if n else 0.0
+    info["queries_per_epsilon"] = per_eps.tolist()
+    info["rechecked_after_projection"] = rechecked
+    info.update(attack.extra_info())
     return AttackResult(
         attack=name,
         norm=norm,

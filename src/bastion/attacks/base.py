@@ -3,7 +3,13 @@
 Two kinds, as in Foolbox 3:
 
 - :class:`FixedEpsilonAttack`: finds an adversarial input within a budget ``eps``; one
-  ``run`` call covers a list of epsilons.
+  ``run`` call covers a list of epsilons. ``run`` is owned by the base class (as Foolbox's
+  ``FixedEpsilonAttack.__call__`` is): it validates the batch, makes ONE clean pass (logits
+  and the mean input-gradient norm), walks the epsilons in ascending order, calls the
+  attack's per-epsilon hook :meth:`FixedEpsilonAttack.attack_epsilon` only on the points not
+  yet fooled, then projects every returned input onto the budget and the bounds and
+  re-checks any success that the projection moved. An attack implements the hook, never
+  the loop.
 - :class:`MinimalAttack`: searches for the smallest perturbation that flips the decision
   and returns per-point norms, from which robust accuracy at any epsilon is read off.
 
@@ -21,7 +27,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -133,10 +139,48 @@ class Attack(ABC):  # noqa: B024 - the abstract run() is on the two subclasses
         return f"{type(self).__name__}({params})"
 
 
-class FixedEpsilonAttack(Attack):
-    """An attack with a perturbation budget: ``run(model, x, y, epsilons=[...])``."""
+@dataclass
+class EpsilonContext:
+    """What the base class hands an attack's per-epsilon hook.
 
-    @abstractmethod
+    Attributes:
+        model: the model being attacked.
+        logits: the model's differentiable logits function (``None`` for a black-box
+            attack, which only calls ``model.predict_proba``).
+        bounds: the model's input bounds ``(lo, hi)``.
+        eps_index: position of this epsilon in the run's (ascending) list.
+        idx: indices (into the whole batch) of the points this call attacks; use them for
+            ``counter.add``.
+        clean_logits: the model's output at the clean points ``idx`` (logits for a
+            white-box attack, probabilities for a black-box one), computed once per run.
+        counter: the run's :class:`~bastion.attacks._torch.QueryCounter`.
+        gen: a ``torch.Generator`` seeded with the attack's seed, shared by all epsilons
+            of the run.
+        rng: a NumPy ``Generator`` seeded likewise.
+    """
+
+    model: Any
+    logits: Any
+    bounds: tuple[float, float]
+    eps_index: int
+    idx: Any
+    clean_logits: Any
+    counter: Any
+    gen: Any
+    rng: np.random.Generator
+
+
+class FixedEpsilonAttack(Attack):
+    """An attack with a perturbation budget: ``run(model, x, y, epsilons=[...])``.
+
+    Subclasses implement :meth:`attack_epsilon` (one epsilon, a batch of tensors); the
+    inherited :meth:`run` owns the epsilon loop, the clean pass, clipping and
+    verification. ``white_box`` decides whether the clean pass uses the model's
+    gradients (and ``attack_epsilon`` gets ``ctx.logits``) or only ``predict_proba``.
+    """
+
+    seed: int = 0
+
     def run(
         self,
         model: object,
@@ -146,7 +190,27 @@ class FixedEpsilonAttack(Attack):
         epsilons: Sequence[float],
         target: np.ndarray | None = None,
     ) -> AttackResult:
-        """Run the attack; see the class docstring."""
+        """Attack ``x`` (labels ``y``, optional ``target`` classes) at every epsilon.
+
+        Do not override: implement :meth:`attack_epsilon`. (A wrapper that hands the whole
+        run to another attack, such as a transfer attack, may still override it.)
+        """
+        from bastion.attacks._torch import run_attack_epsilons
+
+        return run_attack_epsilons(self, model, x, y, epsilons=epsilons, target=target)
+
+    def attack_epsilon(
+        self, ctx: EpsilonContext, x: Any, y: Any, target: Any | None, eps: float
+    ) -> tuple[Any, Any]:
+        """Attack the points ``x`` (float tensor), labels ``y`` (int64 tensor), optional
+        ``target`` at budget ``eps > 0``; return ``(x_adv, success)`` tensors. ``x_adv``
+        outside the budget or the bounds is projected back by the base class (and its
+        success re-checked); queries go to ``ctx.counter`` at ``ctx.idx``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement attack_epsilon")
+
+    def extra_info(self) -> dict[str, object]:
+        """Attack-specific entries for ``AttackResult.extra`` (settings worth reporting)."""
+        return {}
 
 
 class MinimalAttack(Attack):

@@ -116,8 +116,16 @@ def scan(
     attacks: str | None = typer.Option(
         None,
         "--attacks",
-        help="Comma-separated attacks run as a cascade "
-        "(default: apgd-ce,apgd-t,square for white-box models; square,hsj for black-box).",
+        help="Comma-separated attacks run as a cascade instead of the preset's "
+        "(black-box models default to square,hsj).",
+    ),
+    preset: str = typer.Option(
+        "standard",
+        "--preset",
+        help="quick: APGD-CE, APGD-T (3 targets), Square-500, reported as a lower bound; "
+        "standard: AutoAttack's APGD-CE, APGD-T, FAB-T, Square-5000, measured order, "
+        "escalation when gradients lie; thorough: standard plus restarts, EOT for "
+        "randomised models and a larger escalation budget.",
     ),
     limit: int | None = typer.Option(None, "--limit", help="Use the first N test points."),
     weights: str | None = typer.Option(None, "--weights", help="State dict for python:FILE:FN."),
@@ -133,7 +141,7 @@ def scan(
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
-    """Worst-case robustness scan: an AutoAttack-style cascade, report.json and report.html."""
+    """Worst-case robustness scan (--preset quick|standard|thorough): report.json and .html."""
     from functools import partial
 
     from bastion.jobs import run_scan, run_with_deadline
@@ -155,6 +163,7 @@ def scan(
         tracking_uri=tracking_uri,
         track=not no_track,
         progress=c.show_progress(quiet),
+        preset=preset,
     )
     report, paths, warnings = run_with_deadline(job, timeout=timeout, what="scan", out_dir=out)
     for w in warnings:
@@ -162,7 +171,12 @@ def scan(
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
     if not quiet:
-        ra = ", ".join(f"eps={k}: {v:.3f}" for k, v in report.robust_accuracy.items())
+        ra = ", ".join(
+            f"eps={k}: {v:.3f} (95% {report.robust_interval[k][0]:.3f}-"
+            f"{report.robust_interval[k][1]:.3f})" if k in report.robust_interval
+            else f"eps={k}: {v:.3f}" for k, v in report.robust_accuracy.items())
+        if report.lower_bound:
+            ra += f" [preset {report.preset}: a lower bound on attack strength]"
         c.info(f"clean accuracy {report.clean_accuracy:.3f}; robust accuracy {ra}")
         for w in report.warnings:
             c.info(f"[yellow]check:[/] {w}")

@@ -49,7 +49,8 @@ def render_scan_html(report: ScanReport) -> str:
     page = HtmlPage(
         f"Robustness scan: {m.get('name', 'model')}",
         subtitle=(
-            f"{report.n_points} points, norm {report.norm}, seed {report.seed}, "
+            f"{report.n_points} points, norm {report.norm}, preset {report.preset}, "
+            f"seed {report.seed}, "
             f"{'white-box' if m.get('white_box') else 'black-box'} model, "
             f"Bastion {report.bastion_version}, {report.created_at}, "
             f"{report.duration_s:.1f} s"
@@ -63,9 +64,17 @@ def render_scan_html(report: ScanReport) -> str:
         f"{_pct(report.robust_accuracy[eps_key(worst_eps)])} at epsilon {worst_eps:.4g} "
         f"over the cascade {' -> '.join(report.attacks)}."
     )
-    rows: list[list[Any]] = [["clean", _pct(report.clean_accuracy)]]
-    rows += [[f"{e:.4g}", _pct(report.robust_accuracy[eps_key(e)])] for e in report.epsilons]
-    page.table(rows, ["epsilon", "robust accuracy"])
+    if report.lower_bound:
+        page.warning(
+            f"Preset {report.preset}: a cheap cascade, so this robust accuracy is a LOWER BOUND "
+            "on the attack's strength (the true robust accuracy may be lower). Use the "
+            "standard preset for a number to rely on.")
+    rows: list[list[Any]] = [["clean", _pct(report.clean_accuracy), ""]]
+    for e in report.epsilons:
+        iv = report.robust_interval.get(eps_key(e))
+        rows.append([f"{e:.4g}", _pct(report.robust_accuracy[eps_key(e)]),
+                     f"{_pct(iv[0])} - {_pct(iv[1])}" if iv else "-"])
+    page.table(rows, ["epsilon", "robust accuracy", "95% interval (Wilson)"])
     if report.warnings:
         for w in report.warnings:
             page.warning(w)
@@ -77,14 +86,33 @@ def render_scan_html(report: ScanReport) -> str:
 
     page.heading("Attacks")
     overview = [
-        [s.stage, s.name, s.kind, "white" if s.white_box else "black", s.points_attacked,
+        [s.stage, s.name, s.phase + (f" {s.round}" if s.round else ""), s.kind,
+         "white" if s.white_box else "black", s.points_attacked,
          s.points_broken, s.queries_total, round(s.queries_mean, 1), round(s.time_s, 2),
          "-" if s.grad_norm_mean is None else f"{s.grad_norm_mean:.3g}",
          s.error or ""]
         for s in report.per_attack
     ]
-    page.table(overview, ["stage", "attack", "kind", "box", "points attacked", "newly broken",
+    page.table(overview, ["stage", "attack", "phase", "kind", "box", "points attacked",
+                          "newly broken",
                           "queries", "queries/point", "time (s)", "grad norm", "error"])
+    if report.stage_order:
+        page.raw("<h3>Stage order</h3>")
+        so = report.stage_order
+        if so.get("measured"):
+            page.paragraph(f"Measured on a pilot of {so['pilot_points']} points, each stage "
+                           f"alone; rule: {so['rule']}.")
+            page.table([[r["stage"], r["points"], r["removed"], r["time_s"],
+                         "-" if r["s_per_removal"] is None else round(r["s_per_removal"], 3)]
+                        for r in so["stages"]],
+                       ["stage", "pilot points", "removed", "time (s)", "s per removal"])
+        else:
+            page.paragraph(str(so.get("note", "the order given")))
+    if report.escalations:
+        page.raw("<h3>Escalation</h3>")
+        page.table([[e["round"], e["attack"], e["max_queries"], e["points_attacked"],
+                     e["removed"], e["time_s"]] for e in report.escalations],
+                   ["round", "attack", "queries per point", "attacked", "removed", "time (s)"])
     if report.first_broken_by:
         counts: dict[str, int] = {}
         for who in report.first_broken_by:

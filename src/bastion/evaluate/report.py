@@ -61,6 +61,12 @@ class AttackSummary(BaseModel):
         description="claimed successes that failed re-verification (label, budget or bounds)",
     )
     error: str | None = Field(default=None, description="why the stage failed, if it did")
+    phase: Literal["pilot", "main", "escalation"] = Field(
+        default="main",
+        description="pilot: the stage alone on the first points, to measure its cost per "
+        "removal; main: the cascade; escalation: a round run because the gradients lied",
+    )
+    round: int = Field(default=0, description="escalation round (0 outside escalation)")
 
 
 class Example(BaseModel):
@@ -104,6 +110,27 @@ class ScanReport(BaseModel):
     )
     data: dict[str, Any]
     attacks: list[str] = Field(description="the cascade, in order")
+    preset: str = Field(default="custom",
+                        description="quick, standard, thorough, or custom (an attack list)")
+    lower_bound: bool = Field(
+        default=False,
+        description="true for the quick preset: a cheap cascade whose robust accuracy is "
+        "only an upper bound on the true one (a lower bound on the attack's strength)",
+    )
+    robust_interval: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="95% Wilson interval of the robust accuracy per epsilon (sampling "
+        "uncertainty over the scanned points only, not attack weakness)",
+    )
+    stage_order: dict[str, Any] = Field(
+        default_factory=dict, description="how the stage order was chosen (the pilot's "
+        "measurement of each stage's cost per removed point)")
+    escalations: list[dict[str, Any]] = Field(
+        default_factory=list, description="every escalation round: attack, budget, removed")
+    masking_evidence: dict[str, Any] = Field(
+        default_factory=dict,
+        description="points gradient-free stages broke after the gradient stages, per stage, "
+        "and the share of points with a zero input gradient")
     sanity: dict[str, Any] = Field(
         default_factory=dict, description="the numbers the sanity checks measured"
     )

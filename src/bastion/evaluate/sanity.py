@@ -114,30 +114,51 @@ def check_rejected(per_attack: Sequence[Any]) -> list[str]:
     return out
 
 
-def check_black_box_after_white_box(per_attack: Sequence[Any], n_points: int) -> list[str]:
-    """Warn when black-box stages broke points that earlier white-box stages left standing."""
+def check_black_box_after_white_box(
+    per_attack: Sequence[Any],
+    n_points: int,
+    *,
+    evidence: dict[str, Any] | None = None,
+    escalations: Sequence[dict[str, Any]] = (),
+) -> list[str]:
+    """Warn when black-box stages broke points that earlier white-box stages left standing,
+    naming the evidence (how many points, which stage) and any escalation rounds."""
     seen_white = False
-    count = 0
-    names = []
+    by_stage: dict[str, int] = {}
     for s in per_attack:
+        if getattr(s, "phase", "main") != "main":
+            continue
         if s.white_box:
             seen_white = True
             continue
-        if seen_white:
-            broke = int(s.points_broken)
-            if broke > 0:
-                count += broke
-                names.append(s.name)
+        if seen_white and int(s.points_broken) > 0:
+            by_stage[f"{s.stage}. {s.name}"] = int(s.points_broken)
+    count = sum(by_stage.values())
+    zero = (evidence or {}).get("zero_grad_fraction")
+    grads = ", ".join(s.name for s in per_attack
+                      if s.white_box and getattr(s, "phase", "main") == "main")
     if count >= 2 and count > BLACK_BOX_SHARE * n_points:
-        return [
-            f"Black-box attack(s) {', '.join(names)} broke {count} point(s) that the "
-            "white-box (gradient) attacks left standing. A gradient attack with the same "
-            "budget should be at least as strong, so the gradients are probably masked or "
-            "obfuscated (non-differentiable layers, randomness, saturated softmax). Do not "
-            "trust the white-box numbers: try BPDA/EOT-style adaptive attacks, more "
-            "black-box queries, or remove the non-differentiable part during evaluation."
-        ]
-    return []
+        what = "; ".join(f"stage {k} broke {v}" for k, v in by_stage.items())
+        msg = (f"Gradient masking: black-box stage(s) broke {count} of {n_points} point(s) "
+               f"that the gradient stages ({grads}) left standing ({what}). A gradient "
+               "attack with the same budget should be at least as strong, so the gradients "
+               "are masked or obfuscated (non-differentiable layers, randomness, saturated "
+               "softmax).")
+    elif zero is not None and zero > ZERO_GRAD_SHARE:
+        msg = (f"Gradient masking: the input gradient is zero on {zero:.0%} of the checked "
+               "points, so the gradient stages were blind there.")
+    else:
+        return []
+    if escalations:
+        rounds = ", ".join(f"round {e['round']} (square, {e['max_queries']} queries) removed "
+                           f"{e['removed']}" for e in escalations)
+        msg += (f" The scan escalated on the survivors: {rounds}; it stopped when a round "
+                "removed nothing or the budget ran out.")
+    else:
+        msg += " No escalation ran (quick preset, an attack list, or escalate=False)."
+    msg += (" Do not trust the white-box numbers alone: try the thorough preset (restarts, "
+            "EOT, BPDA through bpda=, a surrogate), or remove the non-differentiable part.")
+    return [msg]
 
 
 def _margin_grad_norms(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -5,8 +5,10 @@ ensemble run as a cascade gives a reliable worst case cheaply: each attack only 
 the points every earlier attack failed on, and a point counts as broken if *any* attack
 broke it. :func:`scan` does that, per epsilon:
 
-- white-box model (default): APGD-CE on every point, APGD-T on what still stands, then the
-  black-box Square attack on what is left (a guard against gradient masking);
+- white-box model: a preset (:mod:`bastion.evaluate.presets`; ``standard`` by default:
+  APGD-CE, APGD-T, FAB-T, then the black-box Square attack as a guard against gradient
+  masking, with a pilot that measures the gradient stages' cost per removed point and
+  escalation when the gradients lie);
 - black-box model (default): Square, then HopSkipJump (a minimal attack);
 - or any list of registered attack names (or attack objects), run in that order.
 
@@ -32,7 +34,7 @@ import numpy as np
 from bastion._util import set_seed
 from bastion.attacks.base import Attack, FixedEpsilonAttack, MinimalAttack, check_norm
 from bastion.errors import BastionError, DataError, ModelError
-from bastion.evaluate import sanity
+from bastion.evaluate import presets, sanity
 from bastion.evaluate.report import AttackSummary, Example, ScanReport, eps_key
 from bastion.models.base import is_white_box
 
@@ -63,6 +65,11 @@ def scan(
     progress: bool = False,
     attack_options: Mapping[str, Mapping[str, Any]] | None = None,
     sanity_checks: bool = True,
+    preset: str = "standard",
+    escalate: bool | None = None,
+    eot_samples: int = 10,
+    bpda: Any | None = None,
+    surrogate: Any | None = None,
 ) -> ScanReport:
     """Worst-case robust accuracy of ``model`` on ``(x, y)`` over a cascade of attacks.
 
@@ -85,6 +92,19 @@ def scan(
         attack_options: per-attack constructor options, e.g. ``{"apgd-ce": {"steps": 20}}``.
         sanity_checks: run the checks of :mod:`bastion.evaluate.sanity` (they cost a
             gradient pass and one cheap attack at a full-range epsilon).
+        preset: ``quick``, ``standard`` (default) or ``thorough`` (see
+            :mod:`bastion.evaluate.presets`); sets the cascade when ``attacks`` is None.
+        escalate: escalate when the gradients lie (a gradient-free stage breaks points the
+            gradient stages left standing, or the input gradients vanish): Square rounds
+            with a new seed and twice the queries on the survivors until a round removes
+            nothing, within the preset's budget. Default: on for ``standard`` and
+            ``thorough`` presets, off for ``quick`` and for an explicit ``attacks`` list.
+        eot_samples: draws averaged per query when ``thorough`` finds a randomised model.
+        bpda: a differentiable stand-in ``x -> logits`` for a model with declared
+            non-differentiable preprocessing; gradient stages use its gradient with the
+            real model's outputs (BPDA).
+        surrogate: a white-box model to transfer APGD-CE adversarials from (a final stage;
+            every transferred input is verified on ``model``).
 
     Raises:
         DataError: the data does not fit the model (shape, NaN/Inf, bounds, labels, empty).
@@ -98,55 +118,81 @@ def scan(
     eps_list = _check_epsilons(epsilons, norm, model.bounds)
     limit, batch_size, n_examples = _check_ints(limit, batch_size, n_examples)
     xa, ya, n_given = _check_data(model, x, y, limit)
-    stages = _resolve_attacks(model, attacks, norm=norm, seed=seed, options=attack_options)
+    preset = presets.check_preset(preset)
+    custom = attacks is not None
+    white = is_white_box(model)
+    if escalate is None:
+        escalate = (not custom) and preset != "quick"
+    attack_model, notes = _attack_model(model, xa, preset, custom, eot_samples, bpda)
+    stages = _resolve_attacks(model, attacks, norm=norm, seed=seed, options=attack_options,
+                              preset=preset)
+    if surrogate is not None:
+        stages.append(("transfer", TransferAttack(surrogate, norm=norm, seed=seed)))
 
     set_seed(seed)
     n, n_eps = len(ya), len(eps_list)
     clean_pred = _predict(model, xa, batch_size)
     correct = clean_pred == ya
-    robust = np.tile(correct, (n_eps, 1))
-    first: dict[int, dict[str, Any]] = {}
-    summaries: list[AttackSummary] = []
-    stage_warnings: list[str] = []
+    run = _Cascade(model, attack_model, xa, ya, np.tile(correct, (n_eps, 1)), eps_list, norm,
+                   batch_size, n_examples)
+
+    # the pilot: every stage alone on the first points, to measure its cost per removal
+    order_info: dict[str, Any] = {"measured": False}
+    pilot = np.zeros(n, dtype=bool)
+    measure = (not custom) and white and preset != "quick" and len(stages) > 1
+    n_pilot = min(presets.PILOT_POINTS, max(4, int(correct.sum()) // presets.PILOT_SHARE))
+    if measure and int(correct.sum()) >= 4 * n_pilot:
+        pilot[np.flatnonzero(correct)[:n_pilot]] = True
+        start = run.robust.copy()
+        own: list[dict[str, Any]] = []
+        for k, (name, atk) in enumerate(stages, start=1):
+            if not getattr(atk, "white_box", False):
+                continue  # gradient-free stages run last anyway: not worth a pilot
+            set_seed(seed + k)
+            summ, broke = run.stage(k, name, atk, mask=pilot, phase="pilot", start=start)
+            own.append({"stage": name, "points": n_pilot, "removed": int(broke),
+                        "time_s": round(summ.time_s, 3),
+                        "s_per_removal": (summ.time_s / broke) if broke else None,
+                        "gradient": bool(getattr(atk, "white_box", False))})
+        own = _pilot_rows(stages, own)
+        stages = _order_stages(stages, own)
+        order_info = {"measured": True, "pilot_points": n_pilot, "stages": own,
+                      "order": [nm for nm, _ in stages],
+                      "rule": "gradient stages by seconds per removed pilot point (ascending; "
+                              "none removed: last, in preset order); gradient-free stages "
+                              "after them in preset order (they are the masking check, and "
+                              "the costliest per point on robust models), so the pilot "
+                              "does not run them"}
+    elif not custom:
+        order_info["note"] = ("preset order (quick preset, black-box model or too few "
+                              "correctly classified points for a pilot)")
 
     with _progress_bar(progress, len(stages)) as advance:
         for k, (name, atk) in enumerate(stages, start=1):
             advance(f"{name} ({k}/{len(stages)})")
             set_seed(seed + k)
-            before = robust.copy()
-            try:
-                if isinstance(atk, MinimalAttack):
-                    stats = _run_minimal(atk, model, xa, ya, robust, eps_list, norm, batch_size)
-                else:
-                    stats = _run_fixed(cast(FixedEpsilonAttack, atk), model, xa, ya, robust,
-                                       eps_list, norm, batch_size)
-                error = None
-            except BastionError:
-                raise
-            except Exception as exc:  # an attack bug must not lose the whole scan
-                stats = _empty_stats(n_eps, n)
-                error = f"{type(exc).__name__}: {exc}"
-                stage_warnings.append(
-                    f"Attack {name} failed and was skipped ({error}); the robust accuracy "
-                    "is an overestimate by whatever it would have found. Fix the attack "
-                    "options or drop it from the list."
-                )
-            broken = stats["broken"] & before
-            robust = np.logical_and.accumulate(before & ~broken, axis=0)
-            for i, e, adv in stats["records"]:
-                if not before[_eps_index(eps_list, e), i]:
-                    continue
-                if i not in first or e < first[i]["epsilon"]:
-                    first[i] = {**adv, "epsilon": e, "attack": name}
-            # only the examples need the adversarial inputs: keep those of the lowest
-            # indices (the gallery picks by index), drop the rest to bound memory
-            keep = set(sorted(first)[:n_examples])
-            for i, rec in first.items():
-                if i not in keep:
-                    rec.pop("x_adv", None)
-            summaries.append(
-                _summary(k, name, atk, stats, before, robust, eps_list, n, error)
-            )
+            # the pilot already ran the gradient stages on its points; not the others
+            piloted = bool(pilot.any()) and bool(getattr(atk, "white_box", False))
+            run.stage(k, name, atk, mask=~pilot if piloted else None, phase="main")
+
+    # escalation: the gradients lied (a gradient-free stage broke what gradient stages left)
+    evidence = _masking_evidence(run.summaries)
+    grad_info: dict[str, Any] = {}
+    if escalate and white:
+        pick = np.flatnonzero(correct)[: sanity.SANITY_POINTS]
+        grad_info, _ = sanity.check_gradients(attack_model, xa[pick], ya[pick], [])
+    zero_frac = grad_info.get("zero_grad_fraction") or 0.0
+    # escalate on any two points (the masking *warning* keeps its 2%-of-points threshold):
+    # escalating costs at most the stated budget; a number the gradients lied about, more
+    triggered = evidence["points"] >= 2 or zero_frac > sanity.ZERO_GRAD_SHARE
+    escalations: list[dict[str, Any]] = []
+    if escalate and triggered:
+        escalations = _escalate(run, preset, norm, seed, len(stages), stages)
+    evidence["zero_grad_fraction"] = zero_frac if grad_info else None
+    evidence["escalated"] = bool(escalations)
+    robust = run.robust
+    first, summaries, stage_warnings = run.first, run.summaries, run.warnings
+    stage_warnings += notes
 
     robust_acc = {eps_key(e): float(robust[j].mean()) for j, e in enumerate(eps_list)}
     clean_acc = float(correct.mean())
@@ -155,8 +201,8 @@ def scan(
     broken_eps: list[float | None] = [None] * n
     for i in np.flatnonzero(~correct):
         broken_by[i], broken_eps[i] = "clean", 0.0
-    for i, rec in first.items():
-        broken_by[i], broken_eps[i] = str(rec["attack"]), float(rec["epsilon"])
+    for p, rec in first.items():
+        broken_by[p], broken_eps[p] = str(rec["attack"]), float(rec["epsilon"])
 
     warnings = list(stage_warnings)
     sanity_info: dict[str, Any] = {}
@@ -164,12 +210,13 @@ def scan(
         warnings += sanity.check_clean_accuracy(clean_acc, model.n_classes)
         warnings += sanity.check_rejected(summaries)
         warnings += sanity.check_monotone(summaries)
-        warnings += sanity.check_black_box_after_white_box(summaries, n)
+        warnings += sanity.check_black_box_after_white_box(summaries, n, evidence=evidence,
+                                                           escalations=escalations)
         pick = np.flatnonzero(correct)[: sanity.SANITY_POINTS]
         info, w = sanity.check_randomized(model, xa[pick])
         sanity_info.update(info)
         warnings += w
-        info, w = sanity.check_gradients(model, xa[pick], ya[pick], summaries)
+        info, w = sanity.check_gradients(attack_model, xa[pick], ya[pick], summaries)
         sanity_info.update(info)
         warnings += w
         set_seed(seed)
@@ -194,6 +241,13 @@ def scan(
         model=_model_info(model),
         data=_data_info(xa, ya, n_given, limit, correct, model),
         attacks=[name for name, _ in stages],
+        preset="custom" if custom else preset,
+        lower_bound=not custom and preset == "quick",
+        robust_interval={eps_key(e): list(presets.wilson_interval(int(robust[j].sum()), n))
+                         for j, e in enumerate(eps_list)},
+        stage_order=order_info,
+        escalations=escalations,
+        masking_evidence=evidence,
         sanity=sanity_info,
         duration_s=time.perf_counter() - t_start,
         bastion_version=__version__,
@@ -332,12 +386,18 @@ def _resolve_attacks(
     norm: str,
     seed: int,
     options: Mapping[str, Mapping[str, Any]] | None,
+    preset: str = "quick",
 ) -> list[tuple[str, Attack]]:
     from bastion.attacks import ATTACKS, get_attack
 
     white = is_white_box(model)
-    if attacks is None:
-        attacks = list(WHITE_BOX_CASCADE if white else BLACK_BOX_CASCADE)
+    base: dict[str, dict[str, Any]] = {}
+    if attacks is None and white:
+        staged = presets.preset_stages(preset, norm)
+        attacks = [nm for nm, _ in staged]
+        base = {nm: o for nm, o in staged}
+    elif attacks is None:
+        attacks = list(BLACK_BOX_CASCADE)
     elif isinstance(attacks, str):
         attacks = [attacks]
     attacks = list(attacks)
@@ -357,7 +417,8 @@ def _resolve_attacks(
     for a in attacks:
         if isinstance(a, str):
             name = a.lower().replace("_", "-")
-            atk = get_attack(name, norm=norm, seed=seed, **opts.get(name, {}))
+            atk = get_attack(name, norm=norm, seed=seed,
+                             **{**base.get(name, {}), **opts.get(name, {})})
         elif isinstance(a, FixedEpsilonAttack | MinimalAttack):
             atk = a
             name = str(getattr(a, "name", type(a).__name__))
@@ -443,43 +504,52 @@ def _chunks(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 def _run_fixed(
     atk: FixedEpsilonAttack, model: Any, x: np.ndarray, y: np.ndarray, robust: np.ndarray,
-    eps_list: list[float], norm: str, batch_size: int,
+    eps_list: list[float], norm: str, batch_size: int, attack_model: Any = None,
 ) -> dict[str, Any]:
+    """One call per chunk covers every epsilon at which the chunk's points still stand
+    (so the attack's clean pass runs once per point, not once per epsilon). Points are
+    grouped by how many epsilons they still stand at (robustness only falls with epsilon)."""
     st = _empty_stats(len(eps_list), len(y))
     t0 = time.perf_counter()
     recorded: set[int] = set()
-    for j, e in enumerate(eps_list):
-        if e <= 0:
-            continue  # nothing can move inside a zero budget
-        idx = np.flatnonzero(robust[j])
+    depth = robust.sum(axis=0)  # point i stands at eps_list[:depth[i]]
+    for k in sorted({int(d) for d in depth if d > 0}, reverse=True):
+        cols = [j for j in range(k) if eps_list[j] > 0]  # nothing moves inside a zero budget
+        if not cols:
+            continue
+        idx = np.flatnonzero(depth == k)
         for c in _chunks(idx, batch_size):
-            res = atk.run(model, x[c], y[c], epsilons=[e])
-            claimed = np.asarray(res.success).reshape(-1, len(c))[0].astype(bool)
-            x_adv = np.asarray(res.x_adv)[0]
-            ok, pn, apred = _verify(model, x[c], y[c], x_adv, claimed, norm, batch_size, e)
-            st["rejected"] += int((claimed & ~ok).sum())
-            st["attacked"][j, c] = True
-            st["success"][j, c] = ok
-            st["broken"][j, c] = ok
+            res = atk.run(model if attack_model is None else attack_model, x[c], y[c],
+                          epsilons=[eps_list[j] for j in cols])
+            succ_all = np.asarray(res.success).reshape(len(cols), len(c)).astype(bool)
+            adv_all = np.asarray(res.x_adv)
             st["queries"] += int(np.asarray(res.queries).sum())
             g = res.extra.get("grad_norm_mean") if res.extra else None
             if isinstance(g, int | float | np.floating):
                 st["grad"].append((float(g), len(c)))
-            for p in np.flatnonzero(ok):
-                if int(c[p]) in recorded:
-                    continue  # epsilons ascend: the first record is the smallest budget
-                recorded.add(int(c[p]))
-                st["records"].append(
-                    (int(c[p]), e, {"x_adv": x_adv[p].copy(), "adv_pred": int(apred[p]),
-                                    "norm": float(pn[p])})
-                )
+            for jj, j in enumerate(cols):
+                e = eps_list[j]
+                ok, pn, apred = _verify(model, x[c], y[c], adv_all[jj], succ_all[jj], norm,
+                                        batch_size, e)
+                st["rejected"] += int((succ_all[jj] & ~ok).sum())
+                st["attacked"][j, c] = True
+                st["success"][j, c] = ok
+                st["broken"][j, c] = ok
+                for p in np.flatnonzero(ok):
+                    if int(c[p]) in recorded:
+                        continue  # epsilons ascend: the first record is the smallest budget
+                    recorded.add(int(c[p]))
+                    st["records"].append(
+                        (int(c[p]), e, {"x_adv": adv_all[jj][p].copy(),
+                                        "adv_pred": int(apred[p]), "norm": float(pn[p])})
+                    )
     st["time_s"] = time.perf_counter() - t0
     return st
 
 
 def _run_minimal(
     atk: MinimalAttack, model: Any, x: np.ndarray, y: np.ndarray, robust: np.ndarray,
-    eps_list: list[float], norm: str, batch_size: int,
+    eps_list: list[float], norm: str, batch_size: int, attack_model: Any = None,
 ) -> dict[str, Any]:
     st = _empty_stats(len(eps_list), len(y))
     st["kind"] = "minimal"
@@ -487,7 +557,7 @@ def _run_minimal(
     live = np.array([e > 0 for e in eps_list])
     idx = np.flatnonzero((robust & live[:, None]).any(axis=0))
     for c in _chunks(idx, batch_size):
-        res = atk.run(model, x[c], y[c])
+        res = atk.run(model if attack_model is None else attack_model, x[c], y[c])
         claimed = np.asarray(res.success).reshape(-1, len(c))[0].astype(bool)
         x_adv = np.asarray(res.x_adv)[0]
         ok, pn, apred = _verify(model, x[c], y[c], x_adv, claimed, norm, batch_size, None)
@@ -515,6 +585,195 @@ def _run_minimal(
                 )
     st["time_s"] = time.perf_counter() - t0
     return st
+
+
+class _Cascade:
+    """The scan's running state: which points still stand at which epsilon, the first
+    break of every point, the per-stage summaries and stage failures."""
+
+    def __init__(self, model: Any, attack_model: Any, x: np.ndarray, y: np.ndarray,
+                 robust: np.ndarray, eps_list: list[float], norm: str, batch_size: int,
+                 n_examples: int) -> None:
+        self.model, self.attack_model = model, attack_model
+        self.x, self.y, self.robust = x, y, robust
+        self.eps_list, self.norm, self.batch_size = eps_list, norm, batch_size
+        self.n_examples = n_examples
+        self.first: dict[int, dict[str, Any]] = {}
+        self.summaries: list[AttackSummary] = []
+        self.warnings: list[str] = []
+        self.last_own = np.zeros(len(y), dtype=bool)
+
+    def stage(self, k: int, name: str, atk: Attack, *, mask: np.ndarray | None = None,
+              phase: str = "main", round_: int = 0, start: np.ndarray | None = None
+              ) -> tuple[AttackSummary, int]:
+        """Run one stage on the points still standing (within ``mask``; from ``start``
+        instead of the current state for a pilot, where every stage runs on its own).
+        Returns its summary and the number of points it broke on its own."""
+        n = len(self.y)
+        before = self.robust.copy()
+        todo = (before if start is None else start) & (
+            np.ones(n, dtype=bool) if mask is None else mask)[None]
+        error = None
+        try:
+            if isinstance(atk, MinimalAttack):
+                stats = _run_minimal(atk, self.model, self.x, self.y, todo, self.eps_list,
+                                     self.norm, self.batch_size, self.attack_model)
+            else:
+                stats = _run_fixed(cast(FixedEpsilonAttack, atk), self.model, self.x, self.y,
+                                   todo, self.eps_list, self.norm, self.batch_size,
+                                   self.attack_model)
+        except BastionError:
+            raise
+        except Exception as exc:  # an attack bug must not lose the whole scan
+            stats = _empty_stats(len(self.eps_list), n)
+            error = f"{type(exc).__name__}: {exc}"
+            self.warnings.append(
+                f"Attack {name} failed and was skipped ({error}); the robust accuracy "
+                "is an overestimate by whatever it would have found. Fix the attack "
+                "options or drop it from the list."
+            )
+        own_mask = (stats["broken"] & todo).any(axis=0)
+        own = int(own_mask.sum())
+        self.last_own = own_mask
+        broken = stats["broken"] & before
+        self.robust = np.logical_and.accumulate(before & ~broken, axis=0)
+        for i, e, adv in stats["records"]:
+            if not before[_eps_index(self.eps_list, e), i]:
+                continue
+            if i not in self.first or e < self.first[i]["epsilon"]:
+                self.first[i] = {**adv, "epsilon": e, "attack": name}
+        # only the examples need the adversarial inputs: keep those of the lowest
+        # indices (the gallery picks by index), drop the rest to bound memory
+        keep = set(sorted(self.first)[: self.n_examples])
+        for i, rec in self.first.items():
+            if i not in keep:
+                rec.pop("x_adv", None)
+        summ = _summary(k, name, atk, stats, before, self.robust, self.eps_list, n, error)
+        summ.phase, summ.round = phase, round_  # type: ignore[assignment]
+        self.summaries.append(summ)
+        return summ, own
+
+
+class TransferAttack(FixedEpsilonAttack):
+    """APGD-CE on a white-box ``surrogate``; the scan verifies every input on the real
+    model (a transfer attack: no gradient of the real model is used)."""
+
+    name = "transfer"
+    white_box = False
+
+    def __init__(self, surrogate: Any, *, norm: str, seed: int = 0, steps: int = 100) -> None:
+        from bastion.attacks import get_attack
+
+        if not is_white_box(surrogate):
+            raise BastionError("the surrogate must be a white-box model (with logits)",
+                               hint="wrap a torch module in TorchModel")
+        self.surrogate, self.norm, self.seed = surrogate, norm, seed
+        self.inner = cast(FixedEpsilonAttack,
+                          get_attack("apgd-ce", norm=norm, seed=seed, steps=steps))
+
+    def run(self, model: object, x: np.ndarray, y: np.ndarray, *,
+            epsilons: Sequence[float], target: np.ndarray | None = None) -> Any:
+        res = self.inner.run(self.surrogate, x, y, epsilons=epsilons, target=target)
+        res.attack = self.name
+        return res
+
+    def __repr__(self) -> str:
+        return f"TransferAttack(surrogate={getattr(self.surrogate, 'name', '?')}, {self.inner!r})"
+
+
+def _attack_model(model: Any, x: np.ndarray, preset: str, custom: bool, eot_samples: int,
+                  bpda: Any) -> tuple[Any, list[str]]:
+    """The model the attacks see: EOT over a randomised model (``thorough``), BPDA through
+    a declared approximation. Predictions are always verified on the real model."""
+    notes: list[str] = []
+    out = model
+    if preset == "thorough" and not custom:
+        info, _ = sanity.check_randomized(model, x[: sanity.SANITY_POINTS])
+        change = info.get("output_change_on_repeat") or 0.0
+        if change > sanity.RANDOM_TOL:
+            out = presets.EOTModel(model, eot_samples)
+            notes.append(f"The model is randomised (outputs moved by {change:.3g} on a repeat "
+                         f"query): the attacks saw the average of {eot_samples} draws (EOT).")
+    if bpda is not None:
+        if not is_white_box(model) and not callable(getattr(model, "predict_proba", None)):
+            raise ModelError("bpda needs a model with predict_proba")
+        out = presets.BPDAModel(out, bpda)
+    return out, notes
+
+
+def _pilot_rows(stages: list[tuple[str, Attack]], rows: list[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """One row per stage, in stage order; gradient-free stages (not run in the pilot) get
+    an empty measurement."""
+    by_name = {r["stage"]: r for r in rows}
+    return [by_name.get(nm, {"stage": nm, "points": 0, "removed": 0, "time_s": 0.0,
+                             "s_per_removal": None, "gradient": False})
+            for nm, _ in stages]
+
+
+def _order_stages(stages: list[tuple[str, Attack]], own: list[dict[str, Any]]
+                  ) -> list[tuple[str, Attack]]:
+    """Gradient stages by measured seconds per removed pilot point (none removed: last,
+    in preset order), then the gradient-free stages in preset order."""
+    grad = [(i, st) for i, st in enumerate(stages) if own[i]["gradient"]]
+    free = [st for i, st in enumerate(stages) if not own[i]["gradient"]]
+
+    def key(item: tuple[int, tuple[str, Attack]]) -> tuple[int, float, int]:
+        i = item[0]
+        spr = own[i]["s_per_removal"]
+        return (0, float(spr), i) if spr is not None else (1, 0.0, i)
+
+    return [st for _, st in sorted(grad, key=key)] + free
+
+
+def _masking_evidence(summaries: Sequence[AttackSummary]) -> dict[str, Any]:
+    """Points gradient-free stages broke that the gradient stages before them left
+    standing (main phase), per stage. (The pilot's share is added by the caller: points a
+    gradient-free stage broke there that no gradient stage broke on its own.)"""
+    by_stage: dict[str, int] = {}
+    seen_white = False
+    for s in summaries:
+        if s.phase != "main":
+            continue
+        if s.white_box:
+            seen_white = True
+        elif seen_white and s.points_broken > 0:
+            by_stage[f"{s.stage}. {s.name}"] = int(s.points_broken)
+    return {"points": int(sum(by_stage.values())), "by_stage": by_stage,
+            "gradient_stages": [s.name for s in summaries if s.white_box and s.phase == "main"]}
+
+
+def _escalate(run: _Cascade, preset: str, norm: str, seed: int, k0: int,
+              stages: Sequence[tuple[str, Attack]]) -> list[dict[str, Any]]:
+    """Square rounds on the survivors, each with a new seed and twice the queries of the
+    last (the first gets a fifth of the preset's Square budget), until one removes nothing
+    or the budget (``ESCALATION_BUDGET`` times the preset's Square queries per point, over
+    all rounds) is spent."""
+    from bastion.attacks import get_attack
+
+    base_q = next((int(getattr(a, "max_queries", 0)) for _, a in stages
+                   if getattr(a, "name", "") == "square"), 1000) or 1000
+    budget = int(presets.ESCALATION_BUDGET.get(preset, 3.0) * base_q)
+    rounds: list[dict[str, Any]] = []
+    q, spent = max(base_q // 10, 50), 0  # round 1: a fifth of the preset's Square budget
+    for r in range(1, presets.MAX_ROUNDS.get(preset, 3) + 1):
+        q = min(q * 2, budget - spent)
+        if q < 50 or not run.robust.any():
+            break
+        atk = get_attack("square", norm=norm, seed=seed + 1000 * r, max_queries=q,
+                         p_init=presets.SQUARE_P_INIT[norm])
+        set_seed(seed + 1000 * r)
+        summ, removed = run.stage(k0 + r, f"square-escalation-{r}", atk, phase="escalation",
+                                  round_=r)
+        spent += q
+        rounds.append({"round": r, "attack": "square", "max_queries": q, "seed": seed + 1000 * r,
+                       "points_attacked": summ.points_attacked, "removed": removed,
+                       "time_s": round(summ.time_s, 3)})
+        if removed == 0:
+            break
+    if rounds:
+        rounds[-1]["budget_queries_per_point"] = budget
+    return rounds
 
 
 def _eps_index(eps_list: list[float], e: float) -> int:

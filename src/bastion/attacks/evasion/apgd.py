@@ -17,26 +17,21 @@ of the top ``n_target_classes`` other classes in turn.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import numpy as np
 import torch
 
-from bastion._util import torch_generator
 from bastion.attacks._torch import (
     QueryCounter,
-    bounds_of,
     clip_to_bounds,
     flat_norm,
     is_success,
     loss_and_grad,
     per_point,
     project_and_clip,
-    require_white_box,
-    run_fixed_epsilons,
     step_direction,
 )
-from bastion.attacks.base import AttackResult, FixedEpsilonAttack, check_norm
+from bastion.attacks.base import EpsilonContext, FixedEpsilonAttack, check_norm
 from bastion.errors import BastionError
 
 Tensor = torch.Tensor
@@ -198,36 +193,20 @@ class APGD(FixedEpsilonAttack):
         self.seed = int(seed)
         self.name = f"apgd-{loss}"
 
-    def run(
-        self,
-        model: object,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epsilons: Sequence[float],
-        target: np.ndarray | None = None,
-    ) -> AttackResult:
-        logits_fn = require_white_box(model, self.name)
-        bounds = bounds_of(model)
-        gen = torch_generator(self.seed)
-
-        def attack(x0: Tensor, y0: Tensor, t0: Tensor | None, eps: float, idx: Tensor,
-                   counter: QueryCounter) -> tuple[Tensor, Tensor]:
-            best, found = x0.clone(), torch.zeros(len(x0), dtype=torch.bool)
-            for _ in range(self.restarts):
-                todo = torch.nonzero(~found).flatten()
-                if len(todo) == 0:
-                    break
-                tt = None if t0 is None else t0[todo]
-                adv, ok = apgd_single_run(
-                    logits_fn, x0[todo], y0[todo], eps=eps, norm=self.norm, loss=self.loss,
-                    steps=self.steps, rho=self.rho, bounds=bounds, gen=gen, idx=idx[todo],
-                    counter=counter, loss_target=tt, success_target=tt)
-                best[todo], found[todo] = adv, ok
-            return best, found
-
-        return run_fixed_epsilons(name=self.name, norm=self.norm, model=model, x=x, y=y,
-                                  epsilons=epsilons, target=target, attack=attack)
+    def attack_epsilon(self, ctx: EpsilonContext, x: Tensor, y: Tensor, target: Tensor | None,
+                       eps: float) -> tuple[Tensor, Tensor]:
+        best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+        for _ in range(self.restarts):
+            todo = torch.nonzero(~found).flatten()
+            if len(todo) == 0:
+                break
+            tt = None if target is None else target[todo]
+            adv, ok = apgd_single_run(
+                ctx.logits, x[todo], y[todo], eps=eps, norm=self.norm, loss=self.loss,
+                steps=self.steps, rho=self.rho, bounds=ctx.bounds, gen=ctx.gen,
+                idx=ctx.idx[todo], counter=ctx.counter, loss_target=tt, success_target=tt)
+            best[todo], found[todo] = adv, ok
+        return best, found
 
 
 class APGDT(FixedEpsilonAttack):
@@ -253,7 +232,7 @@ class APGDT(FixedEpsilonAttack):
         target: optional target classes ``(n,)``; then only these are tried and success
             means predicting them.
 
-    Queries: one forward pass at the clean point, then one per gradient.
+    Queries: one per gradient (the target classes come from the base class's clean pass).
     """
 
     name = "apgd-t"
@@ -277,42 +256,24 @@ class APGDT(FixedEpsilonAttack):
         self.rho = float(rho)
         self.seed = int(seed)
 
-    def run(
-        self,
-        model: object,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epsilons: Sequence[float],
-        target: np.ndarray | None = None,
-    ) -> AttackResult:
-        logits_fn = require_white_box(model, self.name)
-        bounds = bounds_of(model)
-        gen = torch_generator(self.seed)
-
-        def attack(x0: Tensor, y0: Tensor, t0: Tensor | None, eps: float, idx: Tensor,
-                   counter: QueryCounter) -> tuple[Tensor, Tensor]:
-            if t0 is None:
-                with torch.no_grad():
-                    order = logits_fn(x0).argsort(dim=1)
-                counter.add(idx)
-                n_t = min(self.n_target_classes, order.shape[1] - 1)
-                targets = [order[:, -r] for r in range(2, n_t + 2)]
-            else:
-                targets = [t0]
-            best, found = x0.clone(), torch.zeros(len(x0), dtype=torch.bool)
-            for tc in targets:
-                for _ in range(self.restarts):
-                    todo = torch.nonzero(~found).flatten()
-                    if len(todo) == 0:
-                        return best, found
-                    adv, ok = apgd_single_run(
-                        logits_fn, x0[todo], y0[todo], eps=eps, norm=self.norm, loss="dlr",
-                        steps=self.steps, rho=self.rho, bounds=bounds, gen=gen, idx=idx[todo],
-                        counter=counter, loss_target=tc[todo],
-                        success_target=None if t0 is None else t0[todo])
-                    best[todo], found[todo] = adv, ok
-            return best, found
-
-        return run_fixed_epsilons(name=self.name, norm=self.norm, model=model, x=x, y=y,
-                                  epsilons=epsilons, target=target, attack=attack)
+    def attack_epsilon(self, ctx: EpsilonContext, x: Tensor, y: Tensor, target: Tensor | None,
+                       eps: float) -> tuple[Tensor, Tensor]:
+        if target is None:  # the targets: the classes ranked highest at the clean point
+            order = ctx.clean_logits.argsort(dim=1)
+            n_t = min(self.n_target_classes, order.shape[1] - 1)
+            targets = [order[:, -r] for r in range(2, n_t + 2)]
+        else:
+            targets = [target]
+        best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+        for tc in targets:
+            for _ in range(self.restarts):
+                todo = torch.nonzero(~found).flatten()
+                if len(todo) == 0:
+                    return best, found
+                adv, ok = apgd_single_run(
+                    ctx.logits, x[todo], y[todo], eps=eps, norm=self.norm, loss="dlr",
+                    steps=self.steps, rho=self.rho, bounds=ctx.bounds, gen=ctx.gen,
+                    idx=ctx.idx[todo], counter=ctx.counter, loss_target=tc[todo],
+                    success_target=None if target is None else target[todo])
+                best[todo], found[todo] = adv, ok
+        return best, found

@@ -7,22 +7,17 @@ normalised gradient (L2, the "fast gradient method").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 import torch
 
 from bastion.attacks._torch import (
-    QueryCounter,
-    bounds_of,
     is_success,
     loss_and_grad,
     project_and_clip,
-    require_white_box,
-    run_fixed_epsilons,
     step_direction,
 )
-from bastion.attacks.base import AttackResult, FixedEpsilonAttack, check_norm
+from bastion.attacks.base import EpsilonContext, FixedEpsilonAttack, check_norm
+
+Tensor = torch.Tensor
 
 
 class FGSM(FixedEpsilonAttack):
@@ -50,33 +45,13 @@ class FGSM(FixedEpsilonAttack):
         self.norm = check_norm(norm)
         self.seed = int(seed)
 
-    def run(
-        self,
-        model: object,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epsilons: Sequence[float],
-        target: np.ndarray | None = None,
-    ) -> AttackResult:
-        logits_fn = require_white_box(model, self.name)
-        bounds = bounds_of(model)
-
-        def attack(
-            x0: torch.Tensor,
-            y0: torch.Tensor,
-            t0: torch.Tensor | None,
-            eps: float,
-            idx: torch.Tensor,
-            counter: QueryCounter,
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            _, grad, _ = loss_and_grad(logits_fn, x0, y0, t0, "ce")
-            x_adv = project_and_clip(x0 + eps * step_direction(grad, self.norm), x0, eps,
-                                     self.norm, bounds)
-            with torch.no_grad():
-                ok = is_success(logits_fn(x_adv), y0, t0)
-            counter.add(idx, 2)
-            return x_adv, ok
-
-        return run_fixed_epsilons(name=self.name, norm=self.norm, model=model, x=x, y=y,
-                                  epsilons=epsilons, target=target, attack=attack)
+    def attack_epsilon(self, ctx: EpsilonContext, x: Tensor, y: Tensor, target: Tensor | None,
+                       eps: float) -> tuple[Tensor, Tensor]:
+        logits_fn = ctx.logits
+        _, grad, _ = loss_and_grad(logits_fn, x, y, target, "ce")
+        x_adv = project_and_clip(x + eps * step_direction(grad, self.norm), x, eps, self.norm,
+                                 ctx.bounds)
+        with torch.no_grad():
+            ok = is_success(logits_fn(x_adv), y, target)
+        ctx.counter.add(ctx.idx, 2)
+        return x_adv, ok

@@ -13,14 +13,9 @@ random starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 import torch
 
-from bastion._util import torch_generator
 from bastion.attacks._torch import (
-    QueryCounter,
     bounds_of,
     clip_to_bounds,
     is_success,
@@ -28,10 +23,9 @@ from bastion.attacks._torch import (
     project_and_clip,
     random_in_ball,
     require_white_box,
-    run_fixed_epsilons,
     step_direction,
 )
-from bastion.attacks.base import AttackResult, FixedEpsilonAttack, check_norm
+from bastion.attacks.base import EpsilonContext, FixedEpsilonAttack, check_norm
 from bastion.errors import BastionError
 
 LOSSES = ("ce", "dlr")
@@ -145,21 +139,12 @@ class PGD(FixedEpsilonAttack):
             return float(self.rel_stepsize) * eps
         return 2.5 * eps / self.steps
 
-    def run(
-        self,
-        model: object,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epsilons: Sequence[float],
-        target: np.ndarray | None = None,
-    ) -> AttackResult:
-        logits_fn = require_white_box(model, self.name)
-        bounds = bounds_of(model)
-        gen = torch_generator(self.seed)
+    def attack_epsilon(self, ctx: EpsilonContext, x: Tensor, y: Tensor, target: Tensor | None,
+                       eps: float) -> tuple[Tensor, Tensor]:
+        logits_fn, bounds, gen, counter = ctx.logits, ctx.bounds, ctx.gen, ctx.counter
 
-        def one_restart(x0: Tensor, y0: Tensor, t0: Tensor | None, eps: float, idx: Tensor,
-                        counter: QueryCounter) -> tuple[Tensor, Tensor]:
+        def one_restart(x0: Tensor, y0: Tensor, t0: Tensor | None, idx: Tensor
+                        ) -> tuple[Tensor, Tensor]:
             alpha = self._alpha(eps)
             x_adv = x0.clone()
             if self.random_start:
@@ -185,17 +170,12 @@ class PGD(FixedEpsilonAttack):
             out[active], ok[active] = x_adv, hit
             return out, ok
 
-        def attack(x0: Tensor, y0: Tensor, t0: Tensor | None, eps: float, idx: Tensor,
-                   counter: QueryCounter) -> tuple[Tensor, Tensor]:
-            best, found = x0.clone(), torch.zeros(len(x0), dtype=torch.bool)
-            for _ in range(self.restarts):
-                todo = torch.nonzero(~found).flatten()
-                if len(todo) == 0:
-                    break
-                adv, ok = one_restart(x0[todo], y0[todo], None if t0 is None else t0[todo],
-                                      eps, idx[todo], counter)
-                best[todo], found[todo] = adv, ok
-            return best, found
-
-        return run_fixed_epsilons(name=self.name, norm=self.norm, model=model, x=x, y=y,
-                                  epsilons=epsilons, target=target, attack=attack)
+        best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+        for _ in range(self.restarts):
+            todo = torch.nonzero(~found).flatten()
+            if len(todo) == 0:
+                break
+            adv, ok = one_restart(x[todo], y[todo], None if target is None else target[todo],
+                                  ctx.idx[todo])
+            best[todo], found[todo] = adv, ok
+        return best, found

@@ -20,12 +20,12 @@ fooled, so every point's query count is exact and never above ``max_queries``.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
-from bastion.attacks.base import AttackResult, FixedEpsilonAttack, check_epsilons, check_norm
+from bastion.attacks.base import EpsilonContext, FixedEpsilonAttack, check_norm
 from bastion.errors import BastionError, DataError
 
 #: The paper's standard ``p_init`` per norm (ImageNet); robust or small models may want more.
@@ -81,54 +81,27 @@ class Square(FixedEpsilonAttack):
         self.loss = loss
         self.seed = int(seed)
 
-    def run(
-        self,
-        model: object,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epsilons: Sequence[float] | float,
-        target: np.ndarray | None = None,
-    ) -> AttackResult:
-        """Attack ``x`` (true labels ``y``) at every epsilon; see the class docstring."""
-        t0 = time.perf_counter()
-        eps_list = check_epsilons(epsilons)
-        x, y, target = check_blackbox_inputs(model, x, y, target)
-        targeted = target is not None
-        labels = target if target is not None else y
-        n = len(x)
-        lo, hi = (float(b) for b in model.bounds)  # type: ignore[attr-defined]
-        rng = np.random.default_rng(self.seed)
-        n_eps = len(eps_list)
-        shape3 = image_shape(x.shape[1:])
-        x3 = x.reshape((n, *shape3)).astype(np.float64)
+    def attack_epsilon(self, ctx: EpsilonContext, x: torch.Tensor, y: torch.Tensor,
+                       target: torch.Tensor | None, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random search at one epsilon; the clean query of each point counts in the first
+        epsilon's budget."""
+        budget = self.max_queries - (1 if ctx.eps_index == 0 else 0)
+        xn = x.detach().cpu().numpy().astype(np.float32)
+        if budget <= 0:
+            return x, torch.zeros(len(x), dtype=torch.bool)
+        labels = (target if target is not None else y).cpu().numpy().astype(np.int64)
+        lo, hi = ctx.bounds
+        x3 = xn.reshape((len(xn), *image_shape(xn.shape[1:]))).astype(np.float64)
+        attack = self._linf if self.norm == "linf" else self._l2
+        xb, s, q = attack(ctx.model, x3, labels, eps, budget, lo, hi, ctx.rng,
+                          target is not None)
+        ctx.counter.add(ctx.idx, torch.as_tensor(q, dtype=torch.int64))
+        return (torch.from_numpy(xb.reshape(xn.shape).astype(np.float32)),
+                torch.from_numpy(np.asarray(s, dtype=bool)))
 
-        queries = np.zeros((n_eps, n), dtype=np.int64)
-        x_adv = np.repeat(x[None], n_eps, axis=0)
-        success = np.zeros((n_eps, n), dtype=bool)
-        if n == 0:
-            return self._result(eps_list, x_adv, success, x, queries, targeted, t0)
-
-        probs = query(model, x, x.dtype)
-        queries[0] += 1
-        _, done0 = scores(probs, labels, targeted, self.loss)
-
-        for k, eps in enumerate(eps_list):
-            budget = self.max_queries - (1 if k == 0 else 0)
-            succ = done0.copy()
-            if k > 0:  # fooled at a smaller epsilon: fooled here too, for free
-                prev = success[k - 1] & ~done0
-                x_adv[k][prev] = x_adv[k - 1][prev]
-                succ |= prev
-            todo = np.flatnonzero(~succ)
-            if todo.size and eps > 0 and budget > 0:
-                attack = self._linf if self.norm == "linf" else self._l2
-                xb, s, q = attack(model, x3[todo], labels[todo], eps, budget, lo, hi, rng, targeted)
-                x_adv[k][todo] = xb.reshape((len(todo), *x.shape[1:])).astype(x.dtype)
-                succ[todo] = s
-                queries[k, todo] += q
-            success[k] = succ
-        return self._result(eps_list, x_adv, success, x, queries, targeted, t0)
+    def extra_info(self) -> dict[str, object]:
+        return {"max_queries": self.max_queries, "p_init": self.p_init, "loss": self.loss}
 
     # ------------------------------------------------------------------ the two searches
 
@@ -247,34 +220,6 @@ class Square(FixedEpsilonAttack):
         loss_min[kept] = loss[keep]
         x_best[kept] = x_new[keep]
         succ[kept] = s_new[keep]
-
-    def _result(
-        self,
-        eps_list: list[float],
-        x_adv: np.ndarray,
-        success: np.ndarray,
-        x: np.ndarray,
-        queries: np.ndarray,
-        targeted: bool,
-        t0: float,
-    ) -> AttackResult:
-        return AttackResult(
-            attack=self.name,
-            norm=self.norm,
-            epsilons=eps_list,
-            x_adv=x_adv,
-            success=success,
-            norms=perturbation_norms(x_adv, x[None], self.norm),
-            queries=queries.sum(axis=0),
-            time_s=time.perf_counter() - t0,
-            targeted=targeted,
-            extra={
-                "queries_per_epsilon": queries.tolist(),
-                "max_queries": self.max_queries,
-                "p_init": self.p_init,
-                "loss": self.loss,
-            },
-        )
 
 
 # ---------------------------------------------------------------------- shared helpers

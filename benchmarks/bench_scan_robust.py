@@ -1,0 +1,190 @@
+"""Issue 16: the scan's presets against AutoAttack (standard) on robust MNIST models.
+
+Robust ``wong-cnn`` models are trained with Bastion itself (``AdversarialTrainer``) at
+L-inf 0.3 on MNIST and cached under ``benchmarks/.cache/`` (gitignored, so no weights are
+committed):
+
+- ``fast-at``: fast adversarial training as in Wong et al. (FGSM from a random start,
+  step 0.375, cyclic lr), the recipe that masks gradients;
+- ``pgd-at``: Madry's PGD adversarial training (5 steps, warm-up of epsilon);
+- ``trades``: TRADES (beta 1, 5 steps).
+
+Then, in one process and on the same first ``--n`` test points, it runs torchattacks'
+``AutoAttack(version="standard")`` and ``bastion.evaluate.scan`` with each preset, and
+writes ``benchmarks/results/scan_robust.json``.
+
+    BASTION_SHARED=/work/shared python benchmarks/bench_scan_robust.py --train-only
+    BASTION_SHARED=/work/shared python benchmarks/bench_scan_robust.py --n 200
+
+torchattacks is installed with ``pip install --no-deps torchattacks==3.5.1`` (see the
+``bench`` extra in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from common import CACHE, THREADS, load_mnist, markdown_table, wong_cnn, write_result
+from safetensors.torch import load_file, save_file
+
+from bastion.data.dataset import Dataset
+from bastion.models.torch_model import TorchModel
+
+EPS = 0.3
+
+#: the training recipes (AdversarialTrainer options); kept short for a shared 2-core box
+RECIPES: dict[str, dict[str, Any]] = {
+    "fast-at": {"method": "fast-at", "eps": EPS, "step_size": 0.375, "epochs": 5,
+                "lr": 5e-3, "lr_schedule": "cyclic", "batch_size": 100, "guard": True,
+                "train_limit": None},
+    "pgd-at": {"method": "pgd-at", "eps": EPS, "steps": 5, "epochs": 4, "lr": 5e-3,
+               "lr_schedule": "cyclic", "batch_size": 100, "eps_warmup": 1.0,
+               "train_limit": 30000},
+    "trades": {"method": "trades", "eps": EPS, "steps": 5, "beta": 1.0, "epochs": 4,
+               "lr": 5e-3, "lr_schedule": "cyclic", "batch_size": 100, "eps_warmup": 1.0,
+               "train_limit": 30000},
+}
+
+
+def wrap(net: torch.nn.Module, name: str) -> TorchModel:
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return TorchModel(net.eval(), n_classes=10, input_shape=(1, 28, 28), bounds=(0.0, 1.0),
+                      name=name)
+
+
+def robust_model(name: str, seed: int = 0) -> tuple[TorchModel, dict[str, Any]]:
+    """The cached robust model ``name`` (trained on first use) and its training note."""
+    from bastion.defend import AdversarialTrainer
+
+    weights, note = CACHE / f"robust_{name}.safetensors", CACHE / f"robust_{name}.json"
+    if weights.exists() and note.exists():
+        net = wong_cnn()
+        net.load_state_dict(load_file(str(weights)))
+        return wrap(net, name), json.loads(note.read_text())
+    recipe = dict(RECIPES[name])
+    limit = recipe.pop("train_limit")
+    x_tr, y_tr, x_te, y_te = load_mnist()
+    if limit:
+        x_tr, y_tr = x_tr[:limit], y_tr[:limit]
+    ds = Dataset(name="mnist", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+                 n_classes=10, bounds=(0.0, 1.0), kind="image")
+    torch.manual_seed(seed)
+    start = TorchModel(wong_cnn(), n_classes=10, input_shape=(1, 28, 28), name=name)
+    t0 = time.perf_counter()
+    tr = AdversarialTrainer(**recipe, seed=seed)
+    model = tr.fit(start, ds, on_epoch=lambda e: print(
+        f"[{name}] epoch {e.epoch}/{e.epochs} loss {e.loss:.3f} guard clean "
+        f"{e.clean_accuracy:.3f} robust {e.robust_accuracy:.3f} ({e.time_s:.0f}s)",
+        flush=True))
+    train_s = time.perf_counter() - t0
+    net = model.module
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    info = {"model": name, "recipe": RECIPES[name], "train_s": train_s, "seed": seed,
+            "stopped_early": tr.stopped_early_, "best_epoch": tr.best_epoch_}
+    note.write_text(json.dumps(info, indent=2))
+    return wrap(net, name), info
+
+
+def autoattack(model: TorchModel, x: np.ndarray, y: np.ndarray, seed: int) -> dict[str, Any]:
+    import torchattacks
+
+    net = model.module
+    atk = torchattacks.AutoAttack(net, norm="Linf", eps=EPS, version="standard",
+                                  n_classes=10, seed=seed)
+    t0 = time.perf_counter()
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    adv = torch.cat([atk(xs[i:i + 250], ys[i:i + 250]).detach()
+                     for i in range(0, len(xs), 250)])
+    t = time.perf_counter() - t0
+    with torch.no_grad():
+        pred = net(adv).argmax(1).numpy()
+    d = (adv - xs).abs().reshape(len(xs), -1).amax(1)
+    robust = (pred == y) & (d.numpy() <= EPS + 1e-5)
+    return {"robust_accuracy": float(robust.mean()), "time_s": t,
+            "robust_mask": robust}
+
+
+def run_scan(model: TorchModel, x: np.ndarray, y: np.ndarray, preset: str,
+             seed: int) -> dict[str, Any]:
+    from bastion.evaluate import scan
+
+    t0 = time.perf_counter()
+    rep = scan(model, x, y, norm="linf", epsilons=[EPS], preset=preset, seed=seed)
+    t = time.perf_counter() - t0
+    robust = np.array([b is None for b in rep.first_broken_by])
+    return {
+        "robust_accuracy": rep.robust_accuracy_at(EPS),
+        "interval_95": rep.robust_interval.get(str(EPS)),
+        "time_s": t,
+        "stages": [{"name": s.name, "round": s.round, "points_attacked": s.points_attacked,
+                    "points_broken": s.points_broken, "time_s": round(s.time_s, 2)}
+                   for s in rep.per_attack],
+        "escalations": len(rep.escalations),
+        "masking_warning": any("mask" in w.lower() for w in rep.warnings),
+        "warnings": rep.warnings,
+        "stage_order": rep.stage_order,
+        "robust_mask": robust,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--models", default="fast-at,pgd-at,trades")
+    ap.add_argument("--presets", default="quick,standard")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--name", default="scan_robust")
+    a = ap.parse_args()
+    torch.set_num_threads(THREADS)
+    names = [m.strip() for m in a.models.split(",") if m.strip()]
+    models = {m: robust_model(m, a.seed) for m in names}
+    if a.train_only:
+        return
+    _, _, x_te, y_te = load_mnist()
+    x, y = x_te[:a.n], y_te[:a.n]
+    load_start = os.getloadavg()
+    rows, results = [], {}
+    for m, (model, info) in models.items():
+        aa = autoattack(model, x, y, a.seed)
+        print(f"[{m}] AutoAttack {aa['robust_accuracy']:.4f} in {aa['time_s']:.0f}s", flush=True)
+        res: dict[str, Any] = {"training": info, "autoattack": {
+            k: v for k, v in aa.items() if k != "robust_mask"}}
+        for p in [s.strip() for s in a.presets.split(",") if s.strip()]:
+            r = run_scan(model, x, y, p, a.seed)
+            missed = int((r["robust_mask"] & ~aa["robust_mask"]).sum())
+            extra = int((~r["robust_mask"] & aa["robust_mask"]).sum())
+            r.pop("robust_mask")
+            r["points_aa_broke_scan_missed"] = missed
+            r["points_scan_broke_aa_missed"] = extra
+            r["time_vs_autoattack"] = r["time_s"] / aa["time_s"]
+            res[p] = r
+            print(f"[{m}] {p}: {r['robust_accuracy']:.4f} in {r['time_s']:.0f}s "
+                  f"({100 * r['time_vs_autoattack']:.0f}% of AA), missed {missed}, "
+                  f"masking warning {r['masking_warning']}", flush=True)
+            rows.append([m, p, f"{100 * aa['robust_accuracy']:.1f}%",
+                         f"{100 * r['robust_accuracy']:.1f}%", missed,
+                         f"{r['time_s']:.0f} s / {aa['time_s']:.0f} s",
+                         f"{100 * r['time_vs_autoattack']:.0f}%",
+                         "yes" if r["masking_warning"] else "no"])
+        results[m] = res
+    table = markdown_table(["model", "preset", "AutoAttack", "scan", "AA-only breaks",
+                            "time scan / AA", "time share", "masking warning"], rows)
+    print(table)
+    path = write_result(a.name, {"settings": vars(a), "n_points": len(y), "eps": EPS,
+                                 "torch_threads": THREADS, "loadavg_start": list(load_start),
+                                 "loadavg_end": list(os.getloadavg()), "results": results,
+                                 "table": table})
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
