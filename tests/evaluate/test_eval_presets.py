@@ -204,3 +204,20 @@ def test_square_also_attacks_the_pilot_points(clean_report):
     standing = round(r.robust_accuracy["0.1"] * r.n_points) + square.points_broken
     assert square.points_attacked == standing
     assert apgd.points_attacked <= r.n_points - n_pilot
+
+
+def test_pilot_orders_stages_by_counted_queries_not_time():
+    """The stage order comes from counted queries per removal (deterministic), never from
+    wall time: a stage that is slow but cheap in queries still goes first."""
+    from bastion.evaluate.scan import _order_stages
+
+    stages = [("apgd-t", object()), ("fab-t", object()), ("square", object())]
+    own = [
+        {"stage": "apgd-t", "gradient": True, "s_per_removal": 0.1, "queries_per_removal": 90.0},
+        {"stage": "fab-t", "gradient": True, "s_per_removal": 9.0, "queries_per_removal": 30.0},
+        {"stage": "square", "gradient": False, "s_per_removal": None,
+         "queries_per_removal": None},
+    ]
+    assert [n for n, _ in _order_stages(stages, own)] == ["fab-t", "apgd-t", "square"]
+    own[1]["queries_per_removal"] = None  # removed nothing in the pilot: last of the gradients
+    assert [n for n, _ in _order_stages(stages, own)] == ["apgd-t", "fab-t", "square"]

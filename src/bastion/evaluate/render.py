@@ -102,10 +102,14 @@ def render_scan_html(report: ScanReport) -> str:
         if so.get("measured"):
             page.paragraph(f"Measured on a pilot of {so['pilot_points']} points, each stage "
                            f"alone; rule: {so['rule']}.")
-            page.table([[r["stage"], r["points"], r["removed"], r["time_s"],
-                         "-" if r["s_per_removal"] is None else round(r["s_per_removal"], 3)]
-                        for r in so["stages"]],
-                       ["stage", "pilot points", "removed", "time (s)", "s per removal"])
+            def per(r: dict, k: str, nd: int) -> Any:
+                return "-" if r.get(k) is None else round(r[k], nd)
+
+            page.table([[r["stage"], r["points"], r["removed"], r.get("queries", "-"),
+                         per(r, "queries_per_removal", 1), r["time_s"],
+                         per(r, "s_per_removal", 3)] for r in so["stages"]],
+                       ["stage", "pilot points", "removed", "queries", "queries per removal",
+                        "time (s)", "s per removal"])
         else:
             page.paragraph(str(so.get("note", "the order given")))
     if report.escalations:

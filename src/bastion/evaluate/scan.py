@@ -153,12 +153,16 @@ def scan(
             own.append({"stage": name, "points": n_pilot, "removed": int(broke),
                         "time_s": round(summ.time_s, 3),
                         "s_per_removal": (summ.time_s / broke) if broke else None,
+                        "queries": int(summ.queries_total),
+                        "queries_per_removal": (summ.queries_total / broke) if broke else None,
                         "gradient": bool(getattr(atk, "white_box", False))})
         own = _pilot_rows(stages, own)
         stages = _order_stages(stages, own)
         order_info = {"measured": True, "pilot_points": n_pilot, "stages": own,
                       "order": [nm for nm, _ in stages],
-                      "rule": "gradient stages by seconds per removed pilot point (ascending; "
+                      "rule": "gradient stages by model queries (forward and backward "
+                              "passes) per removed pilot point (ascending; counted, not "
+                              "timed, so one seed gives one order on any machine; "
                               "none removed: last, in preset order); gradient-free stages "
                               "after them in preset order (they are the masking check, and "
                               "the costliest per point on robust models), so the pilot "
@@ -707,20 +711,23 @@ def _pilot_rows(stages: list[tuple[str, Attack]], rows: list[dict[str, Any]]
     an empty measurement."""
     by_name = {r["stage"]: r for r in rows}
     return [by_name.get(nm, {"stage": nm, "points": 0, "removed": 0, "time_s": 0.0,
-                             "s_per_removal": None, "gradient": False})
+                             "s_per_removal": None, "queries": 0,
+                             "queries_per_removal": None, "gradient": False})
             for nm, _ in stages]
 
 
 def _order_stages(stages: list[tuple[str, Attack]], own: list[dict[str, Any]]
                   ) -> list[tuple[str, Attack]]:
-    """Gradient stages by measured seconds per removed pilot point (none removed: last,
-    in preset order), then the gradient-free stages in preset order."""
+    """Gradient stages by model queries per removed pilot point (none removed: last, in
+    preset order), then the gradient-free stages in preset order. Queries, not seconds:
+    wall time depends on the machine and its load, and the order must not (one seed, one
+    report)."""
     grad = [(i, st) for i, st in enumerate(stages) if own[i]["gradient"]]
     free = [st for i, st in enumerate(stages) if not own[i]["gradient"]]
 
     def key(item: tuple[int, tuple[str, Attack]]) -> tuple[int, float, int]:
         i = item[0]
-        spr = own[i]["s_per_removal"]
+        spr = own[i]["queries_per_removal"]
         return (0, float(spr), i) if spr is not None else (1, 0.0, i)
 
     return [st for _, st in sorted(grad, key=key)] + free
