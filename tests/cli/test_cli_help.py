@@ -61,3 +61,15 @@ def test_every_command_help_names_every_option_in_full(monkeypatch, capsys):
 def test_metavars(path, opt, metavar, capsys):
     assert run([*path, "--help"]) == 0
     assert f"{opt} {metavar}" in capsys.readouterr().out
+
+
+def test_arguments_show_their_name_not_a_type():
+    """Positional arguments read as their name (PREFIX, CLIENT), never as ``<str>``."""
+    from typer.testing import CliRunner
+
+    from bastion.cli.main import get_command
+
+    for argv, name in ((["keys", "revoke", "--help"], "PREFIX"),
+                       (["quarantine", "lift", "--help"], "CLIENT")):
+        out = CliRunner().invoke(get_command(), argv, env={"COLUMNS": "80"}).output
+        assert name in out and "<str>" not in out, out

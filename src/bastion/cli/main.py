@@ -251,8 +251,15 @@ def _humanise(cmd: Any) -> Any:
     if hasattr(cmd, "rich_markup_mode"):
         cmd.rich_markup_mode = None
     for p in getattr(cmd, "params", []):
-        if getattr(p, "param_type_name", "") == "option" and p.metavar is None:
+        kind = getattr(p, "param_type_name", "")
+        if kind == "option" and p.metavar is None:
             p.metavar = _metavar(p)
+        elif kind == "argument":
+            # the argument's own name (PREFIX, as click shows it) and no type like <str>
+            if p.metavar is None:
+                p.metavar = (p.name or "value").upper()
+            if hasattr(p, "display_type_rich"):
+                p.display_type_rich = lambda ctx=None: ""
     for sub in (getattr(cmd, "commands", None) or {}).values():
         _humanise(sub)
     return cmd
