@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -185,18 +185,20 @@ def test_audit_into_an_existing_folder_keeps_its_files_and_writes_no_report(
 # --- the MLflow run of a killed job is ended, not left RUNNING ------------------------
 
 
-@pytest.fixture()
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A real SQLite store, created here before the job forks (no pooled connection is
-    carried into the child)."""
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real SQLite store, created here before the jobs fork (with no pooled connection
+    carried into a child)."""
     from bastion.registry.tracking import track_run
 
-    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with track_run("warm-up", tracking_uri=uri):
-        pass
-    return uri
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+        mp.chdir(folder)  # artifacts of a SQLite store go under ./mlartifacts
+        with track_run("warm-up", tracking_uri=uri):
+            pass
+        yield uri
 
 
 def _runs(uri: str) -> dict[str, object]:
@@ -207,19 +209,19 @@ def _runs(uri: str) -> dict[str, object]:
     return {r.info.run_name: r for r in client.search_runs(exps)}
 
 
-def _slow_tracked(uri: str, then: Callable[[], None]) -> Callable[[], None]:
+def _tracked(uri: str, name: str, then: Callable[[], None]) -> Callable[[], None]:
     def job() -> None:
         from bastion.registry.tracking import track_run
 
-        with track_run("slow-job", tracking_uri=uri):
+        with track_run(name, tracking_uri=uri):
             then()
     return job
 
 
 def test_a_job_killed_at_its_deadline_ends_its_run_as_killed(mlflow_store: str) -> None:
     with pytest.raises(JobTimeout):
-        run_with_deadline(_slow_tracked(mlflow_store, lambda: time.sleep(120)), timeout=4,
-                          what="slow job")
+        run_with_deadline(_tracked(mlflow_store, "slow-job", lambda: time.sleep(120)),
+                          timeout=4, what="slow job")
     run = _runs(mlflow_store)["slow-job"]
     assert run.info.status == "KILLED"  # type: ignore[attr-defined]
     assert run.data.tags["bastion.stopped"] == "timeout"  # type: ignore[attr-defined]
@@ -229,21 +231,21 @@ def test_a_job_killed_at_its_deadline_ends_its_run_as_killed(mlflow_store: str) 
 
 def test_a_job_that_dies_ends_its_run_as_failed(mlflow_store: str) -> None:
     with pytest.raises(Exception, match="ended unexpectedly"):
-        run_with_deadline(_slow_tracked(mlflow_store, lambda: os._exit(3)), timeout=60,
-                          what="dying job")
-    run = _runs(mlflow_store)["slow-job"]
+        run_with_deadline(_tracked(mlflow_store, "dying-job", lambda: os._exit(3)),
+                          timeout=60, what="dying job")
+    run = _runs(mlflow_store)["dying-job"]
     assert run.info.status == "FAILED"  # type: ignore[attr-defined]
     assert run.data.tags["bastion.stopped"] == "died"  # type: ignore[attr-defined]
 
 
 def test_a_finished_run_is_left_as_it_is(mlflow_store: str) -> None:
     def job() -> None:
-        _slow_tracked(mlflow_store, lambda: None)()
+        _tracked(mlflow_store, "done-job", lambda: None)()
         time.sleep(120)  # the run is closed; the job goes on and times out
 
     with pytest.raises(JobTimeout):
         run_with_deadline(job, timeout=4, what="job")
-    run = _runs(mlflow_store)["slow-job"]
+    run = _runs(mlflow_store)["done-job"]
     assert run.info.status == "FINISHED"  # type: ignore[attr-defined]
     assert "bastion.stopped" not in run.data.tags  # type: ignore[attr-defined]
 
