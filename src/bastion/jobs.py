@@ -8,7 +8,10 @@ stack, beside ``cli`` and ``service``: it may import everything below.
 from __future__ import annotations
 
 import importlib
+import logging
+import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +20,10 @@ from typing import Any, TypeVar
 from bastion.errors import BastionError
 
 T = TypeVar("T")
+
+#: At its deadline a job creating or migrating a local MLflow store gets this many more
+#: seconds to finish that step: killed halfway, it would leave a broken store behind.
+STORE_INIT_GRACE_S = 60.0
 
 
 class JobTimeout(BastionError):
@@ -44,16 +51,39 @@ def _rebuild(desc: tuple[Any, ...]) -> BaseException:
 
 
 def _child(fn: Callable[[], Any], conn: Any) -> None:
+    import threading
+
+    from bastion.registry import tracking
+
+    lock = threading.Lock()  # a job may open runs from several threads
+
+    def send(msg: tuple[Any, ...]) -> None:
+        with lock:
+            conn.send(msg)
+
+    # tell the parent which MLflow runs are open, so it can close them if it kills us
+    tracking.set_run_listener(lambda event, run_id, uri: send(("run", event, run_id, uri)))
     try:
         result = fn()
         try:
-            conn.send(("ok", result))
+            send(("ok", result))
         except Exception as exc:  # an unpicklable result: say so instead of hanging
-            conn.send(("error", _describe(exc)))
+            send(("error", _describe(exc)))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-        conn.send(("error", _describe(exc)))
+        send(("error", _describe(exc)))
     finally:
+        tracking.set_run_listener(None)
         conn.close()
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """``None`` or a finite number of seconds above zero, else one clear error."""
+    if timeout is None:
+        return None
+    if not (isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0):
+        raise BastionError(f"--timeout must be a positive number of seconds, got {timeout}",
+                           hint="e.g. --timeout 600, or leave it out for no limit")
+    return float(timeout)
 
 
 def _remove_partial(out: Path | None, existed: bool) -> str:
@@ -75,6 +105,36 @@ def _remove_partial(out: Path | None, existed: bool) -> str:
     return "; no report of this run was written"
 
 
+def _close_runs(runs: dict[str, str], *, status: str, why: str) -> str:
+    """End the MLflow runs a killed child left open, tagged ``bastion.stopped=why``.
+    Returns ``""``, or what could not be closed (to end the error line with)."""
+    if not runs:
+        return ""
+    from bastion.registry.tracking import close_abandoned_run
+
+    failed = []
+    for run_id, uri in runs.items():
+        warning = close_abandoned_run(run_id, uri, status=status,
+                                      tags={"bastion.stopped": why})
+        if warning:
+            logging.getLogger(__name__).debug(warning)
+            failed.append(" ".join(warning.split())[:200])
+    return "".join(f"; {w}" for w in failed)
+
+
+def _restore_terminal() -> None:
+    """A child killed while drawing a progress bar leaves the cursor hidden and the bar's
+    line unfinished: show the cursor and clear that line, on each stream that is a
+    terminal, so the error line that follows starts clean."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None and stream.isatty():
+                stream.write("\r\x1b[2K\x1b[?25h")
+                stream.flush()
+        except (OSError, ValueError):  # a closed stream: nothing to restore
+            pass
+
+
 def run_with_deadline(fn: Callable[[], T], *, timeout: float | None, what: str,
                       out_dir: str | Path | None = None) -> T:
     """Run ``fn()`` and return its result; with ``timeout`` (seconds), run it in a
@@ -83,16 +143,18 @@ def run_with_deadline(fn: Callable[[], T], *, timeout: float | None, what: str,
     A forward pass stuck in C++ (a TorchScript ``while True``) cannot be interrupted
     inside the process, so the job runs in a forked child: at the deadline the child is
     killed, the partial output in ``out_dir`` is removed (the whole folder when the job
-    created it, else the atomic writers' temporary files) and :class:`JobTimeout` is
-    raised. Errors in the child come back as the same :class:`BastionError` class;
-    the result is sent back through a pipe between the two Bastion processes.
+    created it, else the atomic writers' temporary files), the MLflow runs it left open
+    are ended as ``KILLED`` with the tag ``bastion.stopped=timeout``, a progress bar it
+    was drawing is cleared, and :class:`JobTimeout` is raised. Errors in the child come
+    back as the same :class:`BastionError` class; the result is sent back through a pipe
+    between the two Bastion processes.
     """
     import multiprocessing as mp
 
     if timeout is None:
         return fn()
-    if not timeout > 0:
-        raise BastionError(f"--timeout must be a positive number of seconds, got {timeout}")
+    timeout = check_timeout(timeout)
+    assert timeout is not None
     if "fork" not in mp.get_all_start_methods():
         raise BastionError("--timeout needs a system that can fork processes (Linux, macOS)",
                            hint="run without --timeout")
@@ -103,18 +165,30 @@ def run_with_deadline(fn: Callable[[], T], *, timeout: float | None, what: str,
     proc = ctx.Process(target=_child, args=(fn, send), name=f"bastion-{what}")
     proc.start()
     send.close()
-    deadline = time.monotonic() + float(timeout)
+    deadline = time.monotonic() + timeout
     msg: Any = None
+    runs: dict[str, str] = {}  # MLflow runs the child has open: run id -> tracking URI
+    in_init = False  # the child is creating or migrating a local MLflow store
     try:
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            if now >= deadline and not (in_init and now < deadline + STORE_INIT_GRACE_S):
                 break
-            if recv.poll(min(left, 0.25)):
+            if recv.poll(min(deadline - now, 0.25) if now < deadline else 0.1):
                 try:
-                    msg = recv.recv()
+                    got = recv.recv()
                 except EOFError:  # the child died without a word
-                    msg = ("died", None)
+                    got = ("died", None)
+                if got[0] == "run":
+                    _, event, run_id, uri = got
+                    if event == "start":
+                        runs[run_id] = uri
+                    elif event == "end":
+                        runs.pop(run_id, None)
+                    else:
+                        in_init = event == "init-start"
+                    continue
+                msg = got
                 break
             if not proc.is_alive() and not recv.poll(0):
                 msg = ("died", None)
@@ -122,25 +196,29 @@ def run_with_deadline(fn: Callable[[], T], *, timeout: float | None, what: str,
     except BaseException:  # Ctrl-C: take the child down too
         proc.kill()
         proc.join(5)
-        raise
-    finally:
-        recv_open = msg is None
-        if recv_open:
-            proc.kill()
-        proc.join(10)
         recv.close()
+        _restore_terminal()
+        _close_runs(runs, status="KILLED", why="interrupted")
+        raise
     if msg is None:
+        proc.kill()
+    proc.join(10)
+    recv.close()
+    if msg is None:
+        _restore_terminal()
         done = _remove_partial(out, existed)
-        secs = f"{float(timeout):g}"
-        raise JobTimeout(f"{what} stopped at the --timeout of {secs} s{done}",
+        done += _close_runs(runs, status="KILLED", why="timeout")
+        raise JobTimeout(f"{what} stopped at the --timeout of {timeout:g} s{done}",
                          hint="allow more time with a larger --timeout, or give the job "
                          "less to do (--limit, fewer epsilons or attacks); a model that "
                          "never answers needs fixing")
     if msg[0] == "ok":
         return msg[1]  # type: ignore[no-any-return]
     if msg[0] == "died":
+        _restore_terminal()
         _remove_partial(out, existed)
-        raise BastionError(f"{what} ended unexpectedly (exit code {proc.exitcode})",
+        lost = _close_runs(runs, status="FAILED", why="died")
+        raise BastionError(f"{what} ended unexpectedly (exit code {proc.exitcode}){lost}",
                            hint="rerun without --timeout to see the error")
     raise _rebuild(msg[1])
 

@@ -31,9 +31,18 @@ TrackingOpt = typer.Option(
 NoTrackOpt = typer.Option(False, "--no-track", help="Do not record an MLflow run.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+
+
+def _check_timeout(value: float | None) -> float | None:
+    from bastion.jobs import check_timeout
+
+    return check_timeout(value)  # a BastionError: one line, before any work starts
+
+
 TimeoutOpt = typer.Option(
-    None, "--timeout", min=0.001, metavar="SECONDS",
-    help="Stop the job after this many seconds (exit 1, no report written).")
+    None, "--timeout", metavar="SECONDS", callback=_check_timeout,
+    help="Stop the job after this many seconds (exit 1, no report written, its MLflow "
+    "run ended as KILLED).")
 
 
 def show_progress(quiet: bool) -> bool:

@@ -7,6 +7,7 @@ starts fast and works without the ``llm`` extra for everything else.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -330,28 +331,37 @@ def train_detector_cmd(
     seed: int = c.SeedOpt,
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
+    timeout: float | None = c.TimeoutOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
     """Train the prompt-injection detector on a JSONL file and save it to --out."""
+    from bastion.jobs import run_with_deadline
     from bastion.llm.training import train_detector
     from bastion.registry.tracking import track_run
 
-    out = c.prepare_out_dir(out)
     params = {"data": str(data), "fpr": fpr, "C": C, "seed": seed,
               "embedder_layers": embedder_layers}
-    with track_run(
-        "llm-train-detector", params=params, tracking_uri=tracking_uri, enabled=not no_track
-    ) as run:
-        det, metrics = train_detector(
-            data, out, fpr=fpr, C=C, cache_path=cache, harmful=harmful, seed=seed,
-            log=lambda m: c.info(m, quiet=quiet), embedder_layers=embedder_layers or None,
-        )  # fmt: skip
-        if "test" in metrics:
-            o = metrics["test"]["overall"]
-            run.log_metrics({k: o[k] for k in ("auroc", "f1", "tpr_at_1pct_fpr", "fpr")})
-        run.log_artifact(out, artifact_path="detector")
-    for w in run.warnings:
+
+    def job() -> tuple[dict[str, Any], list[str]]:
+        folder = c.prepare_out_dir(out)
+        with track_run(
+            "llm-train-detector", params=params, tracking_uri=tracking_uri,
+            enabled=not no_track
+        ) as run:
+            _, metrics = train_detector(
+                data, folder, fpr=fpr, C=C, cache_path=cache, harmful=harmful, seed=seed,
+                log=lambda m: c.info(m, quiet=quiet), embedder_layers=embedder_layers or None,
+            )  # fmt: skip
+            if "test" in metrics:
+                o = metrics["test"]["overall"]
+                run.log_metrics({k: o[k] for k in ("auroc", "f1", "tpr_at_1pct_fpr", "fpr")})
+            run.log_artifact(folder, artifact_path="detector")
+        return metrics, run.warnings
+
+    metrics, warnings = run_with_deadline(job, timeout=timeout, what="llm train-detector",
+                                          out_dir=out)
+    for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     if "test" in metrics:
         o = metrics["test"]["overall"]
@@ -390,25 +400,19 @@ def evaluate_detector_cmd(
     seed: int = c.SeedOpt,
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
+    timeout: float | None = c.TimeoutOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
     """Evaluate a detector: the split (AUROC, F1, TPR@1%FPR, slices, hard negatives), the
     benign flagged rate per language/script and, with --loso, leave-one-source-out."""
+    from bastion.jobs import run_with_deadline
     from bastion.llm.detector import PromptInjectionDetector
     from bastion.llm.embed import Embedder, EmbeddingCache
     from bastion.llm.reports import DetectorEvalReport, write_llm_report
     from bastion.llm.training import evaluate_all, render_eval_html
     from bastion.registry.tracking import track_run
 
-    out = c.prepare_out_dir(out)
-    emb_cache = EmbeddingCache(cache) if cache else None
-    emb = Embedder(cache=emb_cache) if emb_cache else None
-    det = (
-        PromptInjectionDetector.load(detector, embedder=emb)
-        if detector
-        else PromptInjectionDetector.load_default(embedder=emb)
-    )
     params = {
         "data": str(data),
         "detector": str(detector or "shipped"),
@@ -416,28 +420,45 @@ def evaluate_detector_cmd(
         "seed": seed,
         "loso": loso,
     }
-    with track_run(
-        "llm-evaluate-detector", params=params, tracking_uri=tracking_uri, enabled=not no_track
-    ) as run:
-        ev = evaluate_all(
-            det, data, split=split or None, harmful=harmful, languages=languages, loso=loso,
-            log=lambda m: c.info(m, quiet=quiet),
+
+    def job() -> DetectorEvalReport:
+        folder = c.prepare_out_dir(out)
+        emb_cache = EmbeddingCache(cache) if cache else None
+        emb = Embedder(cache=emb_cache) if emb_cache else None
+        det = (
+            PromptInjectionDetector.load(detector, embedder=emb)
+            if detector
+            else PromptInjectionDetector.load_default(embedder=emb)
         )
-        if emb_cache is not None:
-            emb_cache.save()
-        report = DetectorEvalReport.model_validate(
-            {**ev, "data": str(data), "detector": str(detector or "shipped"),
-             "split": split or None}
-        )
-        write_llm_report(
-            report, render_eval_html(ev, title="Prompt-injection detector evaluation"), out
-        )
-        o = report.overall
-        run.log_metrics(
-            {k: getattr(o, k) for k in ("auroc", "f1", "tpr_at_1pct_fpr", "fpr")
-             if getattr(o, k) is not None}
-        )
-        run.log_artifact(out / "report.json")
+        with track_run(
+            "llm-evaluate-detector", params=params, tracking_uri=tracking_uri,
+            enabled=not no_track
+        ) as run:
+            ev = evaluate_all(
+                det, data, split=split or None, harmful=harmful, languages=languages,
+                loso=loso, log=lambda m: c.info(m, quiet=quiet),
+            )
+            if emb_cache is not None:
+                emb_cache.save()
+            report = DetectorEvalReport.model_validate(
+                {**ev, "data": str(data), "detector": str(detector or "shipped"),
+                 "split": split or None}
+            )
+            write_llm_report(
+                report, render_eval_html(ev, title="Prompt-injection detector evaluation"),
+                folder
+            )
+            o = report.overall
+            run.log_metrics(
+                {k: getattr(o, k) for k in ("auroc", "f1", "tpr_at_1pct_fpr", "fpr")
+                 if getattr(o, k) is not None}
+            )
+            run.log_artifact(folder / "report.json")
+        return report
+
+    report = run_with_deadline(job, timeout=timeout, what="llm evaluate-detector",
+                               out_dir=out)
+    o = report.overall
 
     def fmt(v: float | None, spec: str) -> str:
         return "n/a" if v is None else format(v, spec)
@@ -492,19 +513,18 @@ def harden_detector_cmd(
     seed: int = c.SeedOpt,
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
+    timeout: float | None = c.TimeoutOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
     """Adversarial training rounds: evasion rate, TPR and hard-negative FPR per round."""
+    from bastion.jobs import run_with_deadline
     from bastion.llm.embed import Embedder, EmbeddingCache
     from bastion.llm.harden import harden_detector
     from bastion.llm.jobs import harden_report_html, prepare_harden_data, register_round
     from bastion.llm.reports import DetectorHardenReport, write_llm_report
     from bastion.registry.tracking import track_run
 
-    out = c.prepare_out_dir(out)
-    d = prepare_harden_data(data, limit=limit, seed=seed)
-    emb_cache = EmbeddingCache(cache) if cache else None
     params = {
         "data": str(data),
         "rounds": rounds,
@@ -513,60 +533,70 @@ def harden_detector_cmd(
         "seed": seed,
         "benign_counterparts": benign_counterparts,
     }
-    with track_run(
-        "llm-harden-detector", params=params, tracking_uri=tracking_uri, enabled=not no_track
-    ) as run:
 
-        def on_round(rec, det):  # type: ignore[no-untyped-def]
-            run.log_metrics(
-                {
-                    "evasion_rate": rec.evasion_rate,
-                    "variant_miss_rate": rec.variant_miss_rate,
-                    "tpr_heldout": rec.tpr_heldout,
-                    "fpr_hard_negatives": rec.fpr_hard_negatives,
-                },
-                step=rec.round,
-            )
-            c.info(
-                f"round {rec.round}: evasion {rec.evasion_rate:.3f} (all variants missed "
-                f"{rec.variant_miss_rate:.3f}), TPR {rec.tpr_heldout:.3f}, "
-                f"hard-negative FPR {rec.fpr_hard_negatives:.3f} (+{rec.n_added} variants"
-                + (f", +{rec.n_added_benign} benign" if rec.n_added_benign else "") + ")",
-                quiet=quiet,
-            )
-            if registered_name and run.active:
-                return register_round(run, det, rec.round, out, registered_name)
-            return None
+    def job() -> tuple[list[Any], list[str]]:
+        folder = c.prepare_out_dir(out)
+        d = prepare_harden_data(data, limit=limit, seed=seed)
+        emb_cache = EmbeddingCache(cache) if cache else None
+        with track_run(
+            "llm-harden-detector", params=params, tracking_uri=tracking_uri,
+            enabled=not no_track
+        ) as run:
 
-        result = harden_detector(
-            train_texts=d["train_texts"],
-            train_y=d["train_y"],
-            heldout_attacks=d["heldout_attacks"],
-            hard_negatives=d["hard_negatives"],
-            calibration_benign=d["calibration_benign"],
-            rounds=rounds,
-            variants_per_round=variants,
-            eval_variants=eval_variants,
-            fpr=fpr,
-            transforms=c.parse_list(transforms),
-            embedder=Embedder(cache=emb_cache),
-            seed=seed,
-            out_dir=out,
-            on_round=on_round,
-            benign_counterparts=benign_counterparts,
-        )
-        if emb_cache is not None:
-            emb_cache.save()
-        report = DetectorHardenReport.model_validate(
-            {"data": str(data), "settings": {**params, "fpr": fpr, "limit": limit,
-                                             "transforms": transforms},
-             **result.to_dict()}
-        )
-        write_llm_report(report, harden_report_html(report), out)
-        run.log_artifact(out / "report.json")
-    for w in run.warnings:
+            def on_round(rec, det):  # type: ignore[no-untyped-def]
+                run.log_metrics(
+                    {
+                        "evasion_rate": rec.evasion_rate,
+                        "variant_miss_rate": rec.variant_miss_rate,
+                        "tpr_heldout": rec.tpr_heldout,
+                        "fpr_hard_negatives": rec.fpr_hard_negatives,
+                    },
+                    step=rec.round,
+                )
+                c.info(
+                    f"round {rec.round}: evasion {rec.evasion_rate:.3f} (all variants missed "
+                    f"{rec.variant_miss_rate:.3f}), TPR {rec.tpr_heldout:.3f}, "
+                    f"hard-negative FPR {rec.fpr_hard_negatives:.3f} (+{rec.n_added} variants"
+                    + (f", +{rec.n_added_benign} benign" if rec.n_added_benign else "") + ")",
+                    quiet=quiet,
+                )
+                if registered_name and run.active:
+                    return register_round(run, det, rec.round, folder, registered_name)
+                return None
+
+            result = harden_detector(
+                train_texts=d["train_texts"],
+                train_y=d["train_y"],
+                heldout_attacks=d["heldout_attacks"],
+                hard_negatives=d["hard_negatives"],
+                calibration_benign=d["calibration_benign"],
+                rounds=rounds,
+                variants_per_round=variants,
+                eval_variants=eval_variants,
+                fpr=fpr,
+                transforms=c.parse_list(transforms),
+                embedder=Embedder(cache=emb_cache),
+                seed=seed,
+                out_dir=folder,
+                on_round=on_round,
+                benign_counterparts=benign_counterparts,
+            )
+            if emb_cache is not None:
+                emb_cache.save()
+            report = DetectorHardenReport.model_validate(
+                {"data": str(data), "settings": {**params, "fpr": fpr, "limit": limit,
+                                                 "transforms": transforms},
+                 **result.to_dict()}
+            )
+            write_llm_report(report, harden_report_html(report), folder)
+            run.log_artifact(folder / "report.json")
+        return list(report.rounds), run.warnings
+
+    rounds_done, warnings = run_with_deadline(job, timeout=timeout,
+                                              what="llm harden-detector", out_dir=out)
+    for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
-    first, last = result.rounds[0], result.rounds[-1]
+    first, last = rounds_done[0], rounds_done[-1]
     c.info(
         f"evasion {first.evasion_rate:.3f} -> {last.evasion_rate:.3f}; "
         f"hard-negative FPR {first.fpr_hard_negatives:.3f} -> {last.fpr_hard_negatives:.3f}; "

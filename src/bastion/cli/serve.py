@@ -120,19 +120,22 @@ def register(app: typer.Typer) -> None:
         fast: bool = typer.Option(False, "--fast",
                                   help="Smaller traffic and training (a quick check)."),
         tracking_uri: str | None = c.TrackingOpt,
+        timeout: float | None = c.TimeoutOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
         """Run the whole loop on built-in digits: train, scan, harden, serve, attack,
         detect, heal, report."""
         import sys
+        from functools import partial
 
         from bastion.demo import run_demo
+        from bastion.jobs import run_with_deadline
 
         # a progress bar in a terminal; one line per step when stderr is not a TTY
-        res = run_demo(out, seed=seed, fast=fast, tracking_uri=tracking_uri,
-                       progress=c.show_progress(quiet),
-                       quiet=quiet or sys.stderr.isatty())
+        job = partial(run_demo, out, seed=seed, fast=fast, tracking_uri=tracking_uri,
+                      progress=c.show_progress(quiet), quiet=quiet or sys.stderr.isatty())
+        res = run_with_deadline(job, timeout=timeout, what="demo", out_dir=out)
         if not quiet:
             c.info(f"report: {res.html_path} and {res.json_path}")
             for line in res.headline():

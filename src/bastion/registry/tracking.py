@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,62 @@ def store_init_lock(uri: str, timeout: float = 120.0) -> Iterator[None]:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock", timeout=timeout):
-        yield
+        _notify("init-start", "", uri)  # a process killed now would leave a half-made store
+        try:
+            yield
+        finally:
+            _notify("init-end", "", uri)
+
+
+#: Told ``(event, run_id, tracking_uri)`` when :func:`track_run` opens ("start") or closes
+#: ("end") a run, and when a local store is being created or migrated ("init-start",
+#: "init-end", no run id). :func:`bastion.jobs.run_with_deadline` listens in its child
+#: process: it closes the runs of a child it killed, and never kills one mid-migration.
+RunListener = Callable[[str, str, str], None]
+_run_listener: RunListener | None = None
+
+
+def set_run_listener(listener: RunListener | None) -> RunListener | None:
+    """Install ``listener`` (``None`` removes it); returns the previous one."""
+    global _run_listener
+    previous, _run_listener = _run_listener, listener
+    return previous
+
+
+def _notify(event: str, run_id: str, uri: str) -> None:
+    if _run_listener is not None:
+        try:
+            _run_listener(event, run_id, uri)
+        except Exception as exc:  # a listener must never break the job
+            log.debug("run listener failed: %s", exc)
+
+
+def _http_defaults(uri: str) -> None:
+    if uri.startswith(("http://", "https://")):
+        # MLflow's defaults retry for minutes; a dead server should cost seconds.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def close_abandoned_run(run_id: str, tracking_uri: str, *, status: str,
+                        tags: Mapping[str, Any]) -> str | None:
+    """End a run that a killed process left ``RUNNING`` with ``status`` (``KILLED`` or
+    ``FAILED``) and ``tags`` saying why. A run already ended is left alone. Best effort:
+    returns a warning instead of raising when the store cannot be reached."""
+    try:
+        _http_defaults(tracking_uri)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+        for k, v in tags.items():
+            client.set_tag(run_id, k, str(v))
+        client.set_terminated(run_id, status=status)
+    except Exception as exc:
+        return _redact_text(f"MLflow run {run_id} could not be closed: "
+                            f"{type(exc).__name__}: {exc}")
+    return None
 
 
 def _artifact_location() -> str:
@@ -157,10 +212,7 @@ def track_run(
     with status ``FAILED``.
     """
     uri = tracking_uri or default_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        # MLflow's defaults retry for minutes; a dead server should cost seconds.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    _http_defaults(uri)
     run = TrackedRun(None, uri)
     if not enabled:
         yield run
@@ -182,12 +234,14 @@ def track_run(
         active = mlflow.start_run(experiment_id=exp_id, run_name=command)
         started = True
         run.run_id = active.info.run_id
+        _notify("start", run.run_id, uri)
         mlflow.set_tag("bastion.command", command)
     except Exception as exc:
         run._fail(f"opening a run at {_redact(uri)}", exc)
     if params:
         run.log_params(params)
     status = "FINISHED"
+    started_id = run.run_id
     try:
         yield run
     except BaseException:
@@ -199,6 +253,8 @@ def track_run(
                 import mlflow
 
                 mlflow.end_run(status=status)
+                if started_id is not None:
+                    _notify("end", started_id, uri)
             except Exception as exc:
                 run._fail("closing the run", exc)
 
