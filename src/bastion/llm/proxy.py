@@ -587,10 +587,12 @@ def create_guard_app(
 
     _chat_errors = {c: {"description": d} for c, d in (
         (400, "Invalid body, or blocked as a prompt injection"),
+        (401, "No, unknown or revoked API key"), (403, "The key's role may not chat"),
         (413, "Body or content to screen too large"), (422, "Unknown role"),
         (502, "Upstream unreachable, failing or malformed"), (504, "Upstream timed out"))}
 
-    @app.post("/v1/chat/completions", responses=_chat_errors)  # type: ignore[arg-type]
+    @app.post("/v1/chat/completions", responses=_chat_errors,  # type: ignore[arg-type]
+              dependencies=[require_role("client")])
     async def chat(body: ChatRequest, request: Request) -> Response:
         rq = _Req(rid=uuid.uuid4().hex, client_id="anonymous", model=body.model,
                   stream=bool(body.stream))
