@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with VulnerableServer() as agent, tempfile.TemporaryDirectory() as tmp:
         elog = LlmEventLog(f"sqlite:///{Path(tmp) / 'events.db'}")
-        server, th = start(create_guard_app(agent.base_url, guard=guard, events=elog), port)
+        # open mode: the benchmark measures the guard's overhead, not key handling
+        server, th = start(create_guard_app(agent.base_url, guard=guard, events=elog,
+                                            open_mode=True), port)
         proxy_url = f"http://127.0.0.1:{port}/v1"
         direct = run_redteam(
             probes,
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         latency = None
         if args.latency_requests > 0:
             port2 = free_port()
-            mem_server, mem_th = start(create_guard_app(agent.base_url, guard=guard), port2)
+            mem_server, mem_th = start(create_guard_app(agent.base_url, guard=guard,
+                                                        open_mode=True), port2)
             latency = timed({
                 "direct": agent.base_url,
                 "proxy_events_in_memory": f"http://127.0.0.1:{port2}/v1",

@@ -57,7 +57,7 @@ def serve_upstream(port: int) -> None:
     time.sleep(10**9)
 
 
-def serve_proxy(upstream: str, port: int) -> None:
+def serve_proxy(upstream: str, port: int, events: str) -> None:
     import uvicorn
 
     from bastion.llm.detector import PromptInjectionDetector
@@ -67,8 +67,8 @@ def serve_proxy(upstream: str, port: int) -> None:
     det = PromptInjectionDetector.load_default()
     det.score(["warm-up"])
     guard = LlmGuard(det, secrets=SECRETS, trusted_roles=["system"])
-    uvicorn.run(create_guard_app(upstream, guard=guard), host="127.0.0.1", port=port,
-                log_level="error")
+    uvicorn.run(create_guard_app(upstream, guard=guard, events=events), host="127.0.0.1",
+                port=port, log_level="error")
 
 
 def free_port() -> int:
@@ -105,20 +105,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.serve[0] == "upstream":
             serve_upstream(int(args.serve[1]))
         else:
-            serve_proxy(args.serve[1], int(args.serve[2]))
+            serve_proxy(args.serve[1], int(args.serve[2]), args.serve[3])
         return 0
+    import tempfile
+
     import httpx
     from vulnerable_server import LOREM
 
     from bastion._util import write_json_atomic
     from bastion.llm.client import parse_sse_lines
     from bastion.llm.guard import LlmGuard
+    from bastion.web.keys import KeyStore
 
     expected = (LOREM * (args.chars // len(LOREM) + 1))[: args.chars]
+    tmp = tempfile.mkdtemp(prefix="bastion-bench-")
+    events = f"sqlite:///{tmp}/events.db"  # the proxy's store, with its api_keys table
+    with KeyStore(events) as ks:
+        auth = {"Authorization": f"Bearer {ks.create('bench', 'client')[0]}"}
     up_port, port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}/v1"
     procs = [start(["--serve", "upstream", str(up_port)], upstream + "/models")]
-    procs.append(start(["--serve", "proxy", upstream, str(port)],
+    procs.append(start(["--serve", "proxy", upstream, str(port), events],
                        f"http://127.0.0.1:{port}/healthz"))
     try:
         agent_base = upstream
@@ -136,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             first = None
             lines = []
-            with httpx.stream("POST", base + "/chat/completions", json=big, timeout=600) as r:
+            with httpx.stream("POST", base + "/chat/completions", json=big, timeout=600,
+                              headers=auth) as r:
                 for line in r.iter_lines():
                     if first is None and line.startswith("data:"):
                         first = time.perf_counter() - t0
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def small_latency(n: int) -> list[float]:
             out = []
-            with httpx.Client(timeout=120) as c:
+            with httpx.Client(timeout=120, headers=auth) as c:
                 for _ in range(n):
                     t = time.perf_counter()
                     assert c.post(proxy + "/chat/completions", json=small).status_code == 200
@@ -211,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             "beside_3_big_streams_median": round(statistics.median(busy), 4),
             "beside_3_big_streams_max": round(max(busy), 4),
             "n": args.small_requests},
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         "cpu_note": f"{os.cpu_count()} cores shared with other jobs; OMP_NUM_THREADS="
                     f"{os.environ.get('OMP_NUM_THREADS')}",
     }

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from keyed import KEYS  # noqa: E402
 from vulnerable_server import VulnerableServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,6 +46,7 @@ class UvicornThread:
     def __init__(self, app: Any) -> None:
         import uvicorn
 
+        self.app = app
         self.port = free_port()
         cfg = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="error", lifespan="on"
@@ -56,6 +58,16 @@ class UvicornThread:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def key(self, client: str = "alice", role: str = "client") -> dict[str, str]:
+        """A new API key of the app's key store (a guard proxy's ``app.state.auth``) as
+        an Authorization header; the first one made is what ``authed_*`` present."""
+        auth = self.app.state.auth
+        token, _ = auth.keys.create(client, role)
+        auth.reload()
+        h = {"Authorization": f"Bearer {token}"}
+        KEYS.setdefault(f"http://127.0.0.1:{self.port}", h)
+        return h
+
     def __enter__(self) -> UvicornThread:
         self.thread.start()
         deadline = time.time() + 20
@@ -66,6 +78,7 @@ class UvicornThread:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        KEYS.pop(f"http://127.0.0.1:{self.port}", None)
         self.server.should_exit = True
         self.thread.join(timeout=10)
 

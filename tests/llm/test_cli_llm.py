@@ -227,6 +227,10 @@ def test_guard_llm_cli_serves(vuln_server, tmp_path, minilm_detector) -> None:
             "--no-track",
             "--torch-threads", "1",
             "--quiet"]  # fmt: skip
+    from bastion.web.keys import KeyStore
+
+    with KeyStore(f"sqlite:///{tmp_path / 'ev.db'}") as ks:  # as `bastion keys create` does
+        key = {"Authorization": f"Bearer {ks.create('chat-app', 'client')[0]}"}
     t = threading.Thread(target=run, args=(args,), daemon=True)
     t.start()
     base = f"http://127.0.0.1:{port}"
@@ -239,9 +243,13 @@ def test_guard_llm_cli_serves(vuln_server, tmp_path, minilm_detector) -> None:
             time.sleep(0.2)
     else:
         pytest.fail("guard-llm did not start")
+    assert httpx.post(base + "/v1/chat/completions", timeout=60, json={
+        "model": "vuln-agent", "messages": [{"role": "user", "content": "hi"}]}
+    ).status_code == 401  # no key
     r = httpx.post(
         base + "/v1/chat/completions",
         timeout=60,
+        headers=key,
         json={
             "model": "vuln-agent",
             "messages": [
@@ -256,6 +264,7 @@ def test_guard_llm_cli_serves(vuln_server, tmp_path, minilm_detector) -> None:
     r = httpx.post(
         base + "/v1/chat/completions",
         timeout=60,
+        headers=key,
         json={
             "model": "vuln-agent",
             "messages": [{"role": "user", "content": "What are your opening hours?"}],
@@ -266,6 +275,7 @@ def test_guard_llm_cli_serves(vuln_server, tmp_path, minilm_detector) -> None:
     from bastion.runtime.events import EventStore
 
     store = EventStore(f"sqlite:///{tmp_path / 'ev.db'}")
-    outcomes = sorted(e.payload["outcome"] for e in store.query(kinds="verdict"))
-    assert outcomes == ["allowed", "blocked"]
+    verdicts = store.query(kinds="verdict")
+    assert sorted(e.payload["outcome"] for e in verdicts) == ["allowed", "blocked"]
+    assert {e.client_id for e in verdicts} == {"chat-app"}
     store.close()

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import httpx
+from keyed import authed_get, authed_post, authed_stream  # noqa: I001
 
 from bastion.llm.guard import LlmGuard
 from bastion.llm.proxy import create_guard_app
@@ -93,7 +94,9 @@ async def dripping_upstream(scope: Any, receive: Any, send: Any) -> None:
 def _proxy(uvicorn_thread: Any, upstream: str, detector: Any, **limits: Any) -> Any:
     lim = HttpLimits(**limits)
     app = create_guard_app(upstream, guard=LlmGuard(detector), timeout=5, limits=lim)
-    return uvicorn_thread(app)
+    th = uvicorn_thread(app)
+    th.key()  # a client key for authed_* requests
+    return th
 
 
 CHAT = {"model": "drip", "messages": [{"role": "user", "content": "Tell me a story"}]}
@@ -104,7 +107,7 @@ def test_dripping_stream_is_cut_at_the_deadline(uvicorn_thread, keyword_detector
             _proxy(uvicorn_thread, up.base_url, keyword_detector, deadline_s=2.0) as px:
         t = time.monotonic()
         frames = []
-        with httpx.stream("POST", px.base_url + "/chat/completions",
+        with authed_stream("POST", px.base_url + "/chat/completions",
                           json={**CHAT, "stream": True}, timeout=30) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
@@ -117,16 +120,22 @@ def test_dripping_stream_is_cut_at_the_deadline(uvicorn_thread, keyword_detector
         err = json.loads(frames[-2])["error"]
         assert err["code"] == "deadline_exceeded" and "message" in err and "type" in err
         assert any("w0" in f for f in frames[:-2])  # the answer was relayed until then
+        # the proxy ended the stream itself (its relay runs in a deadline scope), so its
+        # verdict says why, rather than "client_disconnected"
+        (v,) = px.app.state.events.query(kinds="verdict")
+        assert v.payload["outcome"] == "deadline_exceeded"
+        assert v.payload["error"]["code"] == "deadline_exceeded"
 
 
 def test_slow_plain_answer_gets_504(uvicorn_thread, keyword_detector):
     with uvicorn_thread(dripping_upstream) as up, \
             _proxy(uvicorn_thread, up.base_url, keyword_detector, deadline_s=1.5) as px:
         t = time.monotonic()
-        r = httpx.post(px.base_url + "/chat/completions", json=CHAT, timeout=30)
+        r = authed_post(px.base_url + "/chat/completions", json=CHAT, timeout=30)
         assert r.status_code == 504 and time.monotonic() - t < 1.5 + 2.0
         assert r.json()["error"]["code"] == "deadline_exceeded"
-        m = httpx.get(px.base_url.removesuffix("/v1") + "/metrics").text
+        m = authed_get(px.base_url.removesuffix("/v1") + "/metrics",
+                       headers=px.key("ops", "reader")).text
         assert 'bastion_llm_errors_total{code="deadline_exceeded"}' in m
 
 
@@ -135,14 +144,18 @@ def test_flooding_key_gets_429_on_the_proxy(uvicorn_thread, keyword_detector):
             _proxy(uvicorn_thread, up.base_url, keyword_detector, rate_limit_per_s=0.5,
                    rate_limit_burst=2, rate_limit_delay_s=0) as px, httpx.Client(timeout=10) as c:
         root = px.base_url.removesuffix("/v1")
-        codes = [c.get(px.base_url + "/models", headers={"Authorization": "Bearer k1"})
-                 for _ in range(8)]
+        k1, k2 = px.key("flooder"), px.key("polite")
+        codes = [c.get(px.base_url + "/models", headers=k1) for _ in range(8)]
         limited = [r for r in codes if r.status_code == 429]
         assert codes[0].status_code == 200 and len(limited) >= 4
         assert int(limited[0].headers["retry-after"]) >= 1
         err = limited[0].json()["error"]
         assert err["code"] == "rate_limited" and {"message", "type"} <= set(err)
-        assert c.get(root + "/healthz", headers={"Authorization": "Bearer k1"}
-                     ).status_code == 200
-        other = c.get(px.base_url + "/models", headers={"Authorization": "Bearer k2"})
+        assert c.get(root + "/healthz", headers=k1).status_code == 200
+        # the bucket is the verified key's: another key is not limited, and made-up
+        # tokens share the address's bucket instead of getting fresh ones
+        other = c.get(px.base_url + "/models", headers=k2)
+        fake = [c.get(px.base_url + "/models", headers={"Authorization": f"Bearer fake{i}"})
+                for i in range(8)]
+        assert sum(r.status_code == 429 for r in fake) >= 4
         assert other.status_code == 200

@@ -201,7 +201,8 @@ def guard_llm(
         help="Event store URL shared with `bastion serve` (a bare path means a SQLite file).",
     ),
     api_key_env: str | None = typer.Option(
-        None, "--api-key-env", help="Env var with the upstream key (else pass the client's)."
+        None, "--api-key-env", help="Env var with the upstream key (the client's own "
+        "Authorization is its Bastion key and is never forwarded)."
     ),
     timeout: float = typer.Option(
         60.0, "--timeout", min=0.1, help="Seconds per upstream read (see --deadline)."),
@@ -216,6 +217,9 @@ def guard_llm(
     deadline: float | None = typer.Option(
         None, "--deadline", help="Seconds a whole chat request may take, upstream and "
         "streamed answer included (default 300; 504 or an SSE error frame after)."),
+    open_: bool = typer.Option(
+        False, "--open", help="No API keys needed (local demos only): anyone who can reach "
+        "the port chats through the proxy and reads the events as admin."),
     torch_threads: int = typer.Option(
         0, "--torch-threads", min=0, help="Torch threads for the detector (0: torch's default)."
     ),
@@ -254,6 +258,11 @@ def guard_llm(
     from bastion.registry.tracking import track_run
 
     HostAllowlist(allow_url_host or [])  # bad options fail before the detector loads
+    import os
+
+    from bastion.web.auth import check_admin_token
+
+    check_admin_token(os.environ.get("BASTION_ADMIN_TOKEN"))  # under 32 characters: refused
     for r in trust_role or []:
         if canonical_role(r) is None:
             raise BastionError(f"--trust-role {r!r} is not a role",
@@ -285,7 +294,7 @@ def guard_llm(
     app = create_guard_app(
         upstream, guard=guard, events=store, api_key_env=api_key_env, timeout=timeout,
         limits=limits,
-        max_scan_chars=max_screen_chars,
+        max_scan_chars=max_screen_chars, open_mode=open_,
     )
     det.score(["warm-up"])  # load the encoder before the first request
     params = {"upstream": redact_url(upstream), "listen": listen, "policy": policy, "seed": seed}
@@ -294,9 +303,14 @@ def guard_llm(
     ) as run:
         c.info(
             f"guarding {redact_url(upstream)} on http://{host}:{port_s}/v1 (policy {policy}); "
-            f"events: {redact_url(url)}",
+            f"events: {redact_url(url)}; {app.state.auth.key_count()} API keys"
+            f"{', admin token set' if app.state.auth.admin_token_set else ''}",
             quiet=quiet,
         )
+        if open_:
+            c.info("[bold red]WARNING: OPEN MODE[/]: no API key is needed; anyone who can "
+                   "reach this port can chat through the proxy and read every client's "
+                   "prompt excerpts as admin")
         uvicorn.run(app, host=host, port=int(port_s), log_level="warning" if quiet else "info",
                     **server_options(limits, on_reject=app.state.on_limit,
                                      error_style="openai"))

@@ -2,15 +2,21 @@
 
 ``create_guard_app(upstream, guard=...)`` returns a FastAPI app serving
 ``POST /v1/chat/completions`` (streaming and not), ``GET /v1/models`` (forwarded),
-``GET /v1/events`` (the LLM events of the store; admin token only), ``GET /metrics``
-(Prometheus) and ``GET /healthz``. For each chat request it:
+``GET /v1/events`` (the LLM events of the store), ``GET /metrics`` (Prometheus) and
+``GET /healthz``, assembled from :mod:`bastion.web` like the model service: API keys of
+the ``api_keys`` table beside the event store and roles (chat and models: ``client``;
+events, redacted, and metrics: ``reader``; excerpts: ``admin``; ``/healthz`` public; the
+client of events and rate limits is the key's), one error mapping with an OpenAI-style
+renderer, the limits middleware keyed on the verified key, and an overall deadline that
+the upstream call and the stream relay end themselves (a ``deadline_exceeded`` answer or
+SSE frame, and verdict). For each chat request it:
 
 1. validates the body. A client's mistake is a 4xx with an OpenAI-style error object
    (``{"error": {"message", "type", "param", "code"}}``), never a 500: bad JSON, bytes
    that are not UTF-8, or a body that does not match the schema (no ``model``, no or
    empty ``messages``) -> 400; lone UTF-16 surrogates in a string -> 400
-   ``invalid_unicode``; NaN or Infinity -> 400 ``invalid_number``; a bad ``X-Client-Id``
-   -> 400 ``bad_client_id``; a body over
+   ``invalid_unicode``; NaN or Infinity -> 400 ``invalid_number``; a malformed
+   ``X-Client-Id`` (a label only in open mode) -> 400 ``bad_client_id``; a body over
    ``max_body_bytes`` (by ``Content-Length`` or counted, for chunked uploads) -> 413
    ``request_too_large``; a role it does not know -> 422 ``unknown_role`` (roles are
    matched case-insensitively, ``human`` is ``user``, and forwarded in canonical form);
@@ -21,8 +27,8 @@
    guard's ``trusted_roles``; content parts, names, tool calls and other fields; every
    chunk of long texts) and blocks (400, ``code: bastion_blocked_prompt_injection``),
    strips or wraps what is flagged;
-3. forwards to ``{upstream}/chat/completions`` (the API key from ``api_key_env`` if set,
-   otherwise the client's own ``Authorization`` header);
+3. forwards to ``{upstream}/chat/completions`` (the API key from ``api_key_env`` if set;
+   the client's ``Authorization`` carries its Bastion key and is never forwarded);
 4. scans the answer (every choice) for configured secrets and system-prompt overlap: a
    leaking answer is replaced by a notice with ``finish_reason: content_filter``; calls to
    forbidden tools are dropped, and tool calls whose arguments carry a secret, a
@@ -53,7 +59,6 @@ answer (or the end of the stream) goes out.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -67,8 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -88,6 +92,18 @@ from bastion.llm.guard import (
 from bastion.llm.outscan import ToolCallCheck
 from bastion.llm.relay import AnswerCheck, StreamRelay, screen_answer
 from bastion.runtime import events as ev
+from bastion.web.auth import (
+    CLIENT,
+    READER,
+    Authenticator,
+    AuthMiddleware,
+    Identity,
+    RouteRules,
+    require_role,
+)
+from bastion.web.errors import install_error_handlers
+from bastion.web.limits import deadline_scope
+from bastion.web.redact import redact
 
 __all__ = ["create_guard_app", "ChatRequest", "ChatMessage", "ADMIN_TOKEN_ENV"]
 
@@ -119,18 +135,37 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def _error(
-    status: int,
-    message: str,
-    *,
-    type_: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"message": message, "type": type_, "param": param, "code": code}},
-    )
+#: the shared layer's codes -> the proxy's (OpenAI answers 400 for any invalid body)
+_CODES = {"invalid_request": "invalid_request_body", "malformed_json": "invalid_request_body",
+          "body_too_large": "request_too_large"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          429: "rate_limit_error"}
+
+
+def proxy_code(status: int, code: str) -> tuple[int, str]:
+    """The proxy's ``(status, code)`` for the shared layer's: a body that does not match
+    the schema is a 400 ``invalid_request_body`` (as OpenAI answers), not a 422."""
+    code = _CODES.get(code, code)
+    if code == "invalid_request_body":
+        status = 400
+    return status, code
+
+
+def openai_error(status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None, *, type_: str | None = None
+                 ) -> JSONResponse:
+    """The proxy's renderer for :func:`bastion.web.errors.install_error_handlers` and
+    :class:`bastion.web.auth.AuthMiddleware`: OpenAI's ``{"error": {"message", "type",
+    "param", "code"}}``."""
+    status, code = proxy_code(status, code)
+    details = details or {}
+    param = details.get("param")
+    if param is None and details.get("problems"):
+        param = details["problems"][0].get("field") or None
+    type_ = type_ or _TYPES.get(status, "server_error" if status >= 500
+                                else "invalid_request_error")
+    return JSONResponse(status_code=status, headers=headers, content={"error": {
+        "message": message, "type": type_, "param": param, "code": code}})
 
 
 def _bad_value(o: Any) -> str | None:
@@ -225,6 +260,78 @@ class _Req:
     written: bool = False
 
 
+#: who may call what (routes not listed, ``/healthz`` and the docs, are public)
+RULES = RouteRules([
+    ("POST", "/v1/chat/completions", CLIENT), ("GET", "/v1/models", CLIENT),
+    ("GET", "/v1/events", READER), ("GET", "/metrics", READER),
+])
+OPEN_WARNING = ("OPEN MODE: the guard proxy needs no API key; anyone who can reach this "
+                "port can chat through it and read every client's prompt excerpts as admin")
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics_endpoint(request: Request, _: Identity = require_role("reader")) -> Response:
+    from bastion.web.metrics import metrics_response
+
+    return metrics_response(request.app.state.metrics.registry)
+
+
+@router.get("/v1/events")
+async def events_endpoint(
+    request: Request,
+    kind: list[str] | None = Query(default=None, max_length=20),
+    request_id: str | None = Query(default=None, max_length=256),
+    client_id: str | None = Query(default=None, max_length=128),
+    since: float | None = Query(default=None),
+    limit: int = Query(default=100, ge=1, le=1000),
+    include_inputs: bool = Query(default=False, description="Admin only: prompt excerpts "
+                                 "and tool arguments in the payloads."),
+    ident: Identity = require_role("reader"),
+) -> Response:
+    """The LLM events of the store, newest first: a reader sees them without prompt
+    excerpts or tool arguments; an admin may ask for them whole."""
+    if include_inputs and ident.role != "admin":
+        return openai_error(403, "forbidden", "include_inputs=true needs an admin key (a "
+                            "reader sees events without prompt excerpts or tool arguments)")
+    kinds = [k for part in (kind or []) for k in part.split(",") if k] or None
+    bad = [k[:40] for k in kinds or [] if k not in ev.EVENT_KINDS]
+    if bad:
+        return openai_error(400, "bad_kind", f"unknown event kind(s) {bad[:5]}; use "
+                            f"{', '.join(ev.EVENT_KINDS)}", {"param": "kind"})
+    if since is not None and not math.isfinite(since):
+        return openai_error(400, "bad_since", "since must be finite epoch seconds",
+                            {"param": "since"})
+    elog: LlmEventLog = request.app.state.events
+    rows = await run_in_threadpool(elog.query, kinds=kinds, request_id=request_id,
+                                   client_id=client_id, since=since, limit=limit)
+    out = [e.as_dict() for e in rows]
+    if not include_inputs:
+        for d in out:
+            d["payload"] = redact(d["payload"])
+    return JSONResponse({"count": len(out), "events": out})
+
+
+@router.get("/v1/models")
+async def models(request: Request, _: Identity = require_role("client")) -> Response:
+    """The upstream's model list (forwarded, secrets masked)."""
+    st = request.app.state
+    try:
+        r = await st.client().get(f"{st.upstream}/models", headers=st.upstream_headers(request))
+    except httpx.HTTPError as exc:
+        st.metrics.errors.labels("upstream_unreachable").inc()
+        return openai_error(502, "upstream_unreachable",
+                            f"upstream unreachable: {type(exc).__name__}", type_="upstream_error")
+    return Response(st.events.scrub(r.content.decode("utf-8", errors="replace")).encode(),
+                    status_code=r.status_code, media_type=r.headers.get("content-type"))
+
+
 def create_guard_app(
     upstream: str,
     *,
@@ -239,6 +346,8 @@ def create_guard_app(
     hold_back_chars: int = 64,
     limits: Any = None,
     key_fn: Any = None,
+    open_mode: bool = False,
+    key_refresh_s: float = 2.0,
 ) -> Any:
     """Build the guard proxy app (see module doc).
 
@@ -249,10 +358,17 @@ def create_guard_app(
             :class:`~bastion.runtime.events.EventStore`, a store URL, or None (an
             in-memory store, lost at exit). Secrets, the upstream key and the admin
             token are masked in whatever is written.
-        api_key_env: environment variable with the upstream key (else the client's own
-            ``Authorization`` header is forwarded).
-        admin_token: opens ``GET /v1/events``; default ``$BASTION_ADMIN_TOKEN``; with
-            neither, that route answers 403.
+        api_key_env: environment variable with the upstream key (else none is sent: the
+            client's ``Authorization`` is its Bastion key and is never forwarded).
+        admin_token: the admin identity (at least 32 characters; default
+            ``$BASTION_ADMIN_TOKEN``). Other callers present an API key of the
+            ``api_keys`` table beside the event store (``bastion keys create``): role
+            ``client`` for chat and models (the client name of events and rate limits is
+            the key's, never ``X-Client-Id``), ``reader`` for events (redacted: no
+            excerpts or tool arguments) and metrics; ``admin`` also for
+            ``include_inputs=true``. ``/healthz`` is public.
+        open_mode: no key needed (local demos): a caller without a key is an admin named
+            by its ``X-Client-Id``; a warning is logged at start-up.
         limits: the per-key rate limit, in-flight cap and overall deadline (the upstream
             and the whole streamed answer included) of
             :class:`bastion.web.limits.HttpLimits`; None: the defaults. ``timeout`` stays
@@ -271,15 +387,25 @@ def create_guard_app(
     elog = events if isinstance(events, LlmEventLog) else LlmEventLog(
         events if events is not None else "sqlite:///:memory:")
     elog.add_mask(*guard.secrets, key, token)
+    from bastion.web.keys import KeyStore
+
+    auth = Authenticator(KeyStore(elog.store), admin_token=token, open_mode=open_mode,
+                         refresh_s=key_refresh_s)
     metrics = _Metrics()
     state: dict[str, httpx.AsyncClient] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state["client"] = httpx.AsyncClient(timeout=timeout)
+        if auth.open_mode:
+            log.warning(OPEN_WARNING)
+        elif auth.key_count() == 0 and not auth.admin_token_set:
+            log.warning("no API key exists and no admin token is set: every route but "
+                        "/healthz answers 401 (create keys with bastion keys create "
+                        "--events URL --client NAME --role client)")
         await write([elog.audit_row(
             "start", "llm_guard", f"guard proxy started in front of {redact_url(base)}",
-            {"upstream": redact_url(base), "upstream_key": "configured" if key else "client's",
+            {"upstream": redact_url(base), "upstream_key": "configured" if key else "none",
              "max_scan_chars": max_scan_chars, "max_body_bytes": max_body_bytes,
              **guard.describe()})], None)
         try:
@@ -287,17 +413,52 @@ def create_guard_app(
         finally:
             await state["client"].aclose()
 
-    app = FastAPI(title="Bastion LLM guard", lifespan=lifespan)
-    app.add_middleware(_CountBody, limit=max_body_bytes)
+    app = FastAPI(title="Bastion LLM guard", lifespan=lifespan,
+                  description="OpenAI-compatible guard proxy. Every route but /healthz "
+                  "needs an API key (Authorization: Bearer; bastion keys create).")
     from bastion.web.limits import HttpLimits, LimitsMiddleware
 
     app.state.limits = limits = limits if limits is not None else HttpLimits(deadline_s=300.0)
+    # our own 504 / SSE error frame (and verdict event) comes this long before the
+    # limits middleware would cut the request
+    margin = min(0.5, 0.1 * limits.deadline_s)
     app.state.on_limit = lambda reason, status: metrics.errors.labels(reason).inc()
-    app.add_middleware(LimitsMiddleware, limits=limits, key_fn=key_fn,
-                       on_reject=app.state.on_limit, error_style="openai")
     app.state.guard = guard
     app.state.events = elog
     app.state.metrics = metrics
+    app.state.auth = auth
+    app.state.upstream = base
+    app.state.upstream_headers = lambda request: _headers(request)
+    app.state.client = lambda: client()
+    app.include_router(router)
+
+    def on_error(request: Request, status: int, code: str) -> None:
+        """Count every 4xx; a refused chat request also leaves its verdict event."""
+        status, code = proxy_code(status, code)
+        metrics.errors.labels(code).inc()
+        if request.method == "POST" and request.url.path == "/v1/chat/completions":
+            rq = _Req(rid=uuid.uuid4().hex, client_id=_client_of(request, None),
+                      verdict="reject", error={"code": code})
+            metrics.requests.labels("client_error").inc()
+            try:  # a small SQLite/PostgreSQL write; the answer goes out right after
+                elog.write([*rq.rows, verdict_row(rq, "client_error", status)])
+            except Exception as exc:
+                metrics.event_failures.inc()
+                log.warning("cannot write guard events: %s", type(exc).__name__)
+
+    def on_internal(request: Request, exc: BaseException) -> None:
+        metrics.requests.labels("internal_error").inc()
+        log.error("guard proxy bug: %s", type(exc).__name__)
+
+    install_error_handlers(app, render=openai_error, on_error=on_error,
+                           on_internal=on_internal)
+    app.add_middleware(_CountBody, limit=max_body_bytes)
+    app.add_middleware(AuthMiddleware, auth=auth, rules=RULES, render=openai_error,
+                       on_refused=lambda status, code: metrics.errors.labels(code).inc())
+    # outermost: the bucket is keyed on the verified key (``key:<client>``), or the
+    # peer address without a valid key, so made-up tokens do not escape it
+    app.add_middleware(LimitsMiddleware, limits=limits, key_fn=key_fn or auth.key_fn,
+                       on_reject=app.state.on_limit, error_style="openai")
 
     def client() -> httpx.AsyncClient:
         if "client" not in state:  # app used without lifespan (e.g. some test clients)
@@ -335,7 +496,7 @@ def create_guard_app(
     async def client_error(rq: _Req | None, status: int, message: str, code: str,
                            param: str | None = None) -> Response:
         metrics.errors.labels(code).inc()
-        resp = _error(status, message, code=code, param=param)
+        resp = openai_error(status, code, message, {"param": param})
         if rq is None:
             rq = _Req(rid=uuid.uuid4().hex, client_id="anonymous")
         rq.verdict = "reject"
@@ -346,111 +507,27 @@ def create_guard_app(
                              upstream_status: int | None = None) -> Response:
         metrics.errors.labels(code).inc()
         rq.error = {"code": code, "message": message, "upstream_status": upstream_status}
-        return await finish(rq, "upstream_error", _error(status, message, type_="upstream_error",
-                                                         code=code))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = first.get("msg", "invalid request")
-        return await client_error(
-            None, 400, f"invalid request body: {loc + ': ' if loc else ''}{msg}",
-            "invalid_request_body", param=loc or None)
-
-    _codes = {400: "invalid_request_body", 404: "not_found", 405: "method_not_allowed",
-              413: "request_too_large"}
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        code = _codes.get(exc.status_code, f"http_{exc.status_code}")
-        detail = str(exc.detail)
-        if exc.status_code == 413:
-            detail = f"request body over {max_body_bytes} bytes"
-        if request.method == "POST" and request.url.path.endswith("/chat/completions"):
-            return await client_error(None, exc.status_code, detail, code)
-        metrics.errors.labels(code).inc()
-        return _error(exc.status_code, detail, code=code)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        # our bug, not the client's
-        metrics.requests.labels("internal_error").inc()
-        log.error("guard proxy bug: %s", type(exc).__name__)
-        return _error(500, f"internal guard error: {type(exc).__name__}", type_="server_error")
-
-    @app.middleware("http")
-    async def _size_limit(request: Request, call_next: Any) -> Any:
-        cl = request.headers.get("content-length")
-        if cl and cl.isdigit() and int(cl) > max_body_bytes:
-            msg = f"request body over {max_body_bytes} bytes"
-            if request.method == "POST" and request.url.path.endswith("/chat/completions"):
-                return await client_error(None, 413, msg, "request_too_large")
-            metrics.errors.labels("request_too_large").inc()
-            return _error(413, msg, code="request_too_large")
-        return await call_next(request)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/events")
-    async def events_endpoint(
-        request: Request,
-        kind: list[str] | None = Query(default=None),
-        request_id: str | None = Query(default=None, max_length=256),
-        client_id: str | None = Query(default=None, max_length=128),
-        since: float | None = Query(default=None),
-        limit: int = Query(default=100, ge=1, le=1000),
-    ) -> Response:
-        """The LLM events of the store, newest first (admin token required)."""
-        if token is None:
-            return _error(403, f"the events route is disabled: set {ADMIN_TOKEN_ENV}",
-                          type_="permission_error", code="admin_disabled")
-        scheme, _, cred = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                cred.strip().encode("utf-8"), token.encode("utf-8")):
-            return _error(401, "the events route needs 'Authorization: Bearer <admin token>'",
-                          type_="authentication_error", code="bad_token")
-        kinds = [k for part in (kind or []) for k in part.split(",") if k] or None
-        bad = [k for k in kinds or [] if k not in ev.EVENT_KINDS]
-        if bad:
-            return _error(400, f"unknown event kind(s) {bad}; use {', '.join(ev.EVENT_KINDS)}",
-                          code="bad_kind", param="kind")
-        rows = await run_in_threadpool(elog.query, kinds=kinds, request_id=request_id,
-                                       client_id=client_id, since=since, limit=limit)
-        return JSONResponse({"count": len(rows), "events": [e.as_dict() for e in rows]})
+        return await finish(rq, "upstream_error",
+                            openai_error(status, code, message, type_="upstream_error"))
 
     def _headers(request: Request) -> dict[str, str]:
+        """The upstream's headers: its key from ``api_key_env``. The client's own
+        ``Authorization`` carries its Bastion key and is never forwarded."""
         h = {"Content-Type": "application/json"}
         if key:
             h["Authorization"] = f"Bearer {key}"
-        elif request.headers.get("authorization"):
-            h["Authorization"] = request.headers["authorization"]
         return h
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        try:
-            r = await client().get(f"{base}/models", headers=_headers(request))
-        except httpx.HTTPError as exc:
-            metrics.errors.labels("upstream_unreachable").inc()
-            return _error(
-                502, f"upstream unreachable: {type(exc).__name__}", type_="upstream_error",
-                code="upstream_unreachable",
-            )
-        return Response(
-            elog.scrub(r.content.decode("utf-8", errors="replace")).encode(),
-            status_code=r.status_code,
-            media_type=r.headers.get("content-type"),
-        )
+    def _client_of(request: Request, user: Any) -> str:
+        """The client a request counts for: the verified key's client; only in open mode
+        the ``X-Client-Id`` label (or the body's ``user``)."""
+        ident = request.scope.get("state", {}).get("identity")
+        if isinstance(ident, Identity) and ident.source != "open":
+            return ident.client
+        cid = request.headers.get("x-client-id")
+        if cid is not None and CLIENT_ID_PATTERN.match(cid):
+            return cid
+        return user if isinstance(user, str) and CLIENT_ID_PATTERN.match(user) else "anonymous"
 
     def _screen_record(rq: _Req, screened: ScreenResult, messages: list[dict[str, Any]]) -> None:
         rq.threshold = guard.threshold
@@ -510,10 +587,12 @@ def create_guard_app(
 
     _chat_errors = {c: {"description": d} for c, d in (
         (400, "Invalid body, or blocked as a prompt injection"),
+        (401, "No, unknown or revoked API key"), (403, "The key's role may not chat"),
         (413, "Body or content to screen too large"), (422, "Unknown role"),
         (502, "Upstream unreachable, failing or malformed"), (504, "Upstream timed out"))}
 
-    @app.post("/v1/chat/completions", responses=_chat_errors)  # type: ignore[arg-type]
+    @app.post("/v1/chat/completions", responses=_chat_errors,  # type: ignore[arg-type]
+              dependencies=[require_role("client")])
     async def chat(body: ChatRequest, request: Request) -> Response:
         rq = _Req(rid=uuid.uuid4().hex, client_id="anonymous", model=body.model,
                   stream=bool(body.stream))
@@ -522,8 +601,7 @@ def create_guard_app(
             return await client_error(rq, 400, "X-Client-Id must be 1-128 characters from "
                                       "A-Z a-z 0-9 _ . : @ -", "bad_client_id")
         user = getattr(body, "user", None)
-        rq.client_id = cid or (user if isinstance(user, str) and CLIENT_ID_PATTERN.match(user)
-                               else "anonymous")
+        rq.client_id = _client_of(request, user)
         payload = body.model_dump(exclude_unset=True)
         why = _bad_value(payload)
         if why == "invalid_unicode":
@@ -547,14 +625,20 @@ def create_guard_app(
         metrics.screen_s.observe(time.perf_counter() - t0)
         _screen_record(rq, screened, messages)
         if screened.blocked:
-            return await finish(rq, "blocked", _error(
-                400,
-                "the request was blocked by Bastion guard: it looks like a prompt injection",
-                type_="invalid_request_error",
-                code="bastion_blocked_prompt_injection",
-            ))
+            return await finish(rq, "blocked", openai_error(
+                400, "bastion_blocked_prompt_injection",
+                "the request was blocked by Bastion guard: it looks like a prompt injection"))
         payload["messages"] = screened.messages
-        system_prompt = system_prompt_of(messages)
+        try:  # the upstream call ends just before the request's deadline, with our answer
+            async with deadline_scope(margin=margin):
+                return await _forward(rq, request, payload, system_prompt_of(messages))
+        except TimeoutError:
+            return await upstream_error(rq, 504, "the request took longer than its deadline "
+                                        f"of {limits.deadline_s:g} s", "deadline_exceeded")
+
+    async def _forward(rq: _Req, request: Request, payload: dict[str, Any],
+                       system_prompt: str) -> Response:
+        """Forward a screened request and check the answer (or start relaying it)."""
         headers = _headers(request)
         t1 = time.perf_counter()
         try:
@@ -613,7 +697,7 @@ def create_guard_app(
                                         "upstream_malformed")
         rq.answer["chars"] = found.chars
         _answer_rows(rq, found, system_prompt)
-        outcome = "redacted" if found.leak else ("flagged" if screened.flags else "allowed")
+        outcome = "redacted" if found.leak else ("flagged" if rq.reasons else "allowed")
         return await finish(rq, outcome, JSONResponse(data))
 
     def _answer_rows(rq: _Req, found: AnswerCheck, system_prompt: str) -> None:
@@ -695,23 +779,28 @@ def create_guard_app(
                 if head:
                     yield head
                 while not relay.stopped:
-                    try:
-                        data = await blocks.__anext__()
+                    try:  # never across a yield: the scope cancels this task
+                        async with deadline_scope(margin=margin):
+                            data = await blocks.__anext__()
+                            out = await run_in_threadpool(relay.feed, data)
                     except StopAsyncIteration:
                         break
-                    out = await run_in_threadpool(relay.feed, data)
                     if out:
                         yield out
                 if relay.error:
                     raise _StreamError(relay.error)
-            except (httpx.HTTPError, _StreamError) as exc:
+            except (httpx.HTTPError, _StreamError, TimeoutError) as exc:
+                late = isinstance(exc, TimeoutError) and not isinstance(exc, httpx.HTTPError)
                 code = (str(exc) if isinstance(exc, _StreamError)
+                        else "deadline_exceeded" if late
                         else "upstream_timeout" if isinstance(exc, httpx.TimeoutException)
                         else "upstream_unreachable")
+                msg = (f"the request took longer than its deadline of {limits.deadline_s:g} s"
+                       if late else "the upstream stream broke off")
                 metrics.errors.labels(code).inc()
-                rq.error = {"code": code, "message": "the upstream stream broke off"}
-                outcome = "upstream_error"
-                err = {"message": "the upstream stream broke off", "type": "upstream_error",
+                rq.error = {"code": code, "message": msg}
+                outcome = "deadline_exceeded" if late else "upstream_error"
+                err = {"message": msg, "type": "server_error" if late else "upstream_error",
                        "param": None, "code": code}
                 yield f"data: {json.dumps({'error': err})}\n\n".encode()
                 await flush(outcome)
@@ -753,8 +842,9 @@ def create_guard_app(
 
 class _CountBody:
     """Count the bytes of a request body as they arrive (chunked uploads have no
-    ``Content-Length``) and stop reading at ``limit`` with a 413, which the app's error
-    handler turns into an OpenAI-style error."""
+    ``Content-Length``; a larger ``Content-Length`` is refused at the first read) and stop
+    reading at ``limit`` with a 413, which the app's error handler turns into an
+    OpenAI-style error."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, int(limit)
@@ -764,14 +854,20 @@ class _CountBody:
             await self.app(scope, receive, send)
             return
         seen = 0
+        too_big = f"request body over {self.limit} bytes"
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                seen = self.limit + 1  # refused at the first read, before any byte
 
         async def counted() -> Any:
             nonlocal seen
+            if seen > self.limit:
+                raise StarletteHTTPException(413, too_big)
             msg = await receive()
             if msg.get("type") == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise StarletteHTTPException(413, "request body too large")
+                    raise StarletteHTTPException(413, too_big)
             return msg
 
         await self.app(scope, counted, send)
