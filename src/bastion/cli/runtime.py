@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
 
 def _registry(model: str, events: str | None, tracking_uri: str | None):  # type: ignore[no-untyped-def]
     from bastion.registry.models import ModelRegistry
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
 
     if not model.strip():
         raise BastionError("--model is empty")
