@@ -14,12 +14,29 @@ import everything below. A bad spec value raises :class:`SpecError` (one line; t
 exits 2). Heavy imports happen inside the jobs, so importing the specs is cheap.
 """
 
+from bastion.jobs.audit import (
+    AuditBackdoorSpec,
+    AuditDataSpec,
+    AuditExtractionSpec,
+    AuditPoisonSpec,
+    AuditPrivacySpec,
+    audit_backdoor,
+    audit_data,
+    audit_extraction,
+    audit_poison,
+    audit_privacy,
+)
 from bastion.jobs.deadline import STORE_INIT_GRACE_S, JobTimeout, check_timeout, run_with_deadline
 from bastion.jobs.harden import HardenSpec, harden
 from bastion.jobs.scan import ScanSpec, load_any_model, run_scan, scan
 from bastion.jobs.spec import JobResult, JobSpec, SpecError, engine_of
 
 __all__ = [
+    "AuditBackdoorSpec",
+    "AuditDataSpec",
+    "AuditExtractionSpec",
+    "AuditPoisonSpec",
+    "AuditPrivacySpec",
     "STORE_INIT_GRACE_S",
     "HardenSpec",
     "JobResult",
@@ -27,6 +44,11 @@ __all__ = [
     "JobTimeout",
     "ScanSpec",
     "SpecError",
+    "audit_backdoor",
+    "audit_data",
+    "audit_extraction",
+    "audit_poison",
+    "audit_privacy",
     "check_timeout",
     "engine_of",
     "harden",
