@@ -28,6 +28,16 @@ from bastion.jobs.audit import (
 )
 from bastion.jobs.deadline import STORE_INIT_GRACE_S, JobTimeout, check_timeout, run_with_deadline
 from bastion.jobs.harden import HardenSpec, harden
+from bastion.jobs.llm import (
+    LlmEvaluateDetectorSpec,
+    LlmHardenDetectorSpec,
+    LlmTrainDetectorSpec,
+    RedteamSpec,
+    llm_evaluate_detector,
+    llm_harden_detector,
+    llm_train_detector,
+    redteam,
+)
 from bastion.jobs.scan import ScanSpec, load_any_model, run_scan, scan
 from bastion.jobs.spec import JobResult, JobSpec, SpecError, engine_of
 
@@ -42,6 +52,10 @@ __all__ = [
     "JobResult",
     "JobSpec",
     "JobTimeout",
+    "LlmEvaluateDetectorSpec",
+    "LlmHardenDetectorSpec",
+    "LlmTrainDetectorSpec",
+    "RedteamSpec",
     "ScanSpec",
     "SpecError",
     "audit_backdoor",
@@ -52,7 +66,11 @@ __all__ = [
     "check_timeout",
     "engine_of",
     "harden",
+    "llm_evaluate_detector",
+    "llm_harden_detector",
+    "llm_train_detector",
     "load_any_model",
+    "redteam",
     "run_scan",
     "run_with_deadline",
     "scan",
