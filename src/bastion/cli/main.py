@@ -59,38 +59,13 @@ def train(
     debug: bool = c.DebugOpt,
 ) -> None:
     """Train a model from the zoo and save it as a Bastion model folder."""
-    from bastion.jobs import run_with_deadline
-    from bastion.models.train import train_from_spec
-    from bastion.registry.tracking import track_run
+    from bastion.jobs import TrainSpec
+    from bastion.jobs import train as train_job
 
-    params = {
-        "arch": model,
-        "data": data,
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
-
-    def job() -> tuple[dict[str, Any], list[str]]:
-        with track_run("train", params=params, tracking_uri=tracking_uri,
-                       enabled=not no_track) as run:
-            _, metrics = train_from_spec(
-                model,
-                data,
-                out,
-                epochs=epochs,
-                lr=lr,
-                batch_size=batch_size,
-                seed=seed,
-                label_column=label_column,
-                progress=c.show_progress(quiet),
-            )
-            run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-            run.log_artifact(out, artifact_path="model")
-        return metrics, run.warnings
-
-    metrics, warnings = run_with_deadline(job, timeout=timeout, what="train", out_dir=out)
+    spec = TrainSpec(model=model, data=data, out=out, epochs=epochs, lr=lr,
+                     batch_size=batch_size, label_column=label_column, seed=seed,
+                     tracking_uri=tracking_uri, track=not no_track, timeout=timeout)
+    metrics, _, warnings = train_job(spec, progress=c.show_progress(quiet))
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     acc = metrics.get("test_accuracy")

@@ -28,6 +28,7 @@ from bastion.jobs.audit import (
 )
 from bastion.jobs.deadline import STORE_INIT_GRACE_S, JobTimeout, check_timeout, run_with_deadline
 from bastion.jobs.harden import HardenSpec, harden
+from bastion.jobs.heal import HealSpec, heal
 from bastion.jobs.llm import (
     LlmEvaluateDetectorSpec,
     LlmHardenDetectorSpec,
@@ -40,6 +41,7 @@ from bastion.jobs.llm import (
 )
 from bastion.jobs.scan import ScanSpec, load_any_model, run_scan, scan
 from bastion.jobs.spec import JobResult, JobSpec, SpecError, engine_of
+from bastion.jobs.train import TrainSpec, train
 
 __all__ = [
     "AuditBackdoorSpec",
@@ -49,6 +51,7 @@ __all__ = [
     "AuditPrivacySpec",
     "STORE_INIT_GRACE_S",
     "HardenSpec",
+    "HealSpec",
     "JobResult",
     "JobSpec",
     "JobTimeout",
@@ -58,6 +61,7 @@ __all__ = [
     "RedteamSpec",
     "ScanSpec",
     "SpecError",
+    "TrainSpec",
     "audit_backdoor",
     "audit_data",
     "audit_extraction",
@@ -66,6 +70,7 @@ __all__ = [
     "check_timeout",
     "engine_of",
     "harden",
+    "heal",
     "llm_evaluate_detector",
     "llm_harden_detector",
     "llm_train_detector",
@@ -74,4 +79,5 @@ __all__ = [
     "run_scan",
     "run_with_deadline",
     "scan",
+    "train",
 ]
