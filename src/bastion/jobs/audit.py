@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from bastion.errors import BastionError
 from bastion.jobs.deadline import run_with_deadline
@@ -57,13 +58,13 @@ class AuditBackdoorSpec(_AuditSpec):
     """Model folder, ``.skops`` or ``builtin:NAME`` (``--model``)."""
     checks: tuple[str, ...] | None = None
     """``strip``, ``neural-cleanse`` (default: all the model allows; ``--checks``)."""
-    fpr: float = 0.01
+    fpr: float = Field(0.01, gt=0, lt=1)
     """STRIP false-positive rate (``--fpr``)."""
-    overlays: int = 20
+    overlays: int = Field(20, ge=1)
     """STRIP overlays per input (``--overlays``)."""
-    nc_steps: int = 200
+    nc_steps: int = Field(200, ge=1)
     """Neural Cleanse steps per class (``--nc-steps``)."""
-    limit: int = 500
+    limit: int = Field(500, ge=1)
     """Test inputs used (``--limit``)."""
 
 
@@ -75,7 +76,7 @@ class AuditExtractionSpec(_AuditSpec):
     """Model folder, ``.skops`` or ``builtin:NAME`` (``--model``)."""
     budget: int
     """The attacker's query budget (``--budget``)."""
-    epochs: int = 20
+    epochs: int = Field(20, ge=1)
     """Surrogate training epochs (``--epochs``)."""
     prada_delta: float | None = None
     """PRADA alarm threshold on Shapiro-Wilk W (default: calibrated on benign streams;
@@ -88,11 +89,11 @@ class AuditPrivacySpec(_AuditSpec):
     model: str
     """Model folder, ``.skops`` or ``builtin:NAME``, trained on :attr:`data`'s train split
     (the members; ``--model``)."""
-    targets: int = 500
+    targets: int = Field(500, ge=1)
     """Members and non-members each (``--targets``)."""
-    shadows: int = 4
+    shadows: int = Field(4, ge=1)
     """Shadow models (``--shadows``)."""
-    shadow_epochs: int = 20
+    shadow_epochs: int = Field(20, ge=1)
     """Training epochs per shadow model (``--shadow-epochs``)."""
     attacks: tuple[str, ...] | None = None
     """loss-threshold, shadow-models, lira-offline, inversion (default: all that fit;
