@@ -155,6 +155,22 @@ def test_bad_spec_values_are_one_clear_line(tmp_path, make, fragment):
     assert isinstance(info.value, BastionError) and info.value.exit_code == 2
 
 
+def test_the_package_names_are_the_jobs_and_import_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, bastion.jobs as j, bastion.jobs.scanning, bastion.jobs.healing\n"
+            "from bastion.jobs import heal, scan, train, harden, check_timeout\n"
+            "assert all(callable(f) and f.__name__ == n for f, n in ((heal, 'heal'), "
+            "(scan, 'scan'), (train, 'train'), (harden, 'harden')))\n"
+            "assert sorted(j.__all__) == sorted(j._LAZY)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    cheap = subprocess.run([sys.executable, "-c", "import sys, bastion.jobs as j; "
+                            "j.check_timeout(3); print('pydantic' in sys.modules)"],
+                           check=True, capture_output=True, text=True)
+    assert cheap.stdout.strip() == "False"  # --timeout's check does not import the specs
+
+
 def test_specs_are_frozen_and_default_like_the_cli(tmp_path):
     spec = jobs.ScanSpec(model="m", data="d", out=tmp_path)
     assert (spec.engine, spec.ray_address, spec.preset, spec.epsilons) == (
@@ -166,8 +182,10 @@ def test_specs_are_frozen_and_default_like_the_cli(tmp_path):
                          ray_address="ray://head:10001").ray_address == "ray://head:10001"
     # the fields are documented (what the Python API docs and help() show)
     assert "Ray cluster" in (jobs.ScanSpec.model_fields["ray_address"].description or "")
-    for cls in (jobs.ScanSpec, jobs.HardenSpec, jobs.AuditDataSpec, jobs.RedteamSpec,
-                jobs.HealSpec, jobs.TrainSpec, jobs.LlmHardenDetectorSpec):
+    specs = [getattr(jobs, n) for n in jobs.__all__ if n.endswith("Spec") and n != "JobSpec"]
+    assert len(specs) == 13
+    for cls in specs:
+        assert "engine" in cls.model_fields and "ray_address" in cls.model_fields
         undocumented = [n for n, f in cls.model_fields.items() if not f.description]
         assert not undocumented, (cls.__name__, undocumented)
 

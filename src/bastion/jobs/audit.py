@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import Field
 
 from bastion.errors import BastionError
@@ -213,6 +212,8 @@ def _audit(kind: str, spec: _AuditSpec, model_spec: str | None, options: dict[st
 def _run_audit(kind: str, spec: _AuditSpec, model_spec: str | None, options: dict[str, Any],
                progress: Progress) -> JobResult[Any]:
     """Load from specs, run one audit, write the report, track an MLflow run."""
+    import numpy as np
+
     from bastion._util import set_seed
     from bastion.audit import (
         audit_backdoor,

@@ -68,8 +68,9 @@ _SPECS: dict[str, type[JobSpec]] = {}
 class JobSpec(BaseModel):
     """Fields every job takes. Subclasses add the command's own options."""
 
+    # defer_build: a spec's validator is built when it is first used, not at import
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True,
-                              arbitrary_types_allowed=False)
+                              defer_build=True)
 
     seed: int = 0
     """Random seed; one seed, one result (``--seed``)."""
