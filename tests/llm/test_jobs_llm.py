@@ -37,8 +37,9 @@ def test_redteam_job(vuln_server, tmp_path):
 
 
 def test_redteam_spec_checks_what_the_cli_checked(tmp_path):
-    with pytest.raises(SpecError, match="RedteamSpec.request_timeout"):
+    with pytest.raises(SpecError, match="RedteamSpec.request_timeout") as info:
         jobs.RedteamSpec(target="http://x/v1", model="m", out=tmp_path, request_timeout=0)
+    assert "(CLI option --timeout)" in str(info.value)  # the option its docstring names
     assert not any(tmp_path.iterdir())
 
 

@@ -12,6 +12,7 @@ name against the model's kind) stay in the library and run when the job starts.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
@@ -45,21 +46,27 @@ def _one_line(name: str, exc: ValidationError) -> SpecError:
     errors = exc.errors(include_url=False)
     first = errors[0]
     field = ".".join(str(p) for p in first["loc"]) or "spec"
-    option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else None
+    cls = _SPECS.get(name)
     if first["type"] == "extra_forbidden":
-        return SpecError(f"{name} has no field {field!r}",
-                         hint=f"the fields are {', '.join(_fields(name, exc))}")
+        fields = ", ".join(sorted(cls.model_fields)) if cls is not None else ""
+        return SpecError(f"{name} has no field {field!r}", hint=f"the fields are {fields}")
     msg = str(first["msg"]).removeprefix("Value error, ")
-    got = repr(first.get("input"))
-    got = got if len(got) <= 80 else got[:77] + "..."
+    if first["type"] == "missing":
+        got = ""
+    else:
+        got = repr(first.get("input"))
+        got = ", got " + (got if len(got) <= 80 else got[:77] + "...")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return SpecError(f"{name}.{field}: {msg}, got {got}{more}",
+    option = _option(cls, str(first["loc"][0])) if first["loc"] else None
+    return SpecError(f"{name}.{field}: {msg}{got}{more}",
                      hint=f"fix {field} (CLI option {option})" if option else None)
 
 
-def _fields(name: str, exc: ValidationError) -> list[str]:
-    cls = _SPECS.get(name)
-    return sorted(cls.model_fields) if cls is not None else []
+def _option(cls: type[JobSpec] | None, field: str) -> str:
+    """The CLI option of a field: the first ``--option`` its docstring names."""
+    info = cls.model_fields.get(field) if cls is not None else None
+    found = re.search(r"``(--[a-z0-9-]+)", (info.description or "") if info else "")
+    return found.group(1) if found else "--" + field.replace("_", "-")
 
 
 _SPECS: dict[str, type[JobSpec]] = {}
