@@ -40,8 +40,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bastion.runtime import events as ev  # noqa: E402
-from bastion.runtime.events import EventStore  # noqa: E402
+from bastion.store import events as ev  # noqa: E402
+from bastion.store.events import EventStore  # noqa: E402
 
 PAYLOAD = {  # about the size of a guarded prediction's event
     "label": 7, "probs": [0.01, 0.0, 0.02, 0.0, 0.01, 0.0, 0.0, 0.93, 0.01, 0.02],

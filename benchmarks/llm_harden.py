@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from bastion._util import write_json_atomic
     from bastion.llm.datasets import load_prompt_jsonl
     from bastion.llm.embed import Embedder, EmbeddingCache
-    from bastion.llm.harden import harden_detector
-    from bastion.llm.jobs import prepare_harden_data
+    from bastion.llm.harden import harden_detector, prepare_harden_data
     from bastion.llm.training import evaluate_on_records
 
     cache = EmbeddingCache(args.cache) if args.cache else None

@@ -12,7 +12,7 @@ overall, per family and per transform. Also records the benign-control pass rate
 the proxy (the canary benign controls must still be answered).
 
 The proxy writes its events to an on-disk SQLite event store (the shared
-``runtime.events.EventStore``, synchronous commits), as ``bastion guard-llm`` does; the
+``store.events.EventStore``, synchronous commits), as ``bastion guard-llm`` does; the
 result records how many events of each kind were written and checks that every proxied
 request left exactly one ``verdict`` event. ``--latency-requests N`` also times N benign
 requests (sequential, interleaved across targets; median and p95) straight to the agent,
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     probes = load_probes(args.families.split(","), per_transform=args.per_transform, seed=args.seed)
     from bastion.llm.embed import Embedder, EmbeddingCache
     from bastion.llm.events import LlmEventLog
-    from bastion.runtime.events import EVENT_KINDS
+    from bastion.store.events import EVENT_KINDS
 
     cache = EmbeddingCache(args.cache) if args.cache else None
     det = PromptInjectionDetector.load_default(embedder=Embedder(cache=cache))

@@ -69,8 +69,8 @@ def _run(svc: Any, stream: list[tuple[np.ndarray, str, bool]], step: int,
 
 def _flagged(work: Path, client: str) -> dict[str, int]:
     """How many of ``client``'s inputs the guard flagged in the evasion run."""
-    from bastion.runtime import events as ev
-    from bastion.runtime.events import EventStore
+    from bastion.store import events as ev
+    from bastion.store.events import EventStore
 
     with EventStore(f"sqlite:///{work}/events-evasion.db") as s:
         got = s.query(kinds=ev.PREDICTION, client_id=client, limit=None)

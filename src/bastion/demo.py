@@ -444,7 +444,7 @@ def run_demo(
             data_now = c.get("/v1/dashboard/data").json()
             models_now = c.get("/v1/models").json()
             metrics_text = c.get("/metrics").text
-            from bastion.runtime import events as ev
+            from bastion.store import events as ev
 
             timeline = [e.as_dict() for e in svc.store.query(
                 kinds=[ev.ALERT, ev.AUDIT, ev.MODEL_CHANGE], limit=None)]

@@ -185,17 +185,18 @@ def test_cli_bad_inputs_are_one_line_errors(model_dir, tmp_path, monkeypatch, ca
     assert not (tmp_path / "nan-out").exists()
 
 
-def test_run_harden_records_an_mlflow_run(model_dir, tmp_path, monkeypatch):
-    from bastion.cli.harden import run_harden
+def test_harden_job_records_an_mlflow_run(model_dir, tmp_path, monkeypatch):
+    from bastion.jobs import HardenSpec
+    from bastion.jobs import harden as harden_job
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res, warnings = run_harden(model_spec=str(model_dir), data_spec="builtin:digits",
-                               out_dir=tmp_path / "sq", method="squeeze", epochs=0,
-                               options={"bits": 2}, epsilons=[0.1], limit=20,
-                               attacks=["pgd"], attack_options={"pgd": {"steps": 3}},
-                               tracking_uri=uri)
-    assert warnings == []
+    rep, paths, warnings = harden_job(HardenSpec(
+        model=str(model_dir), data="builtin:digits", out=tmp_path / "sq", method="squeeze",
+        epochs=0, options={"bits": 2}, epsilons=[0.1], limit=20, attacks=["pgd"],
+        attack_options={"pgd": {"steps": 3}}, tracking_uri=uri))
+    assert warnings == [] and rep.method == "squeeze"
+    assert paths["json"] == tmp_path / "sq" / "report.json" and paths["model"].is_dir()
     import mlflow
 
     mlflow.set_tracking_uri(uri)

@@ -272,7 +272,7 @@ def test_guard_llm_cli_serves(vuln_server, tmp_path, minilm_detector) -> None:
     )
     assert r.status_code == 200
     # both requests are in the shared event store the command was pointed at
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
 
     store = EventStore(f"sqlite:///{tmp_path / 'ev.db'}")
     verdicts = store.query(kinds="verdict")

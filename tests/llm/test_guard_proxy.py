@@ -409,10 +409,10 @@ def test_one_store_shared_with_the_model_service(
     import sys
     import threading
 
-    from bastion.runtime import events as rev
     from bastion.service.app import create_app
     from bastion.service.config import ServiceConfig
     from bastion.service.server import ServiceThread
+    from bastion.store import events as rev
 
     monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     url = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -492,7 +492,7 @@ def test_one_store_shared_with_the_model_service(
 
 
 def test_event_log_masks_before_cutting_and_filters_its_surface(tmp_path) -> None:
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
 
     url = f"sqlite:///{tmp_path / 'ev.db'}"
     log = LlmEventLog(url, mask=["TOPSECRET", "", None], excerpt_chars=20)

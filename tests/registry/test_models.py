@@ -7,7 +7,7 @@ import pytest
 
 from bastion.errors import BastionError
 from bastion.registry.models import ModelRegistry, RegistryError
-from bastion.runtime.events import MODEL_CHANGE, EventStore
+from bastion.store.events import MODEL_CHANGE, EventStore
 
 
 @pytest.fixture(scope="module")

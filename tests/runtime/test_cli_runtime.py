@@ -57,7 +57,7 @@ def test_models_and_heal_commands(cli, tmp_path, mlflow_uri, zoo_digits, capsys)
 def test_heal_unknown_model_is_one_line_and_moves_no_cursor(cli, tmp_path, mlflow_uri,
                                                              zoo_digits, capsys):
     from bastion.registry.models import ModelRegistry
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
 
     reg = ModelRegistry("cursor-digits", tracking_uri=mlflow_uri)
     reg.promote(reg.register(zoo_digits[1]), reason="first", actor="test")
@@ -88,9 +88,9 @@ def test_heal_unknown_model_is_one_line_and_moves_no_cursor(cli, tmp_path, mlflo
 
 def test_heal_cursor_migrates_from_the_shared_key(tmp_path, mlflow_uri, zoo_digits):
     from bastion.registry.models import ModelRegistry
-    from bastion.runtime.events import EventStore
     from bastion.runtime.healing import HealingController
     from bastion.runtime.retrain import RetrainPipeline
+    from bastion.store.events import EventStore
 
     store = EventStore(f"sqlite:///{tmp_path / 'old.db'}")
     for i in range(3):

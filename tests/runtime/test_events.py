@@ -14,8 +14,8 @@ import time
 import pytest
 
 from bastion.errors import BastionError
-from bastion.runtime import events as ev
-from bastion.runtime.events import EventStore
+from bastion.store import events as ev
+from bastion.store.events import EventStore
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -263,7 +263,7 @@ def test_writers_of_two_stores_are_serialised(url):
 
 _CHILD = """
 import sys, threading
-from bastion.runtime.events import EventStore
+from bastion.store.events import EventStore
 s = EventStore(sys.argv[1])
 n_threads = int(sys.argv[2])
 out = threading.Lock()

@@ -9,8 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from bastion.errors import BastionError
-from bastion.runtime import events as ev
-from bastion.runtime.events import EventStore, _pg_url
+from bastion.store import events as ev
+from bastion.store.events import EventStore, _pg_url
 
 SECRET = "s3cr%40t-pw"  # percent-encoded "s3cr@t-pw"
 

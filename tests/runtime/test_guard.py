@@ -7,10 +7,10 @@ import pytest
 from pydantic import ValidationError
 
 from bastion.errors import BastionError, DataError
-from bastion.runtime import events as ev
 from bastion.runtime.detectors import build_detectors, pgd_attack
-from bastion.runtime.events import EventStore
 from bastion.runtime.guard import GuardedModel, GuardPolicy, record_feedback
+from bastion.store import events as ev
+from bastion.store.events import EventStore
 
 
 class _Const:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from bastion.errors import BastionError
-from bastion.runtime import events as ev
 from bastion.runtime.detectors import build_detectors, pgd_attack
-from bastion.runtime.events import EventStore
 from bastion.runtime.guard import GuardedModel, record_feedback
 from bastion.runtime.healing import HealingController, HealingPolicy, MonitorSettings, Rule
 from bastion.runtime.monitors import Signal
 from bastion.runtime.retrain import RetrainConfig, RetrainPipeline
+from bastion.store import events as ev
+from bastion.store.events import EventStore
 
 
 def shift(x: np.ndarray) -> np.ndarray:

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from bastion.errors import BastionError
-from bastion.runtime import events as ev
 from bastion.runtime.guard import STATE_QUARANTINE
 from bastion.runtime.quarantine import lift_quarantine, quarantined_clients
+from bastion.store import events as ev
 from bastion.web.auth import Authenticator, AuthFailure, Identity
 from bastion.web.keys import KeyStore
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from bastion.runtime import events as ev
-from bastion.runtime.events import EventStore
 from bastion.runtime.monitors import (
     AccuracyMonitor,
     AlertRateMonitor,
@@ -13,6 +11,8 @@ from bastion.runtime.monitors import (
     HealthMonitor,
     InputDriftMonitor,
 )
+from bastion.store import events as ev
+from bastion.store.events import EventStore
 
 
 def _preds(store, rng, n, *, conf=(0.9, 1.0), flag_rate=0.0, client="c", shift=0.0,

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from bastion.registry.models import ModelRegistry
-from bastion.runtime import events as ev
 from bastion.service.app import create_app
 from bastion.service.server import ServiceThread
+from bastion.store import events as ev
 
 TOKEN = "t0p-secret-admin-token-of-32-chars-or-more"
 NAME = "svc-http"

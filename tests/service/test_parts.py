@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bastion.runtime import events as ev
-from bastion.runtime.events import EventStore
+from bastion.store import events as ev
+from bastion.store.events import EventStore
 
 
 def test_knn_outlier_detector_contract(digits):

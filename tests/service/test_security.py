@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from bastion.runtime import events as ev
 from bastion.service.app import create_app
 from bastion.service.server import ServiceThread
+from bastion.store import events as ev
 
 ADMIN_TOKEN = "admin-token-for-the-security-tests-0123456789"
 NAME = "svc-security"

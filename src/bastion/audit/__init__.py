@@ -12,7 +12,6 @@ from bastion.audit.core import (
     audit_extraction,
     audit_privacy,
     poison_dataset,
-    run_audit,
 )
 from bastion.audit.reports import (
     BackdoorAuditReport,
@@ -34,6 +33,5 @@ __all__ = [
     "audit_privacy",
     "poison_dataset",
     "report_schema",
-    "run_audit",
     "write_report",
 ]

@@ -8,8 +8,8 @@
 - :func:`audit_privacy`: membership inference (loss threshold, shadow models, offline
   LiRA) and model inversion.
 
-Each returns ``(report, html)``; :func:`run_audit` loads the model and data from specs,
-writes ``report.json`` / ``report.html`` and tracks an MLflow run.
+Each returns ``(report, html)``; the jobs of :mod:`bastion.jobs.audit` load the model and
+data from specs, write ``report.json`` / ``report.html`` and track an MLflow run.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from bastion.audit.reports import (
     PrivacyAuditReport,
     StreamSummary,
     StripSummary,
-    write_report,
 )
 from bastion.data.dataset import Dataset
 from bastion.errors import BastionError, ModelError
@@ -725,104 +724,3 @@ def poison_dataset(
         write_json_atomic(out / "poison.json", info)
         paths = {"data": out / "poisoned.npz", "json": out / "poison.json"}
     return pr, pds, paths
-
-
-# ------------------------------------------------------------------ spec-based runner
-
-
-def _metrics(kind: str, report: Any) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if kind == "data":
-        out["n_removed"] = report.n_removed
-        out["n_relabelled"] = report.n_relabelled
-        for dsum in report.detectors:
-            if dsum.recall is not None:
-                out[f"recall.{dsum.detector}"] = dsum.recall
-    elif kind == "backdoor":
-        out["clean_accuracy"] = report.clean_accuracy
-        if report.strip:
-            out["strip.flagged_share"] = report.strip.flagged_share_test
-        if report.neural_cleanse:
-            out["nc.max_anomaly_index"] = max(report.neural_cleanse.anomaly_index)
-    elif kind == "extraction":
-        out["victim_accuracy"] = report.victim_accuracy
-        if report.surrogate_curve:
-            out["surrogate.fidelity"] = report.surrogate_curve[-1].fidelity
-        if report.equation_solving:
-            out["equation_solving.fidelity"] = report.equation_solving["fidelity"]
-    elif kind == "privacy":
-        for a in report.attacks:
-            out[f"{a.attack}.auc"] = a.auc
-            out[f"{a.attack}.tpr_at_1pct_fpr"] = a.tpr_at_1pct_fpr
-    return out
-
-
-def run_audit(
-    kind: str,
-    *,
-    data_spec: str,
-    model_spec: str | None,
-    out_dir: str | Path,
-    seed: int = 0,
-    tracking_uri: str | None = None,
-    track: bool = True,
-    progress: Progress = None,
-    label_column: str = "label",
-    **options: Any,
-) -> tuple[Any, dict[str, Path], list[str]]:
-    """Load from specs, run one audit, write the report, track an MLflow run.
-
-    Returns ``(report, paths, tracking_warnings)``.
-    """
-    from bastion._util import set_seed
-    from bastion.data.loaders import load_data
-    from bastion.models.resolve import resolve_model
-    from bastion.registry.tracking import track_run
-
-    if kind not in ("data", "backdoor", "extraction", "privacy"):
-        raise BastionError(f"unknown audit {kind!r}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BastionError(f"--out {out} is a file", hint="give a folder path")
-    set_seed(seed)
-    id_column = options.pop("id_column", None)
-    table = data_spec.split(":", 1)[0].strip().lower() in ("csv", "parquet", "npz")
-    if kind == "data" and table:  # audit every row of the user's file
-        ds = load_data(data_spec, label_column=label_column, seed=seed, id_column=id_column,
-                       whole_file=True)
-    else:
-        ds = load_data(data_spec, label_column=label_column, seed=seed, id_column=id_column)
-    model = None
-    if model_spec is not None:
-        model = resolve_model(model_spec, input_shape=ds.input_shape, n_classes=ds.n_classes,
-                              bounds=ds.bounds, seed=seed)
-    elif kind != "data":
-        raise BastionError(f"audit {kind} needs --model")
-    source = None
-    if ":" in data_spec and not data_spec.startswith("builtin:"):
-        source = data_spec.split(":", 1)[1]
-    params = {"audit": kind, "data": data_spec, "model": model_spec, "seed": seed,
-              **{k: v for k, v in options.items() if isinstance(v, int | float | str)}}
-    with track_run(f"audit-{kind}", params=params, tracking_uri=tracking_uri,
-                   enabled=track) as run:
-        common: dict[str, Any] = {"seed": seed, "model_name": model_spec,
-                                  "data_name": data_spec, "progress": progress}
-        report: Any
-        if kind == "data":
-            truth = ds.meta.get("poison_mask")  # a poisoned.npz knows its poisons
-            if options.get("poison_mask") is None and isinstance(truth, np.ndarray) and \
-                    len(truth) == len(ds.y_train):
-                options["poison_mask"] = truth
-            report, html, _ = audit_data(ds, model, out_dir=out, source_path=source,
-                                         **common, **options)
-        elif kind == "backdoor":
-            report, html = audit_backdoor(model, ds, **common, **options)
-        elif kind == "extraction":
-            report, html = audit_extraction(model, ds, **common, **options)
-        else:
-            report, html = audit_privacy(model, ds, **common, **options)
-        report.warnings.extend(run.warnings)
-        paths = write_report(report, html, out)
-        run.log_metrics(_metrics(kind, report))
-        run.log_artifact(out, artifact_path="audit")
-    return report, paths, list(run.warnings)

@@ -1,8 +1,8 @@
 """``bastion audit``: data integrity and model privacy audits.
 
-Thin: each command parses its options and calls :func:`bastion.audit.run_audit`, which
-loads the model and data, runs the audit, writes ``DIR/report.json`` and
-``DIR/report.html`` and records an MLflow run.
+Thin: each command parses its options into a spec and calls its job in
+:mod:`bastion.jobs` (``audit_data`` ...), which loads the model and data, runs the audit,
+writes ``DIR/report.json`` and ``DIR/report.html`` and records an MLflow run.
 """
 
 from __future__ import annotations
@@ -15,23 +15,19 @@ import typer
 from bastion.cli import _common as c
 
 
-def _run(kind: str, *, data: str, model: str | None, out: Path, seed: int,
-         tracking_uri: str | None, no_track: bool, quiet: bool, label_column: str,
-         timeout: float | None = None, **options: Any) -> Any:
-    from bastion.audit import run_audit
-    from bastion.jobs import run_with_deadline
+def _run(kind: str, *, quiet: bool, no_track: bool = False, **fields: Any) -> Any:
+    from bastion import jobs
 
-    def job() -> Any:
-        return run_audit(
-            kind, data_spec=data, model_spec=model, out_dir=c.prepare_out_dir(out), seed=seed,
-            tracking_uri=tracking_uri, track=not no_track, label_column=label_column,
-            progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else (
-                lambda m: c.stage(f"audit {kind}: {m}")),
-            **options,
-        )
-
-    report, paths, warnings = run_with_deadline(job, timeout=timeout, what=f"audit {kind}",
-                                                out_dir=out)
+    spec_cls, job = {
+        "data": (jobs.AuditDataSpec, jobs.audit_data),
+        "backdoor": (jobs.AuditBackdoorSpec, jobs.audit_backdoor),
+        "extraction": (jobs.AuditExtractionSpec, jobs.audit_extraction),
+        "privacy": (jobs.AuditPrivacySpec, jobs.audit_privacy),
+    }[kind]
+    spec = spec_cls(track=not no_track, **fields)
+    report, paths, warnings = job(
+        spec, progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else (
+            lambda m: c.stage(f"audit {kind}: {m}")))
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     for k, v in getattr(report, "skipped", {}).items():
@@ -82,8 +78,8 @@ def register(app: typer.Typer) -> None:
                              timeout=timeout,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, detectors=c.parse_list(detectors),
-                             use=use, budget=None if threshold is not None else budget,
-                             threshold=threshold, mode=mode, id_column=id_column)
+                             use=use, budget=budget, threshold=threshold, mode=mode,
+                             id_column=id_column)
         verb = "removed" if mode == "remove" else "relabelled"
         what = "rows" if report.whole_file else "training samples"
         c.info(report.verdict, quiet=quiet)
@@ -116,7 +112,7 @@ def register(app: typer.Typer) -> None:
                              timeout=timeout,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, checks=c.parse_list(checks), fpr=fpr,
-                             n_overlays=overlays, nc_steps=nc_steps, limit=limit)
+                             overlays=overlays, nc_steps=nc_steps, limit=limit)
         c.info(report.verdict, quiet=quiet)
         c.info(f"report: {paths['json']} and {paths['html']}", quiet=quiet)
 
@@ -175,7 +171,7 @@ def register(app: typer.Typer) -> None:
         report, paths = _run("privacy", data=data, model=model, out=out, seed=seed,
                              timeout=timeout,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
-                             label_column=label_column, n_targets=targets, n_shadows=shadows,
+                             label_column=label_column, targets=targets, shadows=shadows,
                              shadow_epochs=shadow_epochs, attacks=c.parse_list(attacks))
         for a in report.attacks:
             c.info(f"{a.attack}: AUC {a.auc:.3f}, TPR@0.1%FPR {a.tpr_at_0_1pct_fpr:.3f}, "
@@ -198,14 +194,11 @@ def register(app: typer.Typer) -> None:
         debug: bool = c.DebugOpt,
     ) -> None:
         """Red-team the data: write a poisoned copy (poisoned.npz with poison_mask)."""
-        from bastion.audit import poison_dataset
-        from bastion.data.loaders import load_data
+        from bastion.jobs import AuditPoisonSpec, audit_poison
 
-        ds = load_data(data, label_column=label_column, seed=seed)
-        out = c.prepare_out_dir(out)
-        pr, _, paths = poison_dataset(ds, attack=attack, rate=rate, target=target,
-                                      source=source, patch_size=patch_size, out_dir=out,
-                                      seed=seed)
+        pr, paths, _ = audit_poison(AuditPoisonSpec(
+            data=data, attack=attack, rate=rate, out=out, target=target, source=source,
+            patch_size=patch_size, label_column=label_column, seed=seed))
         c.info(f"{pr.n_poison} of {len(pr.y)} training samples poisoned ({pr.attack}); "
                f"wrote {paths['data']} and {paths['json']}", quiet=quiet)
 

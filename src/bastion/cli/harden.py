@@ -1,7 +1,8 @@
 """``bastion harden``: harden a model, evaluate it before and after, save both.
 
-Thin: it resolves the model and data specs, calls :func:`bastion.defend.harden`, records
-an MLflow run and renders one summary. :func:`run_harden` is the same job from Python.
+Thin: it parses the options into a :class:`bastion.jobs.HardenSpec`, calls the job
+:func:`bastion.jobs.harden` (which resolves the model and data, hardens, writes the
+report and records an MLflow run) and renders one summary.
 """
 
 from __future__ import annotations
@@ -14,97 +15,6 @@ import typer
 
 from bastion.cli import _common as c
 from bastion.errors import BastionError
-
-
-def _arch_hint(model_spec: str) -> tuple[str, dict[str, Any]] | None:
-    """The zoo architecture of a model folder or built-in model, when known."""
-    try:
-        if model_spec.startswith("builtin:"):
-            from bastion.models.resolve import BUILTIN_MODELS
-
-            return BUILTIN_MODELS[model_spec.split(":", 1)[1]][1], {}
-        from bastion.models.persist import is_model_folder, read_model_meta
-
-        if is_model_folder(model_spec):
-            meta = read_model_meta(model_spec)
-            return str(meta["arch"]), dict(meta.get("arch_kwargs") or {})
-    except Exception:
-        return None
-    return None
-
-
-def run_harden(
-    *,
-    model_spec: str,
-    data_spec: str,
-    out_dir: str | Path,
-    method: str,
-    eps: float | None = None,
-    norm: str = "linf",
-    epochs: int = 5,
-    seed: int = 0,
-    options: dict[str, Any] | None = None,
-    epsilons: list[float] | None = None,
-    limit: int | None = 200,
-    attacks: list[str] | None = None,
-    attack_options: dict[str, dict[str, Any]] | None = None,
-    label_column: str = "label",
-    tracking_uri: str | None = None,
-    track: bool = True,
-    progress: bool = False,
-    on_epoch: Any = None,
-) -> tuple[Any, list[str]]:
-    """Resolve the specs, harden, write ``out_dir`` and record an MLflow run.
-
-    Returns ``(HardenResult, tracking_warnings)``. Bad input raises a
-    :class:`BastionError` before anything is written.
-    """
-    from bastion._util import set_seed
-    from bastion.data import load_data
-    from bastion.defend import harden
-    from bastion.models import resolve_model
-    from bastion.registry.tracking import track_run
-
-    if limit is not None and limit < 1:
-        raise BastionError(f"--limit must be at least 1, got {limit}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BastionError(f"--out {out} is a file", hint="give a folder path")
-    set_seed(seed)
-    ds = load_data(data_spec, label_column=label_column, seed=seed)
-    model = resolve_model(model_spec, input_shape=ds.input_shape, n_classes=ds.n_classes,
-                          bounds=ds.bounds, seed=seed, progress=progress)
-    params = {"model": model_spec, "data": data_spec, "method": method, "eps": eps,
-              "norm": norm, "epochs": epochs, "seed": seed, "limit": limit,
-              **{f"opt.{k}": v for k, v in (options or {}).items()}}
-    with track_run("harden", params=params, tracking_uri=tracking_uri, enabled=track) as run:
-
-        def epoch_cb(e: Any) -> None:
-            run.log_metrics({"train_loss": e.loss, "guard_clean_accuracy": e.clean_accuracy,
-                             "guard_robust_accuracy": e.robust_accuracy}, step=e.epoch)
-            if on_epoch is not None:
-                on_epoch(e)
-
-        result = harden(model, ds, method=method, eps=eps, norm=norm, epochs=epochs,
-                        seed=seed, options=options, epsilons=epsilons, limit=limit,
-                        attacks=attacks, attack_options=attack_options, out=out,
-                        arch_hint=_arch_hint(model_spec), on_epoch=epoch_cb,
-                        progress=progress, model_label=model_spec)
-        rep = result.report
-        metrics = {"before_clean_accuracy": rep.before.clean_accuracy,
-                   "after_clean_accuracy": rep.after.clean_accuracy}
-        for k, v in rep.before.robust_accuracy.items():
-            metrics[f"before_robust_accuracy_eps_{k}"] = v
-        for k, v in rep.after.robust_accuracy.items():
-            metrics[f"after_robust_accuracy_eps_{k}"] = v
-        for k, v in (rep.after.certified_accuracy or {}).items():
-            metrics[f"after_certified_accuracy_r_{k}"] = v
-        run.log_metrics(metrics)
-        run.set_tags({"bastion.method": method, "bastion.helps": rep.helps})
-        for key in ("json", "html"):
-            run.log_artifact(result.paths[key])
-        run.log_artifact(result.paths["model"], artifact_path="model")
-    return result, run.warnings
 
 
 def _kv(items: list[str] | None) -> dict[str, Any]:
@@ -226,27 +136,22 @@ def register(app: typer.Typer) -> None:
                             f"{e.clean_accuracy:.3f}  robust {e.robust_accuracy:.3f}"
                             + ("  COLLAPSE" if e.collapsed else ""))
 
-        from functools import partial
+        from bastion.jobs import HardenSpec
+        from bastion.jobs import harden as harden_job
 
-        from bastion.jobs import run_with_deadline
-
+        spec = HardenSpec(
+            model=model, data=data, out=out, method=method, eps=eps, norm=norm, epochs=epochs,
+            seed=seed, options=options, epsilons=epsilons, limit=limit,
+            attacks=c.parse_list(attacks), attack_options=c.parse_settings(settings),
+            label_column=label_column, tracking_uri=tracking_uri, track=not no_track,
+            timeout=timeout)
         try:
-            job = partial(
-                run_harden,
-                model_spec=model, data_spec=data, out_dir=out, method=method, eps=eps,
-                norm=norm, epochs=epochs, seed=seed, options=options, epsilons=epsilons,
-                limit=limit, attacks=c.parse_list(attacks),
-                attack_options=c.parse_settings(settings), label_column=label_column,
-                tracking_uri=tracking_uri, track=not no_track, progress=progress,
-                on_epoch=on_epoch)
-            result, warnings = run_with_deadline(job, timeout=timeout, what="harden",
-                                                 out_dir=out)
+            rep, paths, warnings = harden_job(spec, progress=progress, on_epoch=on_epoch)
         finally:
             if "p" in bar:
                 bar["p"].stop()
         for w in warnings:
             c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
-        rep = result.report
         if not quiet:
             def fmt(d: dict[str, float]) -> str:
                 return ", ".join(f"{k}: {v:.3f}" for k, v in d.items())
@@ -259,5 +164,4 @@ def register(app: typer.Typer) -> None:
                 c.info(f"certified (L2 radius): {fmt(rep.after.certified_accuracy)}")
             c.info(("[green]" if rep.helps else "[yellow]") + "verdict:[/] "
                    + rep.verdict.replace("[", "\\["))
-            c.info(f"model: {result.paths['model']}; report: {result.paths['json']} "
-                   f"and {result.paths['html']}")
+            c.info(f"model: {paths['model']}; report: {paths['json']} and {paths['html']}")

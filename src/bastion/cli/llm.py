@@ -24,15 +24,6 @@ llm_app = typer.Typer(
 )
 
 
-def _read_text(path: Path | None, what: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise BastionError(f"cannot read {what} {path}: {exc.strerror}") from exc
-
-
 def redteam(
     target: str = typer.Option(
         ..., "--target", help="Base URL of the chat API, e.g. http://host:8000/v1."
@@ -82,71 +73,18 @@ def redteam(
     debug: bool = c.DebugOpt,
 ) -> None:
     """Red-team an OpenAI-compatible chat agent: report.json, report.html, attempts.jsonl."""
-    from bastion.llm.client import endpoint_llm_judge, redact_url
-    from bastion.llm.probes import load_probes
-    from bastion.llm.redteam import run_redteam
-    from bastion.registry.tracking import track_run
+    from bastion.jobs import RedteamSpec
+    from bastion.jobs import redteam as redteam_job
 
-    out = c.prepare_out_dir(out)
-    plist = load_probes(
-        c.parse_list(probes),
-        system_prompt=_read_text(system_prompt, "--system-prompt"),
-        secret=secret,
-        transforms=c.parse_list(transforms),
-        per_transform=per_transform,
-        limit_per_family=limit,
-        seed=seed,
-    )
-    params = {
-        "target": redact_url(target),
-        "model": model,
-        "probes": probes or "all",
-        "n_probes": len(plist),
-        "concurrency": concurrency,
-        "seed": seed,
-    }
-    with track_run(
-        "redteam", params=params, tracking_uri=tracking_uri, enabled=not no_track
-    ) as run:
-        report = run_redteam(
-            plist,
-            target=target,
-            model=model,
-            out_dir=out,
-            api_key_env=api_key_env,
-            concurrency=concurrency,
-            timeout=timeout,
-            retries=retries,
-            rate_limit=rate_limit,
-            stream=stream,
-            resume=resume,
-            seed=seed,
-            llm_judge=(
-                endpoint_llm_judge(judge_target or target, judge_model, api_key_env=api_key_env)
-                if judge_model
-                else None
-            ),
-        )
-        ov = report.overall
-        run.log_metrics(
-            {
-                **(
-                    {"exploit_success_rate": ov.exploit_success_rate}
-                    if ov.exploit_success_rate is not None
-                    else {}
-                ),
-                "errors": ov.errors,
-                "judged": ov.judged,
-                **{
-                    f"esr.{k}": v.exploit_success_rate
-                    for k, v in report.by_family.items()
-                    if v.exploit_success_rate is not None
-                },
-            }
-        )
-        run.log_artifact(out / "report.json")
-        run.log_artifact(out / "report.html")
-    for w in run.warnings:
+    report, _, warnings = redteam_job(RedteamSpec(
+        target=target, model=model, out=out, system_prompt=system_prompt, secret=secret,
+        probes=c.parse_list(probes), transforms=c.parse_list(transforms),
+        per_transform=per_transform, limit=limit, concurrency=concurrency,
+        request_timeout=timeout, retries=retries, rate_limit=rate_limit, stream=stream,
+        api_key_env=api_key_env, resume=resume, judge_model=judge_model,
+        judge_target=judge_target, seed=seed, tracking_uri=tracking_uri, track=not no_track))
+    ov = report.overall
+    for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     if as_json:
         typer.echo(report.to_json())
@@ -350,31 +288,13 @@ def train_detector_cmd(
     debug: bool = c.DebugOpt,
 ) -> None:
     """Train the prompt-injection detector on a JSONL file and save it to --out."""
-    from bastion.jobs import run_with_deadline
-    from bastion.llm.training import train_detector
-    from bastion.registry.tracking import track_run
+    from bastion.jobs import LlmTrainDetectorSpec, llm_train_detector
 
-    params = {"data": str(data), "fpr": fpr, "C": C, "seed": seed,
-              "embedder_layers": embedder_layers}
-
-    def job() -> tuple[dict[str, Any], list[str]]:
-        folder = c.prepare_out_dir(out)
-        with track_run(
-            "llm-train-detector", params=params, tracking_uri=tracking_uri,
-            enabled=not no_track
-        ) as run:
-            _, metrics = train_detector(
-                data, folder, fpr=fpr, C=C, cache_path=cache, harmful=harmful, seed=seed,
-                log=lambda m: c.info(m, quiet=quiet), embedder_layers=embedder_layers or None,
-            )  # fmt: skip
-            if "test" in metrics:
-                o = metrics["test"]["overall"]
-                run.log_metrics({k: o[k] for k in ("auroc", "f1", "tpr_at_1pct_fpr", "fpr")})
-            run.log_artifact(folder, artifact_path="detector")
-        return metrics, run.warnings
-
-    metrics, warnings = run_with_deadline(job, timeout=timeout, what="llm train-detector",
-                                          out_dir=out)
+    metrics, _, warnings = llm_train_detector(
+        LlmTrainDetectorSpec(data=data, out=out, fpr=fpr, C=C, harmful=harmful, cache=cache,
+                             embedder_layers=embedder_layers, seed=seed,
+                             tracking_uri=tracking_uri, track=not no_track, timeout=timeout),
+        log=lambda m: c.info(m, quiet=quiet))
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     if "test" in metrics:
@@ -420,58 +340,16 @@ def evaluate_detector_cmd(
 ) -> None:
     """Evaluate a detector: the split (AUROC, F1, TPR@1%FPR, slices, hard negatives), the
     benign flagged rate per language/script and, with --loso, leave-one-source-out."""
-    from bastion.jobs import run_with_deadline
-    from bastion.llm.detector import PromptInjectionDetector
-    from bastion.llm.embed import Embedder, EmbeddingCache
-    from bastion.llm.reports import DetectorEvalReport, write_llm_report
-    from bastion.llm.training import evaluate_all, render_eval_html
-    from bastion.registry.tracking import track_run
+    from bastion.jobs import LlmEvaluateDetectorSpec, llm_evaluate_detector
 
-    params = {
-        "data": str(data),
-        "detector": str(detector or "shipped"),
-        "split": split,
-        "seed": seed,
-        "loso": loso,
-    }
-
-    def job() -> DetectorEvalReport:
-        folder = c.prepare_out_dir(out)
-        emb_cache = EmbeddingCache(cache) if cache else None
-        emb = Embedder(cache=emb_cache) if emb_cache else None
-        det = (
-            PromptInjectionDetector.load(detector, embedder=emb)
-            if detector
-            else PromptInjectionDetector.load_default(embedder=emb)
-        )
-        with track_run(
-            "llm-evaluate-detector", params=params, tracking_uri=tracking_uri,
-            enabled=not no_track
-        ) as run:
-            ev = evaluate_all(
-                det, data, split=split or None, harmful=harmful, languages=languages,
-                loso=loso, log=lambda m: c.info(m, quiet=quiet),
-            )
-            if emb_cache is not None:
-                emb_cache.save()
-            report = DetectorEvalReport.model_validate(
-                {**ev, "data": str(data), "detector": str(detector or "shipped"),
-                 "split": split or None}
-            )
-            write_llm_report(
-                report, render_eval_html(ev, title="Prompt-injection detector evaluation"),
-                folder
-            )
-            o = report.overall
-            run.log_metrics(
-                {k: getattr(o, k) for k in ("auroc", "f1", "tpr_at_1pct_fpr", "fpr")
-                 if getattr(o, k) is not None}
-            )
-            run.log_artifact(folder / "report.json")
-        return report
-
-    report = run_with_deadline(job, timeout=timeout, what="llm evaluate-detector",
-                               out_dir=out)
+    report, _, warnings = llm_evaluate_detector(
+        LlmEvaluateDetectorSpec(data=data, out=out, detector=detector, harmful=harmful,
+                                split=split, languages=languages, loso=loso, cache=cache,
+                                seed=seed, tracking_uri=tracking_uri, track=not no_track,
+                                timeout=timeout),
+        log=lambda m: c.info(m, quiet=quiet))
+    for w in warnings:
+        c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     o = report.overall
 
     def fmt(v: float | None, spec: str) -> str:
@@ -532,82 +410,25 @@ def harden_detector_cmd(
     debug: bool = c.DebugOpt,
 ) -> None:
     """Adversarial training rounds: evasion rate, TPR and hard-negative FPR per round."""
-    from bastion.jobs import run_with_deadline
-    from bastion.llm.embed import Embedder, EmbeddingCache
-    from bastion.llm.harden import harden_detector
-    from bastion.llm.jobs import harden_report_html, prepare_harden_data, register_round
-    from bastion.llm.reports import DetectorHardenReport, write_llm_report
-    from bastion.registry.tracking import track_run
+    from bastion.jobs import LlmHardenDetectorSpec, llm_harden_detector
 
-    params = {
-        "data": str(data),
-        "rounds": rounds,
-        "variants": variants,
-        "eval_variants": eval_variants,
-        "seed": seed,
-        "benign_counterparts": benign_counterparts,
-    }
+    def on_round(rec: Any) -> None:
+        c.info(
+            f"round {rec.round}: evasion {rec.evasion_rate:.3f} (all variants missed "
+            f"{rec.variant_miss_rate:.3f}), TPR {rec.tpr_heldout:.3f}, "
+            f"hard-negative FPR {rec.fpr_hard_negatives:.3f} (+{rec.n_added} variants"
+            + (f", +{rec.n_added_benign} benign" if rec.n_added_benign else "") + ")",
+            quiet=quiet,
+        )
 
-    def job() -> tuple[list[Any], list[str]]:
-        folder = c.prepare_out_dir(out)
-        d = prepare_harden_data(data, limit=limit, seed=seed)
-        emb_cache = EmbeddingCache(cache) if cache else None
-        with track_run(
-            "llm-harden-detector", params=params, tracking_uri=tracking_uri,
-            enabled=not no_track
-        ) as run:
-
-            def on_round(rec, det):  # type: ignore[no-untyped-def]
-                run.log_metrics(
-                    {
-                        "evasion_rate": rec.evasion_rate,
-                        "variant_miss_rate": rec.variant_miss_rate,
-                        "tpr_heldout": rec.tpr_heldout,
-                        "fpr_hard_negatives": rec.fpr_hard_negatives,
-                    },
-                    step=rec.round,
-                )
-                c.info(
-                    f"round {rec.round}: evasion {rec.evasion_rate:.3f} (all variants missed "
-                    f"{rec.variant_miss_rate:.3f}), TPR {rec.tpr_heldout:.3f}, "
-                    f"hard-negative FPR {rec.fpr_hard_negatives:.3f} (+{rec.n_added} variants"
-                    + (f", +{rec.n_added_benign} benign" if rec.n_added_benign else "") + ")",
-                    quiet=quiet,
-                )
-                if registered_name and run.active:
-                    return register_round(run, det, rec.round, folder, registered_name)
-                return None
-
-            result = harden_detector(
-                train_texts=d["train_texts"],
-                train_y=d["train_y"],
-                heldout_attacks=d["heldout_attacks"],
-                hard_negatives=d["hard_negatives"],
-                calibration_benign=d["calibration_benign"],
-                rounds=rounds,
-                variants_per_round=variants,
-                eval_variants=eval_variants,
-                fpr=fpr,
-                transforms=c.parse_list(transforms),
-                embedder=Embedder(cache=emb_cache),
-                seed=seed,
-                out_dir=folder,
-                on_round=on_round,
-                benign_counterparts=benign_counterparts,
-            )
-            if emb_cache is not None:
-                emb_cache.save()
-            report = DetectorHardenReport.model_validate(
-                {"data": str(data), "settings": {**params, "fpr": fpr, "limit": limit,
-                                                 "transforms": transforms},
-                 **result.to_dict()}
-            )
-            write_llm_report(report, harden_report_html(report), folder)
-            run.log_artifact(folder / "report.json")
-        return list(report.rounds), run.warnings
-
-    rounds_done, warnings = run_with_deadline(job, timeout=timeout,
-                                              what="llm harden-detector", out_dir=out)
+    report, _, warnings = llm_harden_detector(
+        LlmHardenDetectorSpec(
+            data=data, out=out, rounds=rounds, variants=variants, eval_variants=eval_variants,
+            transforms=c.parse_list(transforms), fpr=fpr, limit=limit, cache=cache,
+            benign_counterparts=benign_counterparts, registered_name=registered_name,
+            seed=seed, tracking_uri=tracking_uri, track=not no_track, timeout=timeout),
+        on_round=on_round)
+    rounds_done = report.rounds
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     first, last = rounds_done[0], rounds_done[-1]

@@ -59,38 +59,13 @@ def train(
     debug: bool = c.DebugOpt,
 ) -> None:
     """Train a model from the zoo and save it as a Bastion model folder."""
-    from bastion.jobs import run_with_deadline
-    from bastion.models.train import train_from_spec
-    from bastion.registry.tracking import track_run
+    from bastion.jobs import TrainSpec
+    from bastion.jobs import train as train_job
 
-    params = {
-        "arch": model,
-        "data": data,
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
-
-    def job() -> tuple[dict[str, Any], list[str]]:
-        with track_run("train", params=params, tracking_uri=tracking_uri,
-                       enabled=not no_track) as run:
-            _, metrics = train_from_spec(
-                model,
-                data,
-                out,
-                epochs=epochs,
-                lr=lr,
-                batch_size=batch_size,
-                seed=seed,
-                label_column=label_column,
-                progress=c.show_progress(quiet),
-            )
-            run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-            run.log_artifact(out, artifact_path="model")
-        return metrics, run.warnings
-
-    metrics, warnings = run_with_deadline(job, timeout=timeout, what="train", out_dir=out)
+    spec = TrainSpec(model=model, data=data, out=out, epochs=epochs, lr=lr,
+                     batch_size=batch_size, label_column=label_column, seed=seed,
+                     tracking_uri=tracking_uri, track=not no_track, timeout=timeout)
+    metrics, _, warnings = train_job(spec, progress=c.show_progress(quiet))
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     acc = metrics.get("test_accuracy")
@@ -142,30 +117,15 @@ def scan(
     debug: bool = c.DebugOpt,
 ) -> None:
     """Worst-case robustness scan (--preset quick|standard|thorough): report.json and .html."""
-    from functools import partial
+    from bastion.jobs import ScanSpec
+    from bastion.jobs import scan as scan_job
 
-    from bastion.jobs import run_scan, run_with_deadline
-
-    epsilons = c.parse_floats(eps)
-    job = partial(
-        run_scan,
-        model_spec=model,
-        data_spec=data,
-        out_dir=out,
-        norm=norm,
-        epsilons=epsilons,
-        attacks=c.parse_list(attacks),
-        limit=limit,
-        weights=weights,
-        label_column=label_column,
-        attack_options=c.parse_settings(settings),
-        seed=seed,
-        tracking_uri=tracking_uri,
-        track=not no_track,
-        progress=c.show_progress(quiet),
-        preset=preset,
-    )
-    report, paths, warnings = run_with_deadline(job, timeout=timeout, what="scan", out_dir=out)
+    spec = ScanSpec(
+        model=model, data=data, out=out, norm=norm, epsilons=tuple(c.parse_floats(eps)),
+        attacks=c.parse_list(attacks), limit=limit, weights=weights,
+        label_column=label_column, attack_options=c.parse_settings(settings), seed=seed,
+        tracking_uri=tracking_uri, track=not no_track, timeout=timeout, preset=preset)
+    report, paths, warnings = scan_job(spec, progress=c.show_progress(quiet))
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     if as_json:
@@ -273,8 +233,9 @@ def get_command() -> Any:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv``; return the exit code instead of exiting.
 
-    A :class:`BastionError` prints ``error: <message>`` on one line (exit 1); an
-    unexpected exception prints one line too (exit 2); ``--debug`` shows tracebacks.
+    A :class:`BastionError` prints ``error: <message>`` on one line (exit 1; a bad job spec,
+    :class:`~bastion.jobs.SpecError`, exit 2 like a bad option); an unexpected exception
+    prints one line too (exit 2); ``--debug`` shows tracebacks.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = c.debug_requested(args)
@@ -296,7 +257,7 @@ def run(argv: list[str] | None = None) -> int:
         if debug:
             raise
         c.err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        return 1
+        return int(getattr(exc, "exit_code", 1))  # a bad job spec (SpecError): 2
     except KeyboardInterrupt:
         c.err_console.print("interrupted")
         return 130

@@ -21,8 +21,8 @@ def register(app: typer.Typer) -> None:
     @q.command("list")
     def list_(events: str = EventsOpt, debug: bool = c.DebugOpt) -> None:
         """List the quarantined clients."""
-        from bastion.runtime.events import EventStore
         from bastion.runtime.quarantine import quarantined_clients
+        from bastion.store.events import EventStore
 
         with EventStore(events) as store:
             names = quarantined_clients(store)
@@ -41,8 +41,8 @@ def register(app: typer.Typer) -> None:
         debug: bool = c.DebugOpt,
     ) -> None:
         """Lift a client's quarantine (a running service sees it within a second)."""
-        from bastion.runtime.events import EventStore
         from bastion.runtime.quarantine import lift_quarantine
+        from bastion.store.events import EventStore
 
         with EventStore(events) as store:
             lift_quarantine(store, client, actor=actor, reason=reason)

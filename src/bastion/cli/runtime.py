@@ -1,6 +1,6 @@
 """``bastion heal`` and ``bastion models``: the healing controller and the registry.
 
-Thin: parse, call :mod:`bastion.runtime.healing` / :mod:`bastion.registry.models`,
+Thin: parse, call the job :func:`bastion.jobs.heal` / :mod:`bastion.registry.models`,
 render. Errors are :class:`~bastion.errors.BastionError` s (one line, exit 1).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -42,14 +43,10 @@ def register(app: typer.Typer) -> None:
         debug: bool = c.DebugOpt,
     ) -> None:
         """Run the healing controller over the event store."""
-        import time
+        from bastion.jobs import HealSpec
+        from bastion.jobs import heal as heal_job
 
-        from bastion.runtime.healing import build_controller
-
-        ctl = build_controller(model, reference, events_url=events, tracking_uri=tracking_uri,
-                               policy=policy, seed=seed)
-        while True:
-            rep = ctl.step()
+        def show(rep: Any) -> None:
             if as_json:
                 typer.echo(rep.model_dump_json())
             elif not quiet:
@@ -59,9 +56,10 @@ def register(app: typer.Typer) -> None:
                     c.info(f"  signal {s.monitor}: {s.message}")
                 for a in rep.actions:
                     c.info(f"  {'done' if a.done else 'not done'} {a.action}: {a.detail}")
-            if once:
-                return
-            time.sleep(interval)
+
+        heal_job(HealSpec(model=model, reference=reference, once=once, events=events,
+                          policy=policy, interval=interval, tracking_uri=tracking_uri,
+                          seed=seed), on_step=show)
 
     @models.command("list")
     def list_(
@@ -126,7 +124,7 @@ def register(app: typer.Typer) -> None:
 
 def _registry(model: str, events: str | None, tracking_uri: str | None):  # type: ignore[no-untyped-def]
     from bastion.registry.models import ModelRegistry
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
 
     if not model.strip():
         raise BastionError("--model is empty")

@@ -1,6 +1,6 @@
 """The guard proxy's events, written into the shared Bastion event store.
 
-The proxy writes to the same :class:`~bastion.runtime.events.EventStore` as the model
+The proxy writes to the same :class:`~bastion.store.events.EventStore` as the model
 service (``bastion serve``), so one store (one SQLite file, or later one PostgreSQL
 database) holds both surfaces, and the service's ``GET /v1/events`` shows LLM events
 beside the model's. Every LLM event carries ``payload["surface"] == "llm"``.
@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from bastion.runtime import events as ev
+from bastion.store import events as ev
 
 __all__ = ["LlmEventLog", "SURFACE", "ACTOR", "llm_events", "is_llm_event"]
 
@@ -86,7 +86,7 @@ def llm_events(
 
 class LlmEventLog:
     """Masks, marks (``surface: "llm"``) and writes the proxy's events into an
-    :class:`~bastion.runtime.events.EventStore` (see the module doc).
+    :class:`~bastion.store.events.EventStore` (see the module doc).
 
     Args:
         store: an open store, or its URL (``sqlite:///PATH``; the default

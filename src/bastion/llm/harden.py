@@ -25,6 +25,7 @@ model version (the detector folder as a model artifact, registered under
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,13 +35,18 @@ from typing import Any
 import numpy as np
 
 from bastion.errors import DataError
+from bastion.llm.datasets import load_prompt_jsonl
 from bastion.llm.detector import PromptInjectionDetector
 from bastion.llm.embed import Embedder
-from bastion.llm.reports import HardenRoundSummary
+from bastion.llm.reports import DetectorHardenReport, HardenRoundSummary
+from bastion.llm.training import split_calibration
 from bastion.llm.transforms import TRANSFORMS, apply_transform
+from bastion.reporting.html import HtmlPage
 
 __all__ = [
     "harden_detector",
+    "harden_report_html",
+    "prepare_harden_data",
     "make_variants",
     "make_variants_from",
     "make_benign_variants",
@@ -315,3 +321,95 @@ def harden_detector(
         benign_scores = det.score(benign)
     result.detector = det
     return result
+
+
+# ------------------------------------------------------------------ data and report
+
+
+def prepare_harden_data(
+    data: str | os.PathLike[str], *, limit: int | None = None, seed: int = 0
+) -> dict[str, list[Any]]:
+    """Training texts/labels (``split=train``), held-out attacks and hard negatives
+    (``split=test``) from a labelled JSONL file. ``limit`` subsamples the training rows
+    (stratified) for quick runs."""
+    rows = load_prompt_jsonl(data)
+    train = [r for r in rows if r.split in (None, "train")]
+    test = [r for r in rows if r.split == "test"]
+    if not test:
+        raise DataError(f"{data} has no split=test rows", hint="hardening needs held-out attacks")
+    rng = random.Random(seed)
+    if limit is not None and len(train) > limit:
+        pos = [r for r in train if r.y == 1]
+        neg = [r for r in train if r.y == 0]
+        k = max(2, round(limit * len(pos) / len(train)))
+        train = rng.sample(pos, min(k, len(pos))) + rng.sample(neg, min(limit - k, len(neg)))
+        test_pos = [r for r in test if r.y == 1]
+        test_hn = [r for r in test if r.y == 0 and r.hard_negative]
+        test = rng.sample(test_pos, min(len(test_pos), max(5, limit // 4))) + rng.sample(
+            test_hn, min(len(test_hn), max(5, limit // 4))
+        )
+    fit_rows, cal_rows = split_calibration(train)
+    if not cal_rows:
+        cal_rows = [r for r in train if r.y == 0]
+        fit_rows = train
+    heldout = [r.text for r in test if r.y == 1]
+    hard = [r.text for r in test if r.y == 0 and r.hard_negative]
+    if not heldout:
+        raise DataError("no held-out attacks (split=test, label injection/jailbreak)")
+    return {
+        "train_texts": [r.text for r in fit_rows],
+        "train_y": [r.y for r in fit_rows],
+        "calibration_benign": [r.text for r in cal_rows],
+        "heldout_attacks": heldout,
+        "hard_negatives": hard,
+    }
+
+
+def harden_report_html(report: DetectorHardenReport) -> str:
+    """One HTML page for a detector-hardening report: the rounds, the evasion goal, and
+    evasion by operation in the last round."""
+    page = HtmlPage("Detector hardening", subtitle=report.data)
+    rounds = report.rounds
+    page.heading("Per round")
+    page.table(
+        [
+            [
+                r.round,
+                r.evasion_rate,
+                r.variant_miss_rate,
+                r.tpr_heldout,
+                r.fpr_hard_negatives,
+                r.fpr_benign_calibration,
+                r.n_added,
+                r.n_added_benign or 0,
+                r.model_version or "",
+            ]
+            for r in rounds
+        ],
+        [
+            "round",
+            "evasion (fresh variants of caught attacks)",
+            "missed (all fresh variants)",
+            "TPR held-out",
+            "FPR hard neg.",
+            "FPR benign",
+            "added",
+            "benign added",
+            "version",
+        ],
+    )
+    first, last = rounds[0], rounds[-1]
+    if last.fpr_hard_negatives > first.fpr_hard_negatives:
+        page.warning("the hard-negative false-positive rate rose during hardening")
+    if last.evasion_rate <= 0.05:
+        page.good(f"evasion of fresh variants {100 * last.evasion_rate:.1f}% (goal: under 5%)")
+    else:
+        page.bad(f"evasion of fresh variants {100 * last.evasion_rate:.1f}% (goal: under 5%)")
+    page.paragraph(
+        "Evasion counts the variants of held-out attacks the detector catches in plain form "
+        "that it misses once obfuscated or reframed; 'missed' counts all variants, including "
+        "those of attacks it misses with no obfuscation (see the TPR column)."
+    )
+    page.heading("Evasion by operation (last round)")
+    page.table([[k, v] for k, v in last.evasion_by_op.items()], ["operation", "evasion"])
+    return page.render()

@@ -91,7 +91,7 @@ from bastion.llm.guard import (
 )
 from bastion.llm.outscan import ToolCallCheck
 from bastion.llm.relay import AnswerCheck, StreamRelay, screen_answer
-from bastion.runtime import events as ev
+from bastion.store import events as ev
 from bastion.web.auth import (
     CLIENT,
     READER,
@@ -355,7 +355,7 @@ def create_guard_app(
         upstream: a base URL like ``http://host:8000/v1``.
         guard: the screening logic and policy.
         events: where events go: an :class:`LlmEventLog`, an
-            :class:`~bastion.runtime.events.EventStore`, a store URL, or None (an
+            :class:`~bastion.store.events.EventStore`, a store URL, or None (an
             in-memory store, lost at exit). Secrets, the upstream key and the admin
             token are masked in whatever is written.
         api_key_env: environment variable with the upstream key (else none is sent: the

@@ -11,7 +11,7 @@ version points at them), and moves the aliases Bastion uses:
 
 MLflow stores only where an alias points *now*. Bastion keeps the history itself: each
 move is a ``model_change`` event (alias, version, from_version, at, reason, actor) in
-``bastion-registry.db``, an :class:`~bastion.runtime.events.EventStore` beside the MLflow
+``bastion-registry.db``, an :class:`~bastion.store.events.EventStore` beside the MLflow
 SQLite file (in the working folder for a remote MLflow), so every process that opens the
 same registry sees the same history. With ``store``, each move is also copied there
 (so it sits in the service's timeline).
@@ -34,7 +34,7 @@ from bastion.errors import BastionError, ModelError
 from bastion.registry.tracking import DEFAULT_EXPERIMENT, _redact, default_tracking_uri
 
 if TYPE_CHECKING:
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -117,7 +117,7 @@ class ModelRegistry:
         if self.tracking_uri.startswith(("http://", "https://")):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from bastion.runtime.events import EventStore
+        from bastion.store.events import EventStore
 
         self.history_store = EventStore(_history_url(self.tracking_uri))
         self.store = store
@@ -309,7 +309,7 @@ class ModelRegistry:
 
     def _record(self, alias: str, version: int, old: int | None, *, reason: str,
                 actor: str) -> int:
-        from bastion.runtime.events import MODEL_CHANGE
+        from bastion.store.events import MODEL_CHANGE
 
         payload = {"type": _ALIAS_EVENT, "model": self.name, "alias": alias,
                    "version": version, "from_version": old, "reason": str(reason),
@@ -358,7 +358,7 @@ class ModelRegistry:
 
     def alias_history(self, alias: str | None = None) -> list[AliasMove]:
         """Every recorded alias move of this model, oldest first (optionally one alias)."""
-        from bastion.runtime.events import MODEL_CHANGE
+        from bastion.store.events import MODEL_CHANGE
 
         out = []
         for e in self.history_store.query(kinds=MODEL_CHANGE, limit=None):

@@ -1,8 +1,9 @@
-"""Bastion in production: the guarded model, the event store, monitors, the healing
-controller and the retrain pipeline.
+"""Bastion in production: the guarded model, monitors, the healing controller and the
+retrain pipeline, over the event store.
 
-- :mod:`.events`: :class:`EventStore` (SQLite WAL by default or PostgreSQL by URL; durable
-  appends, concurrent ones sharing a commit), event kinds.
+- :mod:`bastion.store.events` (re-exported here): :class:`EventStore` (SQLite WAL by
+  default or PostgreSQL by URL; durable appends, concurrent ones sharing a commit), event
+  kinds. It lives on the ground floor, so lower layers import it without reaching here.
 - :mod:`.detectors`: :func:`build_detectors` (fit + calibrate the guard's detectors).
 - :mod:`.guard`: :class:`GuardedModel`, :class:`GuardPolicy`, :class:`GuardDecision`,
   :func:`record_feedback`.
@@ -41,7 +42,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "EventStore": "events", "Event": "events", "EVENT_KINDS": "events",
+    "EventStore": "bastion.store.events", "Event": "bastion.store.events",
+    "EVENT_KINDS": "bastion.store.events",
     "build_detectors": "detectors", "pgd_attack": "detectors",
     "GuardedModel": "guard", "GuardPolicy": "guard", "GuardDecision": "guard",
     "Reason": "guard", "record_feedback": "guard",
@@ -58,5 +60,7 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f"bastion.runtime.{_LAZY[name]}"), name)
+        mod = _LAZY[name]
+        return getattr(importlib.import_module(mod if "." in mod else f"bastion.runtime.{mod}"),
+                       name)
     raise AttributeError(f"module 'bastion.runtime' has no attribute {name!r}")

@@ -8,7 +8,7 @@ the fallback (e.g. a hardened or smoothed model), or none (a refused, blocked re
 Every :class:`GuardDecision` carries every detector's score, the reasons (each check that
 fired: detector, score, threshold, action) and which model answered and why.
 
-With an :class:`~bastion.runtime.events.EventStore`, each answer is written as a
+With an :class:`~bastion.store.events.EventStore`, each answer is written as a
 ``prediction`` event (plus a ``verdict`` event when flagged or blocked) and the guard
 reads the shared state the healing controller writes: quarantined clients
 (``quarantined_clients``) and where traffic goes (``traffic``: ``champion`` or
@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.errors import BastionError, DataError
-from bastion.runtime import events as ev
+from bastion.store import events as ev
 
 Action = Literal["ignore", "flag", "block"]
 Verdict = Literal["allow", "flag", "block"]

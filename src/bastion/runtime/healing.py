@@ -35,7 +35,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.errors import BastionError
-from bastion.runtime import events as ev
 from bastion.runtime.guard import STATE_QUARANTINE, STATE_TRAFFIC
 from bastion.runtime.monitors import (
     AccuracyMonitor,
@@ -48,6 +47,7 @@ from bastion.runtime.monitors import (
     labelled_feedback,
 )
 from bastion.runtime.retrain import RetrainConfig, RetrainPipeline, RetrainResult
+from bastion.store import events as ev
 
 ActionName = Literal["alert", "switch_to_fallback", "switch_to_champion", "quarantine_client",
                      "retrain"]

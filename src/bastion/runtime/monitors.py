@@ -1,6 +1,6 @@
 """Monitors over windows of events, each turning numbers into :class:`Signal` s.
 
-A monitor reads what it needs from the :class:`~bastion.runtime.events.EventStore`
+A monitor reads what it needs from the :class:`~bastion.store.events.EventStore`
 (``evaluate(store, after_id=..., upto_id=...)``: the events with
 ``after_id < id <= upto_id``; the controller passes the id of the last model change as
 ``after_id`` so evidence about an old model does not count against a new one). Monitors
@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
-from bastion.runtime import events as ev
+from bastion.store import events as ev
 
 Severity = Literal["info", "warning", "critical"]
 

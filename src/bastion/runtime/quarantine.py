@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from bastion.errors import BastionError
-from bastion.runtime import events as ev
 from bastion.runtime.guard import STATE_QUARANTINE
+from bastion.store import events as ev
 
 __all__ = ["lift_quarantine", "quarantined_clients"]
 

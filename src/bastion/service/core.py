@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from bastion.errors import BastionError, DataError, ModelError
-from bastion.runtime import events as ev
 from bastion.runtime.guard import (
     STATE_QUARANTINE,
     STATE_TRAFFIC,
@@ -44,6 +43,7 @@ from bastion.runtime.guard import (
 from bastion.service.config import ServiceConfig
 from bastion.service.fastdetect import KnnOutlierDetector
 from bastion.service.metrics import ServiceMetrics
+from bastion.store import events as ev
 from bastion.web.limits import Overloaded
 
 ACTOR = "service"

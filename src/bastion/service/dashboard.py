@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from bastion.runtime import events as ev
 from bastion.service import schemas as s
+from bastion.store import events as ev
 
 VERDICTS = ("allow", "flag", "block")
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from bastion.runtime import events as ev
 from bastion.runtime.monitors import (
     Signal,
     client_score_shift,
     reference_scores,
     score_shift_signal,
 )
+from bastion.store import events as ev
 
 
 def _window_info(events: list[ev.Event]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bastion.errors import BastionError
-from bastion.runtime import events as ev
+from bastion.store import events as ev
 
 __all__ = ["ROLES", "ApiKey", "KeyStore", "digest_of", "TOKEN_PREFIX"]
 
@@ -77,7 +77,7 @@ class ApiKey:
 
 class KeyStore:
     """The ``api_keys`` table of the event store at ``url`` (or of an open
-    :class:`~bastion.runtime.events.EventStore`)."""
+    :class:`~bastion.store.events.EventStore`)."""
 
     def __init__(self, store: ev.EventStore | str) -> None:
         self._own = isinstance(store, str)

@@ -8,9 +8,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
-from bastion.runtime import events as ev
 from bastion.service import schemas as s
 from bastion.service.deps import event_out, get_service
+from bastion.store import events as ev
 from bastion.web.auth import Identity, require_role
 from bastion.web.errors import AUTH_RESPONSES, ApiError
 

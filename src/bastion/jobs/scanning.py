@@ -1,0 +1,176 @@
+"""The ``scan`` job: a worst-case robustness scan from a model spec and a data spec to
+``report.json`` / ``report.html`` and an MLflow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import field_validator
+
+from bastion.errors import BastionError
+from bastion.jobs.deadline import run_with_deadline
+from bastion.jobs.spec import DeadlineSpec, JobResult, engine_of
+
+
+def load_any_model(spec: str, **kwargs: Any) -> Any:
+    """Resolve ``spec`` like :func:`bastion.models.resolve_model`, and also load the
+    wrapper folders that ``bastion harden`` writes for squeezing, smoothing and ensembles
+    (they live in ``bastion.defend``, which the models layer may not import)."""
+    from bastion.defend.persist import is_hardened_folder, load_hardened
+    from bastion.models import resolve_model
+
+    if is_hardened_folder(Path(spec).expanduser()):
+        return load_hardened(spec)
+    return resolve_model(spec, **kwargs)
+
+
+class ScanSpec(DeadlineSpec):
+    """What ``bastion scan`` runs. Defaults are the CLI's."""
+
+    model: str
+    """Model folder, TorchScript, ``.skops``, ``python:FILE.py:FUNCTION`` or
+    ``builtin:NAME`` (``--model``); also the wrapper folders ``bastion harden`` writes."""
+    data: str
+    """Data spec, e.g. ``builtin:digits``, ``mnist:PATH``, ``csv:PATH``, ``parquet:PATH``;
+    the test split is scanned (``--data``)."""
+    out: Path
+    """Output folder for ``report.json`` and ``report.html`` (created if missing;
+    ``--out``)."""
+    preset: str = "standard"
+    """``quick``, ``standard`` (AutoAttack's cascade) or ``thorough`` (``--preset``)."""
+    norm: str = "linf"
+    """Threat model: ``linf`` or ``l2`` (``--norm``)."""
+    epsilons: tuple[float, ...] = (0.05, 0.1, 0.2)
+    """Budgets, in input units; sorted ascending (``--eps``)."""
+    attacks: tuple[str, ...] | None = None
+    """Attacks run as a cascade instead of the preset's (``--attacks``)."""
+    limit: int | None = None
+    """Scan the first N test points only (``--limit``)."""
+    weights: str | None = None
+    """State dict for a ``python:FILE:FN`` model (``--weights``)."""
+    label_column: str = "label"
+    """Label column of CSV/Parquet data (``--label-column``)."""
+    attack_options: dict[str, dict[str, Any]] = {}
+    """Per-attack options, ``{"apgd-ce": {"steps": 50}}`` (``--set apgd-ce.steps=50``)."""
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str) -> str:
+        from bastion.evaluate.presets import check_preset
+
+        return check_preset(v)
+
+    @field_validator("norm")
+    @classmethod
+    def _norm(cls, v: str) -> str:
+        from bastion.attacks.base import check_norm
+
+        return check_norm(v)
+
+    @field_validator("epsilons")
+    @classmethod
+    def _epsilons(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        from bastion.attacks.base import check_epsilons
+
+        return tuple(check_epsilons(v))
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise BastionError(f"--limit must be at least 1, got {v}")
+        return v
+
+
+def scan(spec: ScanSpec, *, progress: bool = False) -> JobResult[Any]:
+    """Scan ``spec.model`` on the test split of ``spec.data`` and write the report.
+
+    Returns ``JobResult(report, paths, warnings)``: the
+    :class:`~bastion.evaluate.report.ScanReport`, ``paths`` with keys ``json`` and
+    ``html``, and the MLflow warnings. Everything is validated before anything is written:
+    on a bad model, bad data or bad options a :class:`~bastion.errors.BastionError` is
+    raised and ``spec.out`` is left untouched. A failing MLflow store only adds to the
+    warnings; the report is written first. ``progress`` draws Rich progress bars (a terminal).
+    """
+    engine_of(spec)  # local: the scan runs in this process
+    return run_with_deadline(lambda: _scan(spec, progress), timeout=spec.timeout,
+                             what="scan", out_dir=spec.out)
+
+
+def _scan(spec: ScanSpec, progress: bool) -> JobResult[Any]:
+    from bastion._util import set_seed
+    from bastion.data import load_data
+    from bastion.data.validate import check_dataset_for_model
+    from bastion.evaluate import scan as scan_model
+    from bastion.evaluate import write_scan_report
+    from bastion.registry.tracking import track_run
+
+    out = Path(spec.out)
+    if out.exists() and not out.is_dir():
+        raise BastionError(f"output path {out} is a file", hint="give a folder path")
+    seed = spec.seed
+    set_seed(seed)
+    ds = load_data(spec.data, label_column=spec.label_column, seed=seed)
+    model = load_any_model(
+        spec.model,
+        weights=spec.weights,
+        input_shape=ds.input_shape,
+        n_classes=ds.n_classes,
+        bounds=ds.bounds,
+        seed=seed,
+        progress=progress,
+    )
+    check_dataset_for_model(ds, model)
+    x, y = ds.x_test, ds.y_test
+    if spec.limit is not None:
+        x, y = x[:spec.limit], y[:spec.limit]
+    params = {
+        "model": spec.model,
+        "data": spec.data,
+        "norm": spec.norm,
+        "epsilons": ",".join(str(e) for e in spec.epsilons),
+        "attacks": ",".join(spec.attacks) if spec.attacks else "default",
+        "preset": spec.preset,
+        "limit": spec.limit,
+        "n_points": len(x),
+        "seed": seed,
+    }
+    report = scan_model(
+        model,
+        x,
+        y,
+        norm=spec.norm,
+        epsilons=list(spec.epsilons),
+        attacks=list(spec.attacks) if spec.attacks else None,
+        seed=seed,
+        attack_options={k: dict(v) for k, v in spec.attack_options.items()},
+        progress=progress,
+        preset=spec.preset,
+    )
+    report.data = {**dict(report.data or {}), "spec": spec.data, "split": "test",
+                   "name": ds.name}
+    report.model = {**dict(report.model or {}), "spec": spec.model}
+    paths = write_scan_report(report, out)
+    with track_run("scan", params=params, tracking_uri=spec.tracking_uri,
+                   enabled=spec.track) as run:
+        metrics: dict[str, float] = {"clean_accuracy": report.clean_accuracy}
+        for k, v in report.robust_accuracy.items():
+            metrics[f"robust_accuracy_eps_{k}"] = v
+        run.log_metrics(metrics)
+        run.set_tags({"bastion.n_warnings": len(report.warnings)})
+        for p in paths.values():
+            run.log_artifact(p, artifact_path="report")
+    return JobResult(report, {k: Path(v) for k, v in paths.items()}, list(run.warnings))
+
+
+def run_scan(*, model_spec: str, data_spec: str, out_dir: str | Path, progress: bool = False,
+             epsilons: Any = (0.05, 0.1, 0.2), attacks: Any = None,
+             attack_options: dict[str, dict[str, Any]] | None = None,
+             **options: Any) -> JobResult[Any]:
+    """The scan job with keyword arguments (the API before :class:`ScanSpec`): builds the
+    spec and calls :func:`scan`. Prefer ``scan(ScanSpec(...))``."""
+    spec = ScanSpec(model=model_spec, data=data_spec, out=Path(out_dir),
+                    epsilons=tuple(epsilons), attacks=tuple(attacks) if attacks else None,
+                    attack_options=attack_options or {}, **options)
+    return scan(spec, progress=progress)
