@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/llm_detector.py --cache FILE [--recipe v2|v1]
         [--loso all|dev|report|none] [--sources A,B] [--folds DIR] [--detector DIR]
         [--train-out DIR] [--blocks char,word] [--counterparts 2000] [--dropout]
-        [--doc-windows 200] [--wording-holdout] [--C 16] [--emb-scale 2] [--ship]
+        [--doc-windows 200] [--wording-holdout] [--C 16] [--emb-scale 2]
+        [--proto-scale 3] [--ship]
 
 Data: ``$BASTION_SHARED/datasets``: ``prompt-injection`` (corpus, harmful requests, canary
 cases), ``prompt-injection-agents``, ``benign-multilingual``. The recipe's rows come from
@@ -74,7 +75,7 @@ def _recipe(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
         counterparts=args.counterparts if v2 else 0, extraction=v2, dropout=args.dropout,
     )
     params = {"ngram_blocks": tuple(args.blocks.split(",")), "seed": args.seed,
-              "C": args.C, "emb_scale": args.emb_scale,
+              "C": args.C, "emb_scale": args.emb_scale, "proto_scale": args.proto_scale,
               # v1: the text statistics as the detector before issue 17 computed them
               "stats_version": 2 if v2 else 1}
     return rows, params
@@ -88,6 +89,8 @@ def _variant_name(args: argparse.Namespace) -> str:
         name += "-dropout"
     if args.C != 16.0 or args.emb_scale != 2.0:
         name += f"-C{args.C:g}-emb{args.emb_scale:g}"
+    if args.proto_scale:
+        name += f"-proto{args.proto_scale:g}"
     return name
 
 
@@ -301,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--C", type=float, default=16.0, help="the head's inverse L2 strength")
     ap.add_argument("--emb-scale", type=float, default=2.0,
                     help="weight of the embedding beside the n-grams")
+    ap.add_argument("--proto-scale", type=float, default=0.0,
+                    help="weight of the two intent-prototype features (0: none)")
     ap.add_argument("--loso", choices=["all", "dev", "report", "none"], default="all")
     ap.add_argument("--sources", default=None, help="comma-separated LOSO sources")
     ap.add_argument("--folds", default=str(RESULTS / "llm_detector_folds"))

@@ -183,7 +183,9 @@ def run_fold(F: dict[str, Any], f: dict[str, Any], v: dict[str, float],
 
     row: dict[str, Any] = {"n_attack": int((y[idx][own] == 1).sum()),
                            "n_benign": int((y[idx][own] == 0).sum()),
-                           "n_reference": len(f["reference"]), **metrics(rs[idx])}
+                           "n_reference": len(f["reference"]), "n_train": len(f["train"]),
+                           "threshold": float(1.0 / (1.0 + np.exp(-thr))),
+                           **metrics(rs[idx])}
     if windows:
         ngw = _Ngrams(2**17, ("word",))
         ngw.idf = {"word": idf}
@@ -216,12 +218,17 @@ def run_fold(F: dict[str, Any], f: dict[str, Any], v: dict[str, float],
 
 
 def run_variant(F: dict[str, Any], folds: list[dict[str, Any]], v: dict[str, float],
-                windows: list[int]) -> dict[str, Any]:
+                windows: list[int], fold_dir: Path | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {}
     for f in folds:
         row = run_fold(F, f, v, windows)
         res[f["source"]] = row
         print(f"{f['source']}: {json.dumps(row)}", flush=True)
+        if fold_dir is not None:
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            keep = {k: x for k, x in row.items() if k != "doc_windows"}
+            (fold_dir / (f["source"].replace("/", "__") + ".json")).write_text(
+                json.dumps({**keep, "by": "llm_detector_sweep.py", "settings": v}, indent=1))
     return res
 
 
@@ -233,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="NAME:key=value,... (keys: " + ", ".join(DEFAULTS) + ")")
     ap.add_argument("--doc-windows", default="", help="comma-separated window sizes")
     ap.add_argument("--out", default=str(RESULTS / "llm_detector_sweep.json"))
+    ap.add_argument("--fold-dir", default=None,
+                    help="also write each fold of the (single) variant as llm_detector.py "
+                         "--folds caches it (DIR/<variant name>/<source>.json)")
     args = ap.parse_args(argv)
+    if args.fold_dir and len(args.variant) > 1:
+        raise SystemExit("--fold-dir takes one --variant")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -261,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"benchmark": "llm_detector_sweep", "folds": args.folds,
                            "dev_sources": list(DEV_SOURCES), "variants": {}}
     for name, v in variants:
-        per = run_variant(F, folds, v, windows)
+        per = run_variant(F, folds, v, windows,
+                          Path(args.fold_dir) if args.fold_dir else None)
         entry: dict[str, Any] = {"settings": v, "per_source": per, "macro": loso_macro(per)}
         for wsz in windows:
             entry[f"macro_doc_windows_{wsz}"] = loso_macro(
