@@ -232,6 +232,32 @@ def run_variant(F: dict[str, Any], folds: list[dict[str, Any]], v: dict[str, flo
     return res
 
 
+def extraction_folds(rows: list[Any]) -> list[dict[str, Any]]:
+    """Two dev folds over the TRAIN-split extraction attacks (halves by hash): each holds
+    out one half's originals with the quiet variants generated from them (so the
+    phrasings tested were never trained on) and tests recall on them at the fold's
+    threshold; ``reference``: the corpus's benign test rows (for an AUROC)."""
+    from bastion.llm.datasets import quiet_extraction_positives
+    from bastion.llm.training import _bucket
+
+    orig = [i for i, r in enumerate(rows) if r.split == "train" and r.y == 1
+            and "extraction" in r.subtype and not r.extra.get("generated")]
+    by_text = {r.text: i for i, r in enumerate(rows) if r.extra.get("generated") == "extraction"}
+    ref = [i for i, r in enumerate(rows) if r.split == "test" and r.y == 0]
+    out = []
+    for half in (0, 1):
+        held = [i for i in orig if _bucket(rows[i].text) % 2 == half]
+        var = {by_text[q] for i in held
+               for q in quiet_extraction_positives([rows[i].text], seed=0, part="train")
+               if q in by_text}
+        test = held + sorted(var - set(held))
+        gone = set(test)
+        train = [i for i, r in enumerate(rows) if r.split in (None, "train") and i not in gone]
+        out.append({"source": f"extraction-half-{half}", "train": train, "test": test,
+                    "reference": ref})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=None, help="embedding cache .npz")
@@ -240,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="NAME:key=value,... (keys: " + ", ".join(DEFAULTS) + ")")
     ap.add_argument("--doc-windows", default="", help="comma-separated window sizes")
     ap.add_argument("--out", default=str(RESULTS / "llm_detector_sweep.json"))
+    ap.add_argument("--extraction-cv", action="store_true",
+                    help="instead of LOSO: two folds over the train-split extraction attacks")
     ap.add_argument("--fold-dir", default=None,
                     help="also write each fold of the (single) variant as llm_detector.py "
                          "--folds caches it (DIR/<variant name>/<source>.json)")
@@ -261,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(s) for s in args.variant or ["base:"]]
     F = build_features(args.cache)
     folds = loso_splits(F["rows"])
-    if args.folds == "dev":
+    if args.extraction_cv:
+        folds = extraction_folds(F["rows"])
+    elif args.folds == "dev":
         folds = [f for f in folds if f["source"] in DEV_SOURCES]
     elif args.folds == "report":
         folds = [f for f in folds if f["source"] not in DEV_SOURCES]
