@@ -1,7 +1,8 @@
 """Issue 17: fast leave-one-source-out sweep over detector head settings, on DEV folds.
 
     .venv/bin/python benchmarks/llm_detector_sweep.py --cache FILE [--folds dev|report|all|A,B]
-        [--variant NAME:key=value,...]... [--doc-windows 0,100,200,300] [--out FILE]
+        [--variant NAME:key=value,...]... [--doc-windows 0,100,200,300] [--extraction-cv]
+        [--fold-dir DIR] [--out FILE]
 
 ``llm_detector.py --loso`` retrains a whole :class:`PromptInjectionDetector` per fold
 (normalising and chunking 17k texts each time, ~5 minutes a fold on 2 cores). This
@@ -23,6 +24,10 @@ of the fold's training attack chunks and to 32 of its benign chunks).
 scored with sentence windows of each size (max over chunks and windows, as
 ``PromptInjectionDetector(doc_windows=...)`` scores), at the fold's threshold; this is
 how the shipped window size is chosen on dev folds only.
+
+``--extraction-cv``: instead of LOSO, two folds over the train-split extraction attacks
+(each half held out with the quiet variants made from it): recall at the fold threshold
+on phrasings never trained on, a dev measure for extraction recall.
 
 Model choices are to be made on the dev folds (``llm_detector.DEV_SOURCES``); the
 report folds are for the final number only.
