@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/llm_detector.py --cache FILE [--recipe v2|v1]
         [--loso all|dev|report|none] [--sources A,B] [--folds DIR] [--detector DIR]
         [--train-out DIR] [--blocks char,word] [--counterparts 2000] [--dropout]
-        [--doc-windows 200] [--wording-holdout] [--ship]
+        [--doc-windows 200] [--wording-holdout] [--C 16] [--emb-scale 2]
+        [--proto-scale 3] [--ship]
 
 Data: ``$BASTION_SHARED/datasets``: ``prompt-injection`` (corpus, harmful requests, canary
 cases), ``prompt-injection-agents``, ``benign-multilingual``. The recipe's rows come from
@@ -74,6 +75,7 @@ def _recipe(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
         counterparts=args.counterparts if v2 else 0, extraction=v2, dropout=args.dropout,
     )
     params = {"ngram_blocks": tuple(args.blocks.split(",")), "seed": args.seed,
+              "C": args.C, "emb_scale": args.emb_scale, "proto_scale": args.proto_scale,
               # v1: the text statistics as the detector before issue 17 computed them
               "stats_version": 2 if v2 else 1}
     return rows, params
@@ -85,6 +87,10 @@ def _variant_name(args: argparse.Namespace) -> str:
         name += f"-cp{args.counterparts}" + ("-dropout" if args.dropout else "")
     elif args.dropout:
         name += "-dropout"
+    if args.C != 16.0 or args.emb_scale != 2.0:
+        name += f"-C{args.C:g}-emb{args.emb_scale:g}"
+    if args.proto_scale:
+        name += f"-proto{args.proto_scale:g}"
     return name
 
 
@@ -295,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--counterparts", type=int, default=2000)
     ap.add_argument("--dropout", action="store_true", help="trigger-word dropout copies")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--C", type=float, default=16.0, help="the head's inverse L2 strength")
+    ap.add_argument("--emb-scale", type=float, default=2.0,
+                    help="weight of the embedding beside the n-grams")
+    ap.add_argument("--proto-scale", type=float, default=0.0,
+                    help="weight of the two intent-prototype features (0: none)")
     ap.add_argument("--loso", choices=["all", "dev", "report", "none"], default="all")
     ap.add_argument("--sources", default=None, help="comma-separated LOSO sources")
     ap.add_argument("--folds", default=str(RESULTS / "llm_detector_folds"))
@@ -311,7 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "llm_detector.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import functools
+
+    import bastion.llm.detector as _detmod
     from bastion._util import write_json_atomic
+
+    # the normaliser is a pure function and costs ~6 ms a text: every fold re-chunks the
+    # same 17k texts, so memoise it for this run (scores are unchanged)
+    _detmod.normalize = functools.lru_cache(maxsize=None)(_detmod.normalize)
     from bastion.llm.detector import PromptInjectionDetector
     from bastion.llm.embed import Embedder, EmbeddingCache
     from bastion.llm.training import fit_calibrated, recipe_weight

@@ -307,3 +307,32 @@ def test_lean_minilm_forward_matches_sentence_transformers(minilm_detector) -> N
         Embedder(dtype="float8")
     with pytest.raises(ModelError, match="has 6 layers"):
         Embedder(layers=7).encode(["x"])
+
+
+def test_intent_prototypes_roundtrip_and_refuse_a_broken_head(
+        tmp_path, hash_embedder, toy_corpus) -> None:
+    x, y = toy_corpus
+    det = PromptInjectionDetector(embedder=hash_embedder, ngram_features=2**10,
+                                  proto_scale=3.0, n_protos=4).fit(x, y)
+    assert det.protos_ is not None and det.coef_proto_ is not None
+    assert det.protos_[0].shape == (4, hash_embedder.dim) == det.protos_[1].shape
+    # the prototypes are unit vectors and their block takes part in the score
+    np.testing.assert_allclose(np.linalg.norm(det.protos_[0], axis=1), 1.0, rtol=1e-5)
+    parts = det.logit_parts([normalize(t) for t in x[:3]])
+    assert "prototypes" in parts and np.any(parts["prototypes"] != 0)
+    plain = PromptInjectionDetector(embedder=hash_embedder, ngram_features=2**10).fit(x, y)
+    assert not np.allclose(plain.score(x), det.score(x))
+    det.save(tmp_path / "p")
+    back = PromptInjectionDetector.load(tmp_path / "p", embedder=hash_embedder)
+    assert (back.proto_scale, back.n_protos) == (3.0, 4)
+    np.testing.assert_allclose(back.score(x), det.score(x), rtol=1e-5)
+    # a head that claims prototypes but lacks them is refused with one clear error
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(tmp_path / "p" / "head.safetensors"))
+    del t["protos_attack"]
+    save_file(t, str(tmp_path / "p" / "head.safetensors"))
+    with pytest.raises(ModelError, match="intent prototypes"):
+        PromptInjectionDetector.load(tmp_path / "p", embedder=hash_embedder)
+    with pytest.raises(DataError, match="proto_scale"):
+        PromptInjectionDetector(proto_scale=-1.0)

@@ -189,6 +189,12 @@ class PromptInjectionDetector:
             this many characters, :func:`sentence_windows`) of texts longer than one
             chunk and takes the maximum over all, so that one planted sentence in a long
             document is scored without the benign text around it (training is unchanged).
+        proto_scale: when above 0, two intent-prototype features join the head (weight
+            ``proto_scale``): a chunk's largest cosine similarity to ``n_protos`` k-means
+            centroids of the training attack chunks' embeddings, and to ``n_protos`` of
+            the benign chunks' (a max over prototypes: not a linear function of the
+            embedding); the centroids are saved with the head.
+        n_protos: centroids per class for ``proto_scale``.
         stats_version: definition of the text statistics
             (:data:`~bastion.llm.textstats.STATS_VERSION`; detectors saved without one
             load with version 1).
@@ -220,6 +226,8 @@ class PromptInjectionDetector:
         ngram_blocks: Sequence[str] = ("char", "word"),
         stats_version: int = STATS_VERSION,
         doc_windows: int = 0,
+        proto_scale: float = 0.0,
+        n_protos: int = 32,
     ) -> None:
         if ngram_features < 0:
             raise DataError(f"ngram_features must be >= 0, got {ngram_features}")
@@ -239,6 +247,13 @@ class PromptInjectionDetector:
         if stats_scale < 0:
             raise DataError(f"stats_scale must be >= 0, got {stats_scale}")
         self.stats_scale = float(stats_scale)
+        if proto_scale < 0 or n_protos < 1:
+            raise DataError(f"proto_scale must be >= 0 and n_protos >= 1, got {proto_scale}"
+                            f" and {n_protos}")
+        self.proto_scale = float(proto_scale)
+        self.n_protos = int(n_protos)
+        self.protos_: tuple[np.ndarray, np.ndarray] | None = None
+        self.coef_proto_: np.ndarray | None = None
         self.coef_stats_: np.ndarray | None = None
         self._ngrams: _Ngrams | None = None
         self.coef_ngram_: np.ndarray | None = None
@@ -296,11 +311,20 @@ class PromptInjectionDetector:
         self._check_fitted()
         assert self.coef_ is not None and self.intercept_ is not None
         z = emb @ self.coef_ + self.intercept_
+        if self.protos_ is not None and self.coef_proto_ is not None:
+            z = z + self._proto_feats(emb) @ self.coef_proto_
         if self.coef_stats_ is not None:
             z = z + text_stats(chunks, version=self.stats_version) @ self.coef_stats_
         if self._ngrams is not None and self.coef_ngram_ is not None:
             z = z + self._ngrams.logit(chunks, self.coef_ngram_)
         return _sigmoid(z)
+
+    def _proto_feats(self, emb: np.ndarray) -> np.ndarray:
+        """``(n, 2)``: largest cosine to the attack and to the benign prototypes."""
+        assert self.protos_ is not None
+        e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-9)
+        return np.stack([(e @ self.protos_[0].T).max(1), (e @ self.protos_[1].T).max(1)],
+                        1).astype(np.float32)
 
     def logit_parts(self, chunks: Sequence[str]) -> dict[str, np.ndarray]:
         """Each feature block's share of the head's logit for already-normalised
@@ -309,8 +333,10 @@ class PromptInjectionDetector:
         self._check_fitted()
         assert self.coef_ is not None and self.intercept_ is not None
         ch = list(chunks)
-        out = {"embedding": self._emb.encode(ch) @ self.coef_,
-               "intercept": np.full(len(ch), self.intercept_)}
+        e = self._emb.encode(ch)
+        out = {"embedding": e @ self.coef_, "intercept": np.full(len(ch), self.intercept_)}
+        if self.protos_ is not None and self.coef_proto_ is not None:
+            out["prototypes"] = self._proto_feats(e) @ self.coef_proto_
         if self.coef_stats_ is not None:
             out["stats"] = text_stats(ch, version=self.stats_version) @ self.coef_stats_
         if self._ngrams is not None and self.coef_ngram_ is not None:
@@ -356,6 +382,17 @@ class PromptInjectionDetector:
         dense = [emb * self.emb_scale]
         if self.stats_scale:
             dense.append(text_stats(chunks, version=self.stats_version) * self.stats_scale)
+        self.protos_ = None
+        if self.proto_scale:
+            from sklearn.cluster import KMeans
+
+            def centres(x: np.ndarray) -> np.ndarray:
+                k = min(self.n_protos, len(x))
+                c = KMeans(k, n_init=1, random_state=self.seed).fit(x).cluster_centers_
+                return (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+
+            self.protos_ = (centres(emb[yc == 1]), centres(emb[yc == 0]))
+            dense.append(self._proto_feats(emb) * self.proto_scale)
         dense_feats = np.hstack(dense) if len(dense) > 1 else dense[0]
         if self.ngram_features:
             self._ngrams = _Ngrams(self.ngram_features, self.ngram_blocks).fit(chunks)
@@ -367,7 +404,8 @@ class PromptInjectionDetector:
             self._ngrams = None
             feats = dense_feats
         d = emb.shape[1]
-        ds = d + (len(STATS_NAMES) if self.stats_scale else 0)
+        dp = d + (len(STATS_NAMES) if self.stats_scale else 0)
+        ds = dp + (2 if self.protos_ is not None else 0)
 
         # one solver for all rounds: a refinement round starts from the previous head
         # (the same convex problem's optimum, reached in fewer iterations)
@@ -386,8 +424,10 @@ class PromptInjectionDetector:
             coef = clf.coef_[0]
             self.coef_ = (coef[:d] * self.emb_scale).astype(np.float32)
             self.coef_stats_ = (
-                (coef[d:ds] * self.stats_scale).astype(np.float32) if self.stats_scale else None
+                (coef[d:dp] * self.stats_scale).astype(np.float32) if self.stats_scale else None
             )
+            self.coef_proto_ = ((coef[dp:ds] * self.proto_scale).astype(np.float32)
+                                if self.protos_ is not None else None)
             self.coef_ngram_ = coef[ds:].astype(np.float32) if self.ngram_features else None
             self.intercept_ = float(clf.intercept_[0])
 
@@ -476,6 +516,10 @@ class PromptInjectionDetector:
         }
         if self.coef_stats_ is not None:
             tensors["coef_stats"] = np.ascontiguousarray(self.coef_stats_, dtype=np.float32)
+        if self.protos_ is not None and self.coef_proto_ is not None:
+            tensors["protos_attack"] = np.ascontiguousarray(self.protos_[0], dtype=np.float32)
+            tensors["protos_benign"] = np.ascontiguousarray(self.protos_[1], dtype=np.float32)
+            tensors["coef_proto"] = np.ascontiguousarray(self.coef_proto_, dtype=np.float32)
         if self._ngrams is not None and self.coef_ngram_ is not None:
             n = self._ngrams.n_features
             for i, k in enumerate(self._ngrams.vec):
@@ -524,6 +568,8 @@ class PromptInjectionDetector:
                     "ngram_blocks": list(self.ngram_blocks),
                     "stats_version": self.stats_version,
                     "doc_windows": self.doc_windows,
+                    "proto_scale": self.proto_scale if self.protos_ is not None else 0.0,
+                    "n_protos": self.n_protos,
                 },
                 "meta": self.meta_,
             },
@@ -582,6 +628,8 @@ class PromptInjectionDetector:
             ngram_blocks=tuple(p.get("ngram_blocks", ("char", "word"))),
             stats_version=int(p.get("stats_version", 1)),
             doc_windows=int(p.get("doc_windows", 0)),
+            proto_scale=float(p.get("proto_scale", 0.0)),
+            n_protos=int(p.get("n_protos", 32)),
         )
         if int(meta.get("format_version", 1)) > FORMAT_VERSION:
             raise ModelError(
@@ -610,6 +658,16 @@ class PromptInjectionDetector:
             if cs is None or cs.ravel().shape != (len(STATS_NAMES),):
                 raise ModelError(f"detector head in {d} lacks the text-statistics weights")
             det.coef_stats_ = cs.astype(np.float32).ravel()
+        if det.proto_scale:
+            pa, pb, cp = (tensors.get(k) for k in ("protos_attack", "protos_benign",
+                                                    "coef_proto"))
+            dim = det._emb.dim
+            if (pa is None or pb is None or cp is None or pa.ndim != 2 or pb.ndim != 2
+                    or pa.shape[1] != dim or pb.shape[1] != dim or cp.ravel().shape != (2,)):
+                raise ModelError(f"detector head in {d} lacks valid intent prototypes",
+                                 hint="retrain it, or set params.proto_scale to 0")
+            det.protos_ = (pa.astype(np.float32), pb.astype(np.float32))
+            det.coef_proto_ = cp.astype(np.float32).ravel()
         if meta.get("normalizer_version", NORMALIZER_VERSION) != NORMALIZER_VERSION:
             warnings.warn(
                 f"the detector in {d} was trained with normalizer version "
