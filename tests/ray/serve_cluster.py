@@ -66,9 +66,21 @@ class Cluster:
 
 
 def start_cluster(*, num_cpus: int = 2, object_store_mb: int = 100,
-                  src: Path | None = None) -> Cluster:
-    """Start a head node; return when its GCS answers. ``src`` goes first on the
-    workers' PYTHONPATH (the worktree's code, not the installed package)."""
+                  src: Path | None = None, attempts: int = 3) -> Cluster:
+    """Start a head node; return when it is up. ``src`` goes first on the workers'
+    PYTHONPATH (the worktree's code, not the installed package). A port taken between
+    choosing it and binding it (other clusters start on this machine too) means another
+    attempt on other ports."""
+    for i in range(attempts):
+        try:
+            return _start(num_cpus=num_cpus, object_store_mb=object_store_mb, src=src)
+        except RuntimeError:
+            if i == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start(*, num_cpus: int, object_store_mb: int, src: Path | None) -> Cluster:
     tmp = Path(tempfile.mkdtemp(prefix="bray-", dir="/tmp"))  # short: socket paths
     (gcs, nm, om, client, dash_l, dash_g, rt_env, metrics) = free_ports(8)
     lo = free_ports(1)[0]
@@ -96,6 +108,7 @@ def start_cluster(*, num_cpus: int = 2, object_store_mb: int = 100,
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            cluster.stop()  # whatever it started before failing
             raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
         if "Ray runtime started" in log.read_text(errors="replace"):
             return cluster
