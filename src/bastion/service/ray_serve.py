@@ -46,19 +46,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion._ray import NAMESPACE, connect
 from bastion.errors import BastionError
 from bastion.service.config import ServiceConfig
 
 log = logging.getLogger("bastion.service.ray")
 
-NAMESPACE = "bastion"
-ADDRESS_ENV = "BASTION_RAY_ADDRESS"
 REPLICA_HEADER = b"x-bastion-replica"
 #: how long a replica waits for the state actor before falling back to its own state
 ACTOR_TIMEOUT_S = 5.0
 
 __all__ = ["ClientState", "Healer", "LeasedBuckets", "RayService", "RemoteExtraction",
-           "check_ray_config", "serve_on_ray"]
+           "check_ray_config", "connect", "serve_on_ray"]
 
 
 def check_ray_config(cfg: ServiceConfig) -> None:
@@ -383,6 +382,20 @@ def _prepare(cfg: ServiceConfig) -> ServiceConfig:
                                   "tracking_uri": tracking, "reference": reference})
 
 
+def _proxy_address(ray: Any, host: str, port: int) -> tuple[str, int]:
+    """The host and port Serve's HTTP proxy really listens on."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        cfg = ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=10)
+        if int(cfg.port) != int(port) or cfg.host != host:
+            log.warning("Ray Serve runs on this cluster already, on %s:%s: the service is "
+                        "there, not on %s:%s", cfg.host, cfg.port, host, port)
+        return str(cfg.host), int(cfg.port)
+    except Exception:  # an internal API: keep what was asked for
+        return host, int(port)
+
+
 @dataclass
 class RayService:
     """A running deployment: its URL, the app's name; :meth:`stop` deletes it."""
@@ -447,25 +460,6 @@ class RayService:
             ray.kill(a)
 
 
-def connect(address: str | None) -> Any:
-    """Connect this process to the Ray cluster at ``address`` (``auto``, ``HOST:PORT``,
-    ``ray://HOST:PORT``; default ``$BASTION_RAY_ADDRESS``, else ``auto``)."""
-    ray = _import_ray()
-    addr = address or os.environ.get(ADDRESS_ENV) or "auto"
-    if ray.is_initialized():
-        return ray
-    try:
-        ray.init(address=addr, namespace=NAMESPACE, log_to_driver=False,
-                 logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BastionError(f"cannot connect to the Ray cluster at {addr}: {first}",
-                           hint="start one with `ray start --head` and pass --ray-address "
-                           "HOST:PORT (or ray://HOST:10001), or set $BASTION_RAY_ADDRESS"
-                           ) from None
-    return ray
-
-
 def serve_on_ray(cfg: ServiceConfig, *, replicas: int = 2, address: str | None = None,
                  host: str = "127.0.0.1", port: int = 8000, app_name: str = "bastion",
                  num_cpus: float = 1.0) -> RayService:
@@ -509,6 +503,8 @@ def serve_on_ray(cfg: ServiceConfig, *, replicas: int = 2, address: str | None =
         raise BastionError(f"the Ray Serve deployment failed: {first}",
                            hint="see the replica logs under the cluster's temp dir "
                            "(session_latest/logs/serve)") from None
+    # Serve's proxy is one per cluster: when Serve ran already, it keeps its own address
+    host, port = _proxy_address(ray, host, port)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104
     return RayService(url=f"http://{shown}:{port}", app_name=app_name, replicas=replicas,
                       model_name=str(rcfg.model_name), heal=heal, actors=tuple(actors))
