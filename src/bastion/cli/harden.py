@@ -53,6 +53,7 @@ def run_harden(
     track: bool = True,
     progress: bool = False,
     on_epoch: Any = None,
+    fit: Any = None,
 ) -> tuple[Any, list[str]]:
     """Resolve the specs, harden, write ``out_dir`` and record an MLflow run.
 
@@ -89,7 +90,7 @@ def run_harden(
                         seed=seed, options=options, epsilons=epsilons, limit=limit,
                         attacks=attacks, attack_options=attack_options, out=out,
                         arch_hint=_arch_hint(model_spec), on_epoch=epoch_cb,
-                        progress=progress, model_label=model_spec)
+                        progress=progress, model_label=model_spec, fit=fit)
         rep = result.report
         metrics = {"before_clean_accuracy": rep.before.clean_accuracy,
                    "after_clean_accuracy": rep.after.clean_accuracy}
@@ -183,6 +184,11 @@ def register(app: typer.Typer) -> None:
             None, "--opt", help="Any other method option KEY=VALUE (repeatable)."),
         label_column: str = typer.Option("label", "--label-column"),
         seed: int = c.SeedOpt,
+        engine: str = typer.Option("local", "--engine", help="local, or ray: adversarial "
+                                   "training on Ray Train (data-parallel CPU workers)."),
+        workers: int = typer.Option(2, "--workers", min=1, help="Ray Train workers."),
+        ray_address: str | None = typer.Option(None, "--ray-address",
+                                               help="auto, HOST:PORT or ray://HOST:PORT."),
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
         timeout: float | None = c.TimeoutOpt,
@@ -230,6 +236,14 @@ def register(app: typer.Typer) -> None:
 
         from bastion.jobs import run_with_deadline
 
+        fit = None
+        if engine == "ray":
+            from bastion.defend.ray_train import RayFit
+
+            fit = RayFit(workers=workers, address=ray_address)
+        elif engine != "local":
+            raise BastionError(f"--engine {engine!r} is not known", hint="local or ray")
+
         try:
             job = partial(
                 run_harden,
@@ -238,7 +252,7 @@ def register(app: typer.Typer) -> None:
                 limit=limit, attacks=c.parse_list(attacks),
                 attack_options=c.parse_settings(settings), label_column=label_column,
                 tracking_uri=tracking_uri, track=not no_track, progress=progress,
-                on_epoch=on_epoch)
+                on_epoch=on_epoch, fit=fit)
             result, warnings = run_with_deadline(job, timeout=timeout, what="harden",
                                                  out_dir=out)
         finally:
