@@ -96,6 +96,8 @@ def deployed(cluster, pg, tmp_path_factory):
         model=str(model), reference="builtin:digits", events_url=events,
         tracking_uri=f"sqlite:///{d / 'mlflow.db'}", admin_token=ADMIN,
         reference_limit=400, reload_interval_s=1.0,
+        # the healer exists; its loop would step hourly (the test steps it by hand)
+        heal_interval_s=3600,
         limits={"rate_limit_per_s": RATE, "rate_limit_burst": int(RATE),
                 "rate_limit_delay_s": 0})
     os.environ["MLFLOW_ENABLE_ASYNC_LOGGING"] = "false"
@@ -205,6 +207,23 @@ def test_quarantine_lifted_through_one_replica_holds_on_both(deployed) -> None:
     for _, body, _ in res:
         reasons = [x["detector"] for x in body["predictions"][0]["reasons"]]
         assert "quarantine" not in reasons
+
+
+def test_the_healing_controller_runs_once_per_cluster(deployed) -> None:
+    import ray
+
+    from bastion.runtime import events as ev
+    from bastion.runtime.events import EventStore
+
+    svc, _, events = deployed
+    assert svc.heal
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert names.count(f"bastion-healer:{svc.app_name}") == 1
+    with EventStore(events) as store:
+        before = store.count(kinds=ev.HEALING_STEP)
+        ray.get(svc.healer().heal_once.remote(), timeout=120)
+        time.sleep(2.0)  # two replicas' background loops would have stepped by now
+        assert store.count(kinds=ev.HEALING_STEP) == before + 1
 
 
 def test_replica_killed_mid_load_loses_no_acknowledged_event(deployed) -> None:
