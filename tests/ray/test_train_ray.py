@@ -125,3 +125,19 @@ def test_training_resumes_from_its_checkpoint_after_the_driver_is_killed(cluster
     assert tr.workers_ == 2
     acc = float((model.predict_proba(ds.x_test).argmax(1) == ds.y_test).mean())
     assert acc > 0.5, acc
+
+
+def test_methods_that_do_not_train_on_ray_are_refused_before_anything_runs(tmp_path):
+    from bastion.data import load_data
+    from bastion.defend.harden import harden
+    from bastion.defend.ray_train import RayFit
+    from bastion.errors import BastionError
+    from bastion.models.persist import load_model
+
+    ds = load_data("builtin:digits", seed=0)
+    model = load_model(_model(tmp_path / "m"))
+    with pytest.raises(BastionError, match="squeeze does not run on Ray Train"):
+        harden(model, ds, method="squeeze", fit=RayFit(workers=2), out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(BastionError, match="--workers 0 is not allowed"):
+        RayFit(workers=0)
