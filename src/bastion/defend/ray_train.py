@@ -167,8 +167,8 @@ def train_on_ray(trainer: AdversarialTrainer, model: Any, data: Any, *, workers:
                  on_epoch: Any = None) -> Any:
     """Run ``trainer.fit(model, data)`` data-parallel on ``workers`` Ray Train CPU
     workers; return the trained model, with ``trainer``'s fitted attributes
-    (``history_``, ``stopped_early_``, ``best_epoch_``, ``resumed_from_``) set as a
-    local :meth:`~AdversarialTrainer.fit` sets them.
+    (``history_``, ``stopped_early_``, ``best_epoch_``, ``resumed_from_``) set as a local
+    :meth:`~AdversarialTrainer.fit` sets them, and ``workers_``.
 
     ``storage_path``: shared storage for the checkpoints (default: the trainer's
     ``checkpoint_dir``/``ray``); without either, the run cannot resume and a temporary
@@ -236,7 +236,7 @@ def train_on_ray(trainer: AdversarialTrainer, model: Any, data: Any, *, workers:
     trainer.stopped_early_ = bool(doc["stopped_early"])
     trainer.best_epoch_ = int(doc["best_epoch"])
     trainer.resumed_from_ = int(doc["resumed_from"])
-    trainer.workers_ = int(doc["workers"])
+    setattr(trainer, "workers_", int(doc["workers"]))  # noqa: B010 - a Ray-only attribute
     if on_epoch is not None:
         for h in trainer.history_[trainer.resumed_from_:]:
             on_epoch(h)

@@ -387,7 +387,8 @@ def _proxy_address(ray: Any, host: str, port: int) -> tuple[str, int]:
     try:
         from ray.serve.context import _get_global_client
 
-        cfg = ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=10)
+        client: Any = _get_global_client()
+        cfg = ray.get(client._controller.get_http_config.remote(), timeout=10)
         if int(cfg.port) != int(port) or cfg.host != host:
             log.warning("Ray Serve runs on this cluster already, on %s:%s: the service is "
                         "there, not on %s:%s", cfg.host, cfg.port, host, port)
