@@ -10,6 +10,7 @@ the tests in this folder import :func:`start_cluster` from here.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +47,14 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
-        """Kill the cluster's own process group (raylet, GCS, workers started by them)."""
+        """Kill the cluster's own process group (raylet, GCS, workers started by them)
+        and delete its temp dir."""
+        try:
+            self._kill()
+        finally:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _kill(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.proc.pid, sig)
