@@ -16,4 +16,5 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 export MPLBACKEND=Agg
-exec .venv/bin/python -m pytest -n 2 -q "$@"
+# --dist loadgroup: the Ray tests (xdist_group "ray") run on one worker, one cluster at a time
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q "$@"
