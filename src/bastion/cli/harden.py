@@ -93,6 +93,11 @@ def register(app: typer.Typer) -> None:
             None, "--opt", help="Any other method option KEY=VALUE (repeatable)."),
         label_column: str = typer.Option("label", "--label-column"),
         seed: int = c.SeedOpt,
+        engine: str = typer.Option("local", "--engine", help="local, or ray: adversarial "
+                                   "training on Ray Train (data-parallel CPU workers)."),
+        workers: int = typer.Option(2, "--workers", min=1, help="Ray Train workers."),
+        ray_address: str | None = typer.Option(None, "--ray-address",
+                                               help="auto, HOST:PORT or ray://HOST:PORT."),
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
         timeout: float | None = c.TimeoutOpt,
@@ -144,7 +149,7 @@ def register(app: typer.Typer) -> None:
             seed=seed, options=options, epsilons=epsilons, limit=limit,
             attacks=c.parse_list(attacks), attack_options=c.parse_settings(settings),
             label_column=label_column, tracking_uri=tracking_uri, track=not no_track,
-            timeout=timeout)
+            timeout=timeout, engine=engine, ray_address=ray_address, workers=workers)
         try:
             rep, paths, warnings = harden_job(spec, progress=progress, on_epoch=on_epoch)
         finally:

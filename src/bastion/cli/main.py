@@ -242,8 +242,9 @@ def run(argv: list[str] | None = None) -> int:
     command = get_command()
     lines = c.install_progress_lines(args)
     try:
-        command.main(args=args, prog_name="bastion", standalone_mode=False)
-        return 0
+        # without standalone mode, click returns a typer.Exit's code instead of raising
+        rc = command.main(args=args, prog_name="bastion", standalone_mode=False)
+        return rc if type(rc) is int else 0
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
     except _USAGE as exc:

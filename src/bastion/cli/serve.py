@@ -55,6 +55,13 @@ def register(app: typer.Typer) -> None:
         deadline: float | None = lim.DeadlineOpt,
         max_queue: int | None = typer.Option(
             None, "--max-queue", help="Inputs waiting for the guard at most (503 over it)."),
+        engine: str = typer.Option("local", "--engine", help="local: one process; ray: "
+                                   "a Ray Serve deployment (needs a PostgreSQL --events)."),
+        replicas: int | None = typer.Option(None, "--replicas", min=1,
+                                            help="Replicas with --engine ray (default 2)."),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address", help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT "
+            "(default $BASTION_RAY_ADDRESS, else auto)."),
         tracking_uri: str | None = c.TrackingOpt,
         seed: int = c.SeedOpt,
         quiet: bool = c.QuietOpt,
@@ -96,6 +103,14 @@ def register(app: typer.Typer) -> None:
             cfg = ServiceConfig.build(**{k: v for k, v in over.items() if v is not None})
         if flags:
             cfg = cfg.model_copy(update={"limits": cfg.limits.with_overrides(**flags)})
+        if engine not in ("local", "ray"):
+            raise BastionError(f"--engine {engine!r} is not known", hint="local or ray")
+        if engine == "ray":
+            _serve_on_ray(cfg, replicas=replicas or 2, address=ray_address, host=host,
+                          port=port, tls=bool(ssl_certfile or ssl_keyfile), quiet=quiet)
+            return
+        if replicas is not None or ray_address is not None:
+            raise BastionError("--replicas and --ray-address need --engine ray")
         c.info(f"loading {cfg.model} and calibrating the guard on {cfg.reference} ...",
                quiet=quiet)
         app_ = create_app(cfg)
@@ -112,6 +127,28 @@ def register(app: typer.Typer) -> None:
                    "reach this port can read every client's inputs and act as admin")
         run_server(app_, host=host, port=port, log_level="warning" if quiet else "info",
                    ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+
+    def _serve_on_ray(cfg: object, *, replicas: int, address: str | None, host: str,
+                      port: int, tls: bool, quiet: bool) -> None:
+        from rich.markup import escape
+
+        from bastion.service.ray_serve import check_ray_config, serve_on_ray
+
+        try:
+            check_ray_config(cfg)  # type: ignore[arg-type]
+        except BastionError as exc:  # a bad combination of options: exit 2, one line
+            c.err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        if tls:
+            raise BastionError("--ssl-certfile/--ssl-keyfile do not apply with --engine ray",
+                               hint="terminate TLS in front of Ray Serve's proxy")
+        c.info(f"deploying {replicas} replicas on Ray ...", quiet=quiet)
+        svc = serve_on_ray(cfg, replicas=replicas, address=address,  # type: ignore[arg-type]
+                           host=host, port=port)
+        c.info(f"serving {svc.model_name} on {svc.url} with {svc.replicas} Ray Serve "
+               f"replicas{' (healing once per cluster)' if svc.heal else ''}; Ctrl-C stops",
+               quiet=quiet)
+        svc.wait()
 
     @app.command()
     def demo(

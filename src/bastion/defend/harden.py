@@ -141,6 +141,7 @@ def harden(
     sanity_checks: bool = True,
     progress: bool = False,
     model_label: str | None = None,
+    fit: Callable[..., Any] | None = None,
 ) -> HardenResult:
     """Harden ``model`` with ``method`` on ``data`` and evaluate it before and after.
 
@@ -163,6 +164,9 @@ def harden(
         limit: evaluation points (the first ``limit`` test points).
         attacks, attack_options: the evaluation cascade (default: see
             :mod:`bastion.defend.evaluate`).
+        fit: runs the adversarial trainer instead of ``trainer.fit``, as
+            ``fit(trainer, model, data, on_epoch)`` (e.g. :class:`bastion.defend.ray_train.
+            RayFit`: data-parallel on Ray Train); the pgd-at, fast-at and trades methods.
     """
     from bastion.data.validate import check_dataset_for_model, check_inputs, check_labels
 
@@ -184,6 +188,9 @@ def harden(
     if unknown:
         raise BastionError(f"options {', '.join(unknown)} do not apply to {method}",
                            hint=f"{method} takes: {', '.join(sorted(OPTIONS[method]))}")
+    if fit is not None and method not in ADVERSARIAL_METHODS:
+        raise BastionError(f"{method} does not run on Ray Train",
+                           hint="pgd-at, fast-at and trades do; or leave out --engine ray")
     if int(epochs) < 1 and method not in ("squeeze", "smooth"):
         raise BastionError(f"epochs must be at least 1, got {epochs}")
     check_dataset_for_model(data, model)
@@ -231,9 +238,11 @@ def harden(
     if method in ADVERSARIAL_METHODS:
         tr = _trainer(method, model, eps=eps, norm=norm, epochs=epochs, seed=seed,
                       opts=opts, checkpoint_dir=ckpt)
-        hardened = tr.fit(model, data, on_epoch=log)
+        hardened = tr.fit(model, data, on_epoch=log) if fit is None else fit(
+            tr, model, data, log)
         history, stopped, resumed = tr.history_, tr.stopped_early_, tr.resumed_from_
         settings.update({k: v for k, v in tr.settings().items() if k not in settings})
+        settings.update(getattr(fit, "settings", None) or {})
     elif method == "distill":
         from bastion.defend.distill import DefensiveDistillation
 

@@ -413,12 +413,19 @@ class AdversarialTrainer:
         *,
         soft_targets: np.ndarray | None = None,
         on_epoch: Callable[[EpochLog], None] | None = None,
+        parallel: Any = None,
     ) -> TorchModel:
         """Train a copy of ``model`` on ``data``'s training split; return the new model.
 
         Fitted attributes: ``history_`` (one :class:`EpochLog` per epoch, including those
         of a resumed run), ``stopped_early_``, ``best_epoch_``, ``resumed_from_``
         (epochs already done when this call started), ``time_s_``.
+
+        ``parallel``: this call is one of several data-parallel workers (see
+        :mod:`bastion.defend.ray_train`): it gives each epoch's common ``order(n,
+        epoch)``, this worker's ``rows(idx)`` of a batch, ``sync_grads(module)`` after
+        each backward pass and the epoch's ``totals(loss, acc, seen)`` over workers;
+        everything else (the batch step, the guard, checkpoints) is this loop's.
         """
         base = as_torch_model(model, purpose=f"{self.method} training")
         x, y = check_training_data(base, data)
@@ -514,11 +521,15 @@ class AdversarialTrainer:
             t0 = time.perf_counter()
             module.train()
             order = torch.randperm(n, generator=g)
+            if parallel is not None:
+                order = parallel.order(n, epoch)
             tot_loss, tot_acc, seen = 0.0, 0.0, 0
             lr = self.lr
             eps_t = self.eps
             for i in range(nb):
                 idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+                if parallel is not None:
+                    idx = parallel.rows(idx)
                 if len(idx) == 0:
                     continue
                 t = epoch + (i + 1) / nb
@@ -537,6 +548,8 @@ class AdversarialTrainer:
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if parallel is not None:
+                    parallel.sync_grads(module)
                 opt.step()
                 if ema_module is not None:
                     ema_steps += 1
@@ -546,6 +559,8 @@ class AdversarialTrainer:
                 tot_acc += float((z.argmax(1) == yb).float().sum())
                 seen += len(idx)
             epoch += 1
+            if parallel is not None:
+                tot_loss, tot_acc, seen = parallel.totals(tot_loss, tot_acc, seen)
             clean, robust = self._evaluate(epoch, served, xg, yg)
             collapsed = False
             if self.guard and best_state is not None and robust < best_robust - self.guard_drop:

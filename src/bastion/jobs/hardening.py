@@ -47,6 +47,9 @@ class HardenSpec(DeadlineSpec):
     ``--steps``, ``--no-guard``, ``--opt KEY=VALUE`` ...; see :mod:`bastion.defend`)."""
     label_column: str = "label"
     """Label column of CSV/Parquet data (``--label-column``)."""
+    workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel CPU workers) with ``engine="ray"`` (``--workers``).
+    Ignored by the local engine."""
 
     @field_validator("limit")
     @classmethod
@@ -83,13 +86,20 @@ def harden(spec: HardenSpec, *, progress: bool = False,
     :class:`~bastion.defend.training.EpochLog` (for a progress display). Bad input raises
     a :class:`~bastion.errors.BastionError` before anything is written.
     """
-    engine_of(spec)  # local: training and evaluation run in this process
-    return run_with_deadline(lambda: _harden(spec, progress, on_epoch), timeout=spec.timeout,
-                             what="harden", out_dir=spec.out)
+    fit: Any = None
+    if spec.engine == "ray":
+        # adversarial training on Ray Train; evaluation stays in this process
+        from bastion.defend.ray_train import RayFit
+
+        fit = RayFit(workers=spec.workers, address=spec.ray_address)
+    else:
+        engine_of(spec)  # local: training and evaluation run in this process
+    return run_with_deadline(lambda: _harden(spec, progress, on_epoch, fit),
+                             timeout=spec.timeout, what="harden", out_dir=spec.out)
 
 
 def _harden(spec: HardenSpec, progress: bool,
-            on_epoch: Callable[[Any], None] | None) -> JobResult[Any]:
+            on_epoch: Callable[[Any], None] | None, fit: Any = None) -> JobResult[Any]:
     from bastion._util import set_seed
     from bastion.data import load_data
     from bastion.defend import harden as harden_model
@@ -123,7 +133,7 @@ def _harden(spec: HardenSpec, progress: bool,
             attacks=list(spec.attacks) if spec.attacks else None,
             attack_options={k: dict(v) for k, v in spec.attack_options.items()}, out=out,
             arch_hint=_arch_hint(spec.model), on_epoch=epoch_cb, progress=progress,
-            model_label=spec.model)
+            model_label=spec.model, fit=fit)
         rep = result.report
         metrics = {"before_clean_accuracy": rep.before.clean_accuracy,
                    "after_clean_accuracy": rep.after.clean_accuracy}

@@ -310,11 +310,13 @@ def build_authenticator(cfg: ServiceConfig, store: Any) -> Authenticator:
 
 def create_app(config: ServiceConfig | None = None, *,
                service: BastionService | None = None,
-               key_fn: Any = None) -> FastAPI:
+               key_fn: Any = None, buckets: Any = None) -> FastAPI:
     """Build the service app from ``config`` (or around an existing ``service``).
 
     ``key_fn(scope) -> str``: the rate limit's key (default: the bearer token's or
     ``X-API-Key``'s hash, else the client address; see :mod:`bastion.web.limits`).
+    ``buckets``: the rate limit's token buckets (default: this process's own; the Ray
+    replicas share theirs, see :mod:`bastion.service.ray_serve`).
 
     The app owns the service it builds: the background loop starts with the app's
     lifespan and stops (closing the event store) when the app shuts down.
@@ -373,7 +375,7 @@ def create_app(config: ServiceConfig | None = None, *,
     # body; the bucket is keyed on the verified key (``key:<client>``), or the peer
     # address without a valid key, so rotating made-up tokens does not escape it
     app.add_middleware(LimitsMiddleware, limits=cfg.limits, key_fn=key_fn or auth.key_fn,
-                       on_reject=svc.metrics.limit)
+                       on_reject=svc.metrics.limit, buckets=buckets)
     app.state.limits, app.state.on_limit = cfg.limits, svc.metrics.limit
     return app
 

@@ -98,6 +98,28 @@ def default_model_name(spec: str) -> str:
     return name or "bastion-model"
 
 
+def ensure_champion(registry: Any, spec: str) -> None:
+    """Make sure ``registry`` has a champion for ``spec`` (step 3 of the module docs):
+    ``registry:NAME`` must have one; a model folder or ``builtin:NAME`` is registered
+    when its content is not a version yet, then promoted."""
+    reg = registry
+    if spec.startswith("registry:"):
+        if reg.get_alias("champion") is None:
+            raise ModelError(f"registered model {reg.name!r} has no champion",
+                             hint="promote a version (bastion models promote) or serve "
+                             "a model folder")
+        return
+    folder = model_folder(spec)
+    digest = folder_digest(folder)
+    known = [v.version for v in reg.versions() if v.tags.get(DIGEST_TAG) == digest]
+    if known and reg.get_alias("champion") is not None:
+        return  # this model is registered already; keep the registry's champion
+    v = known[0] if known else reg.register(
+        folder, tags={DIGEST_TAG: digest, "bastion.source": f"serve {spec}"})
+    if reg.get_alias("champion") != v:
+        reg.promote(v, reason=f"served by bastion serve --model {spec}", actor=ACTOR)
+
+
 class ExtractionWatch:
     """Per-client extraction detection for the guard (PRADA,
     :class:`~bastion.detect.extraction.PradaDetector`).
@@ -363,7 +385,8 @@ class BastionService:
     """See the module docs. Call :meth:`start` for the background loop and :meth:`close`
     at the end."""
 
-    def __init__(self, config: ServiceConfig, *, data: Any = None) -> None:
+    def __init__(self, config: ServiceConfig, *, data: Any = None,
+                 extraction: Any = None) -> None:
         from bastion.data import load_data
         from bastion.registry.models import ModelRegistry
 
@@ -387,9 +410,11 @@ class BastionService:
         self.registry = ModelRegistry(self.model_name, tracking_uri=config.tracking_uri,
                                       store=self.store)
         self._ensure_champion(spec)
-        self.extraction = ExtractionWatch(
+        # ``extraction``: a per-client query-pattern watch shared with other processes
+        # (the Ray replicas' one, :mod:`bastion.service.ray_serve`) instead of this one's
+        self.extraction = (extraction if extraction is not None else ExtractionWatch(
             delta=config.extraction_delta, min_queries=config.extraction_min_queries,
-            window=config.extraction_window) if (config.extraction and config.guard) else None
+            window=config.extraction_window)) if (config.extraction and config.guard) else None
         self.champion_version: int | None = None
         self.fallback_version: int | None = None
         self._champion: Any = None
@@ -404,22 +429,7 @@ class BastionService:
 
     # -- models ---------------------------------------------------------------------
     def _ensure_champion(self, spec: str) -> None:
-        reg = self.registry
-        if spec.startswith("registry:"):
-            if reg.get_alias("champion") is None:
-                raise ModelError(f"registered model {self.model_name!r} has no champion",
-                                 hint="promote a version (bastion models promote) or serve "
-                                 "a model folder")
-            return
-        folder = model_folder(spec)
-        digest = folder_digest(folder)
-        known = [v.version for v in reg.versions() if v.tags.get(DIGEST_TAG) == digest]
-        if known and reg.get_alias("champion") is not None:
-            return  # this model is registered already; keep the registry's champion
-        v = known[0] if known else reg.register(
-            folder, tags={DIGEST_TAG: digest, "bastion.source": f"serve {spec}"})
-        if reg.get_alias("champion") != v:
-            reg.promote(v, reason=f"served by bastion serve --model {spec}", actor=ACTOR)
+        ensure_champion(self.registry, spec)
 
     def _load(self, version: int) -> Any:
         from bastion.data.validate import check_dataset_for_model
@@ -701,5 +711,5 @@ class BastionService:
         return names
 
 
-__all__ = ["BastionService", "ExtractionWatch", "GuardWorker", "RequestCoalescer", "folder_digest",
-           "model_folder"]
+__all__ = ["BastionService", "ExtractionWatch", "GuardWorker", "RequestCoalescer",
+           "ensure_champion", "folder_digest", "model_folder"]

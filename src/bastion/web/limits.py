@@ -457,14 +457,17 @@ class LimitsMiddleware:
     def __init__(self, app: Any, *, limits: HttpLimits,
                  key_fn: Callable[[dict[str, Any]], str] | None = None,
                  exempt: tuple[str, ...] = EXEMPT_PATHS, on_reject: OnReject | None = None,
-                 error_style: ErrorStyle = "bastion") -> None:
+                 error_style: ErrorStyle = "bastion", buckets: Any = None) -> None:
         self.app, self.limits = app, limits
         self.key_fn = key_fn or default_key
         self.exempt = frozenset(exempt)
         self.count = on_reject or _noop
         self.style: ErrorStyle = error_style
-        self.buckets = (TokenBuckets(limits.rate_limit_per_s, limits.rate_limit_burst,
-                                     limits.max_keys) if limits.rate_limit_per_s > 0 else None)
+        # ``buckets``: any object with :meth:`TokenBuckets.take` (e.g. buckets shared by
+        # several processes); used only when the rate limit is on
+        self.buckets = None if limits.rate_limit_per_s <= 0 else (
+            buckets if buckets is not None else TokenBuckets(
+                limits.rate_limit_per_s, limits.rate_limit_burst, limits.max_keys))
         self.inflight = 0
         self.delayed = 0
 
