@@ -18,12 +18,13 @@ from bastion.cli import _common as c
 def _run(kind: str, *, quiet: bool, no_track: bool = False, **fields: Any) -> Any:
     from bastion import jobs
 
-    spec_cls, job = {
+    kinds: dict[str, tuple[Any, Any]] = {
         "data": (jobs.AuditDataSpec, jobs.audit_data),
         "backdoor": (jobs.AuditBackdoorSpec, jobs.audit_backdoor),
         "extraction": (jobs.AuditExtractionSpec, jobs.audit_extraction),
         "privacy": (jobs.AuditPrivacySpec, jobs.audit_privacy),
-    }[kind]
+    }
+    spec_cls, job = kinds[kind]
     spec = spec_cls(track=not no_track, **fields)
     report, paths, warnings = job(
         spec, progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else (

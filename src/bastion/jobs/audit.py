@@ -12,7 +12,7 @@ from pydantic import Field
 
 from bastion.errors import BastionError
 from bastion.jobs.deadline import run_with_deadline
-from bastion.jobs.spec import DeadlineSpec, JobResult, JobSpec, engine_of
+from bastion.jobs.spec import DeadlineSpec, JobResult, JobSpec, Names, engine_of
 
 Progress = Callable[[str], None] | None
 
@@ -34,7 +34,7 @@ class AuditDataSpec(_AuditSpec):
     model: str | None = None
     """Model trained on the data; a white-box one enables spectral signatures and
     activation clustering (``--model``)."""
-    detectors: tuple[str, ...] | None = None
+    detectors: Names | None = None
     """Subset of spectral, activation-clustering, confident-learning, knn, strip (default:
     all that fit the model; ``--detectors``)."""
     use: str = "auto"
@@ -55,15 +55,15 @@ class AuditBackdoorSpec(_AuditSpec):
 
     model: str
     """Model folder, ``.skops`` or ``builtin:NAME`` (``--model``)."""
-    checks: tuple[str, ...] | None = None
+    checks: Names | None = None
     """``strip``, ``neural-cleanse`` (default: all the model allows; ``--checks``)."""
-    fpr: float = Field(0.01, gt=0, lt=1)
+    fpr: float = Field(default=0.01, gt=0, lt=1)
     """STRIP false-positive rate (``--fpr``)."""
-    overlays: int = Field(20, ge=1)
+    overlays: int = Field(default=20, ge=1)
     """STRIP overlays per input (``--overlays``)."""
-    nc_steps: int = Field(200, ge=1)
+    nc_steps: int = Field(default=200, ge=1)
     """Neural Cleanse steps per class (``--nc-steps``)."""
-    limit: int = Field(500, ge=1)
+    limit: int = Field(default=500, ge=1)
     """Test inputs used (``--limit``)."""
 
 
@@ -75,7 +75,7 @@ class AuditExtractionSpec(_AuditSpec):
     """Model folder, ``.skops`` or ``builtin:NAME`` (``--model``)."""
     budget: int
     """The attacker's query budget (``--budget``)."""
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(default=20, ge=1)
     """Surrogate training epochs (``--epochs``)."""
     prada_delta: float | None = None
     """PRADA alarm threshold on Shapiro-Wilk W (default: calibrated on benign streams;
@@ -88,13 +88,13 @@ class AuditPrivacySpec(_AuditSpec):
     model: str
     """Model folder, ``.skops`` or ``builtin:NAME``, trained on :attr:`data`'s train split
     (the members; ``--model``)."""
-    targets: int = Field(500, ge=1)
+    targets: int = Field(default=500, ge=1)
     """Members and non-members each (``--targets``)."""
-    shadows: int = Field(4, ge=1)
+    shadows: int = Field(default=4, ge=1)
     """Shadow models (``--shadows``)."""
-    shadow_epochs: int = Field(20, ge=1)
+    shadow_epochs: int = Field(default=20, ge=1)
     """Training epochs per shadow model (``--shadow-epochs``)."""
-    attacks: tuple[str, ...] | None = None
+    attacks: Names | None = None
     """loss-threshold, shadow-models, lira-offline, inversion (default: all that fit;
     ``--attacks``)."""
 

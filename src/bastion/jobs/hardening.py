@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 
 from bastion.errors import BastionError
 from bastion.jobs.deadline import run_with_deadline
-from bastion.jobs.spec import DeadlineSpec, JobResult, engine_of
+from bastion.jobs.spec import DeadlineSpec, JobResult, Names, Numbers, engine_of
 
 
 class HardenSpec(DeadlineSpec):
@@ -32,13 +32,13 @@ class HardenSpec(DeadlineSpec):
     """Training budget (default 0.1 of the input range; ``--eps``)."""
     norm: str = "linf"
     """``linf`` or ``l2`` (``--norm``)."""
-    epochs: int = Field(5, ge=0)
+    epochs: int = Field(default=5, ge=0)
     """Training epochs (``--epochs``)."""
-    epsilons: tuple[float, ...] | None = None
+    epsilons: Numbers | None = None
     """Evaluation budgets (default eps/2, eps, 1.5 eps; ``--eval-eps``)."""
     limit: int | None = 200
     """Evaluation points, the first N of the test split (``--limit``)."""
-    attacks: tuple[str, ...] | None = None
+    attacks: Names | None = None
     """Evaluation cascade (default apgd-ce, apgd-t, square; ``--attacks``)."""
     attack_options: dict[str, dict[str, Any]] = {}
     """Per-attack options of the evaluation (``--set ATTACK.PARAM=VALUE``)."""

@@ -31,11 +31,11 @@ class HealSpec(JobSpec):
     """Event store URL (``sqlite:///PATH`` or ``postgresql://...``; ``--events``)."""
     policy: Path | None = None
     """Healing policy, YAML or JSON (``--policy``)."""
-    interval: float = Field(30.0, ge=0.1)
+    interval: float = Field(default=30.0, ge=0.1)
     """Seconds between steps without :attr:`once` (``--interval``)."""
     tracking_uri: str | None = None
     """MLflow tracking URI of the registry (``--tracking-uri``)."""
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
     """Stop after this many steps (``None``: one with :attr:`once`, else run until
     stopped)."""
 

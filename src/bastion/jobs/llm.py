@@ -15,7 +15,7 @@ from pydantic import Field
 
 from bastion.errors import BastionError
 from bastion.jobs.deadline import run_with_deadline
-from bastion.jobs.spec import DeadlineSpec, JobResult, TrackedSpec, engine_of
+from bastion.jobs.spec import DeadlineSpec, JobResult, Names, TrackedSpec, engine_of
 
 Log = Callable[[str], None] | None
 
@@ -45,22 +45,22 @@ class RedteamSpec(TrackedSpec):
     (``--system-prompt``)."""
     secret: str | None = None
     """Secret the agent must not leak (default: a planted canary; ``--secret``)."""
-    probes: tuple[str, ...] | None = None
+    probes: Names | None = None
     """Probe families: canary, jailbreak, indirect, refusal, transformed (default: all;
     ``--probes``)."""
-    transforms: tuple[str, ...] | None = None
+    transforms: Names | None = None
     """Transforms of the transformed family (default: all; ``--transforms``)."""
-    per_transform: int = Field(20, ge=1)
+    per_transform: int = Field(default=20, ge=1)
     """Probes per transform (``--per-transform``)."""
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(default=None, ge=1)
     """At most N probes per family (``--limit``)."""
-    concurrency: int = Field(4, ge=1)
+    concurrency: int = Field(default=4, ge=1)
     """Requests in flight (``--concurrency``)."""
-    request_timeout: float = Field(30.0, ge=0.1)
+    request_timeout: float = Field(default=30.0, ge=0.1)
     """Seconds per request (``--timeout`` of ``bastion redteam``)."""
-    retries: int = Field(3, ge=0)
+    retries: int = Field(default=3, ge=0)
     """Retries of a failed request (``--retries``)."""
-    rate_limit: float | None = Field(None, ge=0.01)
+    rate_limit: float | None = Field(default=None, ge=0.01)
     """Requests per second at most (``--rate-limit``)."""
     stream: bool = False
     """Ask for streamed (SSE) answers (``--stream``)."""
@@ -167,15 +167,15 @@ class LlmTrainDetectorSpec(DeadlineSpec):
     """Labelled JSONL (``text``, ``label``[, ``split``]; ``--data``)."""
     out: Path
     """Folder the detector is saved to (``--out``)."""
-    fpr: float = Field(0.01, ge=0.0001, le=0.5)
+    fpr: float = Field(default=0.01, ge=0.0001, le=0.5)
     """Target false-positive rate of the calibrated threshold (``--fpr``)."""
-    C: float = Field(16.0, ge=1e-6)
+    C: float = Field(default=16.0, ge=1e-6)
     """Inverse regularisation of the logistic head (``--C``)."""
     harmful: Path | None = None
     """JSONL of plain harmful requests, a false-positive check (``--harmful``)."""
     cache: Path | None = None
     """Embedding cache file (``.npz``) to reuse (``--cache``)."""
-    embedder_layers: int = Field(3, ge=0, le=6)
+    embedder_layers: int = Field(default=3, ge=0, le=6)
     """MiniLM layers the embeddings come from (0: all 6; the shipped detector: 3;
     ``--embedder-layers``)."""
 
@@ -282,17 +282,17 @@ class LlmHardenDetectorSpec(DeadlineSpec):
     """Labelled JSONL with ``split=train`` / ``split=test`` rows (``--data``)."""
     out: Path
     """Output folder: ``round_K/`` detectors and the report (``--out``)."""
-    rounds: int = Field(3, ge=1, le=20)
+    rounds: int = Field(default=3, ge=1, le=20)
     """Hardening rounds (``--rounds``)."""
-    variants: int = Field(300, ge=1)
+    variants: int = Field(default=300, ge=1)
     """Training variants generated per round (``--variants``)."""
-    eval_variants: int = Field(300, ge=1)
+    eval_variants: int = Field(default=300, ge=1)
     """Fresh held-out variants per round (``--eval-variants``)."""
-    transforms: tuple[str, ...] | None = None
+    transforms: Names | None = None
     """Transforms used (default: all; ``--transforms``)."""
-    fpr: float = Field(0.01, ge=0.0001, le=0.5)
+    fpr: float = Field(default=0.01, ge=0.0001, le=0.5)
     """Target false-positive rate (``--fpr``)."""
-    limit: int | None = Field(None, ge=10)
+    limit: int | None = Field(default=None, ge=10)
     """Use at most N training rows (quick runs; ``--limit``)."""
     cache: Path | None = None
     """Embedding cache file (``.npz``; ``--cache``)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from pydantic import field_validator
 
 from bastion.errors import BastionError
 from bastion.jobs.deadline import run_with_deadline
-from bastion.jobs.spec import DeadlineSpec, JobResult, engine_of
+from bastion.jobs.spec import DeadlineSpec, JobResult, Names, Numbers, engine_of
 
 
 def load_any_model(spec: str, **kwargs: Any) -> Any:
@@ -41,9 +42,9 @@ class ScanSpec(DeadlineSpec):
     """``quick``, ``standard`` (AutoAttack's cascade) or ``thorough`` (``--preset``)."""
     norm: str = "linf"
     """Threat model: ``linf`` or ``l2`` (``--norm``)."""
-    epsilons: tuple[float, ...] = (0.05, 0.1, 0.2)
+    epsilons: Numbers = (0.05, 0.1, 0.2)
     """Budgets, in input units; sorted ascending (``--eps``)."""
-    attacks: tuple[str, ...] | None = None
+    attacks: Names | None = None
     """Attacks run as a cascade instead of the preset's (``--attacks``)."""
     limit: int | None = None
     """Scan the first N test points only (``--limit``)."""
@@ -70,7 +71,7 @@ class ScanSpec(DeadlineSpec):
 
     @field_validator("epsilons")
     @classmethod
-    def _epsilons(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+    def _epsilons(cls, v: Sequence[float]) -> tuple[float, ...]:
         from bastion.attacks.base import check_epsilons
 
         return tuple(check_epsilons(v))

@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Generic, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
 
 from bastion.errors import BastionError
 
 ENGINES = ("local", "ray")
 
 R = TypeVar("R")
+
+#: A list of names (attacks, probes, detectors...): any sequence in, a tuple kept.
+Names = Annotated[Sequence[str], AfterValidator(tuple)]
+#: A list of numbers (epsilons): any sequence in, a tuple kept.
+Numbers = Annotated[Sequence[float], AfterValidator(tuple)]
 
 
 class JobResult(NamedTuple, Generic[R]):

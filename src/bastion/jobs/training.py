@@ -21,11 +21,11 @@ class TrainSpec(DeadlineSpec):
     """The Bastion model folder written (``--out``)."""
     model: str = "cnn"
     """Architecture from the zoo: ``cnn``, ``wong-cnn``, ``mlp``, ``logreg`` (``--model``)."""
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(default=10, ge=1)
     """Training epochs (``--epochs``)."""
     lr: float = 1e-3
     """Learning rate (``--lr``)."""
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(default=128, ge=1)
     """Batch size (``--batch-size``)."""
     label_column: str = "label"
     """Label column of CSV/Parquet data (``--label-column``)."""
