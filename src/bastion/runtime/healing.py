@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.errors import BastionError
 from bastion.runtime import events as ev
+from bastion.runtime.alerting import alert_labels, fingerprint
 from bastion.runtime.guard import STATE_QUARANTINE, STATE_TRAFFIC
 from bastion.runtime.monitors import (
     AccuracyMonitor,
@@ -115,7 +116,9 @@ class HealingPolicy(BaseModel):
       (``0``: never automatically).
 
     Alerts are edge-triggered: a monitor (per client) that keeps firing step after step
-    raises one ``alert`` event per episode; later steps audit "still firing".
+    raises one ``alert`` event per episode (``status: "firing"``, with a fingerprint);
+    later steps audit "still firing"; the first step it no longer fires writes a
+    ``status: "resolved"`` alert event (delivered by :mod:`bastion.runtime.alerting`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -384,7 +387,10 @@ class HealingController:
                     firing[key] = self.store.append(
                         ev.ALERT, {"monitor": sig.monitor, "severity": sig.severity,
                                    "message": sig.message, "value": sig.value,
-                                   "threshold": sig.threshold, "evidence": sig.evidence},
+                                   "threshold": sig.threshold, "evidence": sig.evidence,
+                                   "status": "firing", "model": self._model,
+                                   "fingerprint": fingerprint(alert_labels(
+                                       sig.monitor, self._model, sig.client_id))},
                         client_id=sig.client_id)
                     actions.append(self._audit("alert", sig.monitor, True, sig.message,
                                                evidence, sig.client_id))
@@ -397,6 +403,7 @@ class HealingController:
                 elif a == "retrain":
                     if retrain_req is None:  # after every quarantine of this step
                         retrain_req = (sig, evidence)
+        self._resolve(was_firing, firing)
         if retrain_req is not None:
             rec, promoted = self._retrain(retrain_req[0], retrain_req[1], upto)
             actions.append(rec)
@@ -447,6 +454,25 @@ class HealingController:
             "champion": champion, "time_s": report.time_s,
         }, model_version=None if champion is None else str(champion))
         return report
+
+    @property
+    def _model(self) -> str:
+        return str(getattr(self.registry, "name", ""))
+
+    def _resolve(self, was_firing: dict[str, int], firing: dict[str, int]) -> None:
+        """A ``resolved`` alert event for every alerted episode that ended this step."""
+        for key, alert_id in was_firing.items():
+            if key in firing or not alert_id:
+                continue
+            monitor, _, client = key.partition(":")
+            self.store.append(ev.ALERT, {
+                "monitor": monitor, "status": "resolved", "model": self._model,
+                "firing_event_id": alert_id,
+                "message": f"{monitor} no longer fires" + (f" for client {client}"
+                                                           if client else ""),
+                "fingerprint": fingerprint(alert_labels(monitor, self._model,
+                                                        client or None))},
+                client_id=client or None)
 
     # -- actions ----------------------------------------------------------------------
     def _switch(self, to: str, sig: Signal, evidence: dict[str, Any]) -> ActionRecord:

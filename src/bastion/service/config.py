@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from bastion.errors import BastionError
+from bastion.runtime.alerting import AlertingConfig
 from bastion.runtime.guard import GuardPolicy
 from bastion.runtime.healing import HealingPolicy
 from bastion.web.limits import HttpLimits
@@ -59,6 +60,9 @@ class ServiceConfig(BaseModel):
     - ``limits``: timeouts, connection cap, per-key rate limit, in-flight cap and deadline
       (:class:`~bastion.web.limits.HttpLimits`; ``limits: {rate_limit_per_s: 20}`` in a
       config file).
+    - ``alerting``: receivers the alerts go out to (Alertmanager webhook, signed JSON
+      webhook, Slack; :class:`~bastion.runtime.alerting.AlertingConfig`), delivered by
+      a background worker per receiver with retries.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -90,6 +94,7 @@ class ServiceConfig(BaseModel):
     key_refresh_s: float = Field(default=2.0, gt=0.0, le=3600.0)
     max_queue_rows: int = Field(default=1024, ge=1)
     limits: HttpLimits = Field(default_factory=HttpLimits)
+    alerting: AlertingConfig = Field(default_factory=AlertingConfig)
     seed: int = 0
 
     @classmethod

@@ -397,6 +397,13 @@ class BastionService:
         self.guard: GuardedModel
         self._controller: Any = None
         self._cursor = self.store.last_id()
+        self.metrics.watch_store(self.store)
+        self.alerts: Any = None
+        if config.alerting.receivers:
+            from bastion.runtime.alerting import AlertDispatcher
+
+            self.alerts = AlertDispatcher(self.store, config.alerting,
+                                          model_name=self.model_name)
         self.sync_models(force=True)
         last = self.store.recent(ev.HEALING_STEP, 1)
         if last:
@@ -624,8 +631,11 @@ class BastionService:
 
     # -- background -----------------------------------------------------------------
     def tail_events(self) -> None:
-        """Feed new alert/audit/model-change/healing events into the metrics."""
-        kinds = [ev.ALERT, ev.AUDIT, ev.MODEL_CHANGE, ev.HEALING_STEP]
+        """Feed new alert/audit/model-change/healing/delivery events into the metrics
+        and hand new alerts to the receivers (queued: never waits for one)."""
+        if self.alerts is not None:
+            self.alerts.poll()
+        kinds = [ev.ALERT, ev.AUDIT, ev.MODEL_CHANGE, ev.HEALING_STEP, ev.DELIVERY]
         while True:
             batch = self.store.query(kinds=kinds, after_id=self._cursor, limit=500)
             if not batch:
@@ -635,6 +645,7 @@ class BastionService:
             self._cursor = batch[-1].id
         q = self.store.get_state(STATE_QUARANTINE, []) or []
         self.metrics.quarantined.set(len(q))
+        self.metrics.fallback_active.set(1.0 if self.traffic() == "fallback" else 0.0)
 
     def _loop(self) -> None:
         c = self.config
@@ -655,7 +666,8 @@ class BastionService:
     def start(self) -> None:
         """Start the background loop (alias polling, healing, metrics from events)."""
         if self._thread is None and (self.config.reload_interval_s > 0
-                                     or self.config.heal_interval_s > 0):
+                                     or self.config.heal_interval_s > 0
+                                     or self.alerts is not None):
             self._thread = threading.Thread(target=self._loop, name="bastion-service",
                                             daemon=True)
             self._thread.start()
@@ -666,6 +678,8 @@ class BastionService:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self.alerts is not None:
+            self.alerts.close()
         self.store.close()
 
     # -- views ----------------------------------------------------------------------
