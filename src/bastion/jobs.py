@@ -260,7 +260,7 @@ def run_scan(
     or bad options a :class:`BastionError` is raised and ``out_dir`` is left untouched. A
     failing MLflow store only adds to ``tracking_warnings``; the report is written first.
     """
-    from bastion._util import set_seed
+    from bastion._util import model_digest_tag, set_seed
     from bastion.attacks.base import check_epsilons, check_norm
     from bastion.data import load_data
     from bastion.data.validate import check_dataset_for_model
@@ -323,7 +323,8 @@ def run_scan(
         for k, v in report.robust_accuracy.items():
             metrics[f"robust_accuracy_eps_{k}"] = v
         run.log_metrics(metrics)
-        run.set_tags({"bastion.n_warnings": len(report.warnings)})
+        run.set_tags({"bastion.n_warnings": len(report.warnings),
+                      **model_digest_tag(model_spec)})
         for p in paths.values():
             run.log_artifact(p, artifact_path="report")
     warnings.extend(run.warnings)

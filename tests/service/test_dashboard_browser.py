@@ -197,3 +197,21 @@ def test_lift_a_quarantine_from_the_page(live, page):
         0, timeout=20_000)
     ev = c.get("/v1/events", params={"kind": "audit", "client_id": "mallory"}).json()
     assert any(e["payload"].get("action") == "lift_quarantine" for e in ev["events"])
+
+
+def test_factsheet_from_the_page(live, page):
+    url, c, v2, keys = live
+    page.goto(f"{url}/dashboard")
+    page.fill("#api-key", keys["viewer"])
+    page.click("#key-btn")
+    page.wait_for_selector("button.factsheet[data-version='1']", timeout=20_000)
+    page.click("button.factsheet[data-version='1']")
+    page.wait_for_selector("#factsheet[data-version='1']", timeout=60_000)
+    assert page.text_content("#fs-title") == f"Factsheet: {NAME} v1"
+    facts = page.text_content("#fs-facts")
+    # the service calibrated the detectors for v1; nobody scanned or audited it here
+    assert "target FPR 0.01" in facts and "not recorded" in facts
+    assert "privacy" in page.text_content("#fs-limits")
+    errs = [e for e in page.errors  # type: ignore[attr-defined]
+            if "status of 401" not in e and "status of 403" not in e]
+    assert not errs, errs

@@ -774,7 +774,7 @@ def run_audit(
 
     Returns ``(report, paths, tracking_warnings)``.
     """
-    from bastion._util import set_seed
+    from bastion._util import model_digest_tag, set_seed
     from bastion.data.loaders import load_data
     from bastion.models.resolve import resolve_model
     from bastion.registry.tracking import track_run
@@ -824,5 +824,6 @@ def run_audit(
         report.warnings.extend(run.warnings)
         paths = write_report(report, html, out)
         run.log_metrics(_metrics(kind, report))
+        run.set_tags(model_digest_tag(model_spec))
         run.log_artifact(out, artifact_path="audit")
     return report, paths, list(run.warnings)

@@ -52,13 +52,9 @@ DIGEST_TAG = "bastion.sha256"
 
 def folder_digest(folder: Path) -> str:
     """SHA-256 over a model folder's files (names and contents), in name order."""
-    from bastion._util import safe_files
+    from bastion._util import folder_digest as digest
 
-    h = hashlib.sha256()
-    for p in safe_files(folder):  # refuses links: nothing outside the folder is read
-        h.update(str(p.relative_to(folder)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+    return digest(folder)
 
 
 def model_folder(spec: str) -> Path:
@@ -457,6 +453,7 @@ class BastionService:
                 dets = {"outlier": KnnOutlierDetector(seed=c.seed).fit(x[idx[:cut]]).calibrate(
                     x[idx[cut:]], fpr=c.fpr), **dets}
             self._record_reference_scores(dets, x)
+            self._record_calibration(dets, x, cv)
         return GuardedModel(champion, detectors=dets, policy=c.policy, fallback=fallback,
                             extraction_detector=self.extraction, store=self.store,
                             model_version=cv, fallback_version=fv, max_batch=c.max_batch)
@@ -480,6 +477,28 @@ class BastionService:
             if len(s) == len(x_cal) and np.all(np.isfinite(s)):
                 ref[name] = [round(float(v), 6) for v in s]
         self.store.set_state(REFERENCE_SCORES_KEY, ref)
+
+    def _record_calibration(self, dets: dict[str, Any], x: np.ndarray, cv: int) -> None:
+        """Record each detector's threshold, the target false-positive rate and the rate
+        observed on the clean calibration split (the 40% it was calibrated on: in-sample,
+        so close to the target by construction), for this version's factsheet."""
+        from bastion.runtime.factsheet import calibration_key
+
+        idx = np.random.default_rng(self.config.seed).permutation(len(x))
+        x_cal = x[idx[int(0.6 * len(x)):]]
+        out: dict[str, Any] = {}
+        for name, det in dets.items():
+            thr = getattr(det, "threshold_", None)
+            try:
+                s = np.asarray(det.score(x_cal), dtype=np.float64).ravel()
+            except Exception:
+                s = np.asarray([])
+            k = int((s > thr).sum()) if thr is not None and len(s) else 0
+            out[name] = {"threshold": thr, "n": int(len(s)), "flagged": k,
+                         "observed_fpr": round(k / len(s), 4) if len(s) else None,
+                         "split": "calibration (in-sample)"}
+        self.store.set_state(calibration_key(self.model_name, cv), {
+            "target_fpr": self.config.fpr, "detectors": out, "at": time.time()})
 
     def sync_models(self, *, force: bool = False) -> bool:
         """Load the registry's champion and fallback when they changed; return whether
