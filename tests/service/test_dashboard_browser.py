@@ -215,3 +215,27 @@ def test_factsheet_from_the_page(live, page):
     errs = [e for e in page.errors  # type: ignore[attr-defined]
             if "status of 401" not in e and "status of 403" not in e]
     assert not errs, errs
+
+
+def test_flagged_input_attributions_beside_their_nearest_reference(live, page):
+    url, c, v2, keys = live
+    noisy = np.random.default_rng(5).uniform(0, 1, size=(2, 1, 8, 8)).tolist()
+    r = c.post("/v1/predict", json={"inputs": noisy, "explain": True},
+               headers={"Authorization": f"Bearer {keys['alice']}"})
+    assert r.status_code == 200, r.text
+    assert set(r.json()["verdicts"]) != {"allow"}
+    page.goto(f"{url}/dashboard")
+    page.fill("#api-key", keys["viewer"])
+    page.click("#key-btn")
+    page.wait_for_selector("#explanations .explained", timeout=30_000)
+    row = page.locator("#explanations .explained").first
+    # three heat maps: the flagged input's attribution, the nearest clean reference and
+    # the reference's attribution, 8 x 8 cells each
+    maps = row.locator("svg.heat")
+    assert maps.count() == 3
+    assert [maps.nth(i).locator("rect").count() for i in range(3)] == [64, 64, 64]
+    caption = row.text_content()
+    assert "nearest clean reference" in caption and "integrated_gradients" in caption
+    errs = [e for e in page.errors  # type: ignore[attr-defined]
+            if "status of 401" not in e and "status of 403" not in e]
+    assert not errs, errs

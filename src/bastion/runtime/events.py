@@ -77,9 +77,12 @@ HEALING_STEP = "healing_step"
 AUDIT = "audit"
 #: one attempt to deliver an alert to a receiver (see :mod:`bastion.runtime.alerting`)
 DELIVERY = "delivery"
+#: the attribution of a flagged input, beside its nearest clean reference
+EXPLANATION = "explanation"
 
 EVENT_KINDS: tuple[str, ...] = (
     PREDICTION, VERDICT, FEEDBACK, ALERT, MODEL_CHANGE, HEALING_STEP, AUDIT, DELIVERY,
+    EXPLANATION,
 )
 
 DEFAULT_URL = "sqlite:///bastion-events.db"

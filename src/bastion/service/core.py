@@ -394,6 +394,11 @@ class BastionService:
         self._controller: Any = None
         self._cursor = self.store.last_id()
         self.metrics.watch_store(self.store)
+        from bastion.web.limits import TokenBuckets
+
+        self._explain_lock = threading.Lock()
+        self._explain_buckets = TokenBuckets(max(config.explain_rate_per_s, 1e-9),
+                                             config.explain_burst)
         self.alerts: Any = None
         if config.alerting.receivers:
             from bastion.runtime.alerting import AlertDispatcher
@@ -542,6 +547,61 @@ class BastionService:
         out = self._coalescer.predict(self.guard, x, client_id)
         self._count(out)
         return out
+
+    def explain_budget(self, client_id: str) -> float:
+        """Take one explanation from ``client_id``'s budget: 0.0 when granted, else the
+        seconds until one is (``inf``: explanations are off)."""
+        if self.config.explain_rate_per_s <= 0:
+            return float("inf")
+        with self._explain_lock:
+            return self._explain_buckets.take(client_id)
+
+    def explain(self, x: np.ndarray, decisions: list[GuardDecision], *,
+                client_id: str) -> list[dict[str, Any]]:
+        """An attribution per input, by the model that answered it (the champion for a
+        blocked input). A flagged or blocked input's explanation also gets its nearest
+        clean reference input's attribution for the same class, and both are recorded
+        as an ``explanation`` event (the dashboard shows them side by side)."""
+        from bastion.evaluate.explain import explain
+
+        x = np.asarray(getattr(x, "array", x), dtype=np.float32)
+        with self._lock:
+            models = {"champion": self._champion, "fallback": self._fallback}
+        out: list[dict[str, Any] | None] = [None] * len(decisions)
+        ref = np.asarray(self.data.x_train[: self.config.reference_limit], dtype=np.float32)
+        for name in ("champion", "fallback"):
+            idx = [i for i, d in enumerate(decisions)
+                   if (d.answered_by if d.answered_by != "none" else "champion") == name]
+            if not idx or models[name] is None:
+                continue
+            exps = explain(models[name], x[idx], seed=self.config.seed)
+            for i, e in zip(idx, exps, strict=True):
+                out[i] = {**e.as_dict(), "explained_model": name, "reference": None}
+            flagged = [i for i in idx if decisions[i].verdict != "allow"]
+            if not flagged:
+                continue
+            flat = ref.reshape(len(ref), -1)
+            near = []
+            for i in flagged:
+                dist = np.linalg.norm(flat - x[i].reshape(1, -1), axis=1)
+                near.append((int(dist.argmin()), float(dist.min())))
+            ref_exps = explain(models[name], ref[[j for j, _ in near]],
+                               targets=[out[i]["target"] for i in flagged],  # type: ignore[index]
+                               seed=self.config.seed)
+            events = []
+            for i, (j, dist), re_ in zip(flagged, near, ref_exps, strict=True):
+                r = {"index": j, "label": int(self.data.y_train[j]), "distance": round(dist, 5),
+                     "attribution": re_.as_dict()["attribution"]}
+                out[i]["reference"] = r  # type: ignore[index]
+                events.append({"kind": ev.EXPLANATION, "client_id": client_id,
+                               "request_id": decisions[i].request_id,
+                               "model_version": decisions[i].model_version,
+                               "payload": {**out[i], "verdict": decisions[i].verdict,  # type: ignore[dict-item]
+                                           "shape": list(x.shape[1:]),
+                                           "reference": {**r, "reference_input": np.round(
+                                               ref[j], 5).tolist()}}})
+            self.store.append_many(events)
+        return [o for o in out if o is not None]
 
     def _count(self, out: list[GuardDecision]) -> None:
         """The prediction metrics of one answered batch."""
