@@ -72,6 +72,7 @@ def _default_rules() -> list[Rule]:
         Rule(monitor="health", actions=["alert"]),
         Rule(monitor="alert_rate", actions=["alert", "switch_to_fallback"]),
         Rule(monitor="client_alert_rate", actions=["alert", "quarantine_client"]),
+        Rule(monitor="fairness", actions=["alert"]),
     ]
 
 
@@ -100,7 +101,7 @@ class HealingPolicy(BaseModel):
 
     - ``rules``: signal -> actions (default: accuracy -> alert + retrain; input drift and
       health -> alert; alert rate -> alert + switch to fallback; one client's alert rate
-      -> alert + quarantine).
+      -> alert + quarantine; group fairness, when configured -> alert).
     - ``monitors``: windows and levels of the default monitors.
     - ``retrain``: the :class:`~bastion.runtime.retrain.RetrainConfig` (gates included).
     - ``min_feedback_for_retrain``: labelled answers needed before a retrain runs.

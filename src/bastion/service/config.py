@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from bastion.errors import BastionError
 from bastion.runtime.alerting import AlertingConfig
+from bastion.runtime.fairness import FairnessSettings
 from bastion.runtime.guard import GuardPolicy
 from bastion.runtime.healing import HealingPolicy
 from bastion.web.limits import HttpLimits
@@ -66,6 +67,10 @@ class ServiceConfig(BaseModel):
     - ``alerting``: receivers the alerts go out to (Alertmanager webhook, signed JSON
       webhook, Slack; :class:`~bastion.runtime.alerting.AlertingConfig`), delivered by
       a background worker per receiver with retries.
+    - ``fairness``: for a tabular model, the protected input column whose groups the
+      ``fairness`` monitor compares (selection and error rates, with intervals; see
+      :mod:`bastion.runtime.fairness`); add a rule ``{monitor: fairness, actions:
+      [alert]}`` (in the default policy) to alert on it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -101,6 +106,7 @@ class ServiceConfig(BaseModel):
     explain_burst: int = Field(default=5, ge=1, le=10_000)
     explain_max_batch: int = Field(default=16, ge=1, le=1024)
     alerting: AlertingConfig = Field(default_factory=AlertingConfig)
+    fairness: FairnessSettings | None = None
     seed: int = 0
 
     @classmethod

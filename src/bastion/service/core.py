@@ -406,6 +406,7 @@ class BastionService:
             self.alerts = AlertDispatcher(self.store, config.alerting,
                                           model_name=self.model_name)
         self.sync_models(force=True)
+        self._fairness_monitors()  # a bad fairness section fails here, at start-up
         last = self.store.recent(ev.HEALING_STEP, 1)
         if last:
             self.metrics.observe_event(ev.HEALING_STEP, last[0].payload)
@@ -686,7 +687,7 @@ class BastionService:
             def monitors(ctl: Any) -> list[Any]:
                 # the defaults, rebuilt by the controller after each promotion, with the
                 # per-client monitor judged against the other clients
-                mons = ctl.default_monitors()
+                mons = ctl.default_monitors() + self._fairness_monitors()
                 if not relative:
                     return list(mons)
                 return [RelativeClientAlertMonitor(
@@ -698,6 +699,19 @@ class BastionService:
             self._controller = HealingController(pol, self.store, self.registry, pipe,
                                                  monitor_factory=monitors)
         return self._controller
+
+    def _fairness_monitors(self) -> list[Any]:
+        """The group-fairness monitor for the champion, when ``fairness`` is set."""
+        if self.config.fairness is None:
+            return []
+        from bastion.runtime.fairness import build_fairness_monitor
+
+        with self._lock:
+            champion = self._champion
+        return [build_fairness_monitor(self.config.fairness,
+                                       feature_names=self.data.feature_names,
+                                       champion=champion, x_hold=self.data.x_test,
+                                       y_hold=self.data.y_test)]
 
     def heal_once(self) -> Any:
         """One controller step (serialised), then pick up any new champion."""
