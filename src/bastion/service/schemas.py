@@ -264,7 +264,8 @@ def predict_response_json(model_version: str | None, client_id: str, decisions: 
             "request_ids": [p["request_id"] for p in preds],
             "labels": [p["label"] for p in preds],
             "probabilities": [p["probabilities"] for p in preds],
-            "verdicts": [p["verdict"] for p in preds], "predictions": preds}
+            "verdicts": [p["verdict"] for p in preds], "predictions": preds,
+            "explanations": None}
     # numpy scalars (a custom detector's score) are written as numbers too
     return orjson.dumps(body, default=_reason_fields, option=orjson.OPT_SERIALIZE_NUMPY)
 
