@@ -95,11 +95,16 @@ def test_controller_explores_safely_and_audits_its_reasoning(tmp_path, mlflow_ur
         store.append(ev.FEEDBACK, {"label": 1 if i == 0 else 2}, request_id=f"r{i}",
                      client_id="alice")
     assert observed_harm(store, after_id=0, upto_id=store.last_id())["harm"] == 0.75
+    # a flagged input the champion answered, unlabelled, is suspect harm (half weight)
+    store.append(ev.PREDICTION, {"label": 3, "verdict": "flag", "answered_by": "champion"},
+                 request_id="adv", client_id="eve")
+    h = observed_harm(store, after_id=0, upto_id=store.last_id())
+    assert h["suspect"] == 1 and h["harm"] == (3 + 0.5) / 5
     for _ in range(6):
         ctl.step()
     outcomes = [e.payload for e in store.query(kinds=ev.AUDIT, limit=None)
                 if e.payload["action"] == "adaptive_outcome"]
-    assert outcomes and outcomes[0]["evidence"]["outcome"]["harm"] == 0.75
+    assert outcomes and outcomes[0]["evidence"]["outcome"]["harm"] == 0.7
     assert outcomes[0]["evidence"]["outcome"]["arm"] == "none"
     chosen = [e.payload["evidence"]["adaptive"] for e in store.query(kinds=ev.AUDIT, limit=None)
               if e.payload["action"] == "adaptive_choice"][1:]

@@ -14,10 +14,10 @@ The fixed policy maps every signal to the same actions. With ``adaptive.enabled`
   alias, a signal naming no client, too few labels for a retrain or its cooldown not over:
   the cases the controller would refuse or defer), so exploring never tries an action
   Bastion would refuse;
-- **outcome**: the harm observed between this step and the next, from the feedback labels
-  that arrived: answers served that the label says were wrong, and answered-with-nothing
-  (blocked) requests whose client labelled them (a client that sends a label wanted an
-  answer). Harm is per labelled request;
+- **outcome**: the harm observed between this step and the next (:func:`observed_harm`):
+  answers the feedback labels say were wrong, blocked requests whose client labelled them
+  anyway (it wanted an answer), and flagged inputs the champion answered that nobody
+  labelled (the visible trace of an evasion), per request;
 - **learning**: discounted Thompson sampling (Gaussian posterior of each arm's mean harm,
   old outcomes weighed down by ``discount`` per update, so a campaign that changes is
   followed). An arm never tried is sampled from the prior (mean ``prior_harm``).
@@ -66,22 +66,42 @@ class AdaptiveSettings(BaseModel):
     seed: int = 0
 
 
-def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int) -> dict[str, Any]:
-    """Harm visible in the feedback labels that arrived in ``(after_id, upto_id]``:
-    ``wrong`` (answered, label disagrees), ``blocked`` (no answer, yet labelled), ``n``
-    labelled requests, ``harm`` = (wrong + blocked) / n (None without labels)."""
+def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int,
+                  suspect_weight: float = 0.5) -> dict[str, Any]:
+    """Harm visible in ``(after_id, upto_id]``, per answered request:
+
+    - ``wrong``: labelled answers the label disagrees with;
+    - ``blocked``: requests answered with nothing (blocked, quarantined) that their
+      client labelled anyway (it wanted an answer);
+    - ``suspect``: unlabelled inputs the detectors flagged that the champion answered
+      anyway (attackers do not label their inputs: a flagged input answered by the
+      champion is the visible trace of a possibly successful evasion), weighed by
+      ``suspect_weight``.
+
+    ``harm`` = (wrong + blocked + suspect_weight * suspect) / n, None without requests.
+    """
     from bastion.runtime.monitors import labelled_feedback
 
-    wrong = blocked = n = 0
+    wrong = blocked = 0
+    labelled: set[str] = set()
     for p, f in labelled_feedback(store, after_id=after_id, upto_id=upto_id, limit=None):
-        n += 1
+        labelled.add(str(p.request_id))
         served = p.payload.get("label")
         if served is None or p.payload.get("verdict") == "block":
             blocked += 1
         elif int(served) != int(f.payload["label"]):
             wrong += 1
-    return {"wrong": wrong, "blocked": blocked, "n": n,
-            "harm": None if n == 0 else (wrong + blocked) / n}
+    n = suspect = 0
+    for p in store.query(kinds=ev.PREDICTION, after_id=after_id, before_id=upto_id,
+                         limit=None):
+        n += 1
+        pl = p.payload
+        if str(p.request_id) not in labelled and pl.get("verdict") == "flag" and \
+                pl.get("label") is not None and pl.get("answered_by") == "champion":
+            suspect += 1
+    return {"wrong": wrong, "blocked": blocked, "suspect": suspect, "n": n,
+            "n_labelled": len(labelled),
+            "harm": None if n == 0 else (wrong + blocked + suspect_weight * suspect) / n}
 
 
 class AdaptiveChooser:

@@ -492,8 +492,8 @@ class HealingController:
         for d in chooser.settle(harm):
             self._audit("adaptive_outcome", d["monitor"], True,
                         f"{d['context']}: {d['arm']} was followed by harm {d['harm']:.3f} "
-                        f"({harm['wrong']} wrong, {harm['blocked']} blocked of "
-                        f"{harm['n']} labelled)", {"outcome": d, "harm": harm},
+                        f"({harm['wrong']} wrong, {harm['blocked']} blocked, "
+                        f"{harm['suspect']} flagged answered, of {harm['n']} requests)", {"outcome": d, "harm": harm},
                         d.get("client_id"))
         return chooser
 
