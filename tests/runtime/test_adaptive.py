@@ -69,7 +69,10 @@ def test_controller_explores_safely_and_audits_its_reasoning(tmp_path, mlflow_ur
     client_mon, rate_mon = Switch("client_alert_rate"), Switch("alert_rate")
     pol = HealingPolicy(rules=[Rule(monitor="client_alert_rate", actions=["alert"]),
                                Rule(monitor="alert_rate", actions=["alert"])],
-                        adaptive=AdaptiveSettings(enabled=True, seed=1))
+                        adaptive=AdaptiveSettings(enabled=True, seed=1, actions={
+                            "client_alert_rate": ["none", "quarantine_client",
+                                                  "switch_to_fallback"],
+                            "alert_rate": ["none", "switch_to_fallback"]}))
     ctl = HealingController(pol, store, reg, RetrainPipeline(splits[0], splits[1]),
                             monitors=[client_mon, rate_mon])
     # no fallback alias and a signal naming no client: only "none" is safe
@@ -112,6 +115,7 @@ def test_controller_explores_safely_and_audits_its_reasoning(tmp_path, mlflow_ur
     # the bandit tried the untried arms after "none" was followed by harm; once mallory
     # is quarantined, quarantining again is never offered
     picked = [c["chosen"] for c in chosen]
+    assert all(p_ in c["offered"] for p_, c in zip(picked, chosen, strict=True))
     assert "quarantine_client" in picked, picked
     first = picked.index("quarantine_client")
     assert "mallory" in store.get_state(STATE_QUARANTINE, [])

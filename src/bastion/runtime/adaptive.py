@@ -135,8 +135,11 @@ class AdaptiveChooser:
     def choose(self, context: str, offered: list[str], excluded: dict[str, str]
                ) -> tuple[str, dict[str, Any]]:
         """Thompson sampling over ``offered``; returns ``(arm, reasoning)``."""
+        import zlib
+
+        # seeded by the step and the context (crc32: str hashes change per process)
         rng = np.random.default_rng([self.s.seed, self.steps, len(self.pending),
-                                     abs(hash(context)) % (2 ** 31)])
+                                     zlib.crc32(context.encode())])
         table = {}
         for a in offered:
             mean, sd, w = self.posterior(context, a)
