@@ -267,7 +267,10 @@ def main() -> None:
                    "best_fixed_benign_blocked": b["benign_blocked"],
                    "goal_met": bool(red >= 0.2 and a["benign_blocked"] <= b["benign_blocked"])}
         print(summary)
-    path = write_result("adaptive_defense_fast" if args.fast else "adaptive_defense", {
+    stem = "adaptive_defense_fast" if args.fast else "adaptive_defense"
+    if args.only:
+        stem += "_only_" + "".join(ch if ch.isalnum() else "-" for ch in args.only)
+    path = write_result(stem, {
         "settings": vars(args), "rounds": len(plan), "benign_per_round": n_b * len(BENIGN),
         "attack_per_round": n_a, "summary": summary,
         "policies": {k: {kk: vv for kk, vv in v.items() if kk != "rounds"}
