@@ -64,3 +64,14 @@ def test_promtool_catches_a_broken_rule_and_a_wrong_expectation(tmp_path):
                                            "severity: info, job: bastion, instance: a}", 1)
     r = promtool("test", "rules", str(unit_file(tmp_path, rules_path(), wrong)))
     assert r.returncode != 0 and "FAILED" in (r.stdout + r.stderr)
+
+
+def test_cli_prints_the_rules(tmp_path, capsys):
+    from bastion.cli.main import run
+
+    assert run(["alert-rules"]) == 0
+    out = tmp_path / "bastion.yml"
+    out.write_text(capsys.readouterr().out)
+    assert out.read_text() == rules_path().read_text()
+    r = promtool("check", "rules", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -124,6 +124,14 @@ def register(app: typer.Typer) -> None:
 
     app.add_typer(models, name="models")
 
+    @app.command("alert-rules")
+    def alert_rules(debug: bool = c.DebugOpt) -> None:
+        """Print Bastion's Prometheus alerting rules (bastion alert-rules > bastion.yml)."""
+        from importlib import resources
+
+        typer.echo(resources.files("bastion.service").joinpath(
+            "alerts/bastion-rules.yml").read_text(encoding="utf-8"), nl=False)
+
     @app.command()
     def factsheet(
         model: str = typer.Option(..., "--model", help="NAME (its champion) or NAME@VERSION "
