@@ -493,8 +493,8 @@ class HealingController:
             self._audit("adaptive_outcome", d["monitor"], True,
                         f"{d['context']}: {d['arm']} was followed by harm {d['harm']:.3f} "
                         f"({harm['wrong']} wrong, {harm['blocked']} blocked, "
-                        f"{harm['suspect']} flagged answered, of {harm['n']} requests)", {"outcome": d, "harm": harm},
-                        d.get("client_id"))
+                        f"{harm['suspect']} flagged answered, of {harm['n']} requests)",
+                        {"outcome": d, "harm": harm}, d.get("client_id"))
         return chooser
 
     def _safe_arms(self, sig: Signal, upto: int) -> tuple[list[str], dict[str, str]]:
