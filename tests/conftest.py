@@ -100,3 +100,90 @@ def mnist_npz() -> Path:
     """Path of the shared MNIST ``.npz`` (tests that need it fail loudly if it is absent)."""
     assert MNIST_NPZ.exists(), f"MNIST not found at {MNIST_NPZ}; set BASTION_SHARED"
     return MNIST_NPZ
+
+
+class Receiver:
+    """A real HTTP server on loopback that records every POST (path, headers, body) and
+    answers with the next status of ``statuses`` (then 200), after ``delay_s``."""
+
+    def __init__(self, statuses: list[int] | None = None, delay_s: float = 0.0) -> None:
+        import http.server
+        import threading
+
+        self.posts: list[dict] = []
+        self.statuses = list(statuses or [])
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        rec = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                import time
+
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with rec.lock:
+                    rec.posts.append({"path": self.path, "headers": dict(self.headers),
+                                      "body": body})
+                    code = rec.statuses.pop(0) if rec.statuses else 200
+                time.sleep(rec.delay_s)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                except OSError:
+                    pass
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def json(self) -> list[dict]:
+        import json
+
+        with self.lock:
+            return [json.loads(p["body"]) for p in self.posts]
+
+    def wait(self, n: int, timeout_s: float = 10.0) -> list[dict]:
+        """Wait for at least ``n`` posts; return the bodies."""
+        import time
+
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and len(self.posts) < n:
+            time.sleep(0.02)
+        return self.json()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def receiver_factory():
+    """``receiver_factory(statuses=None, delay_s=0) -> Receiver`` (closed at the end)."""
+    made: list[Receiver] = []
+
+    def make(statuses: list[int] | None = None, delay_s: float = 0.0) -> Receiver:
+        r = Receiver(statuses, delay_s)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.fixture()
+def dead_url() -> str:
+    """A loopback URL nobody listens on (a port bound and closed again)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/hook"

@@ -185,3 +185,30 @@ def check_output_dir(out: str | os.PathLike[str]) -> Path:
     if p.exists() and not p.is_dir():
         raise UnsafePathError(f"output path {p} is a file", hint="give a folder path")
     return p
+
+
+def folder_digest(folder: str | os.PathLike[str]) -> str:
+    """SHA-256 over a model folder's files (names and contents), in name order: the
+    fingerprint the registry, scans, audits and factsheets know a model by."""
+    import hashlib
+
+    d = Path(folder)
+    h = hashlib.sha256()
+    for p in safe_files(d):  # refuses links: nothing outside the folder is read
+        h.update(str(p.relative_to(d)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def model_digest_tag(model_spec: str | None) -> dict[str, str]:
+    """``{"bastion.model_sha256": digest}`` when ``model_spec`` is a local model folder
+    (how a factsheet finds the scans and audits of a registered version), else ``{}``."""
+    if not model_spec:
+        return {}
+    try:
+        d = Path(model_spec).expanduser()
+        if not d.is_dir():
+            return {}
+        return {"bastion.model_sha256": folder_digest(d)}
+    except Exception:  # an unreadable folder simply goes untagged
+        return {}

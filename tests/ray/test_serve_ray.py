@@ -183,7 +183,7 @@ def test_rate_limit_is_one_bucket_per_key_across_replicas(deployed) -> None:
 
 
 def test_quarantine_lifted_through_one_replica_holds_on_both(deployed) -> None:
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
     from bastion.runtime.guard import STATE_QUARANTINE
 
     svc, tokens, events = deployed
@@ -213,7 +213,7 @@ def test_the_healing_controller_runs_once_per_cluster(deployed) -> None:
     import ray
 
     from bastion.runtime import events as ev
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
 
     svc, _, events = deployed
     assert svc.heal
@@ -229,7 +229,7 @@ def test_the_healing_controller_runs_once_per_cluster(deployed) -> None:
 def test_replica_killed_mid_load_loses_no_acknowledged_event(deployed) -> None:
     import ray
 
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
 
     svc, tokens, events = deployed
     results: list[tuple[float, int, list[str]]] = []

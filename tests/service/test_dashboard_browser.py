@@ -197,3 +197,45 @@ def test_lift_a_quarantine_from_the_page(live, page):
         0, timeout=20_000)
     ev = c.get("/v1/events", params={"kind": "audit", "client_id": "mallory"}).json()
     assert any(e["payload"].get("action") == "lift_quarantine" for e in ev["events"])
+
+
+def test_factsheet_from_the_page(live, page):
+    url, c, v2, keys = live
+    page.goto(f"{url}/dashboard")
+    page.fill("#api-key", keys["viewer"])
+    page.click("#key-btn")
+    page.wait_for_selector("button.factsheet[data-version='1']", timeout=20_000)
+    page.click("button.factsheet[data-version='1']")
+    page.wait_for_selector("#factsheet[data-version='1']", timeout=60_000)
+    assert page.text_content("#fs-title") == f"Factsheet: {NAME} v1"
+    facts = page.text_content("#fs-facts")
+    # the service calibrated the detectors for v1; nobody scanned or audited it here
+    assert "target FPR 0.01" in facts and "not recorded" in facts
+    assert "privacy" in page.text_content("#fs-limits")
+    errs = [e for e in page.errors  # type: ignore[attr-defined]
+            if "status of 401" not in e and "status of 403" not in e]
+    assert not errs, errs
+
+
+def test_flagged_input_attributions_beside_their_nearest_reference(live, page):
+    url, c, v2, keys = live
+    noisy = np.random.default_rng(5).uniform(0, 1, size=(2, 1, 8, 8)).tolist()
+    r = c.post("/v1/predict", json={"inputs": noisy, "explain": True},
+               headers={"Authorization": f"Bearer {keys['alice']}"})
+    assert r.status_code == 200, r.text
+    assert set(r.json()["verdicts"]) != {"allow"}
+    page.goto(f"{url}/dashboard")
+    page.fill("#api-key", keys["viewer"])
+    page.click("#key-btn")
+    page.wait_for_selector("#explanations .explained", timeout=30_000)
+    row = page.locator("#explanations .explained").first
+    # three heat maps: the flagged input's attribution, the nearest clean reference and
+    # the reference's attribution, 8 x 8 cells each
+    maps = row.locator("svg.heat")
+    assert maps.count() == 3
+    assert [maps.nth(i).locator("rect").count() for i in range(3)] == [64, 64, 64]
+    caption = row.text_content()
+    assert "nearest clean reference" in caption and "integrated_gradients" in caption
+    errs = [e for e in page.errors  # type: ignore[attr-defined]
+            if "status of 401" not in e and "status of 403" not in e]
+    assert not errs, errs

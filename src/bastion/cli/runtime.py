@@ -1,4 +1,5 @@
-"""``bastion heal`` and ``bastion models``: the healing controller and the registry.
+"""``bastion heal``, ``bastion models`` and ``bastion factsheet``: the healing controller
+and the registry.
 
 Thin: parse, call the job :func:`bastion.jobs.heal` / :mod:`bastion.registry.models`,
 render. Errors are :class:`~bastion.errors.BastionError` s (one line, exit 1).
@@ -120,6 +121,37 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{model}: champion is v{v}")
 
     app.add_typer(models, name="models")
+
+    @app.command("alert-rules")
+    def alert_rules(debug: bool = c.DebugOpt) -> None:
+        """Print Bastion's Prometheus alerting rules (bastion alert-rules > bastion.yml)."""
+        from importlib import resources
+
+        typer.echo(resources.files("bastion.service").joinpath(
+            "alerts/bastion-rules.yml").read_text(encoding="utf-8"), nl=False)
+
+    @app.command()
+    def factsheet(
+        model: str = typer.Option(..., "--model", help="NAME (its champion) or NAME@VERSION "
+                                  "(a number or an alias)."),
+        out: Path = c.OutOpt,
+        events: str | None = typer.Option(None, "--events", help="The service's event store "
+                                          "(calibration, gates, healing history)."),
+        tracking_uri: str | None = c.TrackingOpt,
+        no_attach: bool = typer.Option(False, "--no-attach", help="Do not log it to the "
+                                       "version's MLflow run."),
+        debug: bool = c.DebugOpt,
+    ) -> None:
+        """A model version's factsheet (JSON + HTML) from the registry and the event store."""
+        from bastion.runtime.factsheet import make_factsheet
+
+        doc, paths, run_id = make_factsheet(model, out, events_url=events,
+                                            tracking_uri=tracking_uri, attach=not no_attach)
+        m = doc["model"]
+        typer.echo(f"{m['name']} v{m['version']}: {paths['json']} and {paths['html']}"
+                   + (f" (attached to MLflow run {run_id})" if run_id else ""))
+        for lim in doc["known_limits"]:
+            typer.echo(f"  limit: {lim}")
 
 
 def _registry(model: str, events: str | None, tracking_uri: str | None):  # type: ignore[no-untyped-def]

@@ -360,9 +360,22 @@ def harden(
 
         paths["model"] = save_hardened(
             hardened, out_dir / "model", arch_hint=arch_hint,
-            meta={"method": method, "settings": report.settings, "data": report.data})
+            meta={"method": method, "settings": report.settings, "data": report.data,
+                  "data_sha256": _data_sha256(data.x_train, data.y_train)})
         paths.update(write_harden_report(report, out_dir))
     return HardenResult(model=hardened, report=report, paths=paths)
+
+
+def _data_sha256(x: Any, y: Any) -> str:
+    """SHA-256 of the training inputs and labels (shape, dtype and bytes): the data
+    fingerprint a factsheet shows."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (np.ascontiguousarray(x), np.ascontiguousarray(y)):
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _certify_before(ev: Any, model: Any, x: np.ndarray, y: np.ndarray, *,

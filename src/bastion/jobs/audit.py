@@ -214,7 +214,7 @@ def _run_audit(kind: str, spec: _AuditSpec, model_spec: str | None, options: dic
     """Load from specs, run one audit, write the report, track an MLflow run."""
     import numpy as np
 
-    from bastion._util import set_seed
+    from bastion._util import model_digest_tag, set_seed
     from bastion.audit import (
         audit_backdoor,
         audit_data,
@@ -267,5 +267,6 @@ def _run_audit(kind: str, spec: _AuditSpec, model_spec: str | None, options: dic
         report.warnings.extend(run.warnings)
         paths = write_report(report, html, out)
         run.log_metrics(_metrics(kind, report))
+        run.set_tags(model_digest_tag(model_spec))
         run.log_artifact(out, artifact_path="audit")
     return JobResult(report, {k: Path(v) for k, v in paths.items()}, list(run.warnings))

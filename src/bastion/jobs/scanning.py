@@ -100,7 +100,7 @@ def scan(spec: ScanSpec, *, progress: bool = False) -> JobResult[Any]:
 
 
 def _scan(spec: ScanSpec, progress: bool) -> JobResult[Any]:
-    from bastion._util import set_seed
+    from bastion._util import model_digest_tag, set_seed
     from bastion.data import load_data
     from bastion.data.validate import check_dataset_for_model
     from bastion.evaluate import scan as scan_model
@@ -159,7 +159,8 @@ def _scan(spec: ScanSpec, progress: bool) -> JobResult[Any]:
         for k, v in report.robust_accuracy.items():
             metrics[f"robust_accuracy_eps_{k}"] = v
         run.log_metrics(metrics)
-        run.set_tags({"bastion.n_warnings": len(report.warnings)})
+        run.set_tags({"bastion.n_warnings": len(report.warnings),
+                      **model_digest_tag(spec.model)})
         for p in paths.values():
             run.log_artifact(p, artifact_path="report")
     return JobResult(report, {k: Path(v) for k, v in paths.items()}, list(run.warnings))

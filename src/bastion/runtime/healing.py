@@ -35,6 +35,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.errors import BastionError
+from bastion.runtime.adaptive import (
+    STATE_ADAPTIVE,
+    AdaptiveChooser,
+    AdaptiveSettings,
+    observed_harm,
+)
+from bastion.runtime.alerting import alert_labels, fingerprint
 from bastion.runtime.guard import STATE_QUARANTINE, STATE_TRAFFIC
 from bastion.runtime.monitors import (
     AccuracyMonitor,
@@ -71,6 +78,7 @@ def _default_rules() -> list[Rule]:
         Rule(monitor="health", actions=["alert"]),
         Rule(monitor="alert_rate", actions=["alert", "switch_to_fallback"]),
         Rule(monitor="client_alert_rate", actions=["alert", "quarantine_client"]),
+        Rule(monitor="fairness", actions=["alert"]),
     ]
 
 
@@ -99,7 +107,7 @@ class HealingPolicy(BaseModel):
 
     - ``rules``: signal -> actions (default: accuracy -> alert + retrain; input drift and
       health -> alert; alert rate -> alert + switch to fallback; one client's alert rate
-      -> alert + quarantine).
+      -> alert + quarantine; group fairness, when configured -> alert).
     - ``monitors``: windows and levels of the default monitors.
     - ``retrain``: the :class:`~bastion.runtime.retrain.RetrainConfig` (gates included).
     - ``min_feedback_for_retrain``: labelled answers needed before a retrain runs.
@@ -110,12 +118,17 @@ class HealingPolicy(BaseModel):
       quarantine included; per-client caps and trust weights are in ``retrain``
       (``max_client_share``, ``client_trust``, ``default_client_trust``), so no single
       client dominates a retrain set. A retrain runs after the step's quarantines.
+    - ``adaptive``: choose the action per kind of attack with a contextual bandit over
+      the recorded outcomes instead of the rules' fixed actions
+      (:mod:`bastion.runtime.adaptive`; off by default).
     - ``return_to_champion_after``: steps in a row without any monitor whose rule
       switches to the fallback firing, after which traffic returns to the champion
       (``0``: never automatically).
 
     Alerts are edge-triggered: a monitor (per client) that keeps firing step after step
-    raises one ``alert`` event per episode; later steps audit "still firing".
+    raises one ``alert`` event per episode (``status: "firing"``, with a fingerprint);
+    later steps audit "still firing"; the first step it no longer fires writes a
+    ``status: "resolved"`` alert event (delivered by :mod:`bastion.runtime.alerting`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -127,6 +140,7 @@ class HealingPolicy(BaseModel):
     retrain_cooldown: int = Field(default=100, ge=0)
     feedback_window: int = Field(default=2000, ge=1)
     return_to_champion_after: int = Field(default=3, ge=0)
+    adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)
 
     @classmethod
     def from_file(cls, path: str | Path) -> HealingPolicy:
@@ -359,6 +373,7 @@ class HealingController:
                                       fired=False, severity="warning",
                                       message=f"monitor failed: {type(exc).__name__}: {exc}"))
         actions: list[ActionRecord] = []
+        chooser = self._adaptive_begin(st["cursor"], upto)
         retrain_req: tuple[Signal, dict[str, Any]] | None = None
         was_firing: dict[str, int] = st["firing"]
         firing: dict[str, int] = {}
@@ -368,6 +383,9 @@ class HealingController:
             key = sig.monitor + (f":{sig.client_id}" if sig.client_id else "")
             wanted = self.policy.actions_for(sig.monitor)
             evidence = {"signal": sig.model_dump(mode="json")}
+            if chooser is not None and sig.monitor in self.policy.adaptive.actions:
+                wanted = [a for a in wanted if a == "alert"] + self._adaptive_pick(
+                    chooser, sig, evidence, upto)
             if not wanted:
                 actions.append(self._audit("none", sig.monitor, False,
                                            f"{sig.message}; no rule for {sig.monitor}",
@@ -384,7 +402,10 @@ class HealingController:
                     firing[key] = self.store.append(
                         ev.ALERT, {"monitor": sig.monitor, "severity": sig.severity,
                                    "message": sig.message, "value": sig.value,
-                                   "threshold": sig.threshold, "evidence": sig.evidence},
+                                   "threshold": sig.threshold, "evidence": sig.evidence,
+                                   "status": "firing", "model": self._model,
+                                   "fingerprint": fingerprint(alert_labels(
+                                       sig.monitor, self._model, sig.client_id))},
                         client_id=sig.client_id)
                     actions.append(self._audit("alert", sig.monitor, True, sig.message,
                                                evidence, sig.client_id))
@@ -397,6 +418,7 @@ class HealingController:
                 elif a == "retrain":
                     if retrain_req is None:  # after every quarantine of this step
                         retrain_req = (sig, evidence)
+        self._resolve(was_firing, firing)
         if retrain_req is not None:
             rec, promoted = self._retrain(retrain_req[0], retrain_req[1], upto)
             actions.append(rec)
@@ -411,6 +433,9 @@ class HealingController:
                 self.policy.return_to_champion_after > 0:
             switchers = {r.monitor for r in self.policy.rules
                          if "switch_to_fallback" in r.actions}
+            if chooser is not None:
+                switchers |= {m for m, arms in self.policy.adaptive.actions.items()
+                              if "switch_to_fallback" in arms}
             loud = [s for s in signals if s.fired and s.monitor in switchers]
             quiet = 0 if loud else quiet + 1
             if quiet >= self.policy.return_to_champion_after:
@@ -428,6 +453,9 @@ class HealingController:
             champion = self.registry.get_alias("champion")
         except Exception:
             pass
+        if chooser is not None:
+            chooser.steps += 1
+            self.store.set_state(self._adaptive_key, chooser.state())
         st2 = self.state()
         st2.update({"cursor": upto, "baseline_id": baseline, "firing": firing,
                     "quiet_steps": quiet})
@@ -447,6 +475,94 @@ class HealingController:
             "champion": champion, "time_s": report.time_s,
         }, model_version=None if champion is None else str(champion))
         return report
+
+    # -- adaptive ---------------------------------------------------------------------
+    @property
+    def _adaptive_key(self) -> str:
+        return f"{STATE_ADAPTIVE}:{self._model}"
+
+    def _adaptive_begin(self, cursor: int, upto: int) -> AdaptiveChooser | None:
+        """The bandit with its stored statistics, after giving the choices of the last
+        step the harm observed since (``None`` when ``adaptive`` is off)."""
+        if not self.policy.adaptive.enabled:
+            return None
+        chooser = AdaptiveChooser(self.policy.adaptive,
+                                  self.store.get_state(self._adaptive_key, None))
+        harm = observed_harm(self.store, after_id=cursor, upto_id=upto)
+        for d in chooser.settle(harm):
+            self._audit("adaptive_outcome", d["monitor"], True,
+                        f"{d['context']}: {d['arm']} was followed by harm {d['harm']:.3f} "
+                        f"({harm['wrong']} wrong, {harm['blocked']} blocked, "
+                        f"{harm['suspect']} flagged answered, of {harm['n']} requests)",
+                        {"outcome": d, "harm": harm}, d.get("client_id"))
+        return chooser
+
+    def _safe_arms(self, sig: Signal, upto: int) -> tuple[list[str], dict[str, str]]:
+        """The arms offered for ``sig`` and those left out, with why (an action the
+        controller would refuse or defer is never explored)."""
+        offered, excluded = [], {}
+        for arm in self.policy.adaptive.actions.get(sig.monitor, []):
+            why = None
+            if arm == "quarantine_client":
+                q = set(self.store.get_state(STATE_QUARANTINE, []) or [])
+                if not sig.client_id:
+                    why = "the signal names no client"
+                elif sig.client_id in q:
+                    why = f"client {sig.client_id} is already quarantined"
+            elif arm == "switch_to_fallback":
+                try:
+                    fb = self.registry.get_alias("fallback")
+                except Exception:
+                    fb = None
+                if fb is None:
+                    why = "no 'fallback' alias in the registry"
+            elif arm == "retrain":
+                st = self.state()
+                fs = self.feedback_set(after_id=0, upto_id=upto)
+                new = sum(1 for i in fs.ids if i > st["last_retrain_feedback_id"])
+                if len(fs.y) < self.policy.min_feedback_for_retrain:
+                    why = (f"{len(fs.y)} labelled answers, a retrain needs "
+                           f"{self.policy.min_feedback_for_retrain}")
+                elif st["last_retrain_feedback_id"] and new < self.policy.retrain_cooldown:
+                    why = f"retrain cooldown: {new} new labels of {self.policy.retrain_cooldown}"
+            if why is None:
+                offered.append(arm)
+            else:
+                excluded[arm] = why
+        return offered or ["none"], excluded
+
+    def _adaptive_pick(self, chooser: AdaptiveChooser, sig: Signal,
+                       evidence: dict[str, Any], upto: int) -> list[str]:
+        offered, excluded = self._safe_arms(sig, upto)
+        arm, why = chooser.choose(sig.monitor, offered, excluded)
+        chooser.pending.append({"context": sig.monitor, "monitor": sig.monitor, "arm": arm,
+                                "client_id": sig.client_id, "at_id": upto})
+        self._audit("adaptive_choice", sig.monitor, True,
+                    f"{sig.monitor}: chose {arm} (lowest sampled harm of "
+                    + ", ".join(f"{a} {v['sample']:.3f}" for a, v in why["offered"].items())
+                    + (f"; excluded {', '.join(f'{a}: {w}' for a, w in excluded.items())}"
+                       if excluded else "") + ")", {**evidence, "adaptive": why},
+                    sig.client_id)
+        return [] if arm == "none" else [arm]
+
+    @property
+    def _model(self) -> str:
+        return str(getattr(self.registry, "name", ""))
+
+    def _resolve(self, was_firing: dict[str, int], firing: dict[str, int]) -> None:
+        """A ``resolved`` alert event for every alerted episode that ended this step."""
+        for key, alert_id in was_firing.items():
+            if key in firing or not alert_id:
+                continue
+            monitor, _, client = key.partition(":")
+            self.store.append(ev.ALERT, {
+                "monitor": monitor, "status": "resolved", "model": self._model,
+                "firing_event_id": alert_id,
+                "message": f"{monitor} no longer fires" + (f" for client {client}"
+                                                           if client else ""),
+                "fingerprint": fingerprint(alert_labels(monitor, self._model,
+                                                        client or None))},
+                client_id=client or None)
 
     # -- actions ----------------------------------------------------------------------
     def _switch(self, to: str, sig: Signal, evidence: dict[str, Any]) -> ActionRecord:

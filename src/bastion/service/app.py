@@ -10,6 +10,7 @@ create``, sent as ``Authorization: Bearer <key>`` or ``X-API-Key``):
 ``POST /v1/predict``                        client (quarantine follows the key)
 ``POST /v1/feedback``                       client (its own request ids only)
 ``GET /v1/models``                          reader
+``GET /v1/models/{version}/factsheet``      reader (JSON; ``format=html``: HTML)
 ``POST /v1/models/promote|rollback``        admin
 ``GET /v1/clients/quarantined``             reader
 ``POST /v1/clients/{id}/unquarantine``      admin (audited)
@@ -77,6 +78,7 @@ RULES = RouteRules([
     ("POST", "/v1/models/rollback", ADMIN), ("GET", "/v1/events", READER),
     ("GET", "/v1/dashboard/data", READER), ("GET", "/metrics", READER),
     ("GET", "/v1/clients/quarantined", READER),
+    ("GET", "/v1/models/{version}/factsheet", READER),
     ("POST", "/v1/clients/{client_id}/unquarantine", ADMIN),
 ])
 

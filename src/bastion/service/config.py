@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from bastion.errors import BastionError
+from bastion.runtime.alerting import AlertingConfig
+from bastion.runtime.fairness import FairnessSettings
 from bastion.runtime.guard import GuardPolicy
 from bastion.runtime.healing import HealingPolicy
 from bastion.web.limits import HttpLimits
@@ -59,6 +61,16 @@ class ServiceConfig(BaseModel):
     - ``limits``: timeouts, connection cap, per-key rate limit, in-flight cap and deadline
       (:class:`~bastion.web.limits.HttpLimits`; ``limits: {rate_limit_per_s: 20}`` in a
       config file).
+    - ``explain_rate_per_s``, ``explain_burst``, ``explain_max_batch``: the separate,
+      lower budget of ``POST /v1/predict`` with ``explain: true`` per client (``0``:
+      explanations off) and its batch cap.
+    - ``alerting``: receivers the alerts go out to (Alertmanager webhook, signed JSON
+      webhook, Slack; :class:`~bastion.runtime.alerting.AlertingConfig`), delivered by
+      a background worker per receiver with retries.
+    - ``fairness``: for a tabular model, the protected input column whose groups the
+      ``fairness`` monitor compares (selection and error rates, with intervals; see
+      :mod:`bastion.runtime.fairness`); add a rule ``{monitor: fairness, actions:
+      [alert]}`` (in the default policy) to alert on it.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -90,6 +102,11 @@ class ServiceConfig(BaseModel):
     key_refresh_s: float = Field(default=2.0, gt=0.0, le=3600.0)
     max_queue_rows: int = Field(default=1024, ge=1)
     limits: HttpLimits = Field(default_factory=HttpLimits)
+    explain_rate_per_s: float = Field(default=0.5, ge=0.0)
+    explain_burst: int = Field(default=5, ge=1, le=10_000)
+    explain_max_batch: int = Field(default=16, ge=1, le=1024)
+    alerting: AlertingConfig = Field(default_factory=AlertingConfig)
+    fairness: FairnessSettings | None = None
     seed: int = 0
 
     @classmethod

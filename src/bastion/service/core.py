@@ -52,13 +52,9 @@ DIGEST_TAG = "bastion.sha256"
 
 def folder_digest(folder: Path) -> str:
     """SHA-256 over a model folder's files (names and contents), in name order."""
-    from bastion._util import safe_files
+    from bastion._util import folder_digest as digest
 
-    h = hashlib.sha256()
-    for p in safe_files(folder):  # refuses links: nothing outside the folder is read
-        h.update(str(p.relative_to(folder)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+    return digest(folder)
 
 
 def model_folder(spec: str) -> Path:
@@ -422,7 +418,20 @@ class BastionService:
         self.guard: GuardedModel
         self._controller: Any = None
         self._cursor = self.store.last_id()
+        self.metrics.watch_store(self.store)
+        from bastion.web.limits import TokenBuckets
+
+        self._explain_lock = threading.Lock()
+        self._explain_buckets = TokenBuckets(max(config.explain_rate_per_s, 1e-9),
+                                             config.explain_burst)
+        self.alerts: Any = None
+        if config.alerting.receivers:
+            from bastion.runtime.alerting import AlertDispatcher
+
+            self.alerts = AlertDispatcher(self.store, config.alerting,
+                                          model_name=self.model_name)
         self.sync_models(force=True)
+        self._fairness_monitors()  # a bad fairness section fails here, at start-up
         last = self.store.recent(ev.HEALING_STEP, 1)
         if last:
             self.metrics.observe_event(ev.HEALING_STEP, last[0].payload)
@@ -460,6 +469,7 @@ class BastionService:
                 dets = {"outlier": KnnOutlierDetector(seed=c.seed).fit(x[idx[:cut]]).calibrate(
                     x[idx[cut:]], fpr=c.fpr), **dets}
             self._record_reference_scores(dets, x)
+            self._record_calibration(dets, x, cv)
         return GuardedModel(champion, detectors=dets, policy=c.policy, fallback=fallback,
                             extraction_detector=self.extraction, store=self.store,
                             model_version=cv, fallback_version=fv, max_batch=c.max_batch)
@@ -483,6 +493,28 @@ class BastionService:
             if len(s) == len(x_cal) and np.all(np.isfinite(s)):
                 ref[name] = [round(float(v), 6) for v in s]
         self.store.set_state(REFERENCE_SCORES_KEY, ref)
+
+    def _record_calibration(self, dets: dict[str, Any], x: np.ndarray, cv: int) -> None:
+        """Record each detector's threshold, the target false-positive rate and the rate
+        observed on the clean calibration split (the 40% it was calibrated on: in-sample,
+        so close to the target by construction), for this version's factsheet."""
+        from bastion.runtime.factsheet import calibration_key
+
+        idx = np.random.default_rng(self.config.seed).permutation(len(x))
+        x_cal = x[idx[int(0.6 * len(x)):]]
+        out: dict[str, Any] = {}
+        for name, det in dets.items():
+            thr = getattr(det, "threshold_", None)
+            try:
+                s = np.asarray(det.score(x_cal), dtype=np.float64).ravel()
+            except Exception:
+                s = np.asarray([])
+            k = int((s > thr).sum()) if thr is not None and len(s) else 0
+            out[name] = {"threshold": thr, "n": int(len(s)), "flagged": k,
+                         "observed_fpr": round(k / len(s), 4) if len(s) else None,
+                         "split": "calibration (in-sample)"}
+        self.store.set_state(calibration_key(self.model_name, cv), {
+            "target_fpr": self.config.fpr, "detectors": out, "at": time.time()})
 
     def sync_models(self, *, force: bool = False) -> bool:
         """Load the registry's champion and fallback when they changed; return whether
@@ -526,6 +558,61 @@ class BastionService:
         out = self._coalescer.predict(self.guard, x, client_id)
         self._count(out)
         return out
+
+    def explain_budget(self, client_id: str) -> float:
+        """Take one explanation from ``client_id``'s budget: 0.0 when granted, else the
+        seconds until one is (``inf``: explanations are off)."""
+        if self.config.explain_rate_per_s <= 0:
+            return float("inf")
+        with self._explain_lock:
+            return self._explain_buckets.take(client_id)
+
+    def explain(self, x: np.ndarray, decisions: list[GuardDecision], *,
+                client_id: str) -> list[dict[str, Any]]:
+        """An attribution per input, by the model that answered it (the champion for a
+        blocked input). A flagged or blocked input's explanation also gets its nearest
+        clean reference input's attribution for the same class, and both are recorded
+        as an ``explanation`` event (the dashboard shows them side by side)."""
+        from bastion.evaluate.explain import explain
+
+        x = np.asarray(getattr(x, "array", x), dtype=np.float32)
+        with self._lock:
+            models = {"champion": self._champion, "fallback": self._fallback}
+        out: list[dict[str, Any] | None] = [None] * len(decisions)
+        ref = np.asarray(self.data.x_train[: self.config.reference_limit], dtype=np.float32)
+        for name in ("champion", "fallback"):
+            idx = [i for i, d in enumerate(decisions)
+                   if (d.answered_by if d.answered_by != "none" else "champion") == name]
+            if not idx or models[name] is None:
+                continue
+            exps = explain(models[name], x[idx], seed=self.config.seed)
+            for i, e in zip(idx, exps, strict=True):
+                out[i] = {**e.as_dict(), "explained_model": name, "reference": None}
+            flagged = [i for i in idx if decisions[i].verdict != "allow"]
+            if not flagged:
+                continue
+            flat = ref.reshape(len(ref), -1)
+            near = []
+            for i in flagged:
+                dist = np.linalg.norm(flat - x[i].reshape(1, -1), axis=1)
+                near.append((int(dist.argmin()), float(dist.min())))
+            ref_exps = explain(models[name], ref[[j for j, _ in near]],
+                               targets=[out[i]["target"] for i in flagged],  # type: ignore[index]
+                               seed=self.config.seed)
+            events = []
+            for i, (j, dist), re_ in zip(flagged, near, ref_exps, strict=True):
+                r = {"index": j, "label": int(self.data.y_train[j]), "distance": round(dist, 5),
+                     "attribution": re_.as_dict()["attribution"]}
+                out[i]["reference"] = r  # type: ignore[index]
+                events.append({"kind": ev.EXPLANATION, "client_id": client_id,
+                               "request_id": decisions[i].request_id,
+                               "model_version": decisions[i].model_version,
+                               "payload": {**out[i], "verdict": decisions[i].verdict,  # type: ignore[dict-item]
+                                           "shape": list(x.shape[1:]),
+                                           "reference": {**r, "reference_input": np.round(
+                                               ref[j], 5).tolist()}}})
+            self.store.append_many(events)
+        return [o for o in out if o is not None]
 
     def _count(self, out: list[GuardDecision]) -> None:
         """The prediction metrics of one answered batch."""
@@ -610,7 +697,7 @@ class BastionService:
             def monitors(ctl: Any) -> list[Any]:
                 # the defaults, rebuilt by the controller after each promotion, with the
                 # per-client monitor judged against the other clients
-                mons = ctl.default_monitors()
+                mons = ctl.default_monitors() + self._fairness_monitors()
                 if not relative:
                     return list(mons)
                 return [RelativeClientAlertMonitor(
@@ -623,6 +710,19 @@ class BastionService:
                                                  monitor_factory=monitors)
         return self._controller
 
+    def _fairness_monitors(self) -> list[Any]:
+        """The group-fairness monitor for the champion, when ``fairness`` is set."""
+        if self.config.fairness is None:
+            return []
+        from bastion.runtime.fairness import build_fairness_monitor
+
+        with self._lock:
+            champion = self._champion
+        return [build_fairness_monitor(self.config.fairness,
+                                       feature_names=self.data.feature_names,
+                                       champion=champion, x_hold=self.data.x_test,
+                                       y_hold=self.data.y_test)]
+
     def heal_once(self) -> Any:
         """One controller step (serialised), then pick up any new champion."""
         with self._heal_lock:
@@ -634,8 +734,11 @@ class BastionService:
 
     # -- background -----------------------------------------------------------------
     def tail_events(self) -> None:
-        """Feed new alert/audit/model-change/healing events into the metrics."""
-        kinds = [ev.ALERT, ev.AUDIT, ev.MODEL_CHANGE, ev.HEALING_STEP]
+        """Feed new alert/audit/model-change/healing/delivery events into the metrics
+        and hand new alerts to the receivers (queued: never waits for one)."""
+        if self.alerts is not None:
+            self.alerts.poll()
+        kinds = [ev.ALERT, ev.AUDIT, ev.MODEL_CHANGE, ev.HEALING_STEP, ev.DELIVERY]
         while True:
             batch = self.store.query(kinds=kinds, after_id=self._cursor, limit=500)
             if not batch:
@@ -645,6 +748,7 @@ class BastionService:
             self._cursor = batch[-1].id
         q = self.store.get_state(STATE_QUARANTINE, []) or []
         self.metrics.quarantined.set(len(q))
+        self.metrics.fallback_active.set(1.0 if self.traffic() == "fallback" else 0.0)
 
     def _loop(self) -> None:
         c = self.config
@@ -665,7 +769,8 @@ class BastionService:
     def start(self) -> None:
         """Start the background loop (alias polling, healing, metrics from events)."""
         if self._thread is None and (self.config.reload_interval_s > 0
-                                     or self.config.heal_interval_s > 0):
+                                     or self.config.heal_interval_s > 0
+                                     or self.alerts is not None):
             self._thread = threading.Thread(target=self._loop, name="bastion-service",
                                             daemon=True)
             self._thread.start()
@@ -676,6 +781,8 @@ class BastionService:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        if self.alerts is not None:
+            self.alerts.close()
         self.store.close()
 
     # -- views ----------------------------------------------------------------------

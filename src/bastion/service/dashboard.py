@@ -79,6 +79,8 @@ def dashboard_data(svc: Any, *, buckets: int = 40, models: s.ModelsResponse,
             if mon in drift and isinstance(val, int | float) and math.isfinite(val):
                 drift[mon].append(s.Point(t=e.ts, v=min(10.0, -math.log10(max(val, 1e-10)))))
     alerts = [_strip(e) for e in store.query(kinds=ev.ALERT, limit=50, newest_first=True)]
+    explanations = [_strip(e) for e in store.query(kinds=ev.EXPLANATION, limit=6,
+                                                    newest_first=True)]
     # the LLM guard proxy may share this store: its policy decisions are not healing steps
     healing = [_strip(e) for e in store.query(kinds=[ev.AUDIT, ev.MODEL_CHANGE], limit=300,
                                               newest_first=True)
@@ -86,4 +88,5 @@ def dashboard_data(svc: Any, *, buckets: int = 40, models: s.ModelsResponse,
     return s.DashboardData(
         now=now, bucket_s=bucket_s, traffic=traffic,
         drift=[s.Series(name=k, points=v) for k, v in drift.items()],
-        accuracy=accuracy, alerts=alerts, healing=healing, models=models, health=health)
+        accuracy=accuracy, alerts=alerts, healing=healing, models=models, health=health,
+        explanations=explanations)

@@ -17,6 +17,21 @@ from bastion.web.metrics import ChildCache
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+class _StoreErrors:
+    """A collector reading the event store's failed-write count at scrape time."""
+
+    def __init__(self) -> None:
+        self.store: Any = None
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        c = CounterMetricFamily("bastion_event_store_errors",
+                                "Failed writes to the event store", labels=[])
+        c.add_metric([], float(getattr(self.store, "write_errors", 0)))
+        yield c
+
+
 class ServiceMetrics:
     """The service's metrics; ``render()`` gives the exposition text."""
 
@@ -68,6 +83,15 @@ class ServiceMetrics:
                                "deadline, 431 head too large; 0: connection closed)",
                                ["reason", "status"], registry=r)
 
+        self.fallback_active = Gauge("bastion_traffic_on_fallback",
+                                     "1 while traffic goes to the fallback model", registry=r)
+        self.deliveries = Counter("bastion_alert_deliveries_total",
+                                  "Alert delivery attempts by receiver and outcome "
+                                  "(delivered, retrying, failed, dropped, abandoned, "
+                                  "deduplicated)", ["receiver", "outcome"], registry=r)
+        self._store_errors = _StoreErrors()
+        r.register(self._store_errors)
+
         # children of the request-path metrics, by label values (``labels()`` validates
         # and locks on every call)
         self._child = ChildCache().child
@@ -92,6 +116,10 @@ class ServiceMetrics:
         """Count one refusal by a limit (the ``on_reject`` of :mod:`bastion.web.limits`)."""
         self._child(self.limited, reason, str(status)).inc()
 
+    def watch_store(self, store: Any) -> None:
+        """Export ``store.write_errors`` as ``bastion_event_store_errors_total``."""
+        self._store_errors.store = store
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -101,7 +129,11 @@ class ServiceMetrics:
         if payload.get("surface") == "llm":
             return
         if kind == "alert":
-            self.alerts.labels(str(payload.get("monitor", "unknown"))).inc()
+            if payload.get("status") != "resolved":
+                self.alerts.labels(str(payload.get("monitor", "unknown"))).inc()
+        elif kind == "delivery":
+            self.deliveries.labels(str(payload.get("receiver") or "none"),
+                                   str(payload.get("outcome", "unknown"))).inc()
         elif kind == "audit":
             self.healing.labels(str(payload.get("action", "unknown")),
                                 "true" if payload.get("done") else "false").inc()

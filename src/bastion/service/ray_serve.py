@@ -363,7 +363,7 @@ def _prepare(cfg: ServiceConfig) -> ServiceConfig:
     from bastion.data import load_data
     from bastion.registry.models import ModelRegistry
     from bastion.registry.tracking import default_tracking_uri
-    from bastion.runtime.events import EventStore
+    from bastion.store.events import EventStore
     from bastion.service.core import default_model_name, ensure_champion
 
     check_ray_config(cfg)

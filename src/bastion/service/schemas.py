@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from bastion.web.errors import ErrorBody as ErrorBody
 from bastion.web.errors import ErrorResponse as ErrorResponse
@@ -35,6 +35,33 @@ class PredictRequest(_Request):
         default=None, pattern=CLIENT_ID_PATTERN,
         description="A label for who is asking, in open mode only (also X-Client-Id); "
                     "with API keys the key names the client.")
+    explain: StrictBool = Field(
+        default=False, description="Also return an attribution per input (integrated "
+        "gradients for torch models, KernelSHAP otherwise); rate-limited per client "
+        "(explain_rate_per_s) and at most explain_max_batch inputs.")
+
+
+class ReferenceOut(BaseModel):
+    """The clean reference input nearest to a flagged input, and its attribution."""
+
+    index: int
+    label: int
+    distance: float
+    attribution: list[Any]
+
+
+class ExplanationOut(BaseModel):
+    """One input's attribution (same shape as the input)."""
+
+    method: Literal["integrated_gradients", "kernel_shap"]
+    target: int
+    attribution: list[Any]
+    baseline: str
+    convergence_delta: float | None = None
+    explained_model: Literal["champion", "fallback"]
+    reference: ReferenceOut | None = Field(
+        default=None, description="For a flagged or blocked input: the nearest clean "
+        "reference input's attribution for the same class.")
 
 
 class ReasonOut(BaseModel):
@@ -75,6 +102,8 @@ class PredictResponse(BaseModel):
     probabilities: list[list[float] | None]
     verdicts: list[Literal["allow", "flag", "block"]]
     predictions: list[PredictionOut]
+    explanations: list[ExplanationOut] | None = Field(
+        default=None, description="With explain: true, one per input.")
 
 
 class FeedbackItem(_Request):
@@ -211,6 +240,7 @@ class DashboardData(BaseModel):
     accuracy: list[Series]
     alerts: list[EventOut]
     healing: list[EventOut]
+    explanations: list[EventOut] = Field(default_factory=list)
     models: ModelsResponse
     health: HealthResponse
 
@@ -234,7 +264,8 @@ def predict_response_json(model_version: str | None, client_id: str, decisions: 
             "request_ids": [p["request_id"] for p in preds],
             "labels": [p["label"] for p in preds],
             "probabilities": [p["probabilities"] for p in preds],
-            "verdicts": [p["verdict"] for p in preds], "predictions": preds}
+            "verdicts": [p["verdict"] for p in preds], "predictions": preds,
+            "explanations": None}
     # numpy scalars (a custom detector's score) are written as numbers too
     return orjson.dumps(body, default=_reason_fields, option=orjson.OPT_SERIALIZE_NUMPY)
 

@@ -75,9 +75,14 @@ MODEL_CHANGE = "model_change"
 HEALING_STEP = "healing_step"
 #: a decision with its evidence (monitor, numbers, gate)
 AUDIT = "audit"
+#: one attempt to deliver an alert to a receiver (see :mod:`bastion.runtime.alerting`)
+DELIVERY = "delivery"
+#: the attribution of a flagged input, beside its nearest clean reference
+EXPLANATION = "explanation"
 
 EVENT_KINDS: tuple[str, ...] = (
-    PREDICTION, VERDICT, FEEDBACK, ALERT, MODEL_CHANGE, HEALING_STEP, AUDIT,
+    PREDICTION, VERDICT, FEEDBACK, ALERT, MODEL_CHANGE, HEALING_STEP, AUDIT, DELIVERY,
+    EXPLANATION,
 )
 
 DEFAULT_URL = "sqlite:///bastion-events.db"
@@ -319,6 +324,8 @@ class EventStore:
         self._queue: list[_Pending] = []
         self._leader = False  # a caller is writing a group (or being handed the lead)
         self._closed = False
+        #: failed writes so far (the service's ``bastion_event_store_errors_total``)
+        self.write_errors = 0
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme in _PG_SCHEMES:
             self.backend = "postgresql"
@@ -579,6 +586,7 @@ class EventStore:
         return [int(conn.execute(self._INSERT, r).lastrowid) for r in rows]
 
     def _write_error(self, exc: BaseException) -> BastionError:
+        self.write_errors += 1
         if isinstance(exc, BastionError):
             return exc
         return BastionError(f"cannot write to the event store {self.path}: "

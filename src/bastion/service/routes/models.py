@@ -1,10 +1,12 @@
-"""``GET /v1/models`` (reader) and ``POST /v1/models/promote|rollback`` (admin)."""
+"""``GET /v1/models`` and ``GET /v1/models/{version}/factsheet`` (reader),
+``POST /v1/models/promote|rollback`` (admin)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from bastion.errors import BastionError
 from bastion.service import schemas as s
@@ -60,3 +62,28 @@ def rollback(body: s.RollbackRequest | None = None, ident: Identity = require_ro
     except BastionError as exc:
         raise _registry_error(exc) from None
     return _alias_answer(svc)
+
+
+@router.get("/v1/models/{version}/factsheet", responses={
+    **AUTH_RESPONSES, 404: {"model": ErrorResponse, "description": "Unknown version"},
+    200: {"content": {"application/json": {}, "text/html": {}},
+          "description": "The version's factsheet (JSON, or HTML with format=html)"}})
+def factsheet(version: int, format: Literal["json", "html"] = "json",
+              ident: Identity = require_role("reader"),
+              svc: Any = Depends(get_service)) -> Response:
+    """The factsheet of a model version, built now from the registry and the event store
+    (:mod:`bastion.runtime.factsheet`)."""
+    from bastion.runtime.factsheet import build_factsheet, render_factsheet_html
+
+    if version < 1:
+        raise ApiError(404, "unknown_version", f"model {svc.model_name!r} has no version "
+                       f"{version}")
+    try:
+        doc = build_factsheet(svc.registry, version, store=svc.store)
+    except BastionError as exc:
+        raise _registry_error(exc) from None
+    if format == "html":
+        return HTMLResponse(render_factsheet_html(doc), headers={
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+            "X-Content-Type-Options": "nosniff"})
+    return JSONResponse(doc)

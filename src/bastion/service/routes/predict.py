@@ -3,6 +3,7 @@ well-formed requests first, through the same check)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -36,6 +37,22 @@ def predict(body: s.PredictRequest, request: Request,
         x = svc.prepare_inputs(body.inputs)
     except InputError as exc:
         raise input_error(exc) from None
+    if body.explain:
+        cap = svc.config.explain_max_batch
+        if len(x) > cap:
+            raise ApiError(413, "batch_too_large", f"explain: true takes at most {cap} "
+                           f"inputs per request, got {len(x)}", {"limit": cap})
+        wait = svc.explain_budget(cid)
+        if wait == float("inf"):
+            raise ApiError(403, "explain_disabled", "explanations are off on this service "
+                           "(explain_rate_per_s: 0)")
+        if wait > 0:
+            retry = max(1, math.ceil(wait))
+            svc.metrics.limit("explain_rate", 429)
+            raise ApiError(429, "explain_rate_limited", f"explanation budget used up for "
+                           f"client {cid}; retry in {retry} s (explain_rate_per_s "
+                           f"{svc.config.explain_rate_per_s})", {"retry_after_s": retry},
+                           headers={"Retry-After": str(retry)})
     try:
         out = svc.predict(x, client_id=cid)
     except Overloaded as exc:
@@ -46,6 +63,12 @@ def predict(body: s.PredictRequest, request: Request,
         raise ApiError(422, "bad_inputs", str(exc)) from None
     # the PredictResponse schema, serialised directly: validating our own answer again
     # through the response model cost more than the guard itself
-    return Response(s.predict_response_json(
-        None if svc.champion_version is None else str(svc.champion_version), cid, out),
-        media_type="application/json")
+    data = s.predict_response_json(
+        None if svc.champion_version is None else str(svc.champion_version), cid, out)
+    if body.explain:
+        import orjson
+
+        doc = orjson.loads(data)
+        doc["explanations"] = svc.explain(x, out, client_id=cid)
+        data = orjson.dumps(doc)
+    return Response(data, media_type="application/json")

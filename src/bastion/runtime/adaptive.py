@@ -1,0 +1,171 @@
+"""A defense that adapts: a contextual bandit choosing the healing action per kind of
+attack from the outcomes recorded after earlier choices.
+
+The fixed policy maps every signal to the same actions. With ``adaptive.enabled`` in the
+:class:`~bastion.runtime.healing.HealingPolicy`, the controller asks
+:class:`AdaptiveChooser` instead, for every monitor listed in ``adaptive.actions``:
+
+- **context**: the kind of attack, i.e. the monitor that fired (``client_alert_rate``: one
+  client's evasion or extraction campaign, ``alert_rate``: flagged traffic overall,
+  ``input_drift``, ``accuracy``: wrong answers or poisoned feedback);
+- **arms**: the candidate actions for that context (``none``, ``quarantine_client``,
+  ``switch_to_fallback``, ``retrain``); ``alert`` still follows the rules;
+- **safe exploration**: an arm whose preconditions fail is never offered (no fallback
+  alias, a signal naming no client, too few labels for a retrain or its cooldown not over:
+  the cases the controller would refuse or defer), so exploring never tries an action
+  Bastion would refuse;
+- **outcome**: the harm observed between this step and the next (:func:`observed_harm`):
+  answers the feedback labels say were wrong, blocked requests whose client labelled them
+  anyway (it wanted an answer), and flagged inputs the champion answered that nobody
+  labelled (the visible trace of an evasion), per request;
+- **learning**: discounted Thompson sampling (Gaussian posterior of each arm's mean harm,
+  old outcomes weighed down by ``discount`` per update, so a campaign that changes is
+  followed). An arm never tried is sampled from the prior (mean ``prior_harm``).
+
+Every choice is an ``audit`` event (action ``adaptive_choice``) with the context, the arms
+offered and excluded (with why), each arm's posterior mean, count and sample, and the arm
+chosen; every settled outcome is an ``audit`` event ``adaptive_outcome``. The statistics
+live in the store's state (``adaptive:<model>``), so they survive a restart.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from bastion.store import events as ev
+
+Arm = Literal["none", "quarantine_client", "switch_to_fallback", "retrain"]
+STATE_ADAPTIVE = "adaptive"
+
+__all__ = ["AdaptiveChooser", "AdaptiveSettings", "observed_harm"]
+
+
+def _default_arms() -> dict[str, list[Arm]]:
+    return {"client_alert_rate": ["none", "quarantine_client", "switch_to_fallback"],
+            "alert_rate": ["none", "switch_to_fallback"],
+            "input_drift": ["none", "switch_to_fallback", "retrain"],
+            "accuracy": ["none", "retrain", "switch_to_fallback"]}
+
+
+class AdaptiveSettings(BaseModel):
+    """``enabled``; ``actions``: the arms per monitor; ``discount`` of old outcomes per
+    update; ``prior_harm`` and ``prior_sd``: the prior of an untried arm; ``seed``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    actions: dict[str, list[Arm]] = Field(default_factory=_default_arms)
+    discount: float = Field(default=0.9, gt=0.0, le=1.0)
+    prior_harm: float = Field(default=0.0, ge=0.0)
+    prior_sd: float = Field(default=0.3, gt=0.0)
+    noise_sd: float = Field(default=0.15, gt=0.0)
+    seed: int = 0
+
+
+def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int,
+                  suspect_weight: float = 0.5) -> dict[str, Any]:
+    """Harm visible in ``(after_id, upto_id]``, per answered request:
+
+    - ``wrong``: labelled answers the label disagrees with;
+    - ``blocked``: requests answered with nothing (blocked, quarantined) that their
+      client labelled anyway (it wanted an answer);
+    - ``suspect``: unlabelled inputs the detectors flagged that the champion answered
+      anyway (attackers do not label their inputs: a flagged input answered by the
+      champion is the visible trace of a possibly successful evasion), weighed by
+      ``suspect_weight``.
+
+    ``harm`` = (wrong + blocked + suspect_weight * suspect) / n, None without requests.
+    """
+    from bastion.runtime.monitors import labelled_feedback
+
+    wrong = blocked = 0
+    labelled: set[str] = set()
+    for p, f in labelled_feedback(store, after_id=after_id, upto_id=upto_id, limit=None):
+        labelled.add(str(p.request_id))
+        served = p.payload.get("label")
+        if served is None or p.payload.get("verdict") == "block":
+            blocked += 1
+        elif int(served) != int(f.payload["label"]):
+            wrong += 1
+    n = suspect = 0
+    for p in store.query(kinds=ev.PREDICTION, after_id=after_id, before_id=upto_id,
+                         limit=None):
+        n += 1
+        pl = p.payload
+        if str(p.request_id) not in labelled and pl.get("verdict") == "flag" and \
+                pl.get("label") is not None and pl.get("answered_by") == "champion":
+            suspect += 1
+    return {"wrong": wrong, "blocked": blocked, "suspect": suspect, "n": n,
+            "n_labelled": len(labelled),
+            "harm": None if n == 0 else (wrong + blocked + suspect_weight * suspect) / n}
+
+
+class AdaptiveChooser:
+    """See the module docs. ``state`` is the persisted dict (``arms``: per context and
+    arm ``[weight, weighted sum, weighted sum of squares]``; ``pending``: choices waiting
+    for their outcome)."""
+
+    def __init__(self, settings: AdaptiveSettings, state: dict[str, Any] | None = None
+                 ) -> None:
+        self.s = settings
+        st = dict(state or {})
+        self.arms: dict[str, dict[str, list[float]]] = {
+            c: {a: list(map(float, v)) for a, v in arms.items()}
+            for c, arms in (st.get("arms") or {}).items()}
+        self.pending: list[dict[str, Any]] = list(st.get("pending") or [])
+        self.steps = int(st.get("steps", 0))
+
+    def state(self) -> dict[str, Any]:
+        # choices still waiting for labels: the latest 100 (the state stays small)
+        return {"arms": self.arms, "pending": self.pending[-100:], "steps": self.steps}
+
+    def posterior(self, context: str, arm: str) -> tuple[float, float, float]:
+        """``(mean, sd, weight)`` of the arm's mean harm."""
+        w, s1, _ = self.arms.get(context, {}).get(arm, [0.0, 0.0, 0.0])
+        p0 = 1.0 / self.s.prior_sd ** 2
+        pn = w / self.s.noise_sd ** 2
+        mean = (p0 * self.s.prior_harm + (s1 / max(w, 1e-12)) * pn) / (p0 + pn) if w else \
+            self.s.prior_harm
+        return mean, math.sqrt(1.0 / (p0 + pn)), w
+
+    def choose(self, context: str, offered: list[str], excluded: dict[str, str]
+               ) -> tuple[str, dict[str, Any]]:
+        """Thompson sampling over ``offered``; returns ``(arm, reasoning)``."""
+        import zlib
+
+        # seeded by the step and the context (crc32: str hashes change per process)
+        rng = np.random.default_rng([self.s.seed, self.steps, len(self.pending),
+                                     zlib.crc32(context.encode())])
+        table = {}
+        for a in offered:
+            mean, sd, w = self.posterior(context, a)
+            table[a] = {"mean_harm": round(mean, 4), "sd": round(sd, 4),
+                        "weight": round(w, 3), "sample": round(float(rng.normal(mean, sd)), 4)}
+        arm = min(offered, key=lambda a: (table[a]["sample"], a))
+        return arm, {"context": context, "offered": table, "excluded": excluded,
+                     "chosen": arm, "rule": "lowest sampled harm (Thompson sampling)"}
+
+    def settle(self, harm: dict[str, Any]) -> list[dict[str, Any]]:
+        """Give the observed ``harm`` to every pending choice; return what was settled."""
+        if harm.get("harm") is None or not self.pending:
+            return []
+        d = self.s.discount
+        done = []
+        for p in self.pending:
+            ctx = self.arms.setdefault(p["context"], {})
+            for a in ctx.values():  # forget slowly: campaigns change
+                a[0] *= d
+                a[1] *= d
+                a[2] *= d
+            h = float(harm["harm"])
+            v = ctx.setdefault(p["arm"], [0.0, 0.0, 0.0])
+            v[0] += 1.0
+            v[1] += h
+            v[2] += h * h
+            done.append({**p, "harm": h, "n_labelled": harm["n"]})
+        self.pending = []
+        return done

@@ -1,0 +1,130 @@
+"""The adaptive defense: a contextual bandit over recorded outcomes picks the healing action
+per kind of attack, never offers an action the controller would refuse, learns from the
+harm visible in feedback labels, and writes its reasoning to the audit log."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bastion.store import events as ev
+from bastion.runtime.adaptive import AdaptiveChooser, AdaptiveSettings, observed_harm
+from bastion.runtime.guard import STATE_QUARANTINE
+from bastion.runtime.healing import HealingController, HealingPolicy, Rule
+from bastion.runtime.monitors import Signal
+from bastion.runtime.retrain import RetrainPipeline
+
+
+class Switch:
+    """A monitor whose signal the test sets (the controller and store are real)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.client = name, None
+        self.on = False
+
+    def evaluate(self, store, *, after_id, upto_id):
+        return [Signal(monitor=self.name, fired=self.on, client_id=self.client,
+                       message=f"{self.name} {'fired' if self.on else 'quiet'}")]
+
+
+def test_chooser_learns_the_less_harmful_arm_and_forgets_slowly():
+    s = AdaptiveSettings(enabled=True, seed=0, discount=0.9)
+    ch = AdaptiveChooser(s)
+    picks = []
+    for _ in range(40):
+        arm, why = ch.choose("evasion", ["none", "quarantine_client"], {})
+        picks.append(arm)
+        ch.pending.append({"context": "evasion", "monitor": "m", "arm": arm})
+        ch.settle({"harm": 0.6 if arm == "none" else 0.05, "n": 50})
+        ch.steps += 1
+    assert set(picks[:6]) == {"none", "quarantine_client"}  # both explored early
+    assert picks[-15:].count("quarantine_client") >= 13
+    m_none, _, w_none = ch.posterior("evasion", "none")
+    m_q, _, w_q = ch.posterior("evasion", "quarantine_client")
+    # an arm left alone drifts back towards the (optimistic) prior: it gets re-explored
+    assert m_q < 0.15 and m_none > m_q + 0.15 and w_q <= 1 / (1 - 0.9) + 1e-6
+    assert set(why["offered"]) == {"none", "quarantine_client"} and why["chosen"] in why[
+        "offered"]
+    # the campaign changes: quarantine stops helping; the discount lets the bandit follow
+    for _ in range(40):
+        arm, _ = ch.choose("evasion", ["none", "quarantine_client"], {})
+        picks.append(arm)
+        ch.pending.append({"context": "evasion", "monitor": "m", "arm": arm})
+        ch.settle({"harm": 0.1 if arm == "none" else 0.7, "n": 50})
+        ch.steps += 1
+    assert picks[-15:].count("none") >= 13
+    # no labels: nothing settles
+    ch.pending.append({"context": "evasion", "monitor": "m", "arm": "none"})
+    assert ch.settle({"harm": None, "n": 0}) == [] and len(ch.pending) == 1
+
+
+def test_controller_explores_safely_and_audits_its_reasoning(tmp_path, mlflow_uri, zoo_digits,
+                                                             splits):
+    from bastion.registry.models import ModelRegistry
+
+    model, folder = zoo_digits
+    store = ev.EventStore(f"sqlite:///{tmp_path / 'events.db'}")
+    reg = ModelRegistry("adaptive-test", tracking_uri=mlflow_uri, store=store)
+    v1 = reg.register(folder)
+    reg.promote(v1, reason="baseline", actor="test")
+    client_mon, rate_mon = Switch("client_alert_rate"), Switch("alert_rate")
+    pol = HealingPolicy(rules=[Rule(monitor="client_alert_rate", actions=["alert"]),
+                               Rule(monitor="alert_rate", actions=["alert"])],
+                        adaptive=AdaptiveSettings(enabled=True, seed=1, actions={
+                            "client_alert_rate": ["none", "quarantine_client",
+                                                  "switch_to_fallback"],
+                            "alert_rate": ["none", "switch_to_fallback"]}))
+    ctl = HealingController(pol, store, reg, RetrainPipeline(splits[0], splits[1]),
+                            monitors=[client_mon, rate_mon])
+    # no fallback alias and a signal naming no client: only "none" is safe
+    rate_mon.on = True
+    ctl.step()
+    choice = [e.payload for e in store.query(kinds=ev.AUDIT, limit=None)
+              if e.payload["action"] == "adaptive_choice"]
+    assert len(choice) == 1
+    why = choice[0]["evidence"]["adaptive"]
+    assert why["chosen"] == "none" and set(why["offered"]) == {"none"}
+    assert why["excluded"] == {"switch_to_fallback": "no 'fallback' alias in the registry"}
+    assert store.get_state("traffic", "champion") == "champion"
+    # a client signal can quarantine; with a fallback alias, switching is offered
+    reg.set_alias("fallback", v1, reason="test", actor="test")
+    rate_mon.on, client_mon.on, client_mon.client = False, True, "mallory"
+    # answers with feedback between the steps: 3 of 4 labelled answers were wrong
+    x = splits[2][0][:4]
+    ids = []
+    for i in range(4):
+        ids.append(store.append(ev.PREDICTION, {"label": 1, "verdict": "allow",
+                                                "input": x[i].ravel().tolist()},
+                                request_id=f"r{i}", client_id="alice"))
+        store.append(ev.FEEDBACK, {"label": 1 if i == 0 else 2}, request_id=f"r{i}",
+                     client_id="alice")
+    assert observed_harm(store, after_id=0, upto_id=store.last_id())["harm"] == 0.75
+    # a flagged input the champion answered, unlabelled, is suspect harm (half weight)
+    store.append(ev.PREDICTION, {"label": 3, "verdict": "flag", "answered_by": "champion"},
+                 request_id="adv", client_id="eve")
+    h = observed_harm(store, after_id=0, upto_id=store.last_id())
+    assert h["suspect"] == 1 and h["harm"] == (3 + 0.5) / 5
+    for _ in range(6):
+        ctl.step()
+    outcomes = [e.payload for e in store.query(kinds=ev.AUDIT, limit=None)
+                if e.payload["action"] == "adaptive_outcome"]
+    assert outcomes and outcomes[0]["evidence"]["outcome"]["harm"] == 0.7
+    assert outcomes[0]["evidence"]["outcome"]["arm"] == "none"
+    chosen = [e.payload["evidence"]["adaptive"] for e in store.query(kinds=ev.AUDIT, limit=None)
+              if e.payload["action"] == "adaptive_choice"][1:]
+    assert set(chosen[0]["offered"]) == {"none", "quarantine_client", "switch_to_fallback"}
+    # the bandit tried the untried arms after "none" was followed by harm; once mallory
+    # is quarantined, quarantining again is never offered
+    picked = [c["chosen"] for c in chosen]
+    assert all(p_ in c["offered"] for p_, c in zip(picked, chosen, strict=True))
+    assert "quarantine_client" in picked, picked
+    first = picked.index("quarantine_client")
+    assert "mallory" in store.get_state(STATE_QUARANTINE, [])
+    for c in chosen[first + 1:]:
+        assert "already quarantined" in c["excluded"]["quarantine_client"]
+    # the statistics are in the store for the next controller
+    st = store.get_state("adaptive:adaptive-test")
+    # no labels arrived after the client choices: they wait for their outcome
+    assert st["steps"] == 7 and set(st["arms"]) == {"alert_rate"}
+    assert {p["context"] for p in st["pending"]} == {"client_alert_rate"}
+    assert np.isfinite([v[1] for c in st["arms"].values() for v in c.values()]).all()
+    store.close()
