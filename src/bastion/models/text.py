@@ -91,6 +91,12 @@ class TextModel:
                              max_length=self.max_length, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span of each token of ``text`` (special tokens: ``(0, 0)``)."""
+        enc = self.tokenizer([text], truncation=True, max_length=self.max_length,
+                             return_offsets_mapping=True)
+        return [tuple(int(v) for v in span) for span in enc["offset_mapping"][0]]
+
     def logits_from_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self._logits_from_embeds(self.embedding_layer()(ids), mask)
 
@@ -374,3 +380,120 @@ def load_text_model(path: str | os.PathLike[str]) -> MeanPoolTextModel:
     return MeanPoolTextModel(net, tok, layers=layers, fine_tuned=bool(doc.get("fine_tuned")),
                              n_classes=n, class_names=[str(c) for c in names or range(n)],
                              max_length=int(doc.get("max_length", 64)), name=d.name)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _pooled(net: MeanPoolNet, tok: Any, texts: list[str], max_length: int,
+            batch_size: int = 128) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for i in range(0, len(order), batch_size):
+            chunk = [texts[j] for j in order[i : i + batch_size]]
+            enc = tok(chunk, padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+            emb = net.encoder.get_input_embeddings()(enc["input_ids"])
+            out.append(net.pooled(emb, enc["attention_mask"]))
+    feats = torch.cat(out)
+    back = torch.empty_like(feats)
+    back[torch.tensor(order)] = feats
+    return back
+
+
+def train_text_intent(
+    x_train: Any, y_train: Any, *, n_classes: int, class_names: list[str] | None = None,
+    x_test: Any = None, y_test: Any = None, layers: int = 6, fine_tune: bool = False,
+    epochs: int | None = None, lr: float | None = None, batch_size: int = 64, seed: int = 0,
+    max_length: int = 64, progress: bool = False,
+) -> tuple[MeanPoolTextModel, dict[str, Any]]:
+    """Train the zoo's intent router: MiniLM's first ``layers`` layers, mean pooling and a
+    linear head. ``fine_tune=False`` trains the head on frozen pooled features (computed
+    once); ``fine_tune=True`` trains encoder and head together (much slower on a CPU).
+    Returns the model and ``{"train_accuracy", "test_accuracy", "seconds", ...}``."""
+    import time
+
+    texts = [str(t) for t in x_train]
+    y = torch.as_tensor(np.asarray(y_train, dtype=np.int64))
+    if len(texts) != len(y) or len(texts) == 0:
+        raise ModelError(f"{len(texts)} training texts for {len(y)} labels",
+                         hint="texts and labels must pair up")
+    if int(y.min()) < 0 or int(y.max()) >= n_classes:
+        raise ModelError(f"labels must be in 0..{n_classes - 1}")
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    enc, tok = build_minilm(layers)
+    net = MeanPoolNet(enc, n_classes)
+    gen = torch.Generator().manual_seed(seed)
+    if not fine_tune:
+        epochs = 60 if epochs is None else epochs
+        lr = 1e-2 if lr is None else lr
+        feats = _pooled(net, tok, texts, max_length)
+        opt = torch.optim.Adam(net.head.parameters(), lr=lr, weight_decay=1e-5)
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y), 256):
+                b = perm[i : i + 256]
+                loss = nn.functional.cross_entropy(net.head(feats[b]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            train_acc = float((net.head(feats).argmax(1) == y).float().mean())
+    else:
+        epochs = 2 if epochs is None else epochs
+        lr = 5e-5 if lr is None else lr
+        opt = torch.optim.AdamW([
+            {"params": net.encoder.parameters(), "lr": lr},
+            {"params": net.head.parameters(), "lr": 1e-3}])
+        net.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=gen).tolist()
+            for i in range(0, len(y), batch_size):
+                b = perm[i : i + batch_size]
+                e = tok([texts[j] for j in b], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+                emb = net.encoder.get_input_embeddings()(e["input_ids"])
+                loss = nn.functional.cross_entropy(net(emb, e["attention_mask"]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        net.eval()
+        with torch.no_grad():
+            feats = _pooled(net, tok, texts, max_length)
+            train_acc = float((net.head(feats).argmax(1) == y).float().mean())
+    model = MeanPoolTextModel(net, tok, layers=layers, fine_tuned=fine_tune,
+                              n_classes=n_classes,
+                              class_names=class_names or [str(i) for i in range(n_classes)],
+                              max_length=max_length, name="text-intent")
+    metrics: dict[str, Any] = {"train_accuracy": train_acc, "layers": layers,
+                               "fine_tuned": fine_tune, "epochs": epochs, "lr": lr,
+                               "n_train": len(texts)}
+    if x_test is not None and y_test is not None:
+        p = model.predict_logits([str(t) for t in x_test]).argmax(1)
+        metrics["test_accuracy"] = float((p == np.asarray(y_test)).mean())
+        model.queries = 0
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    return model, metrics
+
+
+def train_text_from_spec(data_spec: str, out_dir: str | os.PathLike[str] | None, *,
+                         layers: int = 6, fine_tune: bool = False, epochs: int | None = None,
+                         lr: float | None = None, seed: int = 0, label_column: str = "label",
+                         progress: bool = False) -> tuple[MeanPoolTextModel, dict[str, Any]]:
+    """Load a text dataset, train the ``text-intent`` model, save it to ``out_dir``."""
+    from bastion.data.loaders import load_data
+
+    ds = load_data(data_spec, label_column=label_column, seed=seed)
+    if ds.kind != "text":
+        raise ModelError(f"text-intent trains on text data, not {ds.kind} data ({data_spec})",
+                         hint="use clinc150:PATH, jsonl:PATH or text-csv:PATH")
+    model, metrics = train_text_intent(
+        ds.x_train, ds.y_train, n_classes=ds.n_classes, class_names=ds.class_names,
+        x_test=ds.x_test, y_test=ds.y_test, layers=layers, fine_tune=fine_tune,
+        epochs=epochs, lr=lr, seed=seed, progress=progress)
+    metrics["data"] = data_spec
+    if out_dir is not None:
+        save_text_model(model, out_dir, extra={"metrics": metrics})
+    return model, metrics
