@@ -287,6 +287,12 @@ def run_scan(
         seed=seed,
         progress=progress,
     )
+    from bastion.models.text import is_text_model
+
+    if ds.kind == "text" or is_text_model(model):
+        return _run_text_scan(model, ds, model_spec=model_spec, data_spec=data_spec, out=out,
+                              attacks=attacks, limit=limit, attack_options=attack_options,
+                              seed=seed, tracking_uri=tracking_uri, track=track)
     check_dataset_for_model(ds, model)
     x, y = ds.x_test, ds.y_test
     if limit is not None:
@@ -324,6 +330,62 @@ def run_scan(
             metrics[f"robust_accuracy_eps_{k}"] = v
         run.log_metrics(metrics)
         run.set_tags({"bastion.n_warnings": len(report.warnings)})
+        for p in paths.values():
+            run.log_artifact(p, artifact_path="report")
+    warnings.extend(run.warnings)
+    return report, {k: Path(v) for k, v in paths.items()}, warnings
+
+
+#: texts a text scan attacks when --limit is not given (a seeded sample of the test split)
+TEXT_SCAN_DEFAULT_LIMIT = 200
+
+
+def _run_text_scan(model: Any, ds: Any, *, model_spec: str, data_spec: str, out: Path,
+                   attacks: Sequence[str] | None, limit: int | None,
+                   attack_options: dict[str, dict[str, Any]] | None, seed: int,
+                   tracking_uri: str | None, track: bool) -> tuple[Any, dict[str, Path],
+                                                                   list[str]]:
+    """The text branch of :func:`run_scan`: the text cascade on a seeded sample of the
+    test split (``limit`` texts, default :data:`TEXT_SCAN_DEFAULT_LIMIT`)."""
+    import numpy as np
+
+    from bastion.evaluate.text_scan import align_labels, scan_text, write_text_scan_report
+    from bastion.models.text import is_text_model
+    from bastion.registry.tracking import track_run
+
+    if not is_text_model(model):
+        raise BastionError(f"{data_spec} is text data but {model_spec} is not a text model",
+                           hint="scan a text model (hf:FOLDER or bastion train --model "
+                           "text-intent)")
+    if ds.kind != "text":
+        raise BastionError(f"{model_spec} is a text model but {data_spec} is not text data",
+                           hint="use clinc150:PATH, jsonl:PATH or text-csv:PATH")
+    if ds.n_classes > int(model.n_classes) and not getattr(model, "class_names", None):
+        raise BastionError(f"the data has {ds.n_classes} classes but the model predicts "
+                           f"{model.n_classes}", hint="pick the data the model was made for")
+    y_all = align_labels(ds.class_names, model, np.asarray(ds.y_test))
+    if int(y_all.max(initial=0)) >= int(model.n_classes):
+        raise BastionError(f"the data's labels reach {int(y_all.max())} but the model has "
+                           f"{model.n_classes} classes", hint="pick the data the model was "
+                           "made for")
+    n = min(len(ds.x_test), limit or TEXT_SCAN_DEFAULT_LIMIT)
+    pick = np.sort(np.random.default_rng(seed).choice(len(ds.x_test), n, replace=False))
+    texts, y = [str(t) for t in ds.x_test[pick]], y_all[pick]
+    report = scan_text(model, texts, y, attacks=list(attacks) if attacks else None, seed=seed,
+                       attack_options=attack_options)
+    report.data = {"spec": data_spec, "split": "test", "name": ds.name, "sample": n,
+                   "of": int(len(ds.x_test)), "seed": seed}
+    report.model = {**report.model, "spec": model_spec}
+    paths = write_text_scan_report(report, out)
+    params = {"model": model_spec, "data": data_spec, "attacks": ",".join(report.attacks),
+              "limit": n, "seed": seed, "kind": "text"}
+    warnings: list[str] = []
+    with track_run("scan", params=params, tracking_uri=tracking_uri, enabled=track) as run:
+        metrics = {"clean_accuracy": report.clean_accuracy,
+                   "robust_accuracy": report.robust_accuracy["cascade"]}
+        for a in report.per_attack:
+            metrics[f"success_rate_{a['attack']}"] = a["success_rate"]
+        run.log_metrics(metrics)
         for p in paths.values():
             run.log_artifact(p, artifact_path="report")
     warnings.extend(run.warnings)
