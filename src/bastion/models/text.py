@@ -402,15 +402,45 @@ def _pooled(net: MeanPoolNet, tok: Any, texts: list[str], max_length: int,
     return back
 
 
+def pooled_features(model: MeanPoolTextModel, texts: list[str]) -> torch.Tensor:
+    """The frozen encoder's pooled features of ``texts`` (no queries counted)."""
+    return _pooled(model.net, model.tokenizer, [str(t) for t in texts], model.max_length)
+
+
+def fit_head(head: nn.Linear, feats: torch.Tensor, y: torch.Tensor, *, epochs: int,
+             lr: float, seed: int, reset: bool = False) -> None:
+    """Fit a linear head on fixed features with Adam (mini-batches of 256)."""
+    gen = torch.Generator().manual_seed(seed)
+    if reset:
+        torch.manual_seed(seed)
+        head.reset_parameters()
+    head.requires_grad_(True)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-5)
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 256):
+            b = perm[i : i + 256]
+            loss = nn.functional.cross_entropy(head(feats[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    head.requires_grad_(False)
+
+
 def train_text_intent(
     x_train: Any, y_train: Any, *, n_classes: int, class_names: list[str] | None = None,
-    x_test: Any = None, y_test: Any = None, layers: int = 6, fine_tune: bool = False,
+    x_test: Any = None, y_test: Any = None, layers: int = 3, fine_tune: bool = False,
     epochs: int | None = None, lr: float | None = None, batch_size: int = 64, seed: int = 0,
     max_length: int = 64, progress: bool = False,
 ) -> tuple[MeanPoolTextModel, dict[str, Any]]:
     """Train the zoo's intent router: MiniLM's first ``layers`` layers, mean pooling and a
     linear head. ``fine_tune=False`` trains the head on frozen pooled features (computed
     once); ``fine_tune=True`` trains encoder and head together (much slower on a CPU).
+
+    The default, frozen with 3 layers, was measured (``benchmarks/text_zoo_choice.py``, 30
+    CLINC150 intents, 3,000 training texts, one loaded CPU thread): frozen 3 layers 96.0%
+    test accuracy in 109 s, frozen 6 layers 97.0% in 153 s, fine-tuned 3 layers for one
+    epoch 88.7% in 409 s. Three layers cost half as much per query as six.
     Returns the model and ``{"train_accuracy", "test_accuracy", "seconds", ...}``."""
     import time
 
@@ -430,15 +460,7 @@ def train_text_intent(
         epochs = 60 if epochs is None else epochs
         lr = 1e-2 if lr is None else lr
         feats = _pooled(net, tok, texts, max_length)
-        opt = torch.optim.Adam(net.head.parameters(), lr=lr, weight_decay=1e-5)
-        for _ in range(epochs):
-            perm = torch.randperm(len(y), generator=gen)
-            for i in range(0, len(y), 256):
-                b = perm[i : i + 256]
-                loss = nn.functional.cross_entropy(net.head(feats[b]), y[b])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        fit_head(net.head, feats, y, epochs=epochs, lr=lr, seed=seed)
         with torch.no_grad():
             train_acc = float((net.head(feats).argmax(1) == y).float().mean())
     else:
@@ -479,7 +501,7 @@ def train_text_intent(
 
 
 def train_text_from_spec(data_spec: str, out_dir: str | os.PathLike[str] | None, *,
-                         layers: int = 6, fine_tune: bool = False, epochs: int | None = None,
+                         layers: int = 3, fine_tune: bool = False, epochs: int | None = None,
                          lr: float | None = None, seed: int = 0, label_column: str = "label",
                          progress: bool = False) -> tuple[MeanPoolTextModel, dict[str, Any]]:
     """Load a text dataset, train the ``text-intent`` model, save it to ``out_dir``."""
