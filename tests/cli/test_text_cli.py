@@ -43,6 +43,7 @@ def trained(tmp_path_factory):
     return spec, out, tmp
 
 
+@pytest.mark.slow
 def test_train_then_scan_runs_the_text_cascade(trained):
     spec, model_dir, tmp = trained
     meta = json.loads((model_dir / "bastion-text-model.json").read_text())
@@ -80,3 +81,24 @@ def test_unknown_text_attack_is_one_line(trained, capsys):
                 "--attacks", "pgd", "--no-track", "--quiet", "--limit", "2"])
     assert code == 1
     assert "unknown text attack 'pgd'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_harden_text_model_by_augmentation(trained, capsys):
+    spec, model_dir, tmp = trained
+    out = tmp / "hardened"
+    assert run(["harden", "--model", str(model_dir), "--data", spec, "--method", "augment",
+                "--out", str(out), "--limit", "6", "--opt", "n_attack=12",
+                "--opt", "max_queries=40", "--no-track"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["kind"] == "text" and set(rep["before"]["success_rate"]) == {"word", "char"}
+    assert rep["augmentation"]["attacked"] == 12
+    assert (out / "model" / "bastion-text-model.json").is_file()
+    assert "verdict" in capsys.readouterr().err
+    # the hardened router scans like any text model
+    assert run(["scan", "--model", str(out / "model"), "--data", spec, "--out",
+                str(tmp / "scan2"), "--limit", "2", "--attacks", "char", "--no-track",
+                "--quiet"]) == 0
+    code = run(["harden", "--model", str(model_dir), "--data", spec, "--method", "pgd-at",
+                "--out", str(tmp / "h2"), "--no-track", "--quiet"])
+    assert code == 1 and "--method augment" in capsys.readouterr().err

@@ -22,6 +22,7 @@ for parent in Path(__file__).resolve().parents:
 pytestmark = pytest.mark.skipif(not CLINC.is_file(), reason="CLINC150 not available")
 
 
+@pytest.mark.slow
 def test_augmentation_learns_the_adversarial_texts():
     from bastion.data import load_data
     from bastion.defend.text_augment import augment_text_model

@@ -74,6 +74,12 @@ def run_harden(
     ds = load_data(data_spec, label_column=label_column, seed=seed)
     model = resolve_model(model_spec, input_shape=ds.input_shape, n_classes=ds.n_classes,
                           bounds=ds.bounds, seed=seed, progress=progress)
+    from bastion.models.text import is_text_model
+
+    if is_text_model(model) or ds.kind == "text":
+        return _run_text_harden(model, ds, model_spec=model_spec, data_spec=data_spec,
+                                out=out, method=method, limit=limit, seed=seed,
+                                options=options, tracking_uri=tracking_uri, track=track)
     params = {"model": model_spec, "data": data_spec, "method": method, "eps": eps,
               "norm": norm, "epochs": epochs, "seed": seed, "limit": limit,
               **{f"opt.{k}": v for k, v in (options or {}).items()}}
@@ -107,6 +113,36 @@ def run_harden(
     return result, run.warnings
 
 
+def _run_text_harden(model: Any, ds: Any, *, model_spec: str, data_spec: str, out: Path,
+                     method: str, limit: int | None, seed: int,
+                     options: dict[str, Any] | None, tracking_uri: str | None,
+                     track: bool) -> tuple[Any, list[str]]:
+    """The text branch of :func:`run_harden` (adversarial augmentation)."""
+    from bastion.defend.text_augment import harden_text
+    from bastion.models.text import is_text_model
+    from bastion.registry.tracking import track_run
+
+    if not (is_text_model(model) and ds.kind == "text"):
+        raise BastionError(f"{model_spec} and {data_spec}: a text model needs text data",
+                           hint="use a text model with clinc150:, jsonl: or text-csv: data")
+    params = {"model": model_spec, "data": data_spec, "method": method, "limit": limit,
+              "seed": seed, "kind": "text", **{f"opt.{k}": v for k, v in (options or {}).items()}}
+    with track_run("harden", params=params, tracking_uri=tracking_uri, enabled=track) as run:
+        result = harden_text(model, ds, method=method, out=out, limit=limit, seed=seed,
+                             options=options, model_label=model_spec)
+        rep = result.report
+        metrics = {"before_clean_accuracy": rep.before.clean_accuracy,
+                   "after_clean_accuracy": rep.after.clean_accuracy}
+        for side, s in (("before", rep.before), ("after", rep.after)):
+            for k, v in s.success_rate.items():
+                metrics[f"{side}_success_rate_{k}"] = v
+        run.log_metrics(metrics)
+        run.set_tags({"bastion.method": method, "bastion.helps": rep.helps})
+        for key in ("json", "html"):
+            run.log_artifact(result.paths[key])
+    return result, run.warnings
+
+
 def _kv(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
@@ -130,7 +166,8 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", help="Data spec, e.g. builtin:digits."),
         method: str = typer.Option(
             ..., "--method",
-            help="pgd-at, fast-at, trades, distill, ensemble, squeeze or smooth."),
+            help="pgd-at, fast-at, trades, distill, ensemble, squeeze or smooth; text "
+            "models: augment."),
         out: Path = c.OutOpt,
         eps: float | None = typer.Option(
             None, "--eps", help="Training budget (default 0.1 of the input range)."),
