@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from bastion.errors import ModelError  # noqa: E402
+from bastion.errors import BastionError, ModelError  # noqa: E402
 from bastion.models import is_white_box, resolve_model  # noqa: E402
 from bastion.models.text import HFTextModel, is_text_model, load_hf  # noqa: E402
 
@@ -103,3 +103,30 @@ def test_bare_folder_points_at_hf_prefix(tmp_path):
     with pytest.raises(ModelError, match="Hugging Face") as ei:
         resolve_model(str(d))
     assert "hf:" in ei.value.hint
+
+
+def test_scan_of_an_hf_model_maps_labels_by_id2label(tmp_path):
+    import json
+
+    from bastion.evaluate.text_scan import align_labels
+    from bastion.jobs import run_scan
+
+    d = build_tiny_bert(tmp_path / "bert")
+    model = load_hf(d)
+    # the data names its classes in sorted order; the model's id2label order differs
+    y = align_labels(["music", "travel", "weather"], model, np.array([0, 1, 2]))
+    assert y.tolist() == [1, 0, 2]
+    with pytest.raises(BastionError, match="not among the model's classes"):
+        align_labels(["sports", "travel"], model, np.array([0, 1]))
+    rows = [{"text": t, "label": lab} for t, lab in (
+        ("book a flight to paris", "travel"), ("play some music", "music"),
+        ("what is the weather today", "weather"))] * 4
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    report, paths, _ = run_scan(model_spec=f"hf:{d}", data_spec=f"jsonl:{data}",
+                                out_dir=tmp_path / "scan", limit=3, track=False,
+                                attacks=["char"],
+                                attack_options={"char": {"max_queries": 20}})
+    assert report.kind == "text" and report.n_points == 3
+    assert report.model["class_names"] == ["travel", "music", "weather"]
+    assert paths["html"].is_file()
