@@ -6,7 +6,9 @@ keep the sentence similar enough are queried, and the first substitution that fl
 label ends the attack (the most similar such); otherwise the one that lowers the true
 class most is kept and the next word is tried. Differences from the paper: MiniLM's
 word-piece embeddings replace counter-fitted vectors, MiniLM sentence similarity replaces
-the Universal Sentence Encoder, and there is no part-of-speech filter.
+the Universal Sentence Encoder, and there is no part-of-speech filter. Up to 50 neighbours a
+word (TextFooler's own number): on 100 CLINC sentences 50 candidates lifted success from
+31% to 35% for 1.6 more queries a sentence (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class WordSubstitution(TextAttack):
 
     name = "word"
 
-    def __init__(self, *, candidates: int = 20, neighbours: WordNeighbours | None = None,
+    def __init__(self, *, candidates: int = 50, neighbours: WordNeighbours | None = None,
                  **kw: Any) -> None:
         super().__init__(**kw)
         self.candidates = int(candidates)
