@@ -5,7 +5,7 @@
 # ../shared/datasets (override with BASTION_SHARED=/path/to/shared).
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/bootstrap.sh "dev,llm,ops,ray"
+scripts/bootstrap.sh "dev,llm,onnx,ops,ray"
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Debian's chromium for the browser tests" >&2

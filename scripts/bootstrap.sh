@@ -40,6 +40,13 @@ run() {
 echo "installing Bastion into .venv (extras: ${union:-none}); the first time takes a few minutes" >&2
 # The CPU build of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
 run .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+# onnx2torch (the onnx extra's ONNX-to-torch converter) declares torchvision as a
+# dependency, which would pull another torch build: it is installed without its
+# dependencies (it needs only torch and onnx, which the extra brings).
+case ",$union," in
+  *,onnx,*) run .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+              --no-deps onnx2torch==1.5.15 ;;
+esac
 spec="."
 [ -n "$union" ] && spec=".[$union]"
 run .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$spec"

@@ -195,8 +195,11 @@ def test_resolve_unknown_specs(tmp_path):
     assert "builtin:NAME" in str(e.value)
     with pytest.raises(ModelError, match="unknown built-in model"):
         resolve_model("builtin:imagenet-vit", cache_dir=tmp_path)
-    (tmp_path / "x.onnx").write_bytes(b"00")
+    (tmp_path / "x.h5").write_bytes(b"00")
     with pytest.raises(ModelError, match="cannot tell"):
+        resolve_model(str(tmp_path / "x.h5"))
+    (tmp_path / "x.onnx").write_bytes(b"00")  # .onnx is read as ONNX now (issue 20)
+    with pytest.raises(ModelError, match="not a valid ONNX model"):
         resolve_model(str(tmp_path / "x.onnx"))
     (tmp_path / "plain").mkdir()
     with pytest.raises(ModelError, match="not a Bastion model folder"):

@@ -65,3 +65,10 @@ def test_old_stamp_format_is_understood(sandbox):
     digest = stamp.read_text().split()[0]
     stamp.write_text(f"{digest} extras=[dev,llm]\n")  # as the old script wrote it
     assert _boot(sandbox, "llm") == [] and _boot(sandbox, "") == []
+
+
+def test_onnx_extra_installs_onnx2torch_without_its_dependencies(sandbox):
+    cmds = _boot(sandbox, "dev,onnx")
+    assert any("--no-deps onnx2torch==" in c for c in cmds), cmds
+    assert cmds[-1].endswith("-e .[dev,onnx]")
+    assert _boot(sandbox, "onnx") == []

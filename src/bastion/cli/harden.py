@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", help="Data spec, e.g. builtin:digits."),
         method: str = typer.Option(
             ..., "--method",
-            help="pgd-at, fast-at, trades, distill, ensemble, squeeze or smooth."),
+            help="pgd-at, fast-at, trades, distill, ensemble, squeeze or smooth; text "
+            "models: augment."),
         out: Path = c.OutOpt,
         eps: float | None = typer.Option(
             None, "--eps", help="Training budget (default 0.1 of the input range)."),

@@ -44,11 +44,13 @@ def _root(
 
 @app.command()
 def train(
-    model: str = typer.Option("cnn", "--model", help="Architecture: cnn, wong-cnn, mlp, logreg."),
+    model: str = typer.Option(
+        "cnn", "--model", help="Architecture: cnn, wong-cnn, mlp, logreg, text-intent (text)."),
     data: str = typer.Option(..., "--data", help="Data spec, e.g. builtin:digits or mnist:PATH."),
     out: Path = c.OutOpt,
-    epochs: int = typer.Option(10, "--epochs", min=1),
-    lr: float = typer.Option(1e-3, "--lr"),
+    epochs: int | None = typer.Option(
+        None, "--epochs", min=1, help="Default 10 (text-intent: 60 over frozen features)."),
+    lr: float | None = typer.Option(None, "--lr", help="Default 1e-3 (text-intent: 1e-2)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1),
     label_column: str = typer.Option("label", "--label-column"),
     seed: int = c.SeedOpt,
@@ -80,7 +82,8 @@ def scan(
     model: str = typer.Option(
         ...,
         "--model",
-        help="Model folder, TorchScript, .skops, python:FILE.py:FUNCTION or builtin:NAME.",
+        help="Model folder, TorchScript, .skops, onnx:FILE, hf:FOLDER, python:FILE.py:FUNCTION "
+        "or builtin:NAME.",
     ),
     data: str = typer.Option(
         ..., "--data", help="Data spec, e.g. builtin:digits, mnist:PATH, csv:PATH, parquet:PATH."
@@ -130,7 +133,17 @@ def scan(
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
-    if not quiet:
+    if not quiet and getattr(report, "kind", None) == "text":
+        c.info(f"clean accuracy {report.clean_accuracy:.3f}; robust accuracy after the text "
+               f"cascade ({', '.join(report.attacks)}) {report.robust_accuracy['cascade']:.3f} "
+               f"on {report.n_points} texts")
+        for a in report.per_attack:
+            c.info(f"  {a['attack']}: success {a['success_rate']:.1%}, "
+                   f"{a['queries_mean']:.0f} queries a text")
+        for w in report.warnings:
+            c.info(f"[yellow]check:[/] {w}")
+        c.info(f"report: {paths['json']} and {paths['html']}")
+    elif not quiet:
         ra = ", ".join(
             f"eps={k}: {v:.3f} (95% {report.robust_interval[k][0]:.3f}-"
             f"{report.robust_interval[k][1]:.3f})" if k in report.robust_interval

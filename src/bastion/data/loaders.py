@@ -12,7 +12,9 @@ A *data spec* is ``SCHEME:ARG``:
   ``x, y`` (split here), inputs of any shape (``(n, d)`` a table, ``(n, H, W)`` or
   ``(n, C, H, W)`` images). Every data file Bastion writes (``audit poison``'s
   ``poisoned.npz``, the sanitiser's ``cleaned.npz``) reads back this way, with its
-  ``bounds``, ``n_classes`` and ``poison_mask`` when saved.
+  ``bounds``, ``n_classes`` and ``poison_mask`` when saved;
+- ``text-csv:PATH``, ``jsonl:PATH`` (``?text=COL&label=COL``) and ``clinc150:PATH``: text
+  classification sets (:mod:`bastion.data.text`).
 
 Nothing here unpickles: ``.npz`` files are opened with ``allow_pickle=False``.
 """
@@ -30,7 +32,8 @@ from bastion.data.dataset import Dataset
 from bastion.data.idx import MAGIC_IMAGES, MAGIC_LABELS, read_idx
 from bastion.errors import DataError
 
-SCHEMES = ("builtin", "mnist", "fashion-mnist", "csv", "parquet", "npz")
+SCHEMES = ("builtin", "mnist", "fashion-mnist", "csv", "parquet", "npz", "text-csv", "jsonl",
+           "clinc150")
 BUILTIN_DATASETS = ("digits", "breast-cancer", "wine")
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -84,6 +87,11 @@ def load_data(
             raise DataError("--id-column is for CSV and Parquet files, not npz:",
                             hint="drop --id-column")
         return _load_npz(arg, test_size=test_size, seed=seed, whole_file=whole_file)
+    if scheme in ("text-csv", "jsonl", "clinc150"):
+        from bastion.data.text import load_text_data
+
+        return load_text_data(scheme, arg, label_column=label_column, test_size=test_size,
+                              seed=seed)
     if scheme in ("csv", "parquet"):
         return _load_table(arg, fmt=scheme, label_column=label_column,
                            test_size=test_size, seed=seed, id_column=id_column,

@@ -114,6 +114,10 @@ def _harden(spec: HardenSpec, progress: bool,
     ds = load_data(spec.data, label_column=spec.label_column, seed=seed)
     model = resolve_model(spec.model, input_shape=ds.input_shape, n_classes=ds.n_classes,
                           bounds=ds.bounds, seed=seed, progress=progress)
+    from bastion.models.text import is_text_model
+
+    if is_text_model(model) or ds.kind == "text":
+        return _text_harden(spec, model, ds)
     params = {"model": spec.model, "data": spec.data, "method": spec.method, "eps": spec.eps,
               "norm": spec.norm, "epochs": spec.epochs, "seed": seed, "limit": spec.limit,
               **{f"opt.{k}": v for k, v in spec.options.items()}}
@@ -148,4 +152,34 @@ def _harden(spec: HardenSpec, progress: bool,
         for key in ("json", "html"):
             run.log_artifact(result.paths[key])
         run.log_artifact(result.paths["model"], artifact_path="model")
+    return JobResult(rep, {k: Path(v) for k, v in result.paths.items()}, list(run.warnings))
+
+
+def _text_harden(spec: HardenSpec, model: Any, ds: Any) -> JobResult[Any]:
+    """The text branch of the harden job (adversarial data augmentation)."""
+    from bastion.defend.text_augment import harden_text
+    from bastion.models.text import is_text_model
+    from bastion.registry.tracking import track_run
+
+    if not (is_text_model(model) and ds.kind == "text"):
+        raise BastionError(f"{spec.model} and {spec.data}: a text model needs text data",
+                           hint="use a text model with clinc150:, jsonl: or text-csv: data")
+    params = {"model": spec.model, "data": spec.data, "method": spec.method,
+              "limit": spec.limit, "seed": spec.seed, "kind": "text",
+              **{f"opt.{k}": v for k, v in spec.options.items()}}
+    with track_run("harden", params=params, tracking_uri=spec.tracking_uri,
+                   enabled=spec.track) as run:
+        result = harden_text(model, ds, method=spec.method, out=Path(spec.out),
+                             limit=spec.limit, seed=spec.seed, options=dict(spec.options),
+                             model_label=spec.model)
+        rep = result.report
+        metrics = {"before_clean_accuracy": rep.before.clean_accuracy,
+                   "after_clean_accuracy": rep.after.clean_accuracy}
+        for side, s in (("before", rep.before), ("after", rep.after)):
+            for k, v in s.success_rate.items():
+                metrics[f"{side}_success_rate_{k}"] = v
+        run.log_metrics(metrics)
+        run.set_tags({"bastion.method": spec.method, "bastion.helps": rep.helps})
+        for key in ("json", "html"):
+            run.log_artifact(result.paths[key])
     return JobResult(rep, {k: Path(v) for k, v in result.paths.items()}, list(run.warnings))

@@ -122,6 +122,10 @@ def _scan(spec: ScanSpec, progress: bool) -> JobResult[Any]:
         seed=seed,
         progress=progress,
     )
+    from bastion.models.text import is_text_model
+
+    if ds.kind == "text" or is_text_model(model):
+        return _text_scan(spec, model, ds)
     check_dataset_for_model(ds, model)
     x, y = ds.x_test, ds.y_test
     if spec.limit is not None:
@@ -161,6 +165,61 @@ def _scan(spec: ScanSpec, progress: bool) -> JobResult[Any]:
         run.log_metrics(metrics)
         run.set_tags({"bastion.n_warnings": len(report.warnings),
                       **model_digest_tag(spec.model)})
+        for p in paths.values():
+            run.log_artifact(p, artifact_path="report")
+    return JobResult(report, {k: Path(v) for k, v in paths.items()}, list(run.warnings))
+
+
+#: texts a text scan attacks when --limit is not given (a seeded sample of the test split)
+TEXT_SCAN_DEFAULT_LIMIT = 200
+
+
+def _text_scan(spec: ScanSpec, model: Any, ds: Any) -> JobResult[Any]:
+    """The text branch of the scan job: the text cascade on a seeded sample of the test
+    split (``spec.limit`` texts, default :data:`TEXT_SCAN_DEFAULT_LIMIT`)."""
+    import numpy as np
+
+    from bastion._util import model_digest_tag
+    from bastion.evaluate.text_scan import align_labels, scan_text, write_text_scan_report
+    from bastion.models.text import is_text_model
+    from bastion.registry.tracking import track_run
+
+    if not is_text_model(model):
+        raise BastionError(f"{spec.data} is text data but {spec.model} is not a text model",
+                           hint="scan a text model (hf:FOLDER or bastion train --model "
+                           "text-intent)")
+    if ds.kind != "text":
+        raise BastionError(f"{spec.model} is a text model but {spec.data} is not text data",
+                           hint="use clinc150:PATH, jsonl:PATH or text-csv:PATH")
+    if ds.n_classes > int(model.n_classes) and not getattr(model, "class_names", None):
+        raise BastionError(f"the data has {ds.n_classes} classes but the model predicts "
+                           f"{model.n_classes}", hint="pick the data the model was made for")
+    y_all = align_labels(ds.class_names, model, np.asarray(ds.y_test))
+    if int(y_all.max(initial=0)) >= int(model.n_classes):
+        raise BastionError(f"the data's labels reach {int(y_all.max())} but the model has "
+                           f"{model.n_classes} classes", hint="pick the data the model was "
+                           "made for")
+    seed = spec.seed
+    n = min(len(ds.x_test), spec.limit or TEXT_SCAN_DEFAULT_LIMIT)
+    pick = np.sort(np.random.default_rng(seed).choice(len(ds.x_test), n, replace=False))
+    texts, y = [str(t) for t in ds.x_test[pick]], y_all[pick]
+    report = scan_text(model, texts, y, attacks=list(spec.attacks) if spec.attacks else None,
+                       seed=seed,
+                       attack_options={k: dict(v) for k, v in spec.attack_options.items()})
+    report.data = {"spec": spec.data, "split": "test", "name": ds.name, "sample": n,
+                   "of": int(len(ds.x_test)), "seed": seed}
+    report.model = {**report.model, "spec": spec.model}
+    paths = write_text_scan_report(report, Path(spec.out))
+    params = {"model": spec.model, "data": spec.data, "attacks": ",".join(report.attacks),
+              "limit": n, "seed": seed, "kind": "text"}
+    with track_run("scan", params=params, tracking_uri=spec.tracking_uri,
+                   enabled=spec.track) as run:
+        metrics = {"clean_accuracy": report.clean_accuracy,
+                   "robust_accuracy": report.robust_accuracy["cascade"]}
+        for a in report.per_attack:
+            metrics[f"success_rate_{a['attack']}"] = a["success_rate"]
+        run.log_metrics(metrics)
+        run.set_tags(model_digest_tag(spec.model))
         for p in paths.values():
             run.log_artifact(p, artifact_path="report")
     return JobResult(report, {k: Path(v) for k, v in paths.items()}, list(run.warnings))

@@ -20,11 +20,12 @@ class TrainSpec(DeadlineSpec):
     out: Path
     """The Bastion model folder written (``--out``)."""
     model: str = "cnn"
-    """Architecture from the zoo: ``cnn``, ``wong-cnn``, ``mlp``, ``logreg`` (``--model``)."""
-    epochs: int = Field(default=10, ge=1)
-    """Training epochs (``--epochs``)."""
-    lr: float = 1e-3
-    """Learning rate (``--lr``)."""
+    """Architecture from the zoo: ``cnn``, ``wong-cnn``, ``mlp``, ``logreg``, or
+    ``text-intent`` for text data (``--model``)."""
+    epochs: int | None = Field(default=None, ge=1)
+    """Training epochs (``--epochs``; default 10, text-intent 60 over frozen features)."""
+    lr: float | None = Field(default=None, gt=0)
+    """Learning rate (``--lr``; default 1e-3, text-intent 1e-2)."""
     batch_size: int = Field(default=128, ge=1)
     """Batch size (``--batch-size``)."""
     label_column: str = "label"
@@ -48,9 +49,11 @@ def _train(spec: TrainSpec, progress: bool) -> JobResult[dict[str, Any]]:
     with track_run("train", params=params, tracking_uri=spec.tracking_uri,
                    enabled=spec.track) as run:
         _, metrics = train_from_spec(
-            spec.model, spec.data, spec.out, epochs=spec.epochs, lr=spec.lr,
+            spec.model, spec.data, spec.out,
             batch_size=spec.batch_size, seed=spec.seed, label_column=spec.label_column,
             progress=progress,
+            **({"epochs": spec.epochs} if spec.epochs is not None else {}),
+            **({"lr": spec.lr} if spec.lr is not None else {}),
         )
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         run.log_artifact(spec.out, artifact_path="model")

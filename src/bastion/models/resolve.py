@@ -7,6 +7,10 @@ Accepted specs:
   is refused without being unpickled;
 - a ``.skops`` file (scikit-learn);
 - ``python:FILE.py:FUNCTION`` (with ``weights=`` a state dict);
+- ``onnx:PATH`` or a ``.onnx`` file: ONNX Runtime, white-box through ``onnx2torch`` when
+  the graph converts (:mod:`bastion.models.onnx_model`);
+- ``hf:PATH``: a local Hugging Face sequence-classification folder (text; never a
+  download, :mod:`bastion.models.text`);
 - ``builtin:NAME`` (see :data:`BUILTIN_MODELS`): trained on first use and cached as a
   model folder under ``cache_dir`` / ``$BASTION_CACHE`` / ``~/.cache/bastion``.
 """
@@ -170,6 +174,15 @@ def resolve_model(
     if spec.startswith("builtin:"):
         model = load_builtin(spec.split(":", 1)[1], cache_dir=cache_dir, progress=progress)
         return _check_expected(model, input_shape, n_classes, spec)
+    if spec.startswith("onnx:") or (spec.endswith(".onnx") and ":" not in spec):
+        from bastion.models.onnx_model import load_onnx
+
+        return load_onnx(spec.removeprefix("onnx:"), input_shape=input_shape,
+                         n_classes=n_classes)
+    if spec.startswith("hf:"):
+        from bastion.models.text import load_hf
+
+        return _check_expected(load_hf(spec[3:]), None, n_classes, spec)
     if spec.startswith("python:"):
         return load_python_module(spec.split(":", 1)[1], weights=weights,
                                   input_shape=need_shape("python:"), n_classes=n_classes,
@@ -179,10 +192,17 @@ def resolve_model(
         raise ModelError(
             f"model {spec!r} not found",
             hint="pass a Bastion model folder, a TorchScript file (.pt/.pth/.ts/.jit), a "
-            f".skops file, python:FILE.py:FUNCTION, or builtin:NAME "
+            f".skops file, onnx:FILE.onnx, hf:FOLDER, python:FILE.py:FUNCTION, or builtin:NAME "
             f"({', '.join(BUILTIN_MODELS)})",
         )
     if path.is_dir():
+        from bastion.models.text import is_text_model_folder, load_text_model
+
+        if is_text_model_folder(path):
+            return _check_expected(load_text_model(path), None, n_classes, spec)
+        if not is_model_folder(path) and (path / "config.json").is_file():
+            raise ModelError(f"{path} looks like a Hugging Face model folder",
+                             hint=f"name it hf:{spec}")
         if not is_model_folder(path):
             raise ModelError(f"{path} is a folder but not a Bastion model folder",
                              hint="it needs bastion-model.json; create one with bastion train")

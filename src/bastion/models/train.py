@@ -143,8 +143,8 @@ def train_from_spec(
     data_spec: str,
     out_dir: str | os.PathLike[str] | None,
     *,
-    epochs: int = 10,
-    lr: float = 1e-3,
+    epochs: int | None = None,
+    lr: float | None = None,
     batch_size: int = 128,
     seed: int = 0,
     label_column: str = "label",
@@ -154,8 +154,10 @@ def train_from_spec(
 ) -> tuple[TorchModel | SklearnModel, dict[str, Any]]:
     """Load ``data_spec``, build ``arch``, train, evaluate and save to ``out_dir``.
 
-    ``arch`` is a zoo architecture (``cnn``, ``wong-cnn``, ``mlp``) or ``logreg``
-    (scikit-learn ``LogisticRegression``, saved with skops). ``out_dir=None`` skips
+    ``arch`` is a zoo architecture (``cnn``, ``wong-cnn``, ``mlp``), ``logreg``
+    (scikit-learn ``LogisticRegression``, saved with skops) or ``text-intent`` (text data:
+    MiniLM layers and a head, :func:`bastion.models.text.train_text_from_spec`).
+    ``epochs``/``lr`` default to 10 and 1e-3 (text-intent: its own). ``out_dir=None`` skips
     saving. Returns ``(model, metrics)``; metrics are also stored in the folder's meta.
     """
     from bastion._util import set_seed
@@ -163,9 +165,18 @@ def train_from_spec(
     from bastion.models.persist import save_model, save_sklearn
     from bastion.models.zoo import ARCHS, build_module
 
+    if arch == "text-intent":  # the text zoo model (bastion.models.text)
+        from bastion.models.text import train_text_from_spec
+
+        text_kw = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+        return train_text_from_spec(data_spec, out_dir, seed=seed,  # type: ignore[return-value]
+                                    label_column=label_column, progress=progress,
+                                    **text_kw)
+    epochs = 10 if epochs is None else epochs
+    lr = 1e-3 if lr is None else lr
     if arch not in ARCHS and arch not in SKLEARN_ARCHS:
         raise ModelError(f"unknown architecture {arch!r}",
-                         hint=f"valid: {', '.join(ARCHS + SKLEARN_ARCHS)}")
+                         hint=f"valid: {', '.join(ARCHS + SKLEARN_ARCHS + ('text-intent',))}")
     ds = load_data(data_spec, label_column=label_column, seed=seed)
     if arch in ("cnn", "wong-cnn") and ds.kind != "image":
         raise ModelError(

@@ -1,0 +1,295 @@
+"""Text evasion on the CLINC150 intent router: Bastion's word- and character-level attacks
+against TextAttack's TextFoolerJin2019 and DeepWordBugGao2018, same sentences, one run.
+
+    .venv/bin/python benchmarks/bench_text.py --model ROUTER_DIR [--n 500] [--max-queries 300]
+
+ROUTER_DIR is ``bastion train --model text-intent --data clinc150:PATH --out ROUTER_DIR``.
+Writes ``benchmarks/results/text.json`` and prints a table.
+
+TextAttack 0.3.11 is installed with ``--no-deps`` (its dependency set pulls flair and an
+older transformers); the modules it imports at import time but these two recipes never
+call (flair, jieba, nltk, datasets, ...) are placeholders here, and NLTK's stop-word list
+(a download) is scikit-learn's English list, the one Bastion uses.
+
+TextFoolerJin2019 needs counter-fitted GloVe vectors and the Universal Sentence Encoder,
+both downloads, and a POS tagger (flair, a download). The closest recipe is built from
+TextAttack's own components: ``GreedyWordSwapWIR("delete")`` search,
+``WordSwapEmbedding(max_candidates=50)`` over the same MiniLM word-piece embeddings
+Bastion uses (unit length, so Euclidean neighbours are cosine neighbours; TextAttack's
+neighbour search fails under torch 2.x, so it is rewritten here, same result),
+``WordEmbeddingDistance(min_cos_sim=0.3)`` (Bastion's neighbour cut-off),
+``RepeatModification``, ``StopwordModification``, ``MaxWordsPerturbed`` and a
+``SentenceEncoder`` subclass that scores with the same MiniLM encoder at the same threshold
+over the whole sentence; no POS constraint (Bastion has none either). DeepWordBugGao2018
+is TextAttack's recipe as shipped (Levenshtein distance <= 30, no similarity constraint);
+the MiniLM similarity of its results is measured afterwards; a second run adds Bastion's
+constraints to it (MiniLM similarity, share of words). Both tools get the same query budget
+per sentence; the encoder and neighbours are loaded before any timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from bastion.attacks.text import get_text_attack  # noqa: E402
+from bastion.attacks.text.base import Similarity  # noqa: E402
+from bastion.attacks.text.neighbours import minilm_neighbours  # noqa: E402
+from bastion.data import load_data  # noqa: E402
+from bastion.models import resolve_model  # noqa: E402
+
+_STUBS = {"flair", "jieba", "Levenshtein", "nltk", "num2words", "word2number", "lemminflect",
+          "pinyin", "OpenHowNet", "bert_score", "language_tool_python", "datasets",
+          "terminaltables", "langdetect", "more_itertools"}
+
+
+class _Placeholder(types.ModuleType):
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        sub: Any = type(name, (), {}) if name[:1].isupper() else _Placeholder(
+            f"{self.__name__}.{name}")
+        setattr(self, name, sub)
+        return sub
+
+    def __call__(self, *a: Any, **k: Any) -> Any:
+        raise RuntimeError(f"{self.__name__} is a placeholder (not installed)")
+
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        top = name.split(".")[0]
+        if top in _STUBS and importlib.machinery.PathFinder.find_spec(top) is None:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec: Any) -> Any:
+        return _Placeholder(spec.name)
+
+    def exec_module(self, module: Any) -> None:
+        module.__path__ = []
+
+
+def import_textattack() -> Any:
+    cache = Path(os.environ.setdefault("TA_CACHE_DIR", str(common.CACHE / "textattack")))
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "post_install_check_3").touch()  # skip its NLTK/stanza downloads
+    sys.meta_path.insert(0, _Finder())
+    import nltk.corpus  # the placeholder unless NLTK is installed
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    if isinstance(nltk.corpus, _Placeholder):
+        nltk.corpus.stopwords.words = lambda language="english": sorted(ENGLISH_STOP_WORDS)
+    import textattack
+
+    return textattack
+
+
+def textattack_recipes(ta: Any, wrapper: Any, *, min_sim: float, max_share: float,
+                       budget: int, sim: Similarity) -> dict[str, Any]:
+    from textattack import Attack
+    from textattack.attack_recipes import DeepWordBugGao2018
+    from textattack.constraints.overlap import MaxWordsPerturbed
+    from textattack.constraints.pre_transformation import (
+        RepeatModification,
+        StopwordModification,
+    )
+    from textattack.constraints.semantics import WordEmbeddingDistance
+    from textattack.constraints.semantics.sentence_encoders import SentenceEncoder
+    from textattack.goal_functions import UntargetedClassification
+    from textattack.search_methods import GreedyWordSwapWIR
+    from textattack.shared import WordEmbedding
+    from textattack.transformations import WordSwapEmbedding
+
+    class MiniLMEncoder(SentenceEncoder):
+        def encode(self, sentences: list[str]) -> Any:
+            return torch.from_numpy(sim.vectors(list(sentences)))
+
+    class Embedding(WordEmbedding):
+        """TextAttack's nearest_neighbours slices the tuple torch.topk returns (an error
+        under torch 2.x); this is the same search (unit vectors: Euclidean order is cosine
+        order) written for today's torch."""
+
+        def nearest_neighbours(self, index: Any, topn: int) -> list[int]:
+            if isinstance(index, str):
+                index = self._word2index[index]
+            key = (index, topn)
+            if key not in self._nn_cache:
+                sims = nb.matrix @ nb.matrix[index]
+                ix = sims.topk(topn + 1).indices.tolist()
+                self._nn_cache[key] = [i for i in ix if i != index][:topn]
+            return self._nn_cache[key]
+
+    nb = minilm_neighbours()
+    matrix = nb.matrix.numpy()
+    emb = Embedding(matrix, dict(nb.index), dict(enumerate(nb.words)))
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    constraints = [RepeatModification(), StopwordModification(stopwords=ENGLISH_STOP_WORDS),
+                   WordEmbeddingDistance(embedding=emb, min_cos_sim=0.3),
+                   MaxWordsPerturbed(max_percent=max_share),
+                   MiniLMEncoder(threshold=min_sim, metric="cosine",
+                                 compare_against_original=True, window_size=None)]
+    goal = UntargetedClassification(wrapper, query_budget=budget)
+    textfooler = Attack(goal, constraints, WordSwapEmbedding(max_candidates=50, embedding=emb),
+                        GreedyWordSwapWIR(wir_method="delete"))
+    dwb = DeepWordBugGao2018.build(wrapper)
+    dwb.goal_function.query_budget = budget
+    dwb_sim = Attack(UntargetedClassification(wrapper, query_budget=budget),
+                     list(dwb.pre_transformation_constraints) + list(dwb.constraints) + [
+                         MiniLMEncoder(threshold=min_sim, metric="cosine",
+                                       compare_against_original=True, window_size=None),
+                         MaxWordsPerturbed(max_percent=max_share)],
+                     dwb.transformation, GreedyWordSwapWIR(wir_method="unk"))
+    return {"TextFooler (closest recipe)": textfooler, "DeepWordBugGao2018": dwb,
+            "DeepWordBugGao2018 + same constraints": dwb_sim}
+
+
+def run_textattack(attack: Any, texts: list[str], labels: np.ndarray,
+                   sim: Similarity) -> dict[str, Any]:
+    from textattack.attack_results import FailedAttackResult, SkippedAttackResult
+
+    rows = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    for t, y in zip(texts, labels.tolist(), strict=True):
+        r = attack.attack(t, int(y))
+        skipped = isinstance(r, SkippedAttackResult)
+        ok = not skipped and not isinstance(r, FailedAttackResult)
+        adv = r.perturbed_result.attacked_text
+        orig = r.original_result.attacked_text
+        changed = len(orig.all_words_diff(adv)) if ok else 0
+        rows.append({"skipped": skipped, "success": ok,
+                     "queries": int(r.perturbed_result.num_queries),
+                     "words_changed": changed, "n_words": len(orig.words),
+                     "original": t, "adversarial": adv.text})
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for r in rows:
+        if r["success"]:
+            r["similarity"] = float(sim(r["original"], [r["adversarial"]])[0])
+    return summarise(rows, secs, cpu)
+
+
+def summarise(rows: list[dict[str, Any]], secs: float, cpu: float) -> dict[str, Any]:
+    att = [r for r in rows if not r["skipped"]]
+    suc = [r for r in att if r["success"]]
+    return {
+        "attacked": len(att), "successes": len(suc),
+        "success_rate": len(suc) / max(len(att), 1),
+        "queries_mean": float(np.mean([r["queries"] for r in att])) if att else None,
+        "queries_per_success": float(np.mean([r["queries"] for r in suc])) if suc else None,
+        "words_changed_share": float(np.mean([r["words_changed"] / max(r["n_words"], 1)
+                                              for r in suc])) if suc else None,
+        "similarity_mean": float(np.mean([r["similarity"] for r in suc])) if suc else None,
+        "seconds": round(secs, 1),
+        "cpu_seconds": round(cpu, 1),
+        "seconds_per_text": round(secs / max(len(att), 1), 3),
+        "examples": [(r["original"], r["adversarial"]) for r in suc[:5]],
+    }
+
+
+def run_bastion(name: str, model: Any, texts: list[str], labels: np.ndarray, *,
+                budget: int, min_sim: float, max_share: float) -> dict[str, Any]:
+    attack = get_text_attack(name, max_queries=budget, min_similarity=min_sim,
+                             max_word_share=max_share)
+    c0 = time.process_time()
+    rep = attack.run(model, texts, labels)
+    cpu = time.process_time() - c0
+    rows = [{"skipped": r.skipped, "success": r.success, "queries": r.queries,
+             "words_changed": r.words_changed, "n_words": r.n_words, "original": r.original,
+             "adversarial": r.adversarial, "similarity": r.similarity} for r in rep.results]
+    return summarise(rows, rep.seconds, cpu)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="the text-intent router folder")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--max-queries", type=int, default=300)
+    ap.add_argument("--min-sim", type=float, default=0.8)
+    ap.add_argument("--max-share", type=float, default=0.25)
+    ap.add_argument("--skip-textattack", action="store_true")
+    ap.add_argument("--name", default="text")
+    ap.add_argument("--bastion", default="word,char,hotflip", help="Bastion attacks to run")
+    ap.add_argument("--recipes", default="all",
+                    help="TextAttack recipes to run: all, or 'textfooler'")
+    args = ap.parse_args()
+    torch.set_num_threads(common.THREADS)
+    ds = load_data(f"clinc150:{common.SHARED}/datasets/clinc150/data_full.json")
+    model = resolve_model(args.model)
+    pick = np.sort(np.random.default_rng(0).choice(len(ds.x_test), args.n, replace=False))
+    texts, labels = [str(t) for t in ds.x_test[pick]], ds.y_test[pick]
+    clean = float((model.predict_proba(texts).argmax(1) == labels).mean())
+    sim = Similarity()
+    sim("warm up", ["the encoder and the neighbours"])  # loaded before any timing
+    minilm_neighbours()
+    kw = {"budget": args.max_queries, "min_sim": args.min_sim, "max_share": args.max_share}
+    runs: dict[str, Any] = {}
+    for name in [a for a in args.bastion.split(",") if a]:
+        runs[f"bastion {name}"] = run_bastion(name, model, texts, labels, **kw)
+        print(name, {k: v for k, v in runs[f"bastion {name}"].items() if k != "examples"},
+              flush=True)
+    if not args.skip_textattack:
+        ta = import_textattack()
+        from textattack.models.wrappers import ModelWrapper
+
+        class Wrapper(ModelWrapper):
+            def __init__(self, m: Any) -> None:
+                self.model = m
+
+            def __call__(self, text_list: list[str]) -> Any:
+                return self.model.predict_proba(list(text_list))
+
+        recipes = textattack_recipes(ta, Wrapper(model), min_sim=args.min_sim,
+                                     max_share=args.max_share, budget=args.max_queries,
+                                     sim=sim)
+        if args.recipes == "textfooler":
+            recipes = {k: v for k, v in recipes.items() if k.startswith("TextFooler")}
+        for name, attack in recipes.items():
+            runs[f"textattack {name}"] = run_textattack(attack, texts, labels, sim)
+            print(name, {k: v for k, v in runs[f"textattack {name}"].items()
+                         if k != "examples"}, flush=True)
+    goals = {}
+    tf = runs.get("textattack TextFooler (closest recipe)")
+    if tf:
+        b = runs["bastion word"]
+        goals["word_success_at_least_textattack"] = b["success_rate"] >= tf["success_rate"]
+        if b["queries_mean"] and tf["queries_mean"]:
+            goals["word_queries_ratio"] = round(b["queries_mean"] / tf["queries_mean"], 3)
+            goals["word_queries_at_most_half"] = goals["word_queries_ratio"] <= 0.5
+        goals["word_time_ratio"] = round(b["seconds"] / max(tf["seconds"], 1e-9), 3)
+        goals["word_cpu_time_ratio"] = round(b["cpu_seconds"] / max(tf["cpu_seconds"], 1e-9), 3)
+        goals["word_time_at_most_half"] = goals["word_cpu_time_ratio"] <= 0.5
+    result = {"settings": {"n": args.n, "model": args.model, "clean_accuracy": clean,
+                           "max_queries": args.max_queries, "min_similarity": args.min_sim,
+                           "max_word_share": args.max_share,
+                           "textattack": None if args.skip_textattack else "0.3.11",
+                           "torch_threads": torch.get_num_threads()},
+              "runs": runs, "goals": goals}
+    common.write_result(args.name, result)
+    rows = [[k, v["attacked"], f"{v['success_rate']:.1%}",
+             f"{v['queries_mean']:.0f}" if v["queries_mean"] else "-",
+             f"{v['queries_per_success']:.0f}" if v["queries_per_success"] else "-",
+             f"{v['words_changed_share']:.2f}" if v["words_changed_share"] else "-",
+             f"{v['similarity_mean']:.3f}" if v["similarity_mean"] else "-",
+             v["seconds"], v["cpu_seconds"]] for k, v in runs.items()]
+    print(common.markdown_table(["attack", "attacked", "success", "queries/text",
+                                 "queries/success", "words changed", "similarity", "s",
+                                 "CPU s"], rows))
+    print("goals:", goals)
+
+
+if __name__ == "__main__":
+    main()

