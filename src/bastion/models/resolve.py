@@ -182,7 +182,7 @@ def resolve_model(
     if spec.startswith("hf:"):
         from bastion.models.text import load_hf
 
-        return _check_expected(load_hf(spec[3:]), None, n_classes, spec)
+        return load_hf(spec[3:])  # text: labels are matched by name in the text scan
     if spec.startswith("python:"):
         return load_python_module(spec.split(":", 1)[1], weights=weights,
                                   input_shape=need_shape("python:"), n_classes=n_classes,
@@ -199,7 +199,7 @@ def resolve_model(
         from bastion.models.text import is_text_model_folder, load_text_model
 
         if is_text_model_folder(path):
-            return _check_expected(load_text_model(path), None, n_classes, spec)
+            return load_text_model(path)  # text: labels matched by name in the text scan
         if not is_model_folder(path) and (path / "config.json").is_file():
             raise ModelError(f"{path} looks like a Hugging Face model folder",
                              hint=f"name it hf:{spec}")
