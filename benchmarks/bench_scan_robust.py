@@ -4,8 +4,11 @@ Robust ``wong-cnn`` models are trained with Bastion itself (``AdversarialTrainer
 L-inf 0.3 on MNIST and cached under ``benchmarks/.cache/`` (gitignored, so no weights are
 committed):
 
-- ``fast-at``: fast adversarial training as in Wong et al. (FGSM from a random start,
-  step 0.375, cyclic lr), the recipe that masks gradients;
+- ``fast-at-wong``: fast adversarial training exactly as Wong et al.'s MNIST script
+  (FGSM from a random start, step 0.375 = 1.25 eps, 10 epochs, cyclic lr up to 5e-3, no
+  guard and no early stop), the recipe that masks gradients like the public model;
+- ``fast-at``: the same with 5 epochs and Bastion's catastrophic-overfitting guard (masks
+  little);
 - ``pgd-at``: Madry's PGD adversarial training (5 steps, warm-up of epsilon);
 - ``trades``: TRADES (beta 1, 5 steps).
 
