@@ -241,7 +241,8 @@ def main() -> None:
     for m in names:
         for part in ([a.part] if a.part else ["aa", *presets]):
             run_part(m, part, a, x, y)
-    combine(a, names, presets)
+    if not a.part:
+        combine(a, names, presets)
 
 
 if __name__ == "__main__":
