@@ -5,9 +5,11 @@ non-differentiable preprocessing).
 Presets (white-box models; a black-box model always gets Square then HopSkipJump):
 
 - ``quick``: APGD-CE (100 steps), APGD-T (1 target x 10 steps), Square (500 queries,
-  ``p_init`` 0.8 for L-inf), about 13% of AutoAttack's CPU time. Tuned on MNIST test
-  points 1000-1199 (not the benchmark's first 1,000): 3 targets x 25 steps cost 18% of
-  AutoAttack's time and broke 1 more point of 200 on one model of three. A *lower bound*
+  ``p_init`` 0.8 for L-inf), 15-16% of AutoAttack's CPU time on robust MNIST models.
+  Tuned on MNIST test points 1000-1199 (not the benchmark's): 3 targets x 25 steps cost
+  18% of AutoAttack's time and broke 1 more point of 200 on one model of three. It stays
+  2 points above AutoAttack on PGD-AT / TRADES models, and far above it on a model that
+  masks gradients (no escalation), see benchmarks/README.md 2b. A *lower bound*
   on the attack strength, and the report says so. No pilot, no escalation.
 - ``standard`` (default): AutoAttack's standard ensemble with at least the budget of
   torchattacks' ``AutoAttack(version="standard")`` on every stage - APGD-CE (100 steps;

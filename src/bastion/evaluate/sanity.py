@@ -33,9 +33,10 @@ from bastion.models.base import is_white_box
 CHANCE_MARGIN = 0.1
 #: the masking warning fires when the lower end of the 95% (Wilson) interval of the share
 #: of gradient-stage survivors that a gradient-free stage then broke exceeds this rate.
-#: Where gradients work, Square-5000 still breaks a few of the survivors (1.5-2.6% on
-#: PGD-AT and TRADES models here and on the public PGD-AT model of issue 16); the
-#: gradient-masking public fast-AT model gave 6.4% (53 of ~830). A bare share would be
+#: Where gradients work, Square-5000 still breaks a few of the survivors (0.9-2.6% on
+#: Bastion's PGD-AT and TRADES models and on the public PGD-AT model of issue 16); on
+#: gradient-masking fast-AT models it broke 6.4% (public, 53 of ~830) and 18.8% (Wong
+#: et al.'s recipe trained by Bastion, 38 of 202). A bare share would be
 #: noise on a few hundred points; the interval asks for enough points to be sure.
 BLACK_BOX_RATE = 0.03
 #: a gradient with norm below this is treated as zero
