@@ -3,7 +3,9 @@
 "Square Attack: a query-efficient black-box adversarial attack via random search",
 ECCV 2020, https://arxiv.org/abs/1912.00049.
 
-Only ``model.predict_proba`` is called. Each step proposes a random change inside one
+Only ``model.predict_proba`` is called (for a plain ``TorchModel``, whose probabilities are
+the softmax of ``predict_logits``, the logits themselves: the same margins, one forward
+pass and no float64 round trip). Each step proposes a random change inside one
 square window of the image and keeps it when the loss drops:
 
 - Linf: start from vertical stripes of ``+-eps``; a step sets one ``s x s`` window (all
