@@ -273,3 +273,36 @@ def test_hsj_targeted_by_random_search_on_tabular():
     assert ok.mean() >= 0.5 and res.queries.max() <= 150
     assert np.all(model.predict_proba(res.x_adv[0]).argmax(1)[ok] == target[ok])
     assert np.all(np.isinf(res.norms[0, ~ok]))
+
+
+class _ScoresOnly:
+    """A black box: the digits CNN seen only through ``predict_proba`` (no logits)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+        self.n_classes, self.input_shape = model.n_classes, model.input_shape
+        self.bounds, self.name = model.bounds, "scores-only"
+
+    def predict_proba(self, x):
+        self.calls += len(x)
+        return self.model.predict_proba(x)
+
+
+def test_square_logits_fast_path_matches_the_scores_only_search(digits_cnn, pts):
+    """A plain TorchModel is scored from its logits (the margin of the log-probabilities
+    equals that of the logits); a black box only through predict_proba. Same seed, same
+    search: the same points fall, every query is counted, and the black box's own count
+    agrees with the attack's."""
+    x, y = pts
+    box = _ScoresOnly(digits_cnn)
+    fast = Square(norm="linf", max_queries=60, p_init=0.8, seed=3).run(
+        digits_cnn, x, y, epsilons=[0.2])
+    slow = Square(norm="linf", max_queries=60, p_init=0.8, seed=3).run(
+        box, x, y, epsilons=[0.2])
+    assert fast.success.mean() > 0.2
+    assert abs(int(fast.success.sum()) - int(slow.success.sum())) <= 1
+    assert np.array_equal(fast.queries, slow.queries) or (
+        abs(int(fast.queries.sum()) - int(slow.queries.sum())) <= 60)
+    assert slow.queries.max() <= 60 and box.calls == int(slow.queries.sum())
+    assert np.all(np.abs(fast.x_adv - x[None]) <= 0.2 + 1e-6)
+    assert fast.x_adv.min() >= 0.0 and fast.x_adv.max() <= 1.0

@@ -33,7 +33,7 @@ def test_gradient_masking_is_flagged(masked_report):
     text = " ".join(r.warnings)
     assert "that the gradient stages (pgd) left standing" in text
     assert "stage 2. square broke" in text  # the evidence: which stage, how many
-    assert f"broke {square.points_broken} of 40 point(s)" in text
+    assert f"broke {square.points_broken} of the {square.points_attacked} point(s)" in text
     assert "gradient of the model's logit margin is zero" in text
     assert r.sanity["zero_grad_fraction"] == 1.0
 
@@ -103,3 +103,33 @@ def test_randomized_model_is_flagged(digits_cnn, digits_eval):
     assert info["output_change_on_repeat"] > 0.01 and "randomised" in w[0]
     info, w = sanity.check_randomized(digits_cnn, x[:16])
     assert w == [] and info["output_change_on_repeat"] == 0.0
+
+
+def _stage(stage, name, white, attacked, broken):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(stage=stage, name=name, white_box=white, phase="main",
+                           points_attacked=attacked, points_broken=broken)
+
+
+@pytest.mark.parametrize(("survivors", "broken", "fires"), [
+    (860, 22, False),  # public PGD-AT model of issue 16: Square-5000 finds 2.6%
+    (140, 4, False),   # a few points on a small run: not enough evidence
+    (830, 53, True),   # public fast-AT model of issue 16 (6.4%): gradients mask
+    (38, 10, True),    # a quantising defence: a quarter of the survivors
+    (1000, 1, False),  # one point is never evidence
+])
+def test_masking_warning_needs_an_interval_above_the_rate(survivors, broken, fires):
+    """The warning is count-based: the lower end of the 95% interval of the share of the
+    gradient stages' survivors that Square broke must pass BLACK_BOX_RATE."""
+    summaries = [_stage(1, "apgd-ce", True, 1000, 1000 - survivors),
+                 _stage(2, "square", False, survivors, broken)]
+    evidence: dict = {}
+    w = sanity.check_black_box_after_white_box(summaries, 1000, evidence=evidence)
+    assert bool(w) is fires
+    assert evidence["survivors"] == survivors
+    lo, hi = evidence["rate_interval_95"]
+    assert lo <= broken / survivors <= hi and (lo > sanity.BLACK_BOX_RATE) is fires
+    if fires:  # names the evidence: how many points, of how many, which stage
+        assert f"broke {broken} of the {survivors} point(s)" in w[0]
+        assert f"stage 2. square broke {broken}" in w[0] and "(apgd-ce)" in w[0]

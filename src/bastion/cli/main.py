@@ -100,8 +100,9 @@ def scan(
     preset: str = typer.Option(
         "standard",
         "--preset",
-        help="quick: APGD-CE, APGD-T (3 targets), Square-500, reported as a lower bound; "
-        "standard: AutoAttack's APGD-CE, APGD-T, FAB-T, Square-5000, measured order, "
+        help="quick: APGD-CE, APGD-T (1 target), Square-500, reported as a lower bound; "
+        "standard (default): AutoAttack's APGD-CE, APGD-T, FAB-T, Square-5000 (at least "
+        "torchattacks' AutoAttack budget on every stage), measured order, "
         "escalation when gradients lie; thorough: standard plus restarts, EOT for "
         "randomised models and a larger escalation budget.",
     ),

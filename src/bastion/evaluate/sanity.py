@@ -31,8 +31,14 @@ from bastion.models.base import is_white_box
 
 #: robust/clean accuracy within this much of chance (1/n_classes) counts as "at chance"
 CHANCE_MARGIN = 0.1
-#: black-box-only breaks above this share of the points (and at least 2) trigger a warning
-BLACK_BOX_SHARE = 0.02
+#: the masking warning fires when the lower end of the 95% (Wilson) interval of the share
+#: of gradient-stage survivors that a gradient-free stage then broke exceeds this rate.
+#: Where gradients work, Square-5000 still breaks a few of the survivors (0.9-2.6% on
+#: Bastion's PGD-AT and TRADES models and on the public PGD-AT model of issue 16); on
+#: gradient-masking fast-AT models it broke 6.4% (public, 53 of ~830) and 18.8% (Wong
+#: et al.'s recipe trained by Bastion, 38 of 202). A bare share would be
+#: noise on a few hundred points; the interval asks for enough points to be sure.
+BLACK_BOX_RATE = 0.03
 #: a gradient with norm below this is treated as zero
 ZERO_GRAD = 1e-10
 #: warn when more than this share of points have (near-)zero input gradients
@@ -123,27 +129,39 @@ def check_black_box_after_white_box(
 ) -> list[str]:
     """Warn when black-box stages broke points that earlier white-box stages left standing,
     naming the evidence (how many points, which stage) and any escalation rounds."""
+    from bastion.evaluate.presets import wilson_interval
+
     seen_white = False
     by_stage: dict[str, int] = {}
+    survivors = 0  # points the first gradient-free stage after a gradient stage attacked
     for s in per_attack:
         if getattr(s, "phase", "main") != "main":
             continue
         if s.white_box:
             seen_white = True
             continue
-        if seen_white and int(s.points_broken) > 0:
-            by_stage[f"{s.stage}. {s.name}"] = int(s.points_broken)
+        if seen_white:
+            survivors = survivors or int(getattr(s, "points_attacked", n_points))
+            if int(s.points_broken) > 0:
+                by_stage[f"{s.stage}. {s.name}"] = int(s.points_broken)
     count = sum(by_stage.values())
     zero = (evidence or {}).get("zero_grad_fraction")
     grads = ", ".join(s.name for s in per_attack
                       if s.white_box and getattr(s, "phase", "main") == "main")
-    if count >= 2 and count > BLACK_BOX_SHARE * n_points:
+    lower, upper = wilson_interval(count, max(survivors, count, 1))
+    if evidence is not None:
+        evidence["survivors"] = survivors
+        evidence["rate_interval_95"] = [round(lower, 4), round(upper, 4)]
+        evidence["warning_rate"] = BLACK_BOX_RATE
+    if count >= 2 and lower > BLACK_BOX_RATE:
         what = "; ".join(f"stage {k} broke {v}" for k, v in by_stage.items())
-        msg = (f"Gradient masking: black-box stage(s) broke {count} of {n_points} point(s) "
-               f"that the gradient stages ({grads}) left standing ({what}). A gradient "
-               "attack with the same budget should be at least as strong, so the gradients "
-               "are masked or obfuscated (non-differentiable layers, randomness, saturated "
-               "softmax).")
+        msg = (f"Gradient masking: black-box stage(s) broke {count} of the {survivors} "
+               f"point(s) that the gradient stages ({grads}) left standing ({what}; "
+               f"{count / max(survivors, 1):.1%}, 95% interval {lower:.1%}-{upper:.1%}, above "
+               f"the {BLACK_BOX_RATE:.0%} that Square still finds where gradients work). A "
+               "gradient attack with the same budget should be about as strong, so the "
+               "gradients are masked or obfuscated (non-differentiable layers, randomness, "
+               "saturated softmax).")
     elif zero is not None and zero > ZERO_GRAD_SHARE:
         msg = (f"Gradient masking: the input gradient is zero on {zero:.0%} of the checked "
                "points, so the gradient stages were blind there.")

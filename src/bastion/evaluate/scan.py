@@ -186,7 +186,7 @@ def scan(
         pick = np.flatnonzero(correct)[: sanity.SANITY_POINTS]
         grad_info, _ = sanity.check_gradients(attack_model, xa[pick], ya[pick], [])
     zero_frac = grad_info.get("zero_grad_fraction") or 0.0
-    # escalate on any two points (the masking *warning* keeps its 2%-of-points threshold):
+    # escalate on any two points (the masking *warning* asks more: its interval above a rate):
     # escalating costs at most the stated budget; a number the gradients lied about, more
     triggered = evidence["points"] >= 2 or zero_frac > sanity.ZERO_GRAD_SHARE
     escalations: list[dict[str, Any]] = []

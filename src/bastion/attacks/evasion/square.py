@@ -3,7 +3,9 @@
 "Square Attack: a query-efficient black-box adversarial attack via random search",
 ECCV 2020, https://arxiv.org/abs/1912.00049.
 
-Only ``model.predict_proba`` is called. Each step proposes a random change inside one
+Only ``model.predict_proba`` is called (for a plain ``TorchModel``, whose probabilities are
+the softmax of ``predict_logits``, the logits themselves: the same margins, one forward
+pass and no float64 round trip). Each step proposes a random change inside one
 square window of the image and keeps it when the loss drops:
 
 - Linf: start from vertical stripes of ``+-eps``; a step sets one ``s x s`` window (all
@@ -87,15 +89,22 @@ class Square(FixedEpsilonAttack):
         """Random search at one epsilon; the clean query of each point counts in the first
         epsilon's budget."""
         budget = self.max_queries - (1 if ctx.eps_index == 0 else 0)
-        xn = x.detach().cpu().numpy().astype(np.float32)
         if budget <= 0:
             return x, torch.zeros(len(x), dtype=torch.bool)
-        labels = (target if target is not None else y).cpu().numpy().astype(np.int64)
         lo, hi = ctx.bounds
+        if self.norm == "linf":
+            labels_t = (target if target is not None else y).detach().cpu().to(torch.int64)
+            xt = x.detach().cpu().float()
+            x3 = xt.reshape((len(xt), *image_shape(xt.shape[1:])))
+            xb_t, s_t, q_t = self._linf(ctx.model, x3, labels_t, eps, budget, lo, hi,
+                                        ctx.rng, target is not None)
+            ctx.counter.add(ctx.idx, q_t)
+            return xb_t.reshape(xt.shape), s_t
+        xn = x.detach().cpu().numpy().astype(np.float32)
+        labels = (target if target is not None else y).cpu().numpy().astype(np.int64)
         x3 = xn.reshape((len(xn), *image_shape(xn.shape[1:]))).astype(np.float64)
-        attack = self._linf if self.norm == "linf" else self._l2
-        xb, s, q = attack(ctx.model, x3, labels, eps, budget, lo, hi, ctx.rng,
-                          target is not None)
+        xb, s, q = self._l2(ctx.model, x3, labels, eps, budget, lo, hi, ctx.rng,
+                            target is not None)
         ctx.counter.add(ctx.idx, torch.as_tensor(q, dtype=torch.int64))
         return (torch.from_numpy(xb.reshape(xn.shape).astype(np.float32)),
                 torch.from_numpy(np.asarray(s, dtype=bool)))
@@ -108,48 +117,72 @@ class Square(FixedEpsilonAttack):
     def _linf(
         self,
         model: object,
-        x: np.ndarray,
-        labels: np.ndarray,
+        x: torch.Tensor,
+        labels: torch.Tensor,
         eps: float,
         budget: int,
         lo: float,
         hi: float,
         rng: np.random.Generator,
         targeted: bool,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The L-inf search in float32 tensors: windows are boolean masks built from
+        broadcast comparisons (no per-point Python), the loss comes from the model's logits
+        when it is a plain :class:`TorchModel` (one forward pass, no softmax round trip),
+        and nothing goes through float64 or NumPy inside the loop."""
         m, c, h, w = x.shape
-        q = np.zeros(m, dtype=np.int64)
+        score = _scorer(model, self.loss, targeted)
+        q = torch.zeros(m, dtype=torch.int64)
+        ar_c = torch.arange(c)[None, :, None, None]
         # vertical stripes of +-eps work best (paper, Sec. 3.1)
-        init = rng.choice([-eps, eps], size=(m, c, 1, w))
-        x_best = as_query_dtype(np.clip(x + init, lo, hi))
-        loss_min, succ = scores(query(model, x_best, np.float32), labels,
-                                targeted, self.loss)
+        init = torch.from_numpy(rng.choice([-eps, eps], size=(m, c, 1, w)).astype(np.float32))
+        x_best = (x + init).clamp_(lo, hi)
+        loss_min, succ = score(x_best, labels)
         q += 1
+        # the points still standing, kept compact (gathered again only when some fall)
+        act = torch.nonzero(~succ).flatten()
+        xa, xba, la, lossa = x[act], x_best[act], labels[act], loss_min[act]
+        qa = torch.zeros(len(act), dtype=torch.int64)
         for it in range(1, budget):
-            idx = np.flatnonzero(~succ)
-            if idx.size == 0:
+            k = int(act.numel())
+            if k == 0:
                 break
             p = p_selection(self.p_init, it, budget)
             sh, sw = window_size(p, h, w, minimum=1, linf=True)
-            xc, xb = x[idx], x_best[idx]
-            deltas = xb - xc
-            win = _window_index(rng, len(idx), c, h, w, sh, sw)
-            xc_win, xb_win = xc[win], xb[win]
-            new = np.broadcast_to(rng.choice([-eps, eps], size=(len(idx), c, 1, 1)),
-                                  xc_win.shape).copy()
+            top = torch.from_numpy(rng.integers(0, h - sh + 1, size=k))
+            left = torch.from_numpy(rng.integers(0, w - sw + 1, size=k))
+            win = (torch.arange(k)[:, None, None, None], ar_c,
+                   (top[:, None] + torch.arange(sh)[None])[:, None, :, None],
+                   (left[:, None] + torch.arange(sw)[None])[:, None, None, :])
+            xc_win, xb_win = xa[win], xba[win]  # (k, c, sh, sw)
+            up = (xc_win + eps).clamp_(lo, hi)
+            down = (xc_win - eps).clamp_(lo, hi)
+            # per point and channel: would +eps / -eps leave the window as it is?
+            same_up = (up - xb_win).abs_().flatten(2).amax(2) < 1e-7
+            same_down = (down - xb_win).abs_().flatten(2).amax(2) < 1e-7
+            positive = torch.from_numpy(rng.random((k, c)) < 0.5)
             # resample windows whose proposal would not change the image (paper's code)
             for _ in range(10):
-                same = np.all(np.abs(np.clip(xc_win + new, lo, hi) - xb_win) < 1e-7,
-                              axis=(1, 2, 3))
-                if not same.any():
+                same = torch.where(positive, same_up, same_down).all(1)
+                n_same = int(same.sum())
+                if n_same == 0:
                     break
-                new[same] = rng.choice([-eps, eps], size=(int(same.sum()), c, 1, 1))
-            deltas[win] = new
-            x_new = as_query_dtype(np.clip(xc + deltas, lo, hi))
-            loss, s_new = scores(query(model, x_new, np.float32), labels[idx],
-                                 targeted, self.loss)
-            q[idx] += 1
-            self._accept(idx, loss, s_new, x_new, loss_min, succ, x_best)
+                positive[same] = torch.from_numpy(rng.random((n_same, c)) < 0.5)
+            x_new = xba.clone()
+            x_new[win] = torch.where(positive[:, :, None, None], up, down)
+            loss, s_new = score(x_new, la)
+            qa += 1
+            keep = (loss < lossa) | s_new
+            xba = torch.where(keep[:, None, None, None], x_new, xba)
+            lossa = torch.where(keep, loss, lossa)
+            if bool(s_new.any()):  # write the fooled points back and drop them
+                done = act[s_new]
+                x_best[done], succ[done] = x_new[s_new], True
+                q[done] += qa[s_new]
+                stay = ~s_new
+                act, xa, xba, la = act[stay], xa[stay], xba[stay], la[stay]
+                lossa, qa = lossa[stay], qa[stay]
+        x_best[act], q[act] = xba, q[act] + qa
         return x_best, succ, q
 
     def _l2(
@@ -289,6 +322,45 @@ def scores(
         return value, pred == labels
     value = lab - best_other if loss == "margin" else lab
     return value, pred != labels
+
+
+def _scorer(model: object, loss: str, targeted: bool):  # noqa: ANN202 - a closure
+    """``f(x, labels) -> (loss to minimise, success)`` for float32 tensors.
+
+    A plain :class:`~bastion.models.torch_model.TorchModel` (whose ``predict_proba`` is
+    the softmax of its ``predict_logits``) is scored from its logits: the margin of the
+    log-probabilities equals the margin of the logits, so the search is unchanged and
+    skips the softmax, the log and the float64 copies. Any other model is queried through
+    ``predict_proba`` only (the black-box contract), as :func:`scores` does.
+    """
+    from bastion.models.torch_model import TorchModel
+
+    in_shape = tuple(model.input_shape)  # type: ignore[attr-defined]
+    direct = getattr(type(model), "predict_proba", None) is TorchModel.predict_proba
+
+    def f(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xq = x.reshape((len(x), *in_shape))
+        if direct:
+            z = torch.from_numpy(model.predict_logits(xq))  # type: ignore[attr-defined]
+            if loss == "ce":
+                z = torch.log_softmax(z.double(), dim=1)
+        else:
+            pr = np.asarray(model.predict_proba(xq.numpy()),  # type: ignore[attr-defined]
+                            dtype=np.float64)
+            z = torch.from_numpy(np.log(np.clip(pr, 1e-30, None)))
+        rows = torch.arange(len(labels))
+        lab = z[rows, labels]
+        pred = z.argmax(1)
+        if loss == "margin":
+            other = z.clone()
+            other[rows, labels] = -torch.inf
+            best_other = other.amax(1)
+            value = best_other - lab if targeted else lab - best_other
+        else:
+            value = -lab if targeted else lab
+        return value.double(), (pred == labels) if targeted else (pred != labels)
+
+    return f
 
 
 def p_selection(p_init: float, it: int, n_iters: int) -> float:
