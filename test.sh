@@ -5,7 +5,7 @@
 # BASTION_SHARED=/path/to/shared).
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/bootstrap.sh "dev,llm"
+scripts/bootstrap.sh "dev,llm,ray"
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Debian's chromium for the browser tests" >&2
@@ -16,4 +16,5 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 export MPLBACKEND=Agg
-exec .venv/bin/python -m pytest -n 2 -q "$@"
+# --dist loadgroup: the Ray tests (xdist_group "ray") share one worker and one test cluster
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup -q "$@"

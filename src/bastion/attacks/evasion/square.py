@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from bastion.attacks._rng import PointRandom
 from bastion.attacks.base import EpsilonContext, FixedEpsilonAttack, check_norm
 from bastion.errors import BastionError, DataError
 
@@ -94,7 +95,11 @@ class Square(FixedEpsilonAttack):
         lo, hi = ctx.bounds
         x3 = xn.reshape((len(xn), *image_shape(xn.shape[1:]))).astype(np.float64)
         attack = self._linf if self.norm == "linf" else self._l2
-        xb, s, q = attack(ctx.model, x3, labels, eps, budget, lo, hi, ctx.rng,
+        # per-point draws (keyed by seed, point id and budget): a point's search does not
+        # depend on the batch it is in
+        pr = (ctx.prng.take(ctx.idx) if ctx.prng is not None
+              else PointRandom(self.seed, n=len(xn)).fold(ctx.eps_index))
+        xb, s, q = attack(ctx.model, x3, labels, eps, budget, lo, hi, pr,
                           target is not None)
         ctx.counter.add(ctx.idx, torch.as_tensor(q, dtype=torch.int64))
         return (torch.from_numpy(xb.reshape(xn.shape).astype(np.float32)),
@@ -114,13 +119,13 @@ class Square(FixedEpsilonAttack):
         budget: int,
         lo: float,
         hi: float,
-        rng: np.random.Generator,
+        rng: PointRandom,
         targeted: bool,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         m, c, h, w = x.shape
         q = np.zeros(m, dtype=np.int64)
         # vertical stripes of +-eps work best (paper, Sec. 3.1)
-        init = rng.choice([-eps, eps], size=(m, c, 1, w))
+        init = eps * rng.signs((c, 1, w), 0)
         x_best = as_query_dtype(np.clip(x + init, lo, hi))
         loss_min, succ = scores(query(model, x_best, np.float32), labels,
                                 targeted, self.loss)
@@ -133,17 +138,17 @@ class Square(FixedEpsilonAttack):
             sh, sw = window_size(p, h, w, minimum=1, linf=True)
             xc, xb = x[idx], x_best[idx]
             deltas = xb - xc
-            win = _window_index(rng, len(idx), c, h, w, sh, sw)
+            sub = rng.take(idx)
+            win = _window_index(sub, c, h, w, sh, sw, it, 1)
             xc_win, xb_win = xc[win], xb[win]
-            new = np.broadcast_to(rng.choice([-eps, eps], size=(len(idx), c, 1, 1)),
-                                  xc_win.shape).copy()
+            new = np.broadcast_to(eps * sub.signs((c, 1, 1), it, 2), xc_win.shape).copy()
             # resample windows whose proposal would not change the image (paper's code)
-            for _ in range(10):
+            for r in range(10):
                 same = np.all(np.abs(np.clip(xc_win + new, lo, hi) - xb_win) < 1e-7,
                               axis=(1, 2, 3))
                 if not same.any():
                     break
-                new[same] = rng.choice([-eps, eps], size=(int(same.sum()), c, 1, 1))
+                new[same] = eps * sub.take(same).signs((c, 1, 1), it, 3, r)
             deltas[win] = new
             x_new = as_query_dtype(np.clip(xc + deltas, lo, hi))
             loss, s_new = scores(query(model, x_new, np.float32), labels[idx],
@@ -161,7 +166,7 @@ class Square(FixedEpsilonAttack):
         budget: int,
         lo: float,
         hi: float,
-        rng: np.random.Generator,
+        rng: PointRandom,
         targeted: bool,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         m, c, h, w = x.shape
@@ -180,8 +185,9 @@ class Square(FixedEpsilonAttack):
             xc, xb = x[idx], x_best[idx]
             delta = xb - xc
             k = len(idx)
-            win1 = _window_index(rng, k, c, h, w, sh, sw)
-            win2 = _window_index(rng, k, c, h, w, sh, sw)
+            sub = rng.take(idx)
+            win1 = _window_index(sub, c, h, w, sh, sw, it, 1)
+            win2 = _window_index(sub, c, h, w, sh, sw, it, 2)
             union = np.zeros((k, 1, h, w), dtype=bool)
             union[(win1[0], np.zeros_like(win1[1]), win1[2], win1[3])] = True
             union[(win2[0], np.zeros_like(win2[1]), win2[2], win2[3])] = True
@@ -190,8 +196,8 @@ class Square(FixedEpsilonAttack):
             norm_win1 = np.sqrt(np.sum(old**2, axis=(2, 3), keepdims=True))
             norm_img = _l2norm(delta)
             norm_union = np.sqrt(np.sum((delta * union) ** 2, axis=(2, 3), keepdims=True))
-            bump = _meta_pseudo_gaussian(sh, sw, rng)[None, None]
-            new = bump * rng.choice([-1.0, 1.0], size=(k, c, 1, 1)) + old / (1e-10 + norm_win1)
+            bump = _bumps(sh, sw, sub, it, 3)
+            new = bump * sub.signs((c, 1, 1), it, 4) + old / (1e-10 + norm_win1)
             new_norm = np.sqrt(np.sum(new**2, axis=(2, 3), keepdims=True))
             room = np.maximum(eps**2 - norm_img**2, 0.0) / c + norm_union**2
             new = new / np.maximum(new_norm, 1e-12) * np.sqrt(room)
@@ -332,11 +338,12 @@ def window_size(p: float, h: int, w: int, *, minimum: int, linf: bool) -> tuple[
 
 
 def _window_index(
-    rng: np.random.Generator, k: int, c: int, h: int, w: int, sh: int, sw: int
+    rng: PointRandom, c: int, h: int, w: int, sh: int, sw: int, *tag: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fancy index of one random ``sh x sw`` window per point, all channels."""
-    top = rng.integers(0, h - sh + 1, size=k)
-    left = rng.integers(0, w - sw + 1, size=k)
+    k = len(rng)
+    top = rng.integers(h - sh + 1, *tag, 0)
+    left = rng.integers(w - sw + 1, *tag, 1)
     rows = top[:, None] + np.arange(sh)[None]
     cols = left[:, None] + np.arange(sw)[None]
     return (
@@ -367,7 +374,7 @@ def _pseudo_gaussian(a: int, b: int) -> np.ndarray:
     return d / np.sqrt(np.sum(d**2))
 
 
-def _meta_pseudo_gaussian(sh: int, sw: int, rng: np.random.Generator) -> np.ndarray:
+def _meta_pseudo_gaussian(sh: int, sw: int) -> np.ndarray:
     """Two pseudo-Gaussian halves of opposite sign (the paper's L2 update shape)."""
     d = np.zeros((sh, sw))
     if sh >= 2:
@@ -379,29 +386,36 @@ def _meta_pseudo_gaussian(sh: int, sw: int, rng: np.random.Generator) -> np.ndar
     else:
         d[:] = 1.0
     d /= np.sqrt(np.sum(d**2))
-    if sh == sw and rng.random() > 0.5:
-        d = d.T
     return d
 
 
-def _l2_init(rng: np.random.Generator, m: int, c: int, h: int, w: int) -> np.ndarray:
+def _bumps(sh: int, sw: int, rng: PointRandom, *tag: int) -> np.ndarray:
+    """One meta pseudo-Gaussian per point ``(k, 1, sh, sw)``, transposed at random (per
+    point) when square."""
+    d = _meta_pseudo_gaussian(sh, sw)
+    out = np.broadcast_to(d, (len(rng), 1, sh, sw))
+    if sh == sw:
+        flip = (rng.uniform((), *tag) > 0.5)[:, None, None, None]
+        out = np.where(flip, d.T[None, None], out)
+    return out
+
+
+def _l2_init(rng: PointRandom, m: int, c: int, h: int, w: int) -> np.ndarray:
     """A grid of bumps of side ``min(h, w) // 5`` with random signs (paper, Sec. 3.2)."""
     delta = np.zeros((m, c, h, w))
     if h == 1:
         s = max(w // 5, 1)
         for left in range(0, w, s):
             width = min(s, w - left)
-            delta[:, :, :, left : left + width] += _meta_pseudo_gaussian(1, width, rng)[
-                None, None
-            ] * rng.choice([-1.0, 1.0], size=(m, c, 1, 1))
+            delta[:, :, :, left : left + width] += _bumps(1, width, rng, 0, left, 0) * (
+                rng.signs((c, 1, 1), 0, left, 1))
         return delta
     s = max(min(h, w) // 5, 1)
     start_h, start_w = (h - s * (h // s)) // 2, (w - s * (w // s)) // 2
     for top in range(start_h, h - s + 1, s):
         for left in range(start_w, w - s + 1, s):
-            delta[:, :, top : top + s, left : left + s] += _meta_pseudo_gaussian(s, s, rng)[
-                None, None
-            ] * rng.choice([-1.0, 1.0], size=(m, c, 1, 1))
+            delta[:, :, top : top + s, left : left + s] += _bumps(
+                s, s, rng, 0, top, left, 0) * rng.signs((c, 1, 1), 0, top, left, 1)
     return delta
 
 
