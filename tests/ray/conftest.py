@@ -126,6 +126,7 @@ def ray_cluster() -> Iterator[Cluster]:
         pytest.fail(f"ray start failed: {exc.stderr.decode(errors='replace')[-2000:]}")
     import ray
 
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # the driver too (this test process)
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     deadline = time.time() + 60
     while ray.cluster_resources().get("CPU", 0) < 2 and time.time() < deadline:

@@ -593,9 +593,11 @@ def audit_privacy(
     model_name: str | None = None,
     data_name: str | None = None,
     progress: Progress = None,
+    engine: Any = None,
 ) -> tuple[PrivacyAuditReport, str]:
     """Membership inference against ``model`` (members: ``ds.x_train``; non-members:
-    ``ds.x_test``) and, for white-box image models, model inversion."""
+    ``ds.x_test``) and, for white-box image models, model inversion. ``engine`` (a
+    :class:`bastion.engine.Engine`) trains the shadow models in parallel; same report."""
     from bastion.attacks.privacy import (
         LossThresholdAttack,
         ModelInversion,
@@ -639,12 +641,12 @@ def audit_privacy(
         _say(progress, f"shadow-model attack ({n_shadows} shadows)")
         results.append(ShadowModelAttack(n_shadows=n_shadows, epochs=shadow_epochs,
                                          lr=shadow_lr, seed=seed).run(
-            model, x_in, y_in, x_out, y_out, x_pop=x_pop, y_pop=y_pop))
+            model, x_in, y_in, x_out, y_out, x_pop=x_pop, y_pop=y_pop, engine=engine))
     if can_shadow and "lira-offline" in wanted:
         _say(progress, f"offline LiRA ({n_shadows} shadows)")
         results.append(OfflineLiRA(n_shadows=n_shadows, epochs=shadow_epochs, lr=shadow_lr,
                                    seed=seed).run(model, x_in, y_in, x_out, y_out,
-                                                  x_pop=x_pop, y_pop=y_pop))
+                                                  x_pop=x_pop, y_pop=y_pop, engine=engine))
     summaries = [MIASummary(attack=r.attack, auc=r.auc, tpr_at_0_1pct_fpr=r.tpr_at_fpr["0.001"],
                             tpr_at_1pct_fpr=r.tpr_at_fpr["0.01"], roc_fpr=r.roc_fpr,
                             roc_tpr=r.roc_tpr, time_s=r.time_s) for r in results]
@@ -768,9 +770,15 @@ def run_audit(
     track: bool = True,
     progress: Progress = None,
     label_column: str = "label",
+    engine: Any = None,
+    ray_address: str | None = None,
     **options: Any,
 ) -> tuple[Any, dict[str, Path], list[str]]:
     """Load from specs, run one audit, write the report, track an MLflow run.
+
+    ``engine`` (``"local"``, ``"ray"`` or a :class:`bastion.engine.Engine`; default none):
+    the data audit streams Parquet shards through it (:mod:`bastion.audit.stream`), the
+    privacy audit trains its shadow models on it.
 
     Returns ``(report, paths, tracking_warnings)``.
     """
@@ -785,6 +793,16 @@ def run_audit(
     if out.exists() and not out.is_dir():
         raise BastionError(f"--out {out} is a file", hint="give a folder path")
     set_seed(seed)
+    if isinstance(engine, str) or ray_address:
+        from bastion.engine import get_engine
+
+        engine = get_engine(engine or "local", ray_address)  # a bad address: before any work
+    if kind == "data" and engine is not None:
+        return _run_streamed_audit(data_spec=data_spec, model_spec=model_spec, out=out,
+                                   seed=seed, tracking_uri=tracking_uri, track=track,
+                                   label_column=label_column, engine=engine, **options)
+    if kind == "privacy" and engine is not None:
+        options["engine"] = engine
     id_column = options.pop("id_column", None)
     table = data_spec.split(":", 1)[0].strip().lower() in ("csv", "parquet", "npz")
     if kind == "data" and table:  # audit every row of the user's file
@@ -824,5 +842,48 @@ def run_audit(
         report.warnings.extend(run.warnings)
         paths = write_report(report, html, out)
         run.log_metrics(_metrics(kind, report))
+        run.log_artifact(out, artifact_path="audit")
+    return report, paths, list(run.warnings)
+
+
+def _run_streamed_audit(*, data_spec: str, model_spec: str | None, out: Path, seed: int,
+                        tracking_uri: str | None, track: bool, label_column: str,
+                        engine: Any, **options: Any) -> tuple[Any, dict[str, Path], list[str]]:
+    """``audit data`` on an engine: the streamed Parquet audit."""
+    from bastion.audit.stream import STREAM_DETECTORS, audit_data_stream, table_info
+    from bastion.models.resolve import resolve_model
+    from bastion.registry.tracking import track_run
+
+    scheme, _, path = data_spec.partition(":")
+    if scheme.strip().lower() != "parquet" or not path:
+        raise BastionError(
+            f"the data audit on an engine streams Parquet, not {data_spec!r}",
+            hint="give parquet:FILE or parquet:FOLDER (of shards), or drop --engine for the "
+                 "in-memory audit")
+    extra = {k for k, v in options.items()
+             if v not in (None, "auto", "remove") and k not in ("id_column", "detectors")}
+    wanted = [d for d in (options.get("detectors") or []) if d not in STREAM_DETECTORS]
+    if extra or wanted:
+        raise BastionError(
+            f"the streamed data audit runs spectral signatures and kNN only; "
+            f"{', '.join(sorted(extra | set(wanted)))} need the in-memory audit",
+            hint="drop those options, or drop --engine")
+    id_column = options.get("id_column")
+    model = None
+    if model_spec is not None:
+        info = table_info(path, label_column, id_column)
+        model = resolve_model(model_spec, input_shape=info["input_shape"],
+                              n_classes=info["n_classes"], bounds=info["bounds"], seed=seed)
+    params = {"audit": "data", "data": data_spec, "model": model_spec, "seed": seed,
+              "engine": getattr(engine, "name", str(engine))}
+    with track_run("audit-data", params=params, tracking_uri=tracking_uri,
+                   enabled=track) as run:
+        report, html, _ = audit_data_stream(path, model, engine=engine,
+                                            label_column=label_column, id_column=id_column,
+                                            seed=seed, model_name=model_spec,
+                                            data_name=data_spec)
+        report.warnings.extend(run.warnings)
+        paths = write_report(report, html, out)
+        run.log_metrics({"n_flagged": float(report.n_flagged), "n_rows": float(report.n_train)})
         run.log_artifact(out, artifact_path="audit")
     return report, paths, list(run.warnings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -101,6 +102,9 @@ def _probe(address: str) -> None:
 def _connect(address: str) -> None:
     if ray.is_initialized():
         return
+    # no usage statistics from Bastion's runs unless the user opted in (Ray Data would
+    # otherwise also poll a Prometheus server on localhost:9090 and log its absence)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address not in ("auto", "local"):
         _probe(address)
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False,
@@ -213,7 +217,9 @@ class RayEngine:
         ctx.execution_options.preserve_order = True  # rows come back in file order
         ctx.enable_progress_bars = False
         refs = self.share(**dict(shared or {}))
-        ds = ray.data.read_parquet(list(paths), columns=list(columns) if columns else None)
+        ds = ray.data.read_parquet(list(paths))
+        if columns:
+            ds = ds.select_columns(list(columns))
         ds = ds.map_batches(_batch_call, batch_size=batch_size, batch_format="numpy",
                             fn_kwargs={"fn": fn, "refs": refs})
         try:
