@@ -252,8 +252,13 @@ def run_scan(
     track: bool = True,
     progress: bool = False,
     preset: str = "standard",
+    engine: Any = None,
+    ray_address: str | None = None,
 ) -> tuple[Any, dict[str, Path], list[str]]:
     """Scan ``model_spec`` on the test split of ``data_spec`` and write the report.
+
+    ``engine`` (``"local"``, ``"ray"`` or a :class:`bastion.engine.Engine`) and
+    ``ray_address``: where the attack shards run (default: this process).
 
     Returns ``(report, paths, tracking_warnings)`` where ``paths`` has keys ``json`` and
     ``html``. Everything is validated before anything is written: on a bad model, bad data
@@ -276,6 +281,9 @@ def run_scan(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BastionError(f"output path {out} is a file", hint="give a folder path")
+    from bastion.engine import resolve_engine
+
+    eng = resolve_engine(engine, ray_address)  # a bad address fails here, before any work
     set_seed(seed)
     ds = load_data(data_spec, label_column=label_column, seed=seed)
     model = load_any_model(
@@ -301,6 +309,7 @@ def run_scan(
         "limit": limit,
         "n_points": len(x),
         "seed": seed,
+        "engine": getattr(eng, "name", "local"),
     }
     report = scan(
         model,
@@ -313,6 +322,7 @@ def run_scan(
         attack_options=attack_options,
         progress=progress,
         preset=preset,
+        engine=eng,
     )
     report.data = {**dict(report.data or {}), "spec": data_spec, "split": "test", "name": ds.name}
     report.model = {**dict(report.model or {}), "spec": model_spec}

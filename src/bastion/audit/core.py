@@ -793,10 +793,10 @@ def run_audit(
     if out.exists() and not out.is_dir():
         raise BastionError(f"--out {out} is a file", hint="give a folder path")
     set_seed(seed)
-    if isinstance(engine, str) or ray_address:
-        from bastion.engine import get_engine
+    if engine is not None or ray_address:
+        from bastion.engine import resolve_engine
 
-        engine = get_engine(engine or "local", ray_address)  # a bad address: before any work
+        engine = resolve_engine(engine, ray_address)  # a bad address: before any work
     if kind == "data" and engine is not None:
         return _run_streamed_audit(data_spec=data_spec, model_spec=model_spec, out=out,
                                    seed=seed, tracking_uri=tracking_uri, track=track,

@@ -24,6 +24,8 @@ from bastion.engine.base import (
     LocalEngine,
     TokenBucket,
     get_engine,
+    resolve_engine,
 )
 
-__all__ = ["ENGINES", "Engine", "EngineError", "LocalEngine", "TokenBucket", "get_engine"]
+__all__ = ["ENGINES", "Engine", "EngineError", "LocalEngine", "TokenBucket", "get_engine",
+           "resolve_engine"]

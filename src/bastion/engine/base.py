@@ -10,7 +10,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from bastion.errors import BastionError
@@ -210,5 +210,14 @@ def get_engine(name: str = "local", address: str | None = None) -> Engine:
     return RayEngine(addr)
 
 
-def as_list(items: Iterable[Any]) -> list[Any]:
-    return items if isinstance(items, list) else list(items)
+def resolve_engine(engine: Any = None, address: str | None = None) -> Any:
+    """An engine from what a caller passed: ``None`` (and no address) stays None (the
+    caller's own in-process path), a name goes through :func:`get_engine`, an engine
+    object is returned as it is."""
+    if engine is None and not address:
+        return None
+    if engine is None or isinstance(engine, str):
+        return get_engine(engine or "ray", address)
+    if address:
+        raise EngineError("give either an engine object or a Ray address, not both")
+    return engine

@@ -139,10 +139,10 @@ def scan(
     n, n_eps = len(ya), len(eps_list)
     clean_pred = _predict(model, xa, batch_size)
     correct = clean_pred == ya
-    if engine is None:
-        from bastion.engine import LocalEngine
+    if engine is None or isinstance(engine, str):
+        from bastion.engine import get_engine
 
-        engine = LocalEngine()
+        engine = get_engine(engine or "local")
     run = _Cascade(model, attack_model, xa, ya, np.tile(correct, (n_eps, 1)), eps_list, norm,
                    batch_size, n_examples, engine=engine)
 

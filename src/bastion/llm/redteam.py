@@ -238,6 +238,7 @@ def run_redteam(
     progress: Callable[[int, int], None] | None = None,
     engine: Any = None,
     workers: int | None = None,
+    ray_address: str | None = None,
 ) -> RedteamReport:
     """Run ``probes`` against ``target`` (a base URL like ``http://host:port/v1``) and write
     ``attempts.jsonl``, ``report.json``, ``report.schema.json`` and ``report.html`` into
@@ -250,7 +251,8 @@ def run_redteam(
     ``engine`` (a :class:`bastion.engine.Engine`, e.g. ``get_engine("ray")``): the probes
     are sent from ``workers`` workers (default: the engine's CPUs; actors on Ray) with
     ``concurrency`` requests in flight in all, under one global ``rate_limit`` (a token
-    bucket actor on Ray); this process still writes the one ``attempts.jsonl``.
+    bucket actor on Ray); this process still writes the one ``attempts.jsonl``. A name
+    (``"local"``, ``"ray"``) and ``ray_address`` work too.
     """
     if not probes:
         raise BastionError("no probes to run", hint="check --probes and --limit")
@@ -259,6 +261,10 @@ def run_redteam(
             f"target {redact_url(target)!r} is not an http(s) URL",
             hint="pass the base URL as OpenAI clients take it, e.g. http://host:8000/v1",
         )
+    if engine is not None or ray_address:
+        from bastion.engine import resolve_engine
+
+        engine = resolve_engine(engine, ray_address)  # a bad address: before any probe
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     attempts_path = out / ATTEMPTS_FILE
