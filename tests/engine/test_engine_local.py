@@ -116,3 +116,38 @@ def test_point_random_is_keyed_by_point() -> None:
     assert 0.45 < u.mean() < 0.55 and u.min() >= 0 and u.max() < 1
     z = PointRandom(1, n=4).normal((5000,))
     assert abs(z.mean()) < 0.05 and 0.95 < z.std() < 1.05
+
+
+@pytest.mark.parametrize("argv", [
+    ["scan", "--model", "builtin:logreg", "--data", "builtin:digits", "--engine", "ray",
+     "--ray-address", "127.0.0.1:1"],
+    ["audit", "data", "--data", "parquet:x.parquet", "--engine", "ray", "--ray-address",
+     "ray://127.0.0.1:1"],
+    ["redteam", "--target", "http://127.0.0.1:1/v1", "--model", "m", "--engine", "ray",
+     "--ray-address", "bad address"],
+    ["scan", "--model", "builtin:logreg", "--data", "builtin:digits", "--engine", "spark"],
+])
+def test_cli_bad_engine_or_address_is_one_line_exit_2(argv, tmp_path, capsys,
+                                                      monkeypatch) -> None:
+    """Nothing runs, nothing is written: one line naming the problem and the fix."""
+    import time
+
+    from bastion.cli.main import run
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    code = run([*argv, "--out", str(out), "--no-track"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error:")
+    assert ("no Ray cluster answers" in err or "not a Ray address" in err
+            or "unknown engine" in err)
+    assert time.perf_counter() - t0 < 10 and not out.exists()
+
+
+def test_env_address_is_used_for_ray_only(monkeypatch) -> None:
+    monkeypatch.setenv("BASTION_RAY_ADDRESS", "127.0.0.1:1")
+    assert isinstance(get_engine("local"), LocalEngine)  # the variable does not matter here
+    with pytest.raises(EngineError, match="no Ray cluster answers at 127.0.0.1:1"):
+        get_engine("ray")

@@ -31,6 +31,14 @@ TrackingOpt = typer.Option(
 NoTrackOpt = typer.Option(False, "--no-track", help="Do not record an MLflow run.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+EngineOpt = typer.Option(
+    None, "--engine", metavar="local|ray",
+    help="Where the parallel work runs: local (this process) or ray (a Ray cluster; needs "
+    "the ray extra). A bad name or address: one line, exit 2.")
+RayAddressOpt = typer.Option(
+    None, "--ray-address", metavar="auto|HOST:PORT|ray://HOST:PORT",
+    help="The Ray cluster for --engine ray (default: $BASTION_RAY_ADDRESS, else auto: the "
+    "cluster started on this machine with `ray start --head`).")
 
 
 def _check_timeout(value: float | None) -> float | None:

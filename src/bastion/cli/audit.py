@@ -19,7 +19,11 @@ def _run(kind: str, *, data: str, model: str | None, out: Path, seed: int,
          tracking_uri: str | None, no_track: bool, quiet: bool, label_column: str,
          timeout: float | None = None, **options: Any) -> Any:
     from bastion.audit import run_audit
+    from bastion.engine.base import check_engine
     from bastion.jobs import run_with_deadline
+
+    # a bad engine or an unreachable cluster: one line, exit 2, before --out is created
+    check_engine(options.get("engine"), options.get("ray_address"))
 
     def job() -> Any:
         return run_audit(
@@ -73,13 +77,17 @@ def register(app: typer.Typer) -> None:
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
         timeout: float | None = c.TimeoutOpt,
+        engine: str | None = c.EngineOpt,
+        ray_address: str | None = c.RayAddressOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
         """Score every sample for poisoning / label noise (every row of a CSV or Parquet
-        file), say whether that is more than clean data gives, write cleaned data."""
+        file), say whether that is more than clean data gives, write cleaned data. With
+        --engine: the streamed audit of parquet:FILE|FOLDER (spectral signatures and kNN
+        over Parquet shards; a report, no cleaned copy)."""
         report, paths = _run("data", data=data, model=model, out=out, seed=seed,
-                             timeout=timeout,
+                             timeout=timeout, engine=engine, ray_address=ray_address,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, detectors=c.parse_list(detectors),
                              use=use, budget=None if threshold is not None else budget,
@@ -87,9 +95,10 @@ def register(app: typer.Typer) -> None:
         verb = "removed" if mode == "remove" else "relabelled"
         what = "rows" if report.whole_file else "training samples"
         c.info(report.verdict, quiet=quiet)
-        c.info(f"{report.n_removed + report.n_relabelled} of {report.n_train} {what} "
-               f"{verb}; cleaned data {report.cleaned_table or report.cleaned_path}",
-               quiet=quiet)
+        if report.mode != "report":  # the streamed audit only reports
+            c.info(f"{report.n_removed + report.n_relabelled} of {report.n_train} {what} "
+                   f"{verb}; cleaned data {report.cleaned_table or report.cleaned_path}",
+                   quiet=quiet)
         c.info(f"report: {paths['json']} and {paths['html']}", quiet=quiet)
 
     @audit.command("backdoor")
@@ -168,12 +177,15 @@ def register(app: typer.Typer) -> None:
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
         timeout: float | None = c.TimeoutOpt,
+        engine: str | None = c.EngineOpt,
+        ray_address: str | None = c.RayAddressOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
-        """Membership inference and model inversion."""
+        """Membership inference and model inversion (--engine: shadow models trained in
+        parallel there)."""
         report, paths = _run("privacy", data=data, model=model, out=out, seed=seed,
-                             timeout=timeout,
+                             timeout=timeout, engine=engine, ray_address=ray_address,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, n_targets=targets, n_shadows=shadows,
                              shadow_epochs=shadow_epochs, attacks=c.parse_list(attacks))

@@ -78,15 +78,20 @@ def redteam(
     seed: int = c.SeedOpt,
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
+    engine: str | None = c.EngineOpt,
+    ray_address: str | None = c.RayAddressOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
-    """Red-team an OpenAI-compatible chat agent: report.json, report.html, attempts.jsonl."""
+    """Red-team an OpenAI-compatible chat agent: report.json, report.html, attempts.jsonl.
+    With --engine ray the probes go out from actors under one global --rate-limit."""
+    from bastion.engine import resolve_engine
     from bastion.llm.client import endpoint_llm_judge, redact_url
     from bastion.llm.probes import load_probes
     from bastion.llm.redteam import run_redteam
     from bastion.registry.tracking import track_run
 
+    eng = resolve_engine(engine, ray_address)  # a bad address: one line, exit 2, nothing sent
     out = c.prepare_out_dir(out)
     plist = load_probes(
         c.parse_list(probes),
@@ -121,6 +126,7 @@ def redteam(
             stream=stream,
             resume=resume,
             seed=seed,
+            engine=eng,
             llm_judge=(
                 endpoint_llm_judge(judge_target or target, judge_model, api_key_env=api_key_env)
                 if judge_model

@@ -138,6 +138,8 @@ def scan(
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
     timeout: float | None = c.TimeoutOpt,
+    engine: str | None = c.EngineOpt,
+    ray_address: str | None = c.RayAddressOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
@@ -164,6 +166,8 @@ def scan(
         track=not no_track,
         progress=c.show_progress(quiet),
         preset=preset,
+        engine=engine,
+        ray_address=ray_address,
     )
     report, paths, warnings = run_with_deadline(job, timeout=timeout, what="scan", out_dir=out)
     for w in warnings:
@@ -296,7 +300,7 @@ def run(argv: list[str] | None = None) -> int:
         if debug:
             raise
         c.err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        return 1
+        return int(getattr(exc, "exit_code", 1))  # 2: a bad engine or Ray address
     except KeyboardInterrupt:
         c.err_console.print("interrupted")
         return 130

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ray
 
-from bastion.engine.base import EngineError, TokenBucket, _concat
+from bastion.engine.base import EngineError, TokenBucket, _concat, probe_address
 from bastion.errors import BastionError
 
 #: seconds to wait for a TCP answer from the address before calling it unreachable
@@ -85,20 +84,6 @@ def _batch_call(batch: dict[str, Any], *, fn: Callable[..., Any],
     return dict(fn(batch, **{k: _resolve(v) for k, v in refs.items()}))
 
 
-def _probe(address: str) -> None:
-    rest = address[len("ray://"):] if address.startswith("ray://") else address
-    host, _, port = rest.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        raise EngineError(
-            f"no Ray cluster answers at {address} ({type(exc).__name__}: "
-            f"{exc.strerror or exc})",
-            hint="start one with `ray start --head` (see the README) or fix --ray-address "
-                 "/ BASTION_RAY_ADDRESS") from None
-
-
 def _connect(address: str) -> None:
     if ray.is_initialized():
         return
@@ -106,7 +91,7 @@ def _connect(address: str) -> None:
     # otherwise also poll a Prometheus server on localhost:9090 and log its absence)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address not in ("auto", "local"):
-        _probe(address)
+        probe_address(address, PROBE_TIMEOUT_S)
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False,
                               "ignore_reinit_error": True}
     if address == "local":

@@ -184,6 +184,49 @@ def check_address(address: str) -> str:
     return a
 
 
+def probe_address(address: str, timeout: float = 3.0) -> None:
+    """A TCP connection to ``HOST:PORT`` / ``ray://HOST:PORT`` within ``timeout`` seconds,
+    else an :class:`EngineError` (an unreachable cluster fails fast, not after Ray's own
+    minute of retries)."""
+    import socket
+
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = rest.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise EngineError(
+            f"no Ray cluster answers at {address} ({type(exc).__name__}: "
+            f"{exc.strerror or exc})",
+            hint="start one with `ray start --head` (see the README) or fix --ray-address "
+                 "/ BASTION_RAY_ADDRESS") from None
+
+
+def check_engine(name: str | None, address: str | None = None) -> None:
+    """Everything :func:`get_engine` would refuse, without connecting to Ray: the name,
+    the address form, Ray being installed and the address answering. For a command line
+    to fail before it creates anything."""
+    if name is None and not address:
+        return
+    key = str(name or "ray").strip().lower()
+    if key == "local":
+        if address:
+            raise EngineError("--ray-address is only for --engine ray",
+                              hint="add --engine ray, or drop --ray-address")
+        return
+    if key != "ray":
+        raise EngineError(f"unknown engine {name!r}", hint=f"use one of: {', '.join(ENGINES)}")
+    addr = check_address(address or os.environ.get(ADDRESS_ENV) or "auto")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise EngineError("the Ray engine needs Ray, which is not installed",
+                          hint="pip install 'bastion[ray]'")
+    if addr not in ("auto", "local"):
+        probe_address(addr)
+
+
 def get_engine(name: str = "local", address: str | None = None) -> Engine:
     """The engine called ``name`` (``local`` or ``ray``).
 
