@@ -54,3 +54,21 @@ def test_minimal_attack_on_ray_equals_local(ray_cluster, digits_arrays) -> None:
     _same(scan(model, x_te[:12], y_te[:12], **kw),
           scan(model, x_te[:12], y_te[:12], engine=eng, **kw))
     assert np.isfinite(list(scan(model, x_te[:2], y_te[:2], **kw).robust_accuracy.values())).all()
+
+
+def test_cli_scan_on_the_cluster(ray_cluster, tmp_path, monkeypatch) -> None:
+    """`bastion scan --engine ray` against the cluster (address from BASTION_RAY_ADDRESS)."""
+    import json
+
+    from bastion.cli.main import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BASTION_RAY_ADDRESS", ray_cluster.address)
+    out = tmp_path / "scan"
+    code = run(["scan", "--model", "builtin:digits-mlp", "--data", "builtin:digits",
+                "--limit", "16", "--eps", "0.1", "--attacks", "apgd-ce",
+                "--set", "apgd-ce.steps=5", "--engine", "ray", "--out", str(out),
+                "--no-track", "--quiet"])
+    assert code == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n_points"] == 16 and "0.1" in rep["robust_accuracy"]
