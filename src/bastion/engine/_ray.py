@@ -198,6 +198,8 @@ class RayEngine:
                     shared: Mapping[str, Any] | None = None) -> dict[str, Any]:
         import ray.data
 
+        # Ray Data's INFO lines (execution plans, log paths) are not for Bastion's users
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows come back in file order
         ctx.enable_progress_bars = False

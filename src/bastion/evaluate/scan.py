@@ -530,13 +530,14 @@ def _point_kw(atk: Any, c: np.ndarray) -> dict[str, Any]:
 
 
 def _shard_size(engine: Any, n_todo: int, batch_size: int) -> int:
-    """Points per call: ``batch_size`` locally; on several workers small enough that every
-    worker gets about two shards. (Random numbers are per point, so the split does not
-    change what an attack finds.)"""
+    """Points per call: ``batch_size`` locally; on several workers one shard per worker
+    (at most ``batch_size`` points): an attack's per-iteration cost is partly fixed, so
+    smaller shards than that cost more in all. (Random numbers are per point, so the split
+    does not change what an attack finds.)"""
     workers = int(getattr(engine, "workers", 1) or 1)
     if workers <= 1 or n_todo <= 0:
         return batch_size
-    return max(1, min(batch_size, math.ceil(n_todo / (2 * workers))))
+    return max(1, min(batch_size, math.ceil(n_todo / workers)))
 
 
 def _fixed_shard(item: tuple[np.ndarray, list[int]], *, atk: FixedEpsilonAttack, model: Any,
