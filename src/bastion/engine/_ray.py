@@ -207,7 +207,8 @@ class RayEngine:
         ds = ray.data.read_parquet(list(paths))
         if columns:
             ds = ds.select_columns(list(columns))
-        ds = ds.map_batches(_batch_call, batch_size=batch_size, batch_format="numpy",
+        ds = ds.map_batches(_batch_call,  # type: ignore[arg-type]
+                            batch_size=batch_size, batch_format="numpy",
                             fn_kwargs={"fn": fn, "refs": refs})
         try:
             parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
