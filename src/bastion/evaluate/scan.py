@@ -619,8 +619,10 @@ def _engine_and_shared(engine: Any, shared: dict[str, Any] | None, model: Any,
         from bastion.engine import LocalEngine
 
         engine = LocalEngine()
-    if shared is None:
-        shared = engine.share(model=model, attack_model=attack_model, x=x, y=y)
+    if shared is None:  # once per scan; the attack model only when it is another object
+        shared = engine.share(model=model, x=x, y=y)
+        shared["attack_model"] = (None if attack_model is None or attack_model is model
+                                  else engine.share(m=attack_model)["m"])
     return engine, shared
 
 
