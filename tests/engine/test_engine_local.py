@@ -151,3 +151,34 @@ def test_env_address_is_used_for_ray_only(monkeypatch) -> None:
     assert isinstance(get_engine("local"), LocalEngine)  # the variable does not matter here
     with pytest.raises(EngineError, match="no Ray cluster answers at 127.0.0.1:1"):
         get_engine("ray")
+
+
+def test_cli_streamed_audit_on_the_local_engine(tmp_path, digits_arrays, monkeypatch) -> None:
+    """`bastion audit data --engine local` streams Parquet shards; other data or options
+    the streamed audit cannot honour are one clear line."""
+    import json
+
+    import pandas as pd
+
+    from bastion.cli.main import run
+
+    monkeypatch.chdir(tmp_path)
+    x, y = digits_arrays[0][:300].reshape(300, -1), digits_arrays[1][:300].copy()
+    y[::30] = (y[::30] + 5) % 10
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, part in enumerate(np.array_split(np.arange(300), 2)):
+        df = pd.DataFrame(x[part], columns=[f"f{j}" for j in range(64)])
+        df["label"] = y[part]
+        df.to_parquet(shards / f"p{i}.parquet", index=False)
+    out = tmp_path / "audit"
+    assert run(["audit", "data", "--data", f"parquet:{shards}", "--engine", "local",
+                "--out", str(out), "--no-track", "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["command"] == "audit data (streamed)" and rep["n_train"] == 300
+    assert [d["detector"] for d in rep["detectors"]] == ["spectral", "knn"]
+    assert {r["row"] for r in rep["flagged_rows"]} & set(range(0, 300, 30))
+    assert run(["audit", "data", "--data", "builtin:digits", "--engine", "local",
+                "--out", str(tmp_path / "b"), "--no-track"]) == 1
+    assert run(["audit", "data", "--data", f"parquet:{shards}", "--engine", "local",
+                "--mode", "relabel", "--out", str(tmp_path / "c"), "--no-track"]) == 1
