@@ -205,15 +205,39 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def timed(fn, engine, repeats: int):
-    best, out, loads = float("inf"), None, []
+def cluster_cpu(marker: str | None) -> float:
+    """CPU seconds (user + system) used so far by every process whose command line names
+    ``marker`` (the cluster's temp folder: raylets, GCS, workers)."""
+    if not marker:
+        return 0.0
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if marker not in (d / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def timed(fn, engine, repeats: int, marker: str | None = None):
+    """Best wall time of ``repeats`` runs, and the CPU seconds (this process plus the
+    cluster's processes) of the cheapest run: CPU time hardly depends on the machine's
+    load, wall time does."""
+    best, cpu, out, loads = float("inf"), float("inf"), None, []
     for _ in range(repeats):
         loads.append(load())
+        c0 = time.process_time() + cluster_cpu(marker)
         t0 = time.perf_counter()
         out = fn(engine)
         best = min(best, time.perf_counter() - t0)
+        cpu = min(cpu, time.process_time() + cluster_cpu(marker) - c0)
         loads.append(load())
-    return best, out, loads
+    return best, out, loads, cpu
 
 
 def main() -> None:
@@ -235,8 +259,9 @@ def main() -> None:
     local = get_engine("local")
     for name, (fn, _) in jobs.items():
         fn(local)  # warm-up (imports, caches)
-        t, out, loads = timed(fn, local, args.repeats)
+        t, out, loads, cpu = timed(fn, local, args.repeats)
         rows[name]["local_s"], rows[name]["local_load"] = round(t, 3), loads
+        rows[name]["local_cpu_s"] = round(cpu, 3)
         results[name]["local"] = out
         print(f"{name}: local {t:.2f}s", flush=True)
 
@@ -255,8 +280,9 @@ def main() -> None:
             assert eng.workers == n_workers, eng.workers
             for name, (fn, _) in jobs.items():
                 fn(eng)  # warm-up: worker processes start, imports, the object store
-                t, out, loads = timed(fn, eng, args.repeats)
+                t, out, loads, cpu = timed(fn, eng, args.repeats, cluster.temp)
                 rows[name][f"ray{n_workers}_s"] = round(t, 3)
+                rows[name][f"ray{n_workers}_cpu_s"] = round(cpu, 3)
                 rows[name][f"ray{n_workers}_load"] = loads
                 results[name][f"ray{n_workers}"] = out
                 print(f"{name}: ray x{n_workers} {t:.2f}s", flush=True)
@@ -275,6 +301,9 @@ def main() -> None:
                                             == results[name]["ray2"])
         r["ray_overhead_pct"] = round(100 * (r["ray1_s"] / r["local_s"] - 1), 1)
         r["speedup_1_to_2"] = round(r["ray1_s"] / r["ray2_s"], 2)
+        # CPU seconds spent by Ray (driver + cluster) per CPU second of the local run
+        r["ray_cpu_overhead_pct"] = round(100 * (r["ray1_cpu_s"] / r["local_cpu_s"] - 1), 1)
+        r["ray2_cpu_overhead_pct"] = round(100 * (r["ray2_cpu_s"] / r["local_cpu_s"] - 1), 1)
     payload = {
         "benchmark": "engine_scaling",
         "command": "OMP_NUM_THREADS=1 python benchmarks/engine_scaling.py"
@@ -288,12 +317,15 @@ def main() -> None:
     out = HERE / "results" / "engine_scaling.json"
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print("\n| job | local (s) | Ray, 1 worker (s) | Ray, 2 workers (s) | overhead | "
-          "speed-up 1→2 | same result | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+          "speed-up 1→2 | CPU s local / Ray 1 / Ray 2 | CPU overhead 1 / 2 | same result | "
+          "load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         lo = [x for k in ("local_load", "ray1_load", "ray2_load") for x in r[k]]
         print(f"| {name} | {r['local_s']:.2f} | {r['ray1_s']:.2f} | {r['ray2_s']:.2f} | "
               f"{r['ray_overhead_pct']:+.1f}% | {r['speedup_1_to_2']:.2f}x | "
+              f"{r['local_cpu_s']:.1f} / {r['ray1_cpu_s']:.1f} / {r['ray2_cpu_s']:.1f} | "
+              f"{r['ray_cpu_overhead_pct']:+.1f}% / {r['ray2_cpu_overhead_pct']:+.1f}% | "
               f"{r['same_result_on_every_engine']} | {min(lo):.1f}-{max(lo):.1f} |")
     print(f"\nwrote {out}")
 
