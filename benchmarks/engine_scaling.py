@@ -98,14 +98,7 @@ class Cluster:
         import signal
 
         for sig, pause in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.5)):
-            pids = []
-            for d in Path("/proc").iterdir():
-                if d.name.isdigit() and int(d.name) != os.getpid():
-                    try:
-                        if self.temp in (d / "cmdline").read_bytes().decode(errors="replace"):
-                            pids.append(int(d.name))
-                    except OSError:
-                        pass
+            pids = cluster_pids(self.temp)
             for pid in pids:
                 try:
                     os.kill(pid, sig)
@@ -211,17 +204,38 @@ def cluster_cpu(marker: str | None) -> float:
     if not marker:
         return 0.0
     tick, total = os.sysconf("SC_CLK_TCK"), 0.0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    for pid in cluster_pids(marker):
         try:
-            if marker not in (d / "cmdline").read_bytes().decode(errors="replace"):
-                continue
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tick
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def cluster_pids(marker: str) -> set[int]:
+    """Processes naming ``marker`` on their command line (raylet, GCS, agents) and all
+    their descendants (Ray's workers rename themselves to ``ray::...``)."""
+    parent: dict[int, int] = {}
+    roots: set[int] = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            parent[int(d.name)] = int(fields[1])
+            if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                roots.add(int(d.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    out, changed = set(roots), True
+    while changed:
+        changed = False
+        for pid, pp in parent.items():
+            if pp in out and pid not in out:
+                out.add(pid)
+                changed = True
+    return out
 
 
 def timed(fn, engine, repeats: int, marker: str | None = None):

@@ -67,21 +67,33 @@ def _node_ports() -> list[str]:
 
 
 def _own_pids(marker: str) -> list[int]:
-    pids = []
+    """Processes naming ``marker`` on their command line (raylet, GCS, agents) and their
+    descendants (Ray's workers rename themselves to ``ray::...``)."""
+    parent: dict[int, int] = {}
+    roots: set[int] = set()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
+            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
         if marker in cmd:
-            pids.append(int(d.name))
-    return pids
+            roots.add(int(d.name))
+    out, changed = set(roots), True
+    while changed:
+        changed = False
+        for pid, pp in parent.items():
+            if pp in out and pid not in out and pid != os.getpid():
+                out.add(pid)
+                changed = True
+    return sorted(out)
 
 
 def kill_cluster(temp_dir: str) -> None:
-    """SIGTERM, then SIGKILL, every process whose command line names ``temp_dir``."""
+    """SIGTERM, then SIGKILL, every process whose command line names ``temp_dir``, and
+    their descendants."""
     for sig, pause in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 0.5)):
         pids = _own_pids(temp_dir)
         if not pids:
