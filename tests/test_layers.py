@@ -13,7 +13,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "bastion"
 
 #: The ground floor: what any layer may import.
-GROUND = {"errors", "_util", "_ray", "reporting", "store", "__version__", "__init__"}
+GROUND = {"errors", "_util", "_ray", "engine", "reporting", "store", "__version__",
+          "__init__"}
 
 _BELOW_DEFEND = {"attacks", "evaluate", "models", "data"}
 #: package -> the Bastion packages it may import besides itself and :data:`GROUND`.
@@ -22,6 +23,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "store": set(),  # imports errors only (checked below)
     "_util": set(),
     "_ray": set(),  # connect to a Ray cluster (one place for every Ray user)
+    "engine": set(),  # where parallel work runs (local or Ray): imports errors only
     "reporting": set(),
     "data": set(),
     "models": {"data"},

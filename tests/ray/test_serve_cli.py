@@ -41,13 +41,13 @@ def test_ray_only_options_without_engine_ray_are_refused(tmp_path: Path) -> None
     assert "--replicas and --ray-address need --engine ray" in r.stderr
     r = _bastion("serve", "--engine", "spark", "--model", "builtin:digits-cnn",
                  "--reference", "builtin:digits", cwd=tmp_path)
-    assert r.returncode == 1 and "--engine 'spark' is not known" in r.stderr
+    assert r.returncode == 2 and "unknown engine 'spark'" in r.stderr
 
 
 def test_harden_with_an_unknown_engine_is_one_line(tmp_path: Path) -> None:
     r = _bastion("harden", "--engine", "spark", "--model", "builtin:digits-cnn", "--data",
                  "builtin:digits", "--method", "fast-at", "--out", str(tmp_path / "o"),
                  cwd=tmp_path)
-    assert r.returncode == 1 and "--engine 'spark' is not known" in r.stderr
+    assert r.returncode == 2 and "unknown engine 'spark'" in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
     assert not (tmp_path / "o").exists()

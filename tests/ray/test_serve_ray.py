@@ -183,8 +183,8 @@ def test_rate_limit_is_one_bucket_per_key_across_replicas(deployed) -> None:
 
 
 def test_quarantine_lifted_through_one_replica_holds_on_both(deployed) -> None:
-    from bastion.store.events import EventStore
     from bastion.runtime.guard import STATE_QUARANTINE
+    from bastion.store.events import EventStore
 
     svc, tokens, events = deployed
     with EventStore(events) as store:  # as the healing controller does

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from bastion.store import events as ev
 from bastion.runtime.adaptive import AdaptiveChooser, AdaptiveSettings, observed_harm
 from bastion.runtime.guard import STATE_QUARANTINE
 from bastion.runtime.healing import HealingController, HealingPolicy, Rule
 from bastion.runtime.monitors import Signal
 from bastion.runtime.retrain import RetrainPipeline
+from bastion.store import events as ev
 
 
 class Switch:

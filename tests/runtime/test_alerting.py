@@ -10,7 +10,6 @@ import time
 import pytest
 
 from bastion.errors import BastionError
-from bastion.store import events as ev
 from bastion.runtime.alerting import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -24,6 +23,7 @@ from bastion.runtime.alerting import (
 from bastion.runtime.healing import HealingController, HealingPolicy, Rule
 from bastion.runtime.monitors import Signal
 from bastion.runtime.retrain import RetrainPipeline
+from bastion.store import events as ev
 
 SECRET = "s3cret-hmac-key-for-tests"
 MODEL = "alerts-model"

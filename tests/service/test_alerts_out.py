@@ -9,9 +9,9 @@ import time
 import httpx
 import numpy as np
 
-from bastion.store import events as ev
 from bastion.service.app import create_app
 from bastion.service.server import ServiceThread
+from bastion.store import events as ev
 
 
 def test_service_delivers_alerts_and_a_dead_receiver_blocks_nothing(

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 
 from bastion.errors import BastionError
-from bastion.store import events as ev
 from bastion.runtime.fairness import group_rates
 from bastion.runtime.healing import HealingPolicy, MonitorSettings, Rule
 from bastion.service.app import create_app
 from bastion.service.server import ServiceThread
+from bastion.store import events as ev
 
 
 def table(n: int, rng, shift_group1: float = 0.0) -> pd.DataFrame:

@@ -164,22 +164,31 @@ def project_and_clip(
 
 
 def random_in_ball(
-    x: torch.Tensor, eps: torch.Tensor | float, norm: str, generator: torch.Generator | None
+    x: torch.Tensor, eps: torch.Tensor | float, norm: str, generator: Any
 ) -> torch.Tensor:
     """A perturbation drawn uniformly from the ``norm`` ball of radius ``eps`` around 0.
+
+    ``generator`` is a CPU ``torch.Generator`` (or None), or a
+    :class:`~bastion.attacks._rng.PointRandom` over the rows of ``x`` (per-point draws).
 
     Draws on the CPU from ``generator`` (never torch's global RNG), then moves to ``x``'s
     device, so a seed gives the same draw everywhere.
     """
     shape = tuple(x.shape)
     e = per_point(eps if not isinstance(eps, torch.Tensor) else eps.cpu(), x)
+    pr = generator if hasattr(generator, "torch_uniform") else None  # a PointRandom
     if norm == "linf":
-        d = (2 * torch.rand(shape, generator=generator) - 1) * e
+        u = (pr.torch_uniform(shape[1:]) if pr is not None  # type: ignore[union-attr]
+             else torch.rand(shape, generator=generator))
+        d = (2 * u - 1) * e
     else:
-        g = torch.randn(shape, generator=generator)
+        g = (pr.torch_normal(shape[1:], 1) if pr is not None  # type: ignore[union-attr]
+             else torch.randn(shape, generator=generator))
         g = g / per_point(flat_norm(g, "l2") + 1e-12, g)
         dim = max(1, int(np.prod(shape[1:])))
-        r = torch.rand(shape[0], generator=generator) ** (1.0 / dim)
+        u = (pr.torch_uniform((), 2) if pr is not None  # type: ignore[union-attr]
+             else torch.rand(shape[0], generator=generator))
+        r = u ** (1.0 / dim)
         d = g * per_point(r, g) * e
     return d.to(device=x.device, dtype=x.dtype)
 
@@ -315,6 +324,7 @@ def run_attack_epsilons(
     *,
     epsilons: Sequence[float] | float,
     target: Any | None = None,
+    point_ids: Any | None = None,
 ) -> AttackResult:
     """The epsilon loop every :class:`~bastion.attacks.base.FixedEpsilonAttack` runs.
 
@@ -332,6 +342,7 @@ def run_attack_epsilons(
     attack's :meth:`extra_info`.
     """
     from bastion._util import torch_generator
+    from bastion.attacks._rng import PointRandom
     from bastion.attacks.base import EpsilonContext
 
     name = str(getattr(attack, "name", type(attack).__name__))
@@ -362,6 +373,10 @@ def run_attack_epsilons(
     seed = int(getattr(attack, "seed", 0) or 0)
     gen = torch_generator(seed)
     rng = np.random.default_rng(seed)
+    if point_ids is not None and len(np.asarray(point_ids).reshape(-1)) != n:
+        raise BastionError(f"point_ids has {len(np.asarray(point_ids).reshape(-1))} ids for "
+                           f"{n} points", hint="pass one id per point")
+    prng = PointRandom(seed, point_ids, n=n)
     x_adv = xt.unsqueeze(0).repeat(len(eps_list), *([1] * xt.ndim))
     success = torch.zeros(len(eps_list), n, dtype=torch.bool)
     per_eps = np.zeros((len(eps_list), n), dtype=np.int64)
@@ -377,7 +392,8 @@ def run_attack_epsilons(
             tsub = None if tt is None else tt[todo]
             ctx = EpsilonContext(model=model, logits=logits_fn, bounds=bounds, eps_index=i,
                                  idx=todo, clean_logits=clean_out[todo], counter=counter,
-                                 gen=gen, rng=rng)
+                                 gen=gen, rng=rng, prng=prng.fold(  # keyed by the budget itself
+                                     int(np.float64(eps).view(np.uint64))))
             adv, ok = attack.attack_epsilon(ctx, xt[todo].clone(), yt[todo], tsub, float(eps))
             adv = torch.as_tensor(adv).detach().to(xt.dtype).reshape(xt[todo].shape)
             ok = torch.as_tensor(ok, dtype=torch.bool).reshape(-1).cpu()

@@ -157,6 +157,10 @@ class EpsilonContext:
         gen: a ``torch.Generator`` seeded with the attack's seed, shared by all epsilons
             of the run.
         rng: a NumPy ``Generator`` seeded likewise.
+        prng: per-point random numbers (:class:`~bastion.attacks._rng.PointRandom`) for
+            the whole batch of the run (index it with ``idx``), keyed by the attack's seed,
+            each point's id and the epsilon's position: draw from it (not from ``gen`` or
+            ``rng``) so a point's result does not depend on the batch it is in.
     """
 
     model: Any
@@ -168,6 +172,7 @@ class EpsilonContext:
     counter: Any
     gen: Any
     rng: np.random.Generator
+    prng: Any = None
 
 
 class FixedEpsilonAttack(Attack):
@@ -189,15 +194,20 @@ class FixedEpsilonAttack(Attack):
         *,
         epsilons: Sequence[float],
         target: np.ndarray | None = None,
+        point_ids: np.ndarray | None = None,
     ) -> AttackResult:
         """Attack ``x`` (labels ``y``, optional ``target`` classes) at every epsilon.
+
+        ``point_ids`` (one integer per point; default ``0..n-1``) key each point's random
+        numbers: a point with the same id gets the same result in any batch.
 
         Do not override: implement :meth:`attack_epsilon`. (A wrapper that hands the whole
         run to another attack, such as a transfer attack, may still override it.)
         """
         from bastion.attacks._torch import run_attack_epsilons
 
-        return run_attack_epsilons(self, model, x, y, epsilons=epsilons, target=target)
+        return run_attack_epsilons(self, model, x, y, epsilons=epsilons, target=target,
+                                   point_ids=point_ids)
 
     def attack_epsilon(
         self, ctx: EpsilonContext, x: Any, y: Any, target: Any | None, eps: float

@@ -592,9 +592,11 @@ def audit_privacy(
     model_name: str | None = None,
     data_name: str | None = None,
     progress: Progress = None,
+    engine: Any = None,
 ) -> tuple[PrivacyAuditReport, str]:
     """Membership inference against ``model`` (members: ``ds.x_train``; non-members:
-    ``ds.x_test``) and, for white-box image models, model inversion."""
+    ``ds.x_test``) and, for white-box image models, model inversion. ``engine`` (a
+    :class:`bastion.engine.Engine`) trains the shadow models in parallel; same report."""
     from bastion.attacks.privacy import (
         LossThresholdAttack,
         ModelInversion,
@@ -638,12 +640,12 @@ def audit_privacy(
         _say(progress, f"shadow-model attack ({n_shadows} shadows)")
         results.append(ShadowModelAttack(n_shadows=n_shadows, epochs=shadow_epochs,
                                          lr=shadow_lr, seed=seed).run(
-            model, x_in, y_in, x_out, y_out, x_pop=x_pop, y_pop=y_pop))
+            model, x_in, y_in, x_out, y_out, x_pop=x_pop, y_pop=y_pop, engine=engine))
     if can_shadow and "lira-offline" in wanted:
         _say(progress, f"offline LiRA ({n_shadows} shadows)")
         results.append(OfflineLiRA(n_shadows=n_shadows, epochs=shadow_epochs, lr=shadow_lr,
                                    seed=seed).run(model, x_in, y_in, x_out, y_out,
-                                                  x_pop=x_pop, y_pop=y_pop))
+                                                  x_pop=x_pop, y_pop=y_pop, engine=engine))
     summaries = [MIASummary(attack=r.attack, auc=r.auc, tpr_at_0_1pct_fpr=r.tpr_at_fpr["0.001"],
                             tpr_at_1pct_fpr=r.tpr_at_fpr["0.01"], roc_fpr=r.roc_fpr,
                             roc_tpr=r.roc_tpr, time_s=r.time_s) for r in results]

@@ -31,6 +31,28 @@ TrackingOpt = typer.Option(
 NoTrackOpt = typer.Option(False, "--no-track", help="Do not record an MLflow run.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress output.")
 DebugOpt = typer.Option(False, "--debug", help="Show full tracebacks on errors.")
+EngineOpt = typer.Option(
+    None, "--engine", metavar="local|ray",
+    help="Where the parallel work runs: local (this process) or ray (a Ray cluster; needs "
+    "the ray extra). A bad name or address: one line, exit 2.")
+RayAddressOpt = typer.Option(
+    None, "--ray-address", metavar="auto|HOST:PORT|ray://HOST:PORT",
+    help="The Ray cluster for --engine ray (default: $BASTION_RAY_ADDRESS, else auto: the "
+    "cluster started on this machine with `ray start --head`).")
+
+
+def engine_fields(engine: str | None, ray_address: str | None) -> dict[str, Any]:
+    """``--engine``/``--ray-address`` as job-spec fields: a Ray address alone means Ray; an
+    unknown engine or an address for the local engine is one line, exit 2."""
+    from bastion.engine.base import ENGINES, EngineError
+
+    name = (engine or ("ray" if ray_address else "local")).strip().lower()
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine {engine!r}", hint=f"use one of: {', '.join(ENGINES)}")
+    if name == "local" and ray_address:
+        raise EngineError("--ray-address is only for --engine ray",
+                          hint="add --engine ray, or drop --ray-address")
+    return {"engine": name, "ray_address": ray_address}
 
 
 def _check_timeout(value: float | None) -> float | None:

@@ -25,6 +25,8 @@ def _run(kind: str, *, quiet: bool, no_track: bool = False, **fields: Any) -> An
         "privacy": (jobs.AuditPrivacySpec, jobs.audit_privacy),
     }
     spec_cls, job = kinds[kind]
+    if "engine" in fields or "ray_address" in fields:
+        fields.update(c.engine_fields(fields.pop("engine", None), fields.pop("ray_address", None)))
     spec = spec_cls(track=not no_track, **fields)
     report, paths, warnings = job(
         spec, progress=(lambda m: c.info(f"[dim]{m}[/]")) if c.show_progress(quiet) else (
@@ -70,13 +72,17 @@ def register(app: typer.Typer) -> None:
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
         timeout: float | None = c.TimeoutOpt,
+        engine: str | None = c.EngineOpt,
+        ray_address: str | None = c.RayAddressOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
         """Score every sample for poisoning / label noise (every row of a CSV or Parquet
-        file), say whether that is more than clean data gives, write cleaned data."""
+        file), say whether that is more than clean data gives, write cleaned data. With
+        --engine: the streamed audit of parquet:FILE|FOLDER (spectral signatures and kNN
+        over Parquet shards; a report, no cleaned copy)."""
         report, paths = _run("data", data=data, model=model, out=out, seed=seed,
-                             timeout=timeout,
+                             timeout=timeout, engine=engine, ray_address=ray_address,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, detectors=c.parse_list(detectors),
                              use=use, budget=budget, threshold=threshold, mode=mode,
@@ -84,9 +90,10 @@ def register(app: typer.Typer) -> None:
         verb = "removed" if mode == "remove" else "relabelled"
         what = "rows" if report.whole_file else "training samples"
         c.info(report.verdict, quiet=quiet)
-        c.info(f"{report.n_removed + report.n_relabelled} of {report.n_train} {what} "
-               f"{verb}; cleaned data {report.cleaned_table or report.cleaned_path}",
-               quiet=quiet)
+        if report.mode != "report":  # the streamed audit only reports
+            c.info(f"{report.n_removed + report.n_relabelled} of {report.n_train} {what} "
+                   f"{verb}; cleaned data {report.cleaned_table or report.cleaned_path}",
+                   quiet=quiet)
         c.info(f"report: {paths['json']} and {paths['html']}", quiet=quiet)
 
     @audit.command("backdoor")
@@ -165,12 +172,15 @@ def register(app: typer.Typer) -> None:
         tracking_uri: str | None = c.TrackingOpt,
         no_track: bool = c.NoTrackOpt,
         timeout: float | None = c.TimeoutOpt,
+        engine: str | None = c.EngineOpt,
+        ray_address: str | None = c.RayAddressOpt,
         quiet: bool = c.QuietOpt,
         debug: bool = c.DebugOpt,
     ) -> None:
-        """Membership inference and model inversion."""
+        """Membership inference and model inversion (--engine: shadow models trained in
+        parallel there)."""
         report, paths = _run("privacy", data=data, model=model, out=out, seed=seed,
-                             timeout=timeout,
+                             timeout=timeout, engine=engine, ray_address=ray_address,
                              tracking_uri=tracking_uri, no_track=no_track, quiet=quiet,
                              label_column=label_column, targets=targets, shadows=shadows,
                              shadow_epochs=shadow_epochs, attacks=c.parse_list(attacks))

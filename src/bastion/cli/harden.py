@@ -150,7 +150,7 @@ def register(app: typer.Typer) -> None:
             seed=seed, options=options, epsilons=epsilons, limit=limit,
             attacks=c.parse_list(attacks), attack_options=c.parse_settings(settings),
             label_column=label_column, tracking_uri=tracking_uri, track=not no_track,
-            timeout=timeout, engine=engine, ray_address=ray_address, workers=workers)
+            timeout=timeout, workers=workers, **c.engine_fields(engine, ray_address))
         try:
             rep, paths, warnings = harden_job(spec, progress=progress, on_epoch=on_epoch)
         finally:

@@ -69,10 +69,13 @@ def redteam(
     seed: int = c.SeedOpt,
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
+    engine: str | None = c.EngineOpt,
+    ray_address: str | None = c.RayAddressOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
-    """Red-team an OpenAI-compatible chat agent: report.json, report.html, attempts.jsonl."""
+    """Red-team an OpenAI-compatible chat agent: report.json, report.html, attempts.jsonl.
+    With --engine ray the probes go out from actors under one global --rate-limit."""
     from bastion.jobs import RedteamSpec
     from bastion.jobs import redteam as redteam_job
 
@@ -82,7 +85,8 @@ def redteam(
         per_transform=per_transform, limit=limit, concurrency=concurrency,
         request_timeout=timeout, retries=retries, rate_limit=rate_limit, stream=stream,
         api_key_env=api_key_env, resume=resume, judge_model=judge_model,
-        judge_target=judge_target, seed=seed, tracking_uri=tracking_uri, track=not no_track))
+        judge_target=judge_target, seed=seed, tracking_uri=tracking_uri, track=not no_track,
+        **c.engine_fields(engine, ray_address)))
     ov = report.overall
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)

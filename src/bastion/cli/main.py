@@ -117,6 +117,8 @@ def scan(
     tracking_uri: str | None = c.TrackingOpt,
     no_track: bool = c.NoTrackOpt,
     timeout: float | None = c.TimeoutOpt,
+    engine: str | None = c.EngineOpt,
+    ray_address: str | None = c.RayAddressOpt,
     quiet: bool = c.QuietOpt,
     debug: bool = c.DebugOpt,
 ) -> None:
@@ -128,7 +130,8 @@ def scan(
         model=model, data=data, out=out, norm=norm, epsilons=tuple(c.parse_floats(eps)),
         attacks=c.parse_list(attacks), limit=limit, weights=weights,
         label_column=label_column, attack_options=c.parse_settings(settings), seed=seed,
-        tracking_uri=tracking_uri, track=not no_track, timeout=timeout, preset=preset)
+        tracking_uri=tracking_uri, track=not no_track, timeout=timeout, preset=preset,
+        **c.engine_fields(engine, ray_address))
     report, paths, warnings = scan_job(spec, progress=c.show_progress(quiet))
     for w in warnings:
         c.info(f"[yellow]warning:[/] {w}", quiet=quiet)

@@ -103,8 +103,11 @@ def register(app: typer.Typer) -> None:
             cfg = ServiceConfig.build(**{k: v for k, v in over.items() if v is not None})
         if flags:
             cfg = cfg.model_copy(update={"limits": cfg.limits.with_overrides(**flags)})
-        if engine not in ("local", "ray"):
-            raise BastionError(f"--engine {engine!r} is not known", hint="local or ray")
+        from bastion.engine.base import ENGINES, EngineError
+
+        if engine not in ENGINES:  # a configuration mistake: exit 2, like other commands
+            raise EngineError(f"unknown engine {engine!r}",
+                              hint=f"use one of: {', '.join(ENGINES)}")
         if engine == "ray":
             _serve_on_ray(cfg, replicas=replicas or 2, address=ray_address, host=host,
                           port=port, tls=bool(ssl_certfile or ssl_keyfile), quiet=quiet)

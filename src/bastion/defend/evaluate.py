@@ -58,8 +58,13 @@ class SurrogateAttack(FixedEpsilonAttack):
         self.norm = attack.norm
 
     def run(self, model: object, x: np.ndarray, y: np.ndarray, *,
-            epsilons: Sequence[float], target: np.ndarray | None = None) -> AttackResult:
-        res = self.attack.run(self.surrogate, x, y, epsilons=epsilons, target=target)
+            epsilons: Sequence[float], target: np.ndarray | None = None,
+            point_ids: np.ndarray | None = None) -> AttackResult:
+        import inspect
+
+        takes = "point_ids" in inspect.signature(self.attack.run).parameters
+        kw = {"point_ids": point_ids} if point_ids is not None and takes else {}
+        res = self.attack.run(self.surrogate, x, y, epsilons=epsilons, target=target, **kw)
         res.attack = self.name
         return res
 

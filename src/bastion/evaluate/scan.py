@@ -22,6 +22,7 @@ and the warnings of :mod:`bastion.evaluate.sanity`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import time
@@ -70,6 +71,7 @@ def scan(
     eot_samples: int = 10,
     bpda: Any | None = None,
     surrogate: Any | None = None,
+    engine: Any | None = None,
 ) -> ScanReport:
     """Worst-case robust accuracy of ``model`` on ``(x, y)`` over a cascade of attacks.
 
@@ -105,6 +107,10 @@ def scan(
             real model's outputs (BPDA).
         surrogate: a white-box model to transfer APGD-CE adversarials from (a final stage;
             every transferred input is verified on ``model``).
+        engine: where the attack shards run: a :class:`bastion.engine.Engine`
+            (``get_engine("ray", address)``) or None for this process. The model and the
+            data go once into the engine's object store; every point's random numbers are
+            keyed by ``(seed, point index)``, so the report is the same on any engine.
 
     Raises:
         DataError: the data does not fit the model (shape, NaN/Inf, bounds, labels, empty).
@@ -133,8 +139,12 @@ def scan(
     n, n_eps = len(ya), len(eps_list)
     clean_pred = _predict(model, xa, batch_size)
     correct = clean_pred == ya
+    if engine is None or isinstance(engine, str):
+        from bastion.engine import get_engine
+
+        engine = get_engine(engine or "local")
     run = _Cascade(model, attack_model, xa, ya, np.tile(correct, (n_eps, 1)), eps_list, norm,
-                   batch_size, n_examples)
+                   batch_size, n_examples, engine=engine)
 
     # the pilot: every stage alone on the first points, to measure its cost per removal
     order_info: dict[str, Any] = {"measured": False}
@@ -149,7 +159,8 @@ def scan(
             if not getattr(atk, "white_box", False):
                 continue  # gradient-free stages run last anyway: not worth a pilot
             set_seed(seed + k)
-            summ, broke = run.stage(k, name, atk, mask=pilot, phase="pilot", start=start)
+            summ, broke = run.stage(k, name, atk, mask=pilot, phase="pilot", start=start,
+                                    stage_seed=seed + k)
             own.append({"stage": name, "points": n_pilot, "removed": int(broke),
                         "time_s": round(summ.time_s, 3),
                         "s_per_removal": (summ.time_s / broke) if broke else None,
@@ -177,7 +188,8 @@ def scan(
             set_seed(seed + k)
             # the pilot already ran the gradient stages on its points; not the others
             piloted = bool(pilot.any()) and bool(getattr(atk, "white_box", False))
-            run.stage(k, name, atk, mask=~pilot if piloted else None, phase="main")
+            run.stage(k, name, atk, mask=~pilot if piloted else None, phase="main",
+                      stage_seed=seed + k)
 
     # escalation: the gradients lied (a gradient-free stage broke what gradient stages left)
     evidence = _masking_evidence(run.summaries)
@@ -506,70 +518,152 @@ def _chunks(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield idx[i : i + size]
 
 
+def _point_kw(atk: Any, c: np.ndarray) -> dict[str, Any]:
+    """``point_ids=c`` when the attack's ``run`` takes it: each point's random numbers are
+    keyed by its index in the evaluation set, so its result does not depend on its batch
+    (or the worker it ran on)."""
+    try:
+        params = inspect.signature(atk.run).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"point_ids": np.asarray(c, dtype=np.int64)} if "point_ids" in params else {}
+
+
+def _shard_size(engine: Any, n_todo: int, batch_size: int) -> int:
+    """Points per call: ``batch_size`` locally; on several workers one shard per worker
+    (at most ``batch_size`` points): an attack's per-iteration cost is partly fixed, so
+    smaller shards than that cost more in all. (Random numbers are per point, so the split
+    does not change what an attack finds.)"""
+    workers = int(getattr(engine, "workers", 1) or 1)
+    if workers <= 1 or n_todo <= 0:
+        return batch_size
+    return max(1, min(batch_size, math.ceil(n_todo / workers)))
+
+
+def _fixed_shard(item: tuple[np.ndarray, list[int]], *, atk: FixedEpsilonAttack, model: Any,
+                 attack_model: Any, x: np.ndarray, y: np.ndarray, eps_list: list[float],
+                 norm: str, batch_size: int, stage_seed: int) -> dict[str, Any]:
+    """One shard of a fixed-epsilon stage (runs on an engine worker): the attack on the
+    points ``c`` at the epsilons ``cols``, every claimed success verified on ``model``."""
+    c, cols = item
+    set_seed(stage_seed)
+    res = atk.run(model if attack_model is None else attack_model, x[c], y[c],
+                  epsilons=[eps_list[j] for j in cols], **_point_kw(atk, c))
+    succ_all = np.asarray(res.success).reshape(len(cols), len(c)).astype(bool)
+    adv_all = np.asarray(res.x_adv)
+    g = res.extra.get("grad_norm_mean") if res.extra else None
+    out: dict[str, Any] = {"queries": int(np.asarray(res.queries).sum()),
+                           "grad": float(g) if isinstance(g, int | float | np.floating)
+                           else None, "per_eps": []}
+    for jj, j in enumerate(cols):
+        ok, pn, apred = _verify(model, x[c], y[c], adv_all[jj], succ_all[jj], norm,
+                                batch_size, eps_list[j])
+        keep = np.flatnonzero(ok)  # only the verified adversarials travel back
+        out["per_eps"].append({"claimed": succ_all[jj], "ok": ok, "pn": pn, "apred": apred,
+                               "adv": {int(p): adv_all[jj][p].copy() for p in keep}})
+    return out
+
+
 def _run_fixed(
     atk: FixedEpsilonAttack, model: Any, x: np.ndarray, y: np.ndarray, robust: np.ndarray,
     eps_list: list[float], norm: str, batch_size: int, attack_model: Any = None,
+    engine: Any = None, shared: dict[str, Any] | None = None, stage_seed: int = 0,
 ) -> dict[str, Any]:
     """One call per chunk covers every epsilon at which the chunk's points still stand
     (so the attack's clean pass runs once per point, not once per epsilon). Points are
-    grouped by how many epsilons they still stand at (robustness only falls with epsilon)."""
+    grouped by how many epsilons they still stand at (robustness only falls with epsilon).
+    The chunks run on ``engine`` (local by default) and are merged in order."""
     st = _empty_stats(len(eps_list), len(y))
     t0 = time.perf_counter()
     recorded: set[int] = set()
     depth = robust.sum(axis=0)  # point i stands at eps_list[:depth[i]]
+    items: list[tuple[np.ndarray, list[int]]] = []
     for k in sorted({int(d) for d in depth if d > 0}, reverse=True):
         cols = [j for j in range(k) if eps_list[j] > 0]  # nothing moves inside a zero budget
         if not cols:
             continue
         idx = np.flatnonzero(depth == k)
-        for c in _chunks(idx, batch_size):
-            res = atk.run(model if attack_model is None else attack_model, x[c], y[c],
-                          epsilons=[eps_list[j] for j in cols])
-            succ_all = np.asarray(res.success).reshape(len(cols), len(c)).astype(bool)
-            adv_all = np.asarray(res.x_adv)
-            st["queries"] += int(np.asarray(res.queries).sum())
-            g = res.extra.get("grad_norm_mean") if res.extra else None
-            if isinstance(g, int | float | np.floating):
-                st["grad"].append((float(g), len(c)))
-            for jj, j in enumerate(cols):
-                e = eps_list[j]
-                ok, pn, apred = _verify(model, x[c], y[c], adv_all[jj], succ_all[jj], norm,
-                                        batch_size, e)
-                st["rejected"] += int((succ_all[jj] & ~ok).sum())
-                st["attacked"][j, c] = True
-                st["success"][j, c] = ok
-                st["broken"][j, c] = ok
-                for p in np.flatnonzero(ok):
-                    if int(c[p]) in recorded:
-                        continue  # epsilons ascend: the first record is the smallest budget
-                    recorded.add(int(c[p]))
-                    st["records"].append(
-                        (int(c[p]), e, {"x_adv": adv_all[jj][p].copy(),
-                                        "adv_pred": int(apred[p]), "norm": float(pn[p])})
-                    )
+        items += [(c, cols) for c in _chunks(idx, _shard_size(engine, len(idx), batch_size))]
+    eng, sh = _engine_and_shared(engine, shared, model, attack_model, x, y)
+    results = eng.map(_fixed_shard, items, shared={**sh, "atk": atk, "eps_list": eps_list,
+                                                   "norm": norm, "batch_size": batch_size,
+                                                   "stage_seed": stage_seed})
+    for (c, cols), r in zip(items, results, strict=True):
+        st["queries"] += r["queries"]
+        if r["grad"] is not None:
+            st["grad"].append((r["grad"], len(c)))
+        for jj, j in enumerate(cols):
+            e = eps_list[j]
+            pe = r["per_eps"][jj]
+            ok = pe["ok"]
+            st["rejected"] += int((pe["claimed"] & ~ok).sum())
+            st["attacked"][j, c] = True
+            st["success"][j, c] = ok
+            st["broken"][j, c] = ok
+            for p in np.flatnonzero(ok):
+                if int(c[p]) in recorded:
+                    continue  # epsilons ascend: the first record is the smallest budget
+                recorded.add(int(c[p]))
+                st["records"].append(
+                    (int(c[p]), e, {"x_adv": pe["adv"][int(p)],
+                                    "adv_pred": int(pe["apred"][p]), "norm": float(pe["pn"][p])})
+                )
     st["time_s"] = time.perf_counter() - t0
     return st
+
+
+def _engine_and_shared(engine: Any, shared: dict[str, Any] | None, model: Any,
+                       attack_model: Any, x: np.ndarray, y: np.ndarray
+                       ) -> tuple[Any, dict[str, Any]]:
+    if engine is None:
+        from bastion.engine import LocalEngine
+
+        engine = LocalEngine()
+    if shared is None:  # once per scan; the attack model only when it is another object
+        shared = engine.share(model=model, x=x, y=y)
+        shared["attack_model"] = (None if attack_model is None or attack_model is model
+                                  else engine.share(m=attack_model)["m"])
+    return engine, shared
+
+
+def _minimal_shard(c: np.ndarray, *, atk: MinimalAttack, model: Any, attack_model: Any,
+                   x: np.ndarray, y: np.ndarray, norm: str, batch_size: int,
+                   stage_seed: int) -> dict[str, Any]:
+    """One shard of a minimal-perturbation stage (runs on an engine worker)."""
+    set_seed(stage_seed)
+    res = atk.run(model if attack_model is None else attack_model, x[c], y[c],
+                  **_point_kw(atk, c))
+    claimed = np.asarray(res.success).reshape(-1, len(c))[0].astype(bool)
+    x_adv = np.asarray(res.x_adv)[0]
+    ok, pn, apred = _verify(model, x[c], y[c], x_adv, claimed, norm, batch_size, None)
+    g = res.extra.get("grad_norm_mean") if res.extra else None
+    return {"claimed": claimed, "ok": ok, "pn": pn, "apred": apred,
+            "adv": {int(p): x_adv[p].copy() for p in np.flatnonzero(ok)},
+            "queries": int(np.asarray(res.queries).sum()),
+            "grad": float(g) if isinstance(g, int | float | np.floating) else None}
 
 
 def _run_minimal(
     atk: MinimalAttack, model: Any, x: np.ndarray, y: np.ndarray, robust: np.ndarray,
     eps_list: list[float], norm: str, batch_size: int, attack_model: Any = None,
+    engine: Any = None, shared: dict[str, Any] | None = None, stage_seed: int = 0,
 ) -> dict[str, Any]:
     st = _empty_stats(len(eps_list), len(y))
     st["kind"] = "minimal"
     t0 = time.perf_counter()
     live = np.array([e > 0 for e in eps_list])
     idx = np.flatnonzero((robust & live[:, None]).any(axis=0))
-    for c in _chunks(idx, batch_size):
-        res = atk.run(model if attack_model is None else attack_model, x[c], y[c])
-        claimed = np.asarray(res.success).reshape(-1, len(c))[0].astype(bool)
-        x_adv = np.asarray(res.x_adv)[0]
-        ok, pn, apred = _verify(model, x[c], y[c], x_adv, claimed, norm, batch_size, None)
-        st["rejected"] += int((claimed & ~ok).sum())
-        st["queries"] += int(np.asarray(res.queries).sum())
-        g = res.extra.get("grad_norm_mean") if res.extra else None
-        if isinstance(g, int | float | np.floating):
-            st["grad"].append((float(g), len(c)))
+    items = list(_chunks(idx, _shard_size(engine, len(idx), batch_size)))
+    eng, sh = _engine_and_shared(engine, shared, model, attack_model, x, y)
+    results = eng.map(_minimal_shard, items, shared={**sh, "atk": atk, "norm": norm,
+                                                     "batch_size": batch_size,
+                                                     "stage_seed": stage_seed})
+    for c, r in zip(items, results, strict=True):
+        ok, pn, apred = r["ok"], r["pn"], r["apred"]
+        st["rejected"] += int((r["claimed"] & ~ok).sum())
+        st["queries"] += r["queries"]
+        if r["grad"] is not None:
+            st["grad"].append((r["grad"], len(c)))
         first_recorded: set[int] = set()
         for j, e in enumerate(eps_list):
             if e <= 0:
@@ -584,7 +678,7 @@ def _run_minimal(
                     continue
                 first_recorded.add(int(p))
                 st["records"].append(
-                    (int(c[p]), e, {"x_adv": x_adv[p].copy(), "adv_pred": int(apred[p]),
+                    (int(c[p]), e, {"x_adv": r["adv"][int(p)], "adv_pred": int(apred[p]),
                                     "norm": float(pn[p])})
                 )
     st["time_s"] = time.perf_counter() - t0
@@ -597,7 +691,7 @@ class _Cascade:
 
     def __init__(self, model: Any, attack_model: Any, x: np.ndarray, y: np.ndarray,
                  robust: np.ndarray, eps_list: list[float], norm: str, batch_size: int,
-                 n_examples: int) -> None:
+                 n_examples: int, engine: Any = None) -> None:
         self.model, self.attack_model = model, attack_model
         self.x, self.y, self.robust = x, y, robust
         self.eps_list, self.norm, self.batch_size = eps_list, norm, batch_size
@@ -606,10 +700,12 @@ class _Cascade:
         self.summaries: list[AttackSummary] = []
         self.warnings: list[str] = []
         self.last_own = np.zeros(len(y), dtype=bool)
+        # the model and the data go into the engine's object store once, for every stage
+        self.engine, self.shared = _engine_and_shared(engine, None, model, attack_model, x, y)
 
     def stage(self, k: int, name: str, atk: Attack, *, mask: np.ndarray | None = None,
-              phase: str = "main", round_: int = 0, start: np.ndarray | None = None
-              ) -> tuple[AttackSummary, int]:
+              phase: str = "main", round_: int = 0, start: np.ndarray | None = None,
+              stage_seed: int = 0) -> tuple[AttackSummary, int]:
         """Run one stage on the points still standing (within ``mask``; from ``start``
         instead of the current state for a pilot, where every stage runs on its own).
         Returns its summary and the number of points it broke on its own."""
@@ -621,11 +717,12 @@ class _Cascade:
         try:
             if isinstance(atk, MinimalAttack):
                 stats = _run_minimal(atk, self.model, self.x, self.y, todo, self.eps_list,
-                                     self.norm, self.batch_size, self.attack_model)
+                                     self.norm, self.batch_size, self.attack_model,
+                                     self.engine, self.shared, stage_seed)
             else:
                 stats = _run_fixed(cast(FixedEpsilonAttack, atk), self.model, self.x, self.y,
                                    todo, self.eps_list, self.norm, self.batch_size,
-                                   self.attack_model)
+                                   self.attack_model, self.engine, self.shared, stage_seed)
         except BastionError:
             raise
         except Exception as exc:  # an attack bug must not lose the whole scan
@@ -676,8 +773,10 @@ class TransferAttack(FixedEpsilonAttack):
                           get_attack("apgd-ce", norm=norm, seed=seed, steps=steps))
 
     def run(self, model: object, x: np.ndarray, y: np.ndarray, *,
-            epsilons: Sequence[float], target: np.ndarray | None = None) -> Any:
-        res = self.inner.run(self.surrogate, x, y, epsilons=epsilons, target=target)
+            epsilons: Sequence[float], target: np.ndarray | None = None,
+            point_ids: np.ndarray | None = None) -> Any:
+        res = self.inner.run(self.surrogate, x, y, epsilons=epsilons, target=target,
+                             point_ids=point_ids)
         res.attack = self.name
         return res
 
@@ -771,7 +870,7 @@ def _escalate(run: _Cascade, preset: str, norm: str, seed: int, k0: int,
                          p_init=presets.SQUARE_P_INIT[norm])
         set_seed(seed + 1000 * r)
         summ, removed = run.stage(k0 + r, f"square-escalation-{r}", atk, phase="escalation",
-                                  round_=r)
+                                  round_=r, stage_seed=seed + 1000 * r)
         spent += q
         rounds.append({"round": r, "attack": "square", "max_queries": q, "seed": seed + 1000 * r,
                        "points_attacked": summ.points_attacked, "removed": removed,

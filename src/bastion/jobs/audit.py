@@ -12,7 +12,7 @@ from pydantic import Field
 
 from bastion.errors import BastionError
 from bastion.jobs.deadline import run_with_deadline
-from bastion.jobs.spec import DeadlineSpec, JobResult, JobSpec, Names, engine_of
+from bastion.jobs.spec import DeadlineSpec, JobResult, JobSpec, Names, engine_of, ray_engine
 
 Progress = Callable[[str], None] | None
 
@@ -204,13 +204,72 @@ def _metrics(kind: str, report: Any) -> dict[str, float]:
 
 def _audit(kind: str, spec: _AuditSpec, model_spec: str | None, options: dict[str, Any],
            progress: Progress) -> JobResult[Any]:
-    engine_of(spec)  # local: the audit runs in this process
-    return run_with_deadline(lambda: _run_audit(kind, spec, model_spec, options, progress),
-                             timeout=spec.timeout, what=f"audit {kind}", out_dir=spec.out)
+    # the data audit (streamed Parquet shards) and the privacy audit (shadow models) run
+    # on an engine; the others in this process
+    connect = ray_engine(spec) if kind in ("data", "privacy") else engine_of(spec)
+    if connect is not None and kind == "data":
+        _check_streamable(spec.data, options)  # before anything is written
+    return run_with_deadline(
+        lambda: _run_audit(kind, spec, model_spec, options, progress, connect),
+        timeout=spec.timeout, what=f"audit {kind}", out_dir=spec.out)
+
+
+def _check_streamable(data_spec: str, options: dict[str, Any]) -> None:
+    from bastion.audit.stream import STREAM_DETECTORS
+
+    scheme, _, path = data_spec.partition(":")
+    if scheme.strip().lower() != "parquet" or not path:
+        raise BastionError(
+            f"the data audit on an engine streams Parquet, not {data_spec!r}",
+            hint="give parquet:FILE or parquet:FOLDER (of shards), or drop --engine for the "
+                 "in-memory audit")
+    extra = {k for k, v in options.items()
+             if v not in (None, "auto", "remove") and k not in ("id_column", "detectors")}
+    wanted = [d for d in (options.get("detectors") or []) if d not in STREAM_DETECTORS]
+    if extra or wanted:
+        raise BastionError(
+            f"the streamed data audit runs spectral signatures and kNN only; "
+            f"{', '.join(sorted(extra | set(wanted)))} need the in-memory audit",
+            hint="drop those options, or drop --engine")
+
+
+def _run_streamed_audit(spec: _AuditSpec, model_spec: str | None, options: dict[str, Any],
+                        engine: Any) -> JobResult[Any]:
+    """``audit data`` on an engine: spectral signatures and kNN over Parquet shards,
+    streamed (memory bounded by the batch); a report, no cleaned copy."""
+    from bastion._util import model_digest_tag
+    from bastion.audit import write_report
+    from bastion.audit.stream import audit_data_stream, table_info
+    from bastion.models.resolve import resolve_model
+    from bastion.registry.tracking import track_run
+
+    out = _out_dir(spec.out)
+    path = spec.data.partition(":")[2]
+    id_column = options.get("id_column")
+    model = None
+    if model_spec is not None:
+        info = table_info(path, spec.label_column, id_column)
+        model = resolve_model(model_spec, input_shape=info["input_shape"],
+                              n_classes=info["n_classes"], bounds=info["bounds"],
+                              seed=spec.seed)
+    params = {"audit": "data", "data": spec.data, "model": model_spec, "seed": spec.seed,
+              "engine": getattr(engine, "name", str(engine))}
+    with track_run("audit-data", params=params, tracking_uri=spec.tracking_uri,
+                   enabled=spec.track) as run:
+        report, html, _ = audit_data_stream(path, model, engine=engine,
+                                            label_column=spec.label_column,
+                                            id_column=id_column, seed=spec.seed,
+                                            model_name=model_spec, data_name=spec.data)
+        report.warnings.extend(run.warnings)
+        paths = write_report(report, html, out)
+        run.log_metrics({"n_flagged": float(report.n_flagged), "n_rows": float(report.n_train)})
+        run.set_tags(model_digest_tag(model_spec))
+        run.log_artifact(out, artifact_path="audit")
+    return JobResult(report, {k: Path(v) for k, v in paths.items()}, list(run.warnings))
 
 
 def _run_audit(kind: str, spec: _AuditSpec, model_spec: str | None, options: dict[str, Any],
-               progress: Progress) -> JobResult[Any]:
+               progress: Progress, connect: Any = None) -> JobResult[Any]:
     """Load from specs, run one audit, write the report, track an MLflow run."""
     import numpy as np
 
@@ -226,6 +285,11 @@ def _run_audit(kind: str, spec: _AuditSpec, model_spec: str | None, options: dic
     from bastion.models.resolve import resolve_model
     from bastion.registry.tracking import track_run
 
+    engine = connect() if connect is not None else None
+    if engine is not None and kind == "data":
+        return _run_streamed_audit(spec, model_spec, options, engine)
+    if engine is not None and kind == "privacy":
+        options = {**options, "engine": engine}  # shadow models trained in parallel there
     out = _out_dir(spec.out)
     seed, data_spec = spec.seed, spec.data
     set_seed(seed)

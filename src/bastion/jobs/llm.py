@@ -15,7 +15,7 @@ from pydantic import Field
 
 from bastion.errors import BastionError
 from bastion.jobs.deadline import run_with_deadline
-from bastion.jobs.spec import DeadlineSpec, JobResult, Names, TrackedSpec, engine_of
+from bastion.jobs.spec import DeadlineSpec, JobResult, Names, TrackedSpec, engine_of, ray_engine
 
 Log = Callable[[str], None] | None
 
@@ -92,7 +92,8 @@ def redteam(spec: RedteamSpec) -> JobResult[Any]:
     from bastion.llm.redteam import run_redteam
     from bastion.registry.tracking import track_run
 
-    engine_of(spec)  # local: the probes run on this process's event loop
+    connect = ray_engine(spec)  # None: the probes run on this process's event loop
+    engine = connect() if connect is not None else None  # ray: actors under one rate limit
     out = _out_dir(spec.out)
     plist = load_probes(
         list(spec.probes) if spec.probes else None,
@@ -126,6 +127,7 @@ def redteam(spec: RedteamSpec) -> JobResult[Any]:
             stream=spec.stream,
             resume=spec.resume,
             seed=spec.seed,
+            engine=engine,
             llm_judge=(
                 endpoint_llm_judge(spec.judge_target or spec.target, spec.judge_model,
                                    api_key_env=spec.api_key_env)

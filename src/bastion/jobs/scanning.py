@@ -11,7 +11,7 @@ from pydantic import field_validator
 
 from bastion.errors import BastionError
 from bastion.jobs.deadline import run_with_deadline
-from bastion.jobs.spec import DeadlineSpec, JobResult, Names, Numbers, engine_of
+from bastion.jobs.spec import DeadlineSpec, JobResult, Names, Numbers, ray_engine
 
 
 def load_any_model(spec: str, **kwargs: Any) -> Any:
@@ -94,12 +94,12 @@ def scan(spec: ScanSpec, *, progress: bool = False) -> JobResult[Any]:
     raised and ``spec.out`` is left untouched. A failing MLflow store only adds to the
     warnings; the report is written first. ``progress`` draws Rich progress bars (a terminal).
     """
-    engine_of(spec)  # local: the scan runs in this process
-    return run_with_deadline(lambda: _scan(spec, progress), timeout=spec.timeout,
+    connect = ray_engine(spec)  # None: the scan runs in this process
+    return run_with_deadline(lambda: _scan(spec, progress, connect), timeout=spec.timeout,
                              what="scan", out_dir=spec.out)
 
 
-def _scan(spec: ScanSpec, progress: bool) -> JobResult[Any]:
+def _scan(spec: ScanSpec, progress: bool, connect: Any = None) -> JobResult[Any]:
     from bastion._util import model_digest_tag, set_seed
     from bastion.data import load_data
     from bastion.data.validate import check_dataset_for_model
@@ -110,6 +110,7 @@ def _scan(spec: ScanSpec, progress: bool) -> JobResult[Any]:
     out = Path(spec.out)
     if out.exists() and not out.is_dir():
         raise BastionError(f"output path {out} is a file", hint="give a folder path")
+    eng = connect() if connect is not None else None  # attack shards run there
     seed = spec.seed
     set_seed(seed)
     ds = load_data(spec.data, label_column=spec.label_column, seed=seed)
@@ -140,6 +141,7 @@ def _scan(spec: ScanSpec, progress: bool) -> JobResult[Any]:
         "limit": spec.limit,
         "n_points": len(x),
         "seed": seed,
+        "engine": getattr(eng, "name", "local"),
     }
     report = scan_model(
         model,
@@ -152,6 +154,7 @@ def _scan(spec: ScanSpec, progress: bool) -> JobResult[Any]:
         attack_options={k: dict(v) for k, v in spec.attack_options.items()},
         progress=progress,
         preset=spec.preset,
+        engine=eng,
     )
     report.data = {**dict(report.data or {}), "spec": spec.data, "split": "test",
                    "name": ds.name}

@@ -157,3 +157,22 @@ def engine_of(spec: JobSpec) -> Any:
         return None
     raise BastionError(f"engine {spec.engine!r} is not available for this job yet",
                        hint="run with engine='local' (--engine local)")
+
+
+def ray_engine(spec: JobSpec) -> Any:
+    """For the jobs that run on an engine (scan, the data and privacy audits, the red
+    team): ``None`` for the local engine; for ``ray``, the address is checked here (before
+    anything is written, without connecting) and a zero-argument function is returned
+    that connects and gives the :class:`bastion.engine.Engine`. Call it where the work
+    runs: inside the job's deadline child, since a Ray connection does not survive a fork.
+    """
+    if spec.engine == "local":
+        return None
+    from bastion.engine.base import check_engine, get_engine
+
+    check_engine("ray", spec.ray_address)
+
+    def connect() -> Any:
+        return get_engine("ray", spec.ray_address)
+
+    return connect

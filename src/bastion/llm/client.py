@@ -150,8 +150,12 @@ class ChatClient:
         temperature: float | None = 0.0,
         max_tokens: int | None = 512,
         seed: int = 0,
+        rate_gate: Any = None,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        # a shared limiter (``async wait()``) instead of this client's own: one rate limit
+        # for many clients, e.g. red-team workers on several machines
+        self.rate_gate = rate_gate
         self.model = model
         self.timeout = timeout
         self.retries = max(0, retries)
@@ -182,6 +186,9 @@ class ChatClient:
             self._client = None
 
     async def _wait_rate(self) -> None:
+        if self.rate_gate is not None:
+            await self.rate_gate.wait()
+            return
         if not self.rate_limit:
             return
         async with self._lock:

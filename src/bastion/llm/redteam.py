@@ -107,6 +107,84 @@ def _outcome(probe: Probe, res: ChatResult, llm_judge: LlmJudge | None) -> tuple
     return ("success" if verdict else "defended"), verdict
 
 
+def _row(p: Probe, res: ChatResult, llm_judge: LlmJudge | None) -> dict[str, Any]:
+    """One attempt: the probe, the judged outcome and what the target answered."""
+    outcome, _ = _outcome(p, res, llm_judge)
+    return {
+        "probe_id": p.id,
+        "family": p.family,
+        "transform": p.transform,
+        "judge": p.judge.get("type"),
+        "outcome": outcome,
+        "status": res.status,
+        "error_kind": res.error_kind,
+        "error": res.error,
+        "tries": res.tries,
+        "latency_s": round(res.latency_s, 4),
+        "response": res.content[:2000],
+        "tool_calls": [
+            (c.get("function") or {}).get("name") for c in res.tool_calls if isinstance(c, dict)
+        ],
+        "time": time.time(),
+    }
+
+
+def _probe_chunk(chunk: tuple[int, list[Probe]], *, client_kw: dict[str, Any], gate: Any,
+                 concurrency: int, llm_judge: LlmJudge | None,
+                 api_key: str | None) -> list[dict[str, Any]]:
+    """Send one chunk of probes (on an engine worker): its own client, the engine's one
+    rate gate, rows back to the driver (which alone writes ``attempts.jsonl``). The API
+    key comes from the driver's environment (a worker's has none); it travels in the
+    engine's object store, never in a log or a row."""
+    k, probes = chunk
+    client = ChatClient(**{**client_kw, "seed": int(client_kw.get("seed", 0)) + k,
+                           "api_key_env": None}, rate_gate=gate)
+    client._key = api_key
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def go() -> list[dict[str, Any]]:
+        async def one(p: Probe) -> dict[str, Any]:
+            async with sem:
+                res = await client.chat(p.messages, p.tools)
+            return _row(p, res, llm_judge)
+
+        async with client:
+            return list(await asyncio.gather(*(one(p) for p in probes)))
+
+    return asyncio.run(go())
+
+
+def _run_on_engine(
+    probes: Sequence[Probe], engine: Any, *, client_kw: dict[str, Any],
+    rate_limit: float | None, concurrency: int, workers: int | None,
+    attempts_path: Path, llm_judge: LlmJudge | None,
+    progress: Callable[[int, int], None] | None,
+) -> list[dict[str, Any]]:
+    """The probes in chunks over the engine's workers (actors on Ray), under ONE rate
+    limit for all of them; each chunk's rows are appended to ``attempts.jsonl`` here, as
+    it finishes, so an interrupted run resumes from what was recorded."""
+    n_workers = max(1, int(workers or getattr(engine, "workers", 1) or 1))
+    per = max(1, min(max(concurrency, 1), -(-len(probes) // n_workers)))
+    chunks = [(k, list(probes[i:i + per])) for k, i in enumerate(range(0, len(probes), per))]
+    gate = engine.rate_gate(rate_limit)
+    rows: list[dict[str, Any]] = []
+    with open(attempts_path, "a", encoding="utf-8") as fh:
+        for _, got in engine.imap_unordered(
+                _probe_chunk, chunks, actors=n_workers,
+                shared={"client_kw": client_kw, "gate": gate,
+                        "concurrency": max(1, concurrency // n_workers),
+                        "llm_judge": llm_judge,
+                        "api_key": (os.environ.get(client_kw["api_key_env"])
+                                    if client_kw.get("api_key_env") else None)}):
+            for row in got:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                rows.append(row)
+            fh.flush()
+            if progress:
+                progress(len(rows), len(probes))
+    return rows
+
+
 async def _run_async(
     probes: Sequence[Probe],
     client: ChatClient,
@@ -125,24 +203,7 @@ async def _run_async(
         nonlocal done
         async with sem:
             res = await client.chat(p.messages, p.tools)
-        outcome, verdict = _outcome(p, res, llm_judge)
-        row = {
-            "probe_id": p.id,
-            "family": p.family,
-            "transform": p.transform,
-            "judge": p.judge.get("type"),
-            "outcome": outcome,
-            "status": res.status,
-            "error_kind": res.error_kind,
-            "error": res.error,
-            "tries": res.tries,
-            "latency_s": round(res.latency_s, 4),
-            "response": res.content[:2000],
-            "tool_calls": [
-                (c.get("function") or {}).get("name") for c in res.tool_calls if isinstance(c, dict)
-            ],
-            "time": time.time(),
-        }
+        row = _row(p, res, llm_judge)
         rows.append(row)
         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         fh.flush()
@@ -175,6 +236,9 @@ def run_redteam(
     llm_judge: LlmJudge | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    engine: Any = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> RedteamReport:
     """Run ``probes`` against ``target`` (a base URL like ``http://host:port/v1``) and write
     ``attempts.jsonl``, ``report.json``, ``report.schema.json`` and ``report.html`` into
@@ -183,6 +247,12 @@ def run_redteam(
     Returns the report. A target failing some probes is counted, not raised; one that
     answered none of them (down, refusing, all 5xx) raises :class:`BastionError` naming the
     cause, after the report is written.
+
+    ``engine`` (a :class:`bastion.engine.Engine`, e.g. ``get_engine("ray")``): the probes
+    are sent from ``workers`` workers (default: the engine's CPUs; actors on Ray) with
+    ``concurrency`` requests in flight in all, under one global ``rate_limit`` (a token
+    bucket actor on Ray); this process still writes the one ``attempts.jsonl``. A name
+    (``"local"``, ``"ray"``) and ``ray_address`` work too.
     """
     if not probes:
         raise BastionError("no probes to run", hint="check --probes and --limit")
@@ -191,6 +261,10 @@ def run_redteam(
             f"target {redact_url(target)!r} is not an http(s) URL",
             hint="pass the base URL as OpenAI clients take it, e.g. http://host:8000/v1",
         )
+    if engine is not None or ray_address:
+        from bastion.engine import resolve_engine
+
+        engine = resolve_engine(engine, ray_address)  # a bad address: before any probe
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     attempts_path = out / ATTEMPTS_FILE
@@ -200,28 +274,29 @@ def run_redteam(
     wanted = {p.id for p in probes}
     finished = {r["probe_id"] for r in previous if r.get("outcome") != "error"}
     todo = [p for p in probes if p.id not in finished]
-    client = ChatClient(
-        target,
-        model,
-        api_key_env=api_key_env,
-        timeout=timeout,
-        retries=retries,
-        backoff=backoff,
-        rate_limit=rate_limit,
-        stream=stream,
-        seed=seed,
-    )
+    client_kw: dict[str, Any] = {"base_url": target, "model": model,
+                                 "api_key_env": api_key_env, "timeout": timeout,
+                                 "retries": retries, "backoff": backoff,
+                                 "rate_limit": rate_limit, "stream": stream, "seed": seed}
     t0 = time.time()
-    new_rows = asyncio.run(
-        _run_async(
-            todo,
-            client,
-            concurrency=concurrency,
-            attempts_path=attempts_path,
-            llm_judge=llm_judge,
-            progress=progress,
+    if engine is not None:
+        new_rows = _run_on_engine(todo, engine, client_kw=client_kw, rate_limit=rate_limit,
+                                  concurrency=concurrency, workers=workers,
+                                  attempts_path=attempts_path, llm_judge=llm_judge,
+                                  progress=progress) if todo else []
+    else:
+        new_rows = asyncio.run(
+            _run_async(
+                todo,
+                ChatClient(target, model, api_key_env=api_key_env, timeout=timeout,
+                           retries=retries, backoff=backoff, rate_limit=rate_limit,
+                           stream=stream, seed=seed),
+                concurrency=concurrency,
+                attempts_path=attempts_path,
+                llm_judge=llm_judge,
+                progress=progress,
+            )
         )
-    )
     # the last attempt per probe counts
     latest: dict[str, dict[str, Any]] = {}
     for r in previous + new_rows:

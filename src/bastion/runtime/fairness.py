@@ -28,9 +28,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.errors import BastionError
-from bastion.store import events as ev
 from bastion.runtime.guard import STATE_QUARANTINE
 from bastion.runtime.monitors import Signal, labelled_feedback
+from bastion.store import events as ev
 
 __all__ = ["FairnessSettings", "GroupFairnessMonitor", "group_rates"]
 

@@ -363,8 +363,8 @@ def _prepare(cfg: ServiceConfig) -> ServiceConfig:
     from bastion.data import load_data
     from bastion.registry.models import ModelRegistry
     from bastion.registry.tracking import default_tracking_uri
-    from bastion.store.events import EventStore
     from bastion.service.core import default_model_name, ensure_champion
+    from bastion.store.events import EventStore
 
     check_ray_config(cfg)
     load_data(cfg.reference, seed=cfg.seed)  # a bad spec is one line here, not N tracebacks

@@ -18,9 +18,11 @@ of the top ``n_target_classes`` other classes in turn.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from bastion.attacks._rng import PointRandom
 from bastion.attacks._torch import (
     QueryCounter,
     clip_to_bounds,
@@ -37,15 +39,26 @@ from bastion.errors import BastionError
 Tensor = torch.Tensor
 
 
-def _start(x: Tensor, eps: float, norm: str, gen: torch.Generator) -> Tensor:
-    """The reference random start: a point on the boundary of the ``eps``-ball."""
+def _start(x: Tensor, eps: float, norm: str, gen: Any) -> Tensor:
+    """The reference random start: a point on the boundary of the ``eps``-ball. ``gen``
+    is a ``torch.Generator`` or a :class:`~bastion.attacks._rng.PointRandom` of the rows."""
+    pr = gen if isinstance(gen, PointRandom) else None
     if norm == "linf":
-        t = 2 * torch.rand(x.shape, generator=gen) - 1
+        u = pr.torch_uniform(x.shape[1:]) if pr is not None else torch.rand(x.shape, generator=gen)
+        t = 2 * u - 1
         d = t / per_point(flat_norm(t, "linf") + 1e-12, t)
     else:
-        t = torch.randn(x.shape, generator=gen)
+        t = pr.torch_normal(x.shape[1:]) if pr is not None else torch.randn(x.shape, generator=gen)
         d = t / per_point(flat_norm(t, "l2") + 1e-12, t)
     return (eps * d).to(x.device, x.dtype)
+
+
+def _point_gen(ctx: EpsilonContext, todo: Tensor, target_rank: int, restart: int) -> Any:
+    """The per-point random source of one run (the run's ``torch.Generator`` for a
+    context built without one)."""
+    if ctx.prng is None:
+        return ctx.gen
+    return ctx.prng.take(ctx.idx[todo]).fold(target_rank, restart)
 
 
 def _oscillation(loss_steps: Tensor, j: int, k: int, rho: float) -> Tensor:
@@ -67,7 +80,7 @@ def apgd_single_run(
     steps: int,
     rho: float,
     bounds: tuple[float, float],
-    gen: torch.Generator,
+    gen: Any,
     idx: Tensor,
     counter: QueryCounter,
     loss_target: Tensor | None = None,
@@ -196,14 +209,15 @@ class APGD(FixedEpsilonAttack):
     def attack_epsilon(self, ctx: EpsilonContext, x: Tensor, y: Tensor, target: Tensor | None,
                        eps: float) -> tuple[Tensor, Tensor]:
         best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool)
-        for _ in range(self.restarts):
+        for r in range(self.restarts):
             todo = torch.nonzero(~found).flatten()
             if len(todo) == 0:
                 break
             tt = None if target is None else target[todo]
             adv, ok = apgd_single_run(
                 ctx.logits, x[todo], y[todo], eps=eps, norm=self.norm, loss=self.loss,
-                steps=self.steps, rho=self.rho, bounds=ctx.bounds, gen=ctx.gen,
+                steps=self.steps, rho=self.rho, bounds=ctx.bounds,
+                gen=_point_gen(ctx, todo, 0, r),
                 idx=ctx.idx[todo], counter=ctx.counter, loss_target=tt, success_target=tt)
             best[todo], found[todo] = adv, ok
         return best, found
@@ -265,14 +279,15 @@ class APGDT(FixedEpsilonAttack):
         else:
             targets = [target]
         best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool)
-        for tc in targets:
-            for _ in range(self.restarts):
+        for ti, tc in enumerate(targets):
+            for r in range(self.restarts):
                 todo = torch.nonzero(~found).flatten()
                 if len(todo) == 0:
                     return best, found
                 adv, ok = apgd_single_run(
                     ctx.logits, x[todo], y[todo], eps=eps, norm=self.norm, loss="dlr",
-                    steps=self.steps, rho=self.rho, bounds=ctx.bounds, gen=ctx.gen,
+                    steps=self.steps, rho=self.rho, bounds=ctx.bounds,
+                    gen=_point_gen(ctx, todo, ti + 1, r),
                     idx=ctx.idx[todo], counter=ctx.counter, loss_target=tc[todo],
                     success_target=None if target is None else target[todo])
                 best[todo], found[todo] = adv, ok

@@ -249,11 +249,16 @@ class FAB(FixedEpsilonAttack):
         self.name = "fab-t" if self.targeted else "fab"
 
     def _start(self, x: Tensor, eps: float, restart: int, ctx: EpsilonContext,
-               bounds: tuple[float, float]) -> Tensor | None:
+               bounds: tuple[float, float], idx: Tensor | None = None,
+               target_rank: int = 0) -> Tensor | None:
         if restart == 0:
             return None
         gen = ctx.gen  # a random point at half the budget, as in the reference
-        if self.norm == "linf":
+        if ctx.prng is not None and idx is not None:  # per point: ignores the batch
+            pr = ctx.prng.take(idx).fold(target_rank, restart)
+            t = (2 * pr.torch_uniform(x.shape[1:]) - 1 if self.norm == "linf"
+                 else pr.torch_normal(x.shape[1:]))
+        elif self.norm == "linf":
             t = 2 * torch.rand(x.shape, generator=gen) - 1  # type: ignore[arg-type]
         else:
             t = torch.randn(x.shape, generator=gen)  # type: ignore[arg-type]
@@ -272,7 +277,7 @@ class FAB(FixedEpsilonAttack):
         else:
             targets = [None]
         best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool)
-        for tc in targets:
+        for ti, tc in enumerate(targets):
             for r in range(self.restarts):
                 todo = torch.nonzero(~found).flatten()
                 if len(todo) == 0:
@@ -281,7 +286,7 @@ class FAB(FixedEpsilonAttack):
                     ctx.logits, x[todo], y[todo], None if tc is None else tc[todo],
                     eps=eps, norm=self.norm, steps=self.steps, alpha_max=self.alpha_max,
                     eta=self.eta, beta=self.beta, bounds=ctx.bounds,
-                    start=self._start(x[todo], eps, r, ctx, ctx.bounds),
+                    start=self._start(x[todo], eps, r, ctx, ctx.bounds, ctx.idx[todo], ti),
                     idx=ctx.idx[todo], counter=ctx.counter,  # type: ignore[arg-type]
                     success_target=None if target is None else target[todo])
                 best[todo], found[todo] = adv, ok

@@ -101,8 +101,12 @@ class HopSkipJump(MinimalAttack):
         *,
         target: np.ndarray | None = None,
         target_inputs: np.ndarray | None = None,
+        point_ids: np.ndarray | None = None,
     ) -> AttackResult:
-        """Search each point's smallest flipping perturbation; see the class docstring."""
+        """Search each point's smallest flipping perturbation; see the class docstring.
+
+        Each point draws from its own generator, seeded by ``(seed, point id)``
+        (``point_ids``, default ``0..n-1``): its result does not depend on its batch."""
         t0 = time.perf_counter()
         x, y, target = check_blackbox_inputs(model, x, y, target)
         targeted = target is not None
@@ -119,7 +123,10 @@ class HopSkipJump(MinimalAttack):
                     hint="give one starting input of the target class per point",
                 )
         lo, hi = (float(b) for b in model.bounds)  # type: ignore[attr-defined]
-        rng = np.random.default_rng(self.seed)
+        ids = (np.arange(n) if point_ids is None
+               else np.asarray(point_ids, dtype=np.int64).reshape(-1))
+        if len(ids) != n or (ids < 0).any():
+            raise BastionError("point_ids must be one integer >= 0 per point")
 
         x_adv = x.copy()
         norms = np.full(n, np.inf)
@@ -132,7 +139,9 @@ class HopSkipJump(MinimalAttack):
             done = pred == labels if targeted else pred != labels
             norms[done] = 0.0
             for i in np.flatnonzero(~done):
-                search = _PointSearch(self, model, x[i], int(labels[i]), targeted, lo, hi, rng)
+                search = _PointSearch(self, model, x[i], int(labels[i]), targeted, lo, hi,
+                                      np.random.default_rng([self.seed & (2**63 - 1),
+                                                             int(ids[i])]))
                 start = None if target_inputs is None else target_inputs[i]
                 best, its = search.run(start)
                 queries[i] += search.used

@@ -143,12 +143,13 @@ class PGD(FixedEpsilonAttack):
                        eps: float) -> tuple[Tensor, Tensor]:
         logits_fn, bounds, gen, counter = ctx.logits, ctx.bounds, ctx.gen, ctx.counter
 
-        def one_restart(x0: Tensor, y0: Tensor, t0: Tensor | None, idx: Tensor
+        def one_restart(x0: Tensor, y0: Tensor, t0: Tensor | None, idx: Tensor, r: int
                         ) -> tuple[Tensor, Tensor]:
             alpha = self._alpha(eps)
             x_adv = x0.clone()
-            if self.random_start:
-                x_adv = clip_to_bounds(x0 + random_in_ball(x0, eps, self.norm, gen), bounds)
+            if self.random_start:  # per-point draws: a point's start ignores its batch
+                src = gen if ctx.prng is None else ctx.prng.take(idx).fold(r)
+                x_adv = clip_to_bounds(x0 + random_in_ball(x0, eps, self.norm, src), bounds)
             out, ok = x_adv.clone(), torch.zeros(len(x0), dtype=torch.bool)
             active = torch.arange(len(x0))
             for _ in range(self.steps):
@@ -171,11 +172,11 @@ class PGD(FixedEpsilonAttack):
             return out, ok
 
         best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool)
-        for _ in range(self.restarts):
+        for r in range(self.restarts):
             todo = torch.nonzero(~found).flatten()
             if len(todo) == 0:
                 break
             adv, ok = one_restart(x[todo], y[todo], None if target is None else target[todo],
-                                  ctx.idx[todo])
+                                  ctx.idx[todo], r)
             best[todo], found[todo] = adv, ok
         return best, found

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from bastion.attacks._rng import PointRandom
 from bastion.attacks.base import EpsilonContext, FixedEpsilonAttack, check_norm
 from bastion.errors import BastionError, DataError
 
@@ -92,18 +93,22 @@ class Square(FixedEpsilonAttack):
         if budget <= 0:
             return x, torch.zeros(len(x), dtype=torch.bool)
         lo, hi = ctx.bounds
+        # per-point draws (keyed by seed, point id and budget): a point's search does not
+        # depend on the batch it is in, so a scan sharded over an engine gives the same points
+        pr = (ctx.prng.take(ctx.idx) if ctx.prng is not None
+              else PointRandom(self.seed, n=len(x)).fold(ctx.eps_index))
         if self.norm == "linf":
             labels_t = (target if target is not None else y).detach().cpu().to(torch.int64)
             xt = x.detach().cpu().float()
             x3 = xt.reshape((len(xt), *image_shape(xt.shape[1:])))
             xb_t, s_t, q_t = self._linf(ctx.model, x3, labels_t, eps, budget, lo, hi,
-                                        ctx.rng, target is not None)
+                                        pr, target is not None)
             ctx.counter.add(ctx.idx, q_t)
             return xb_t.reshape(xt.shape), s_t
         xn = x.detach().cpu().numpy().astype(np.float32)
         labels = (target if target is not None else y).cpu().numpy().astype(np.int64)
         x3 = xn.reshape((len(xn), *image_shape(xn.shape[1:]))).astype(np.float64)
-        xb, s, q = self._l2(ctx.model, x3, labels, eps, budget, lo, hi, ctx.rng,
+        xb, s, q = self._l2(ctx.model, x3, labels, eps, budget, lo, hi, pr,
                             target is not None)
         ctx.counter.add(ctx.idx, torch.as_tensor(q, dtype=torch.int64))
         return (torch.from_numpy(xb.reshape(xn.shape).astype(np.float32)),
@@ -123,7 +128,7 @@ class Square(FixedEpsilonAttack):
         budget: int,
         lo: float,
         hi: float,
-        rng: np.random.Generator,
+        rng: PointRandom,
         targeted: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The L-inf search in float32 tensors: windows are boolean masks built from
@@ -135,7 +140,7 @@ class Square(FixedEpsilonAttack):
         q = torch.zeros(m, dtype=torch.int64)
         ar_c = torch.arange(c)[None, :, None, None]
         # vertical stripes of +-eps work best (paper, Sec. 3.1)
-        init = torch.from_numpy(rng.choice([-eps, eps], size=(m, c, 1, w)).astype(np.float32))
+        init = torch.from_numpy((eps * rng.signs((c, 1, w), 0)).astype(np.float32))
         x_best = (x + init).clamp_(lo, hi)
         loss_min, succ = score(x_best, labels)
         q += 1
@@ -143,14 +148,15 @@ class Square(FixedEpsilonAttack):
         act = torch.nonzero(~succ).flatten()
         xa, xba, la, lossa = x[act], x_best[act], labels[act], loss_min[act]
         qa = torch.zeros(len(act), dtype=torch.int64)
+        ra = rng.take(act)  # the active points' generators, kept aligned with ``act``
         for it in range(1, budget):
             k = int(act.numel())
             if k == 0:
                 break
             p = p_selection(self.p_init, it, budget)
             sh, sw = window_size(p, h, w, minimum=1, linf=True)
-            top = torch.from_numpy(rng.integers(0, h - sh + 1, size=k))
-            left = torch.from_numpy(rng.integers(0, w - sw + 1, size=k))
+            top = torch.from_numpy(ra.integers(h - sh + 1, it, 1, 0))
+            left = torch.from_numpy(ra.integers(w - sw + 1, it, 1, 1))
             win = (torch.arange(k)[:, None, None, None], ar_c,
                    (top[:, None] + torch.arange(sh)[None])[:, None, :, None],
                    (left[:, None] + torch.arange(sw)[None])[:, None, None, :])
@@ -160,14 +166,13 @@ class Square(FixedEpsilonAttack):
             # per point and channel: would +eps / -eps leave the window as it is?
             same_up = (up - xb_win).abs_().flatten(2).amax(2) < 1e-7
             same_down = (down - xb_win).abs_().flatten(2).amax(2) < 1e-7
-            positive = torch.from_numpy(rng.random((k, c)) < 0.5)
+            positive = torch.from_numpy(ra.uniform((c,), it, 2) < 0.5)
             # resample windows whose proposal would not change the image (paper's code)
-            for _ in range(10):
+            for r in range(10):
                 same = torch.where(positive, same_up, same_down).all(1)
-                n_same = int(same.sum())
-                if n_same == 0:
+                if not bool(same.any()):
                     break
-                positive[same] = torch.from_numpy(rng.random((n_same, c)) < 0.5)
+                positive[same] = torch.from_numpy(ra.take(same).uniform((c,), it, 3, r) < 0.5)
             x_new = xba.clone()
             x_new[win] = torch.where(positive[:, :, None, None], up, down)
             loss, s_new = score(x_new, la)
@@ -181,7 +186,7 @@ class Square(FixedEpsilonAttack):
                 q[done] += qa[s_new]
                 stay = ~s_new
                 act, xa, xba, la = act[stay], xa[stay], xba[stay], la[stay]
-                lossa, qa = lossa[stay], qa[stay]
+                lossa, qa, ra = lossa[stay], qa[stay], ra.take(stay)
         x_best[act], q[act] = xba, q[act] + qa
         return x_best, succ, q
 
@@ -194,7 +199,7 @@ class Square(FixedEpsilonAttack):
         budget: int,
         lo: float,
         hi: float,
-        rng: np.random.Generator,
+        rng: PointRandom,
         targeted: bool,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         m, c, h, w = x.shape
@@ -213,8 +218,9 @@ class Square(FixedEpsilonAttack):
             xc, xb = x[idx], x_best[idx]
             delta = xb - xc
             k = len(idx)
-            win1 = _window_index(rng, k, c, h, w, sh, sw)
-            win2 = _window_index(rng, k, c, h, w, sh, sw)
+            sub = rng.take(idx)
+            win1 = _window_index(sub, c, h, w, sh, sw, it, 1)
+            win2 = _window_index(sub, c, h, w, sh, sw, it, 2)
             union = np.zeros((k, 1, h, w), dtype=bool)
             union[(win1[0], np.zeros_like(win1[1]), win1[2], win1[3])] = True
             union[(win2[0], np.zeros_like(win2[1]), win2[2], win2[3])] = True
@@ -223,8 +229,8 @@ class Square(FixedEpsilonAttack):
             norm_win1 = np.sqrt(np.sum(old**2, axis=(2, 3), keepdims=True))
             norm_img = _l2norm(delta)
             norm_union = np.sqrt(np.sum((delta * union) ** 2, axis=(2, 3), keepdims=True))
-            bump = _meta_pseudo_gaussian(sh, sw, rng)[None, None]
-            new = bump * rng.choice([-1.0, 1.0], size=(k, c, 1, 1)) + old / (1e-10 + norm_win1)
+            bump = _bumps(sh, sw, sub, it, 3)
+            new = bump * sub.signs((c, 1, 1), it, 4) + old / (1e-10 + norm_win1)
             new_norm = np.sqrt(np.sum(new**2, axis=(2, 3), keepdims=True))
             room = np.maximum(eps**2 - norm_img**2, 0.0) / c + norm_union**2
             new = new / np.maximum(new_norm, 1e-12) * np.sqrt(room)
@@ -404,11 +410,12 @@ def window_size(p: float, h: int, w: int, *, minimum: int, linf: bool) -> tuple[
 
 
 def _window_index(
-    rng: np.random.Generator, k: int, c: int, h: int, w: int, sh: int, sw: int
+    rng: PointRandom, c: int, h: int, w: int, sh: int, sw: int, *tag: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fancy index of one random ``sh x sw`` window per point, all channels."""
-    top = rng.integers(0, h - sh + 1, size=k)
-    left = rng.integers(0, w - sw + 1, size=k)
+    k = len(rng)
+    top = rng.integers(h - sh + 1, *tag, 0)
+    left = rng.integers(w - sw + 1, *tag, 1)
     rows = top[:, None] + np.arange(sh)[None]
     cols = left[:, None] + np.arange(sw)[None]
     return (
@@ -439,7 +446,7 @@ def _pseudo_gaussian(a: int, b: int) -> np.ndarray:
     return d / np.sqrt(np.sum(d**2))
 
 
-def _meta_pseudo_gaussian(sh: int, sw: int, rng: np.random.Generator) -> np.ndarray:
+def _meta_pseudo_gaussian(sh: int, sw: int) -> np.ndarray:
     """Two pseudo-Gaussian halves of opposite sign (the paper's L2 update shape)."""
     d = np.zeros((sh, sw))
     if sh >= 2:
@@ -451,29 +458,36 @@ def _meta_pseudo_gaussian(sh: int, sw: int, rng: np.random.Generator) -> np.ndar
     else:
         d[:] = 1.0
     d /= np.sqrt(np.sum(d**2))
-    if sh == sw and rng.random() > 0.5:
-        d = d.T
     return d
 
 
-def _l2_init(rng: np.random.Generator, m: int, c: int, h: int, w: int) -> np.ndarray:
+def _bumps(sh: int, sw: int, rng: PointRandom, *tag: int) -> np.ndarray:
+    """One meta pseudo-Gaussian per point ``(k, 1, sh, sw)``, transposed at random (per
+    point) when square."""
+    d = _meta_pseudo_gaussian(sh, sw)
+    out = np.broadcast_to(d, (len(rng), 1, sh, sw))
+    if sh == sw:
+        flip = (rng.uniform((), *tag) > 0.5)[:, None, None, None]
+        out = np.where(flip, d.T[None, None], out)
+    return out
+
+
+def _l2_init(rng: PointRandom, m: int, c: int, h: int, w: int) -> np.ndarray:
     """A grid of bumps of side ``min(h, w) // 5`` with random signs (paper, Sec. 3.2)."""
     delta = np.zeros((m, c, h, w))
     if h == 1:
         s = max(w // 5, 1)
         for left in range(0, w, s):
             width = min(s, w - left)
-            delta[:, :, :, left : left + width] += _meta_pseudo_gaussian(1, width, rng)[
-                None, None
-            ] * rng.choice([-1.0, 1.0], size=(m, c, 1, 1))
+            delta[:, :, :, left : left + width] += _bumps(1, width, rng, 0, left, 0) * (
+                rng.signs((c, 1, 1), 0, left, 1))
         return delta
     s = max(min(h, w) // 5, 1)
     start_h, start_w = (h - s * (h // s)) // 2, (w - s * (w // s)) // 2
     for top in range(start_h, h - s + 1, s):
         for left in range(start_w, w - s + 1, s):
-            delta[:, :, top : top + s, left : left + s] += _meta_pseudo_gaussian(s, s, rng)[
-                None, None
-            ] * rng.choice([-1.0, 1.0], size=(m, c, 1, 1))
+            delta[:, :, top : top + s, left : left + s] += _bumps(
+                s, s, rng, 0, top, left, 0) * rng.signs((c, 1, 1), 0, top, left, 1)
     return delta
 
 

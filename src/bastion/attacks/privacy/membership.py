@@ -171,6 +171,32 @@ def _attack_features(model: Any, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.column_stack([p[rows, y], lp[rows, y], np.clip(phi, -50, 50), ent, top])
 
 
+def _shadow_features(item: tuple[int, np.ndarray], *, fit: Trainer, xp: np.ndarray,
+                     yp: np.ndarray, seed: int) -> np.ndarray:
+    """Train shadow ``s`` on the population rows ``inside`` and return the attack features
+    of its outputs on the whole population (one engine task)."""
+    s, inside = item
+    shadow = fit(xp[inside], yp[inside], seed + 1 + s)
+    return _attack_features(shadow, xp, yp)
+
+
+def _shadow_phi(item: tuple[int, np.ndarray], *, fit: Trainer, xp: np.ndarray,
+                yp: np.ndarray, x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Train OUT shadow ``s`` on the population rows ``idx`` and return its logit-scaled
+    confidence on the targets (one engine task)."""
+    s, idx = item
+    shadow = fit(xp[idx], yp[idx], seed + 101 + s)
+    return logit_confidence(shadow, x, y)
+
+
+def _local_engine(engine: Any) -> Any:
+    if engine is not None:
+        return engine
+    from bastion.engine import LocalEngine
+
+    return LocalEngine()
+
+
 class _ShadowBase:
     def __init__(self, *, n_shadows: int, trainer: Trainer | None, epochs: int, lr: float,
                  batch_size: int, weight_decay: float, seed: int) -> None:
@@ -210,8 +236,11 @@ class ShadowModelAttack(_ShadowBase):
                          batch_size=batch_size, weight_decay=weight_decay, seed=seed)
 
     def run(self, model: Any, x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray,
-            y_out: np.ndarray, *, x_pop: np.ndarray, y_pop: np.ndarray) -> MIAResult:
-        """``x_pop``/``y_pop``: the attacker's own data from the same distribution."""
+            y_out: np.ndarray, *, x_pop: np.ndarray, y_pop: np.ndarray,
+            engine: Any = None) -> MIAResult:
+        """``x_pop``/``y_pop``: the attacker's own data from the same distribution.
+        ``engine`` (a :class:`bastion.engine.Engine`): trains the shadows in parallel
+        there; each shadow's half and seed are fixed first, so the result is the same."""
         from sklearn.ensemble import GradientBoostingClassifier
 
         t0 = time.perf_counter()
@@ -221,13 +250,14 @@ class ShadowModelAttack(_ShadowBase):
             raise DataError("the shadow-model attack needs a population set of at least 4")
         fit = self._trainer(model)
         rng = np.random.default_rng(self.seed)
-        feats, labels = [], []
-        for s in range(self.n_shadows):
+        labels = []
+        for _ in range(self.n_shadows):
             inside = np.zeros(len(xp), bool)
             inside[rng.choice(len(xp), size=len(xp) // 2, replace=False)] = True
-            shadow = fit(xp[inside], yp[inside], self.seed + 1 + s)
-            feats.append(_attack_features(shadow, xp, yp))
             labels.append(inside)
+        feats = _local_engine(engine).map(_shadow_features, list(enumerate(labels)),
+                                          shared={"fit": fit, "xp": xp, "yp": yp,
+                                                  "seed": self.seed})
         clf = GradientBoostingClassifier(random_state=self.seed).fit(
             np.concatenate(feats), np.concatenate(labels))
         scores = clf.predict_proba(_attack_features(model, x, y))[:, 1]
@@ -256,8 +286,10 @@ class OfflineLiRA(_ShadowBase):
         self.fix_variance = bool(fix_variance)
 
     def run(self, model: Any, x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray,
-            y_out: np.ndarray, *, x_pop: np.ndarray, y_pop: np.ndarray) -> MIAResult:
-        """``x_pop``/``y_pop``: population data that excludes every target point."""
+            y_out: np.ndarray, *, x_pop: np.ndarray, y_pop: np.ndarray,
+            engine: Any = None) -> MIAResult:
+        """``x_pop``/``y_pop``: population data that excludes every target point.
+        ``engine``: trains the shadows in parallel there (same result)."""
         from scipy.stats import norm
 
         t0 = time.perf_counter()
@@ -267,11 +299,11 @@ class OfflineLiRA(_ShadowBase):
             raise DataError("LiRA needs a population set of at least 4 samples")
         fit = self._trainer(model)
         rng = np.random.default_rng(self.seed)
-        phis = np.zeros((self.n_shadows, len(x)))
-        for s in range(self.n_shadows):
-            idx = rng.choice(len(xp), size=len(xp) // 2, replace=False)
-            shadow = fit(xp[idx], yp[idx], self.seed + 101 + s)
-            phis[s] = logit_confidence(shadow, x, y)
+        halves = [rng.choice(len(xp), size=len(xp) // 2, replace=False)
+                  for _ in range(self.n_shadows)]
+        phis = np.stack(_local_engine(engine).map(
+            _shadow_phi, list(enumerate(halves)),
+            shared={"fit": fit, "xp": xp, "yp": yp, "x": x, "y": y, "seed": self.seed}))
         phis = np.clip(phis, -50, 50)
         mu = phis.mean(0)
         if self.fix_variance or self.n_shadows < 2:
