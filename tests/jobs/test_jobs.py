@@ -136,7 +136,8 @@ def test_heal_job_runs_one_step(model_dir, tmp_path, monkeypatch):
     (lambda t: jobs.ScanSpec(model="m", data="d", out=t, engine="spark"),
      "ScanSpec.engine: Input should be 'local' or 'ray', got 'spark'"),
     (lambda t: jobs.HardenSpec(model="m", data="d", out=t, method="pgd-at",
-                               ray_address="http://x"), "ray_address: must be auto"),
+                               ray_address="http://x"),
+     "ray_address: 'http://x' is not a Ray address"),
     (lambda t: jobs.TrainSpec(data="d", out=t, epochs=0), "TrainSpec.epochs"),
     (lambda t: jobs.AuditBackdoorSpec(model="m", data="d", out=t, fpr=1.5), "less than 1"),
     (lambda t: jobs.RedteamSpec(target="u", model="m", out=t, concurrency="many"),
@@ -201,10 +202,10 @@ def test_checks_the_cli_made_before_keep_their_message(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_engine_ray_is_refused_until_wired_and_writes_nothing(tmp_path):
+def test_engine_ray_without_a_cluster_is_refused_and_writes_nothing(tmp_path):
     spec = jobs.ScanSpec(model="builtin:digits-cnn", data="builtin:digits",
-                         out=tmp_path / "o", engine="ray")
-    with pytest.raises(BastionError, match="engine 'ray' is not available"):
+                         out=tmp_path / "o", engine="ray", ray_address="127.0.0.1:1")
+    with pytest.raises(BastionError, match="no Ray cluster answers at 127.0.0.1:1"):
         jobs.scan(spec)
     assert not (tmp_path / "o").exists()
 

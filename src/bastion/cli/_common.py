@@ -46,6 +46,8 @@ def engine_fields(engine: str | None, ray_address: str | None) -> dict[str, Any]
     unknown engine or an address for the local engine is one line, exit 2."""
     from bastion.engine.base import ENGINES, EngineError
 
+    if engine is None and ray_address is None:
+        return {}  # the spec's default; a job can tell an explicit --engine local apart
     name = (engine or ("ray" if ray_address else "local")).strip().lower()
     if name not in ENGINES:
         raise EngineError(f"unknown engine {engine!r}", hint=f"use one of: {', '.join(ENGINES)}")

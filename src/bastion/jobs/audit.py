@@ -207,6 +207,12 @@ def _audit(kind: str, spec: _AuditSpec, model_spec: str | None, options: dict[st
     # the data audit (streamed Parquet shards) and the privacy audit (shadow models) run
     # on an engine; the others in this process
     connect = ray_engine(spec) if kind in ("data", "privacy") else engine_of(spec)
+    if kind == "data" and connect is None and "engine" in spec.model_fields_set:
+        # an explicit engine="local" (--engine local): the streamed audit in this process
+        def connect() -> Any:
+            from bastion.engine.base import get_engine
+
+            return get_engine("local")
     if connect is not None and kind == "data":
         _check_streamable(spec.data, options)  # before anything is written
     return run_with_deadline(

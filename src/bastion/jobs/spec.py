@@ -113,7 +113,8 @@ class JobSpec(BaseModel):
         v = v.strip()
         if v == "auto" or v.startswith("ray://") or _host_port(v):
             return v
-        raise ValueError("must be auto, ray://HOST:PORT or HOST:PORT")
+        raise ValueError(f"{v!r} is not a Ray address: use auto, HOST:PORT (the GCS port "
+                         "of `ray start --head`) or ray://HOST:PORT (Ray Client)")
 
 
 def _host_port(text: str) -> bool:
