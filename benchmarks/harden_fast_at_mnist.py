@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--guard-drop", type=float, default=0.2,
                     help="a collapse is guard PGD accuracy falling more than this below "
                     "the best epoch's")
+    ap.add_argument("--on-collapse", choices=["recover", "stop"], default="recover",
+                    help="at a collapse: restore the best epoch and go on with a safer step "
+                    "(the default since issue 21), or stop there (rows 1-1g ran with stop)")
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--train-limit", type=int, default=None)
@@ -77,7 +80,7 @@ def main() -> None:
                             batch_size=a.batch_size, optimizer="adam", guard=True,
                             fast_variant=a.variant, noise_mult=a.noise_mult,
                             eps_warmup=a.eps_warmup, guard_drop=a.guard_drop,
-                            ema_decay=a.ema_decay,
+                            ema_decay=a.ema_decay, on_collapse=a.on_collapse,
                             seed=a.seed)
     model = tr.fit(fresh_wong_cnn(a.seed), ds, on_epoch=lambda e: print(
         f"epoch {e.epoch}/{e.epochs} loss {e.loss:.3f} guard clean {e.clean_accuracy:.3f} "
@@ -103,6 +106,7 @@ def main() -> None:
         "cascade_points": len(xc), "train_s": train_s, "pgd_eval_s": pgd_s,
         "cascade_eval_s": casc_s, "wall_s": wall, "stopped_early": tr.stopped_early_,
         "best_epoch": tr.best_epoch_, "trainer_settings": tr.settings(),
+        "recoveries": tr.recoveries_, "ended_on_best": tr.ended_on_best_,
         "torch_threads": torch.get_num_threads(),
         "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
         "history": [vars(h) for h in tr.history_],

@@ -52,7 +52,8 @@ def test_guard_catches_injected_collapse(digits_cnn, digits_arrays):
         seen[epoch] = {k: v.clone() for k, v in model.module.state_dict().items()}
         return scores[epoch]
 
-    tr, model = _fit("fast-at", digits_cnn, digits_arrays, epochs=4, guard_eval=fake_eval)
+    tr, model = _fit("fast-at", digits_cnn, digits_arrays, epochs=4, guard_eval=fake_eval,
+                     on_collapse="stop")
     assert tr.stopped_early_
     assert [h.epoch for h in tr.history_] == [1, 2, 3]
     assert tr.history_[-1].collapsed and tr.best_epoch_ == 2

@@ -77,6 +77,15 @@ def register(app: typer.Typer) -> None:
         label_smoothing: float | None = typer.Option(None, "--label-smoothing"),
         no_guard: bool = typer.Option(False, "--no-guard",
                                       help="Disable the catastrophic-overfitting guard."),
+        recovery: bool | None = typer.Option(
+            None, "--recovery/--no-recovery",
+            help="At catastrophic overfitting: restore the best epoch and go on with a "
+            "safer step (default), or stop there."),
+        max_recoveries: int | None = typer.Option(
+            None, "--max-recoveries", help="Recoveries allowed before the guard stops."),
+        seeds: int | None = typer.Option(
+            None, "--seeds", help="Train N seeds; report each, the median and spread; keep "
+            "the best on validation data (pgd-at, fast-at, trades)."),
         temperature: float | None = typer.Option(None, "--temperature",
                                                  help="Distillation temperature."),
         members: int | None = typer.Option(None, "--members", help="Ensemble size."),
@@ -115,7 +124,10 @@ def register(app: typer.Typer) -> None:
                  "lr_schedule": lr_schedule, "weight_decay": weight_decay,
                  "label_smoothing": label_smoothing, "temperature": temperature,
                  "members": members, "member_method": member_method, "bits": bits,
-                 "median": median, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha}
+                 "median": median, "sigma": sigma, "n0": n0, "n": n, "alpha": alpha,
+                 "max_recoveries": max_recoveries, "seeds": seeds,
+                 "on_collapse": None if recovery is None else
+                 ("recover" if recovery else "stop")}
         options.update({k: v for k, v in named.items() if v is not None})
         if no_guard:
             options["guard"] = False
@@ -168,6 +180,20 @@ def register(app: typer.Typer) -> None:
                    f"{fmt(rep.after.robust_accuracy)}")
             if rep.after.certified_accuracy:
                 c.info(f"certified (L2 radius): {fmt(rep.after.certified_accuracy)}")
+            if rep.seeds:
+                st = rep.seeds["stats"]
+                for r in rep.seeds["runs"]:
+                    c.info(f"seed {r['seed']}: validation robust {r['val_robust_accuracy']:.3f}"
+                           f"; test clean {r['test']['clean_accuracy']:.3f}, robust "
+                           f"{r['test']['robust_accuracy']:.3f}")
+                for k in ("test_clean_accuracy", "test_robust_accuracy"):
+                    v = st[k]
+                    c.info(f"{k.replace('_', ' ')}: median {v['median']:.3f} (min "
+                           f"{v['min']:.3f}, max {v['max']:.3f})")
+                c.info(f"kept seed {rep.seeds['kept_seed']} (chosen on validation data)")
+            from bastion.envinfo import environment_line
+
+            c.info(f"machine: {environment_line(rep.environment)}")
             c.info(("[green]" if rep.helps else "[yellow]") + "verdict:[/] "
                    + rep.verdict.replace("[", "\\["))
             c.info(f"model: {paths['model']}; report: {paths['json']} and {paths['html']}")

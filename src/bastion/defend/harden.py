@@ -9,7 +9,11 @@ Methods and their options (``options=`` keys; anything else is an error):
 ``trades``     init (finetune/scratch), guard, guard_points, guard_steps, guard_drop,
                arch + arch_kwargs (build a fresh zoo network, e.g. mlp with dropout),
                ema_decay (weight averaging), fast_variant (rs/nfgsm) and noise_mult
-               (fast-at only)
+               (fast-at only); on_collapse (recover/stop), max_recoveries,
+               recovery_lr_factor, recovery_step_factor, recovery_pgd_steps (what the
+               guard does at catastrophic overfitting); seeds (train N seeds, report each,
+               the median and spread, keep the best on validation data: see
+               :mod:`bastion.defend.seeds`)
 ``distill``    temperature, teacher_epochs, lr, batch_size, weight_decay, init, arch,
                arch_kwargs
 ``ensemble``   members, member_method (clean or a training method), archs (one zoo
@@ -34,6 +38,7 @@ import numpy as np
 from bastion.data.dataset import Dataset
 from bastion.defend.evaluate import evaluate_defense
 from bastion.defend.report import HardenReport, write_harden_report
+from bastion.defend.seeds import check_n_seeds, derive_seeds
 from bastion.defend.training import (
     ADVERSARIAL_METHODS,
     AdversarialTrainer,
@@ -50,11 +55,13 @@ _TRAIN_OPTS = {"lr", "batch_size", "optimizer", "lr_schedule", "weight_decay",
                "label_smoothing", "steps", "step_size", "random_start", "beta",
                "adv_fraction", "eps_warmup", "ema_decay", "fast_variant", "noise_mult",
                "init", "guard",
-               "guard_points", "guard_steps", "guard_drop", "momentum", "arch", "arch_kwargs"}
+               "guard_points", "guard_steps", "guard_drop", "momentum", "arch", "arch_kwargs",
+               "on_collapse", "max_recoveries", "recovery_lr_factor", "recovery_step_factor",
+               "recovery_pgd_steps"}
 OPTIONS: dict[str, set[str]] = {
-    "pgd-at": _TRAIN_OPTS,
-    "fast-at": _TRAIN_OPTS,
-    "trades": _TRAIN_OPTS,
+    "pgd-at": _TRAIN_OPTS | {"seeds"},
+    "fast-at": _TRAIN_OPTS | {"seeds"},
+    "trades": _TRAIN_OPTS | {"seeds"},
     "distill": {"temperature", "teacher_epochs", "lr", "batch_size", "weight_decay", "init",
                 "arch", "arch_kwargs"},
     "ensemble": _TRAIN_OPTS | {"members", "member_method", "archs", "combine", "vote"},
@@ -191,6 +198,9 @@ def harden(
     if fit is not None and method not in ADVERSARIAL_METHODS:
         raise BastionError(f"{method} does not run on Ray Train",
                            hint="pgd-at, fast-at and trades do; or leave out --engine ray")
+    if fit is not None and check_n_seeds(opts.get("seeds", 1)) > 1:
+        raise BastionError("several seeds do not run on Ray Train yet",
+                           hint="give --seeds 1 with --engine ray, or leave out --engine ray")
     if int(epochs) < 1 and method not in ("squeeze", "smooth"):
         raise BastionError(f"epochs must be at least 1, got {epochs}")
     check_dataset_for_model(data, model)
@@ -222,11 +232,15 @@ def harden(
             check_saveable(model, hint=arch_hint)
     ckpt = out_dir / "checkpoints" if out_dir is not None else None
 
+    n_seeds = check_n_seeds(opts.get("seeds", 1))
     settings: dict[str, Any] = {"method": method, "eps": eps, "norm": norm, "epochs": epochs,
                                 "seed": seed, **opts}
     timings: dict[str, float] = {}
     history: list[EpochLog] = []
     stopped, resumed = False, 0
+    recoveries: list[dict[str, Any]] = []
+    ended_on_best = False
+    seeds_summary: dict[str, Any] | None = None
     t_train = time.perf_counter()
     hardened: Any
     eval_kw: dict[str, Any] = {}
@@ -235,12 +249,28 @@ def harden(
         if on_epoch is not None:
             on_epoch(e)
 
-    if method in ADVERSARIAL_METHODS:
+    if method in ADVERSARIAL_METHODS and n_seeds > 1:
+        outcome = _train_seeds(method, model, data, eps=eps, norm=norm, epochs=epochs,
+                               seed=seed, n_seeds=n_seeds, opts=opts, ckpt=ckpt, log=log,
+                               x_eval=x_eval, y_eval=y_eval, limit=limit)
+        hardened = outcome.model
+        kept = outcome.runs[outcome.kept]
+        history, stopped = outcome.histories[outcome.kept], kept.stopped_early
+        recoveries, ended_on_best = kept.recoveries, kept.ended_on_best
+        seeds_summary = outcome.summary(eps=eps, val_steps=SEED_VAL_STEPS)
+        seeds_summary["test_evaluation"] = (
+            f"PGD-{SEED_VAL_STEPS} (random start) at eps {eps:g} and clean accuracy on the "
+            f"first {min(len(x_eval), limit or len(x_eval))} test points, per seed; "
+            "reported only, never used to choose")
+        settings.update({k: v for k, v in outcome.settings.items() if k not in settings})
+        settings["seed_list"] = seeds_summary["seeds"]
+    elif method in ADVERSARIAL_METHODS:
         tr = _trainer(method, model, eps=eps, norm=norm, epochs=epochs, seed=seed,
                       opts=opts, checkpoint_dir=ckpt)
         hardened = tr.fit(model, data, on_epoch=log) if fit is None else fit(
             tr, model, data, log)
         history, stopped, resumed = tr.history_, tr.stopped_early_, tr.resumed_from_
+        recoveries, ended_on_best = tr.recoveries_, tr.ended_on_best_
         settings.update({k: v for k, v in tr.settings().items() if k not in settings})
         settings.update(getattr(fit, "settings", None) or {})
     elif method == "distill":
@@ -327,11 +357,22 @@ def harden(
     timings["total_s"] = time.perf_counter() - t_all
 
     from bastion import __version__
+    from bastion.envinfo import environment
 
     warnings = list(ev.warnings)
+    for r in recoveries:
+        warnings.append(
+            f"Catastrophic overfitting at epoch {r['epoch']} (held-out PGD accuracy "
+            f"{r['best_robust_accuracy']:.3f} -> {r['robust_accuracy']:.3f}): recovered by "
+            f"restoring epoch {r['restored_epoch']} and going on with lr x{r['lr_scale']:g}"
+            f", step x{r['step_scale']:g}"
+            + (f", PGD-{r['inner_pgd_steps']} inside" if r["inner_pgd_steps"] else "") + ".")
     if stopped:
         warnings.append("Training stopped early at catastrophic overfitting (robust accuracy "
                         "on the held-out batch collapsed); the best checkpoint was kept.")
+    if ended_on_best:
+        warnings.append("The last epoch was worse on the held-out batch than the best one; "
+                        "the best checkpoint is the model returned.")
     report = HardenReport(
         method=method,
         model=model_label or str(getattr(model, "name", type(model).__name__)),
@@ -347,6 +388,10 @@ def harden(
         helps=ev.helps,
         training=[asdict(h) for h in history],
         stopped_early=stopped,
+        recoveries=[dict(r) for r in recoveries],
+        ended_on_best=bool(ended_on_best),
+        seeds=seeds_summary,
+        environment=environment(),
         resumed_from_epoch=int(resumed),
         timings=timings,
         warnings=warnings,
@@ -376,6 +421,38 @@ def _data_sha256(x: Any, y: Any) -> str:
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+SEED_VAL_STEPS = 20
+
+
+def _train_seeds(method: str, model: TorchModel, data: Dataset, *, eps: float, norm: str,
+                 epochs: int, seed: int, n_seeds: int, opts: dict[str, Any],
+                 ckpt: Path | None, log: Callable[[EpochLog], None], x_eval: np.ndarray,
+                 y_eval: np.ndarray, limit: int | None) -> Any:
+    """Train ``n_seeds`` seeds (see :mod:`bastion.defend.seeds`), keep the best on
+    validation data, and measure every seed on the test points for the report."""
+    from bastion.defend.seeds import robust_accuracy, train_seeds
+
+    made: list[AdversarialTrainer] = []
+
+    def make(s: int) -> AdversarialTrainer:
+        made.append(_trainer(method, model, eps=eps, norm=norm, epochs=epochs, seed=s,
+                             opts=opts, checkpoint_dir=ckpt / f"seed-{s}" if ckpt else None))
+        return made[-1]
+
+    make(seed)  # every option checked before the first seed trains
+    made.clear()
+    outcome = train_seeds(make, model, data.x_train, data.y_train,
+                          seeds=derive_seeds(seed, n_seeds), eps=eps, norm=norm,
+                          split_seed=seed, val_steps=SEED_VAL_STEPS, on_epoch=log)
+    n = len(x_eval) if limit is None else min(limit, len(x_eval))
+    for run, m in zip(outcome.runs, outcome.models, strict=True):
+        clean, robust = robust_accuracy(m, x_eval[:n], y_eval[:n], eps=eps, norm=norm,
+                                        steps=SEED_VAL_STEPS, seed=seed + 11)
+        run.test = {"clean_accuracy": clean, "robust_accuracy": robust}
+    outcome.settings = made[0].settings() if made else {}
+    return outcome
 
 
 def _certify_before(ev: Any, model: Any, x: np.ndarray, y: np.ndarray, *,

@@ -60,6 +60,19 @@ class HardenReport(BaseModel):
     training: list[dict[str, Any]] = Field(default_factory=list,
                                            description="one entry per training epoch")
     stopped_early: bool = False
+    recoveries: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="catastrophic-overfitting recoveries: epoch, held-out robust accuracy "
+        "collapsed and best, epoch restored, lr and step scales from then on")
+    ended_on_best: bool = Field(
+        default=False, description="the last epoch was worse on the held-out batch than "
+        "the best, so the best checkpoint is the model returned")
+    seeds: dict[str, Any] | None = Field(
+        default=None, description="several seeds: each run, median and spread, the seed "
+        "kept (chosen on validation data) - see bastion.defend.seeds")
+    environment: dict[str, Any] = Field(
+        default_factory=dict, description="CPU model and flags, cores, torch version and "
+        "threads: floating-point results change with them (bastion.envinfo)")
     resumed_from_epoch: int = 0
     timings: dict[str, float] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
@@ -184,18 +197,50 @@ def render_harden_html(report: HardenReport) -> str:
         page.heading("Training")
         page.table([[h["epoch"], round(h["loss"], 4), _fmt(h["clean_accuracy"]),
                      _fmt(h["robust_accuracy"]), round(h["eps"], 4), f"{h['lr']:.2g}",
-                     round(h["time_s"], 1), "collapse" if h.get("collapsed") else ""]
+                     round(h["time_s"], 1),
+                     ("collapse, recovered" if h.get("recovered") else "collapse")
+                     if h.get("collapsed") else ""]
                     for h in report.training],
                    headers=["epoch", "loss", "clean", "robust (PGD)", "eps", "lr", "s", ""])
         if report.stopped_early:
             page.warning("Training stopped early: robust accuracy on the held-out batch "
                          "collapsed (catastrophic overfitting); the best checkpoint was kept.")
+    if report.seeds:
+        _seeds_section(page, report)
     page.heading("Settings")
     page.table([[k, json.dumps(v)] for k, v in report.settings.items()],
                headers=["setting", "value"])
     page.table([[k, round(v, 2)] for k, v in report.timings.items()],
                headers=["phase", "seconds"])
+    if report.environment:
+        from bastion.envinfo import environment_line
+
+        page.heading("Machine")
+        page.paragraph("Floating-point results, and so training runs, change with these: "
+                       + environment_line(report.environment) + ".")
     return page.render()
+
+
+def _seeds_section(page: HtmlPage, report: HardenReport) -> None:
+    s = report.seeds or {}
+    page.heading(f"Seeds ({s.get('n_seeds')})")
+    page.paragraph(f"Kept: seed {s.get('kept_seed')}, chosen on {s.get('selection')}. "
+                   f"Test numbers: {s.get('test_evaluation', '')}")
+    rows = []
+    for r in s.get("runs", []):
+        t = r.get("test", {})
+        rows.append([r["seed"], _fmt(r["val_clean_accuracy"]), _fmt(r["val_robust_accuracy"]),
+                     _fmt(t.get("clean_accuracy")), _fmt(t.get("robust_accuracy")),
+                     round(r["train_s"], 1), len(r.get("recoveries", [])),
+                     "kept" if r["seed"] == s.get("kept_seed") else ""])
+    st = s.get("stats", {})
+    for label in ("median", "min", "max"):
+        rows.append([label] + [_fmt(st.get(k, {}).get(label)) for k in (
+            "val_clean_accuracy", "val_robust_accuracy", "test_clean_accuracy",
+            "test_robust_accuracy")] + [round(st.get("train_s", {}).get(label, 0.0), 1), "",
+                                        ""])
+    page.table(rows, headers=["seed", "val clean", "val robust", "test clean",
+                              "test robust", "train s", "recoveries", ""])
 
 
 def write_harden_report(report: HardenReport, out_dir: str | Path) -> dict[str, Path]:

@@ -8,7 +8,12 @@ One trainer, :class:`AdversarialTrainer`, configured in ``__init__`` and run wit
 - ``fast-at`` (Wong, Rice & Kolter 2020): FGSM from a uniform random start with step
   ``1.25 * eps``, a cyclic learning rate, and a guard against *catastrophic overfitting*:
   PGD accuracy on a held-out batch after every epoch; when it collapses (falls more than
-  ``guard_drop`` below the best so far) training stops and the best weights are restored.
+  ``guard_drop`` below the best so far) the best weights are restored and training goes
+  on with a safer step (``on_collapse="recover"``, the default: learning rate and FGSM
+  step scaled down, optionally few-step PGD for the rest of the schedule, at most
+  ``max_recoveries`` times), or stops there (``on_collapse="stop"``). With recovery the
+  run never ends below its best checkpoint: if the last epoch is worse on the held-out
+  batch, the best weights are restored at the end (``ended_on_best_``).
   ``fast_variant="nfgsm"`` is N-FGSM (de Jorge et al. 2022) instead: a random start of
   ``2 * eps`` (``noise_mult``), step ``eps``, and no projection back onto the eps-ball,
   which avoids catastrophic overfitting at the same cost;
@@ -66,6 +71,7 @@ from bastion.models.torch_model import TorchModel
 TRAIN_METHODS: tuple[str, ...] = ("pgd-at", "fast-at", "trades", "noise", "clean")
 ADVERSARIAL_METHODS: tuple[str, ...] = ("pgd-at", "fast-at", "trades")
 FAST_VARIANTS: tuple[str, ...] = ("rs", "nfgsm")
+ON_COLLAPSE: tuple[str, ...] = ("recover", "stop")
 
 
 @dataclass
@@ -82,6 +88,7 @@ class EpochLog:
     lr: float
     time_s: float
     collapsed: bool = False
+    recovered: bool = False
 
 
 class CatastrophicOverfitting(BastionError):
@@ -189,13 +196,23 @@ class AdversarialTrainer:
         init: ``finetune`` (start from the model's weights) or ``scratch`` (re-initialise,
             or build with ``module_factory``).
         module_factory: builds a fresh module for ``init="scratch"``.
-        guard: stop at catastrophic overfitting; default on for ``fast-at`` only.
+        guard: stop at catastrophic overfitting; default on for ``fast-at`` only. With
+            ``on_collapse="recover"`` and ``init="finetune"`` the starting model is
+            checkpoint 0 (evaluated once before training, ``guard_eval(0, model)``).
         guard_points: size of the held-out batch the guard attacks (taken from the
             training data and not trained on).
         guard_steps: PGD steps the guard uses.
         guard_drop: a collapse is robust accuracy falling more than this below the best.
         guard_eval: replace the guard's PGD evaluation with ``fn(epoch, model) -> robust
             accuracy`` (for tests and custom checks).
+        on_collapse: what the guard does at a collapse: ``recover`` (restore the best
+            weights, reset the optimizer state, scale the learning rate by
+            ``recovery_lr_factor`` and the inner step by ``recovery_step_factor``, and,
+            with ``recovery_pgd_steps > 0``, train fast AT with PGD of that many steps for
+            the rest of the schedule) or ``stop`` (restore the best weights and stop).
+        max_recoveries: recoveries allowed; a collapse after the last one stops.
+        recovery_lr_factor, recovery_step_factor: in (0, 1]; applied at every recovery.
+        recovery_pgd_steps: ``0`` keeps fast AT's single step after a recovery.
         checkpoint_dir: folder for resumable checkpoints (none when ``None``).
         seed: one seed, one result.
     """
@@ -232,6 +249,11 @@ class AdversarialTrainer:
         guard_steps: int = 10,
         guard_drop: float = 0.2,
         guard_eval: Callable[[int, TorchModel], float] | None = None,
+        on_collapse: str = "recover",
+        max_recoveries: int = 2,
+        recovery_lr_factor: float = 0.5,
+        recovery_step_factor: float = 0.8,
+        recovery_pgd_steps: int = 0,
         checkpoint_dir: str | Path | None = None,
         seed: int = 0,
     ) -> None:
@@ -267,6 +289,21 @@ class AdversarialTrainer:
             raise BastionError(f"temperature must be positive, got {temperature}")
         if not 0.0 <= label_smoothing < 1.0:
             raise BastionError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if on_collapse not in ON_COLLAPSE:
+            raise BastionError(f"unknown on_collapse {on_collapse!r}",
+                               hint="use recover (restore the best weights and go on with a "
+                               "safer step) or stop")
+        if isinstance(max_recoveries, bool) or int(max_recoveries) != max_recoveries \
+                or max_recoveries < 0:
+            raise BastionError(f"max_recoveries must be a whole number >= 0, got "
+                               f"{max_recoveries}")
+        for nm, v in (("recovery_lr_factor", recovery_lr_factor),
+                      ("recovery_step_factor", recovery_step_factor)):
+            if not (math.isfinite(v) and 0.0 < v <= 1.0):
+                raise BastionError(f"{nm} must be in (0, 1], got {v}",
+                                   hint="e.g. 0.5 halves it at every recovery")
+        if int(recovery_pgd_steps) < 0:
+            raise BastionError(f"recovery_pgd_steps must be >= 0, got {recovery_pgd_steps}")
         self.method = method
         self.eps = float(eps)
         self.norm = norm
@@ -296,6 +333,11 @@ class AdversarialTrainer:
         self.guard_steps = int(guard_steps)
         self.guard_drop = float(guard_drop)
         self.guard_eval = guard_eval
+        self.on_collapse = on_collapse
+        self.max_recoveries = int(max_recoveries)
+        self.recovery_lr_factor = float(recovery_lr_factor)
+        self.recovery_step_factor = float(recovery_step_factor)
+        self.recovery_pgd_steps = int(recovery_pgd_steps)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.seed = int(seed)
 
@@ -310,6 +352,10 @@ class AdversarialTrainer:
         s = {k: v for k, v in self.settings().items() if k != "epochs"}
         if not s.get("ema_decay"):
             s.pop("ema_decay", None)  # checkpoints from before weight averaging still match
+        if not s.get("guard"):  # recovery settings do nothing without the guard
+            for k in ("on_collapse", "max_recoveries", "recovery_lr_factor",
+                      "recovery_step_factor", "recovery_pgd_steps"):
+                s.pop(k, None)
         return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -321,9 +367,11 @@ class AdversarialTrainer:
         return 2.5 * self.eps / max(1, self.steps)
 
     def _lr_at(self, t: float) -> float:
+        scale = getattr(self, "lr_scale_", 1.0)  # lowered by recoveries
         if self.lr_schedule == "cyclic":
-            return float(np.interp(t, [0, self.epochs * 0.4, self.epochs], [0, self.lr, 0]))
-        return self.lr
+            return scale * float(np.interp(t, [0, self.epochs * 0.4, self.epochs],
+                                           [0, self.lr, 0]))
+        return scale * self.lr
 
     def _eps_at(self, t: float) -> float:
         if self.eps_warmup > 0:
@@ -359,10 +407,16 @@ class AdversarialTrainer:
             return ce(z), z
         module.eval()  # craft the inner attack with fixed BN/dropout, then train
         alpha = self.alpha * eps / self.eps  # the step follows the epsilon warm-up
-        if m == "pgd-at":
+        inner_steps = getattr(self, "inner_steps_", 0)  # set by a recovery
+        if m == "fast-at" and inner_steps > 0:
+            x_adv = pgd_tensor(model, xb, yb, eps=eps, norm=self.norm, steps=inner_steps,
+                               step_size=2.5 * eps / inner_steps,
+                               random_start=self.random_start, generator=g)
+        elif m == "pgd-at":
             x_adv = pgd_tensor(model, xb, yb, eps=eps, norm=self.norm, steps=self.steps,
                                step_size=alpha, random_start=self.random_start, generator=g)
         elif m == "fast-at":
+            alpha *= getattr(self, "step_scale_", 1.0)
             mult = self.noise_mult if self.noise_mult is not None else (
                 2.0 if self.fast_variant == "nfgsm" else 1.0)
             x_adv = _inner.fgsm_rs(f, xb, yb, eps=eps, norm=self.norm, alpha=alpha,
@@ -419,7 +473,11 @@ class AdversarialTrainer:
 
         Fitted attributes: ``history_`` (one :class:`EpochLog` per epoch, including those
         of a resumed run), ``stopped_early_``, ``best_epoch_``, ``resumed_from_``
-        (epochs already done when this call started), ``time_s_``.
+        (epochs already done when this call started), ``time_s_``, ``recoveries_`` (one
+        dict per recovery: epoch, the collapsed and the best held-out robust accuracy,
+        the epoch restored, the learning-rate and step scales from then on),
+        ``ended_on_best_`` (the last epoch was worse than the best on the held-out batch,
+        so the best weights were restored at the end; recovery mode only).
 
         ``parallel``: this call is one of several data-parallel workers (see
         :mod:`bastion.defend.ray_train`): it gives each epoch's common ``order(n,
@@ -475,6 +533,9 @@ class AdversarialTrainer:
         self.stopped_early_ = False
         self.best_epoch_ = 0
         self.resumed_from_ = 0
+        self.recoveries_: list[dict[str, Any]] = []
+        self.ended_on_best_ = False
+        self.lr_scale_, self.step_scale_, self.inner_steps_ = 1.0, 1.0, 0
         best_robust = -1.0
         best_state: dict[str, torch.Tensor] | None = None
         start_epoch = 0
@@ -513,7 +574,18 @@ class AdversarialTrainer:
                 self.best_epoch_ = int(meta.get("best_epoch", 0))
                 self.stopped_early_ = bool(meta.get("stopped_early", False))
                 self.resumed_from_ = start_epoch
+                rec = meta.get("recovery") or {}
+                self.recoveries_ = list(rec.get("recoveries", []))
+                self.lr_scale_ = float(rec.get("lr_scale", 1.0))
+                self.step_scale_ = float(rec.get("step_scale", 1.0))
+                self.inner_steps_ = int(rec.get("inner_steps", 0))
 
+        if (self.guard and self.on_collapse == "recover" and self.init == "finetune"
+                and start_epoch == 0 and len(xg)):
+            # fine-tuning starts from a model worth keeping: it is checkpoint 0, so a run
+            # that ruins it recovers to it rather than to its own first epoch
+            _, best_robust = self._evaluate(0, served, xg, yg)
+            best_state = {k: v.detach().clone() for k, v in served.module.state_dict().items()}
         n = len(xt)
         nb = max(1, math.ceil(n / self.batch_size))
         epoch = start_epoch
@@ -562,11 +634,19 @@ class AdversarialTrainer:
             if parallel is not None:
                 tot_loss, tot_acc, seen = parallel.totals(tot_loss, tot_acc, seen)
             clean, robust = self._evaluate(epoch, served, xg, yg)
-            collapsed = False
+            collapsed = recovered = False
             if self.guard and best_state is not None and robust < best_robust - self.guard_drop:
                 collapsed = True
                 served.module.load_state_dict(best_state)
-                self.stopped_early_ = True
+                if self.on_collapse == "recover" and epoch >= self.epochs:
+                    self.ended_on_best_ = True  # the last epoch collapsed: end on the best
+                elif self.on_collapse == "recover" and \
+                        len(self.recoveries_) < self.max_recoveries:
+                    recovered = True
+                    self._recover(epoch, robust, best_robust, module, served, ema_module,
+                                  best_state, opt)
+                else:
+                    self.stopped_early_ = True
             elif robust >= best_robust:
                 best_robust = robust
                 self.best_epoch_ = epoch
@@ -575,16 +655,42 @@ class AdversarialTrainer:
             log = EpochLog(epoch=epoch, epochs=self.epochs, loss=tot_loss / max(1, seen),
                            train_accuracy=tot_acc / max(1, seen), clean_accuracy=clean,
                            robust_accuracy=robust, eps=eps_t, lr=lr,
-                           time_s=time.perf_counter() - t0, collapsed=collapsed)
+                           time_s=time.perf_counter() - t0, collapsed=collapsed,
+                           recovered=recovered)
             self.history_.append(log)
             if self.checkpoint_dir is not None:
                 self._save(epoch, module, opt, best_state, best_robust, g,
                            ema_module, ema_steps)
             if on_epoch is not None:
                 on_epoch(log)
+        if (self.guard and self.on_collapse == "recover" and best_state is not None
+                and not self.stopped_early_ and self.history_
+                and self.history_[-1].robust_accuracy < best_robust):
+            # never end below the best checkpoint: the last epoch is worse on the held-out
+            # batch, so the best weights are what fit returns
+            served.module.load_state_dict(best_state)
+            self.ended_on_best_ = True
         served.module.eval()
         self.time_s_ = time.perf_counter() - t_start
         return served
+
+    def _recover(self, epoch: int, robust: float, best_robust: float, module: nn.Module,
+                 served: TorchModel, ema_module: nn.Module | None,
+                 best_state: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> None:
+        """After a collapse: the best weights (already in ``served``) go into the trained
+        module too, the optimizer forgets its moments, and the step gets safer."""
+        if ema_module is not None:
+            module.load_state_dict(best_state)
+        opt.state.clear()
+        self.lr_scale_ *= self.recovery_lr_factor
+        self.step_scale_ *= self.recovery_step_factor
+        if self.recovery_pgd_steps > 0 and self.method == "fast-at":
+            self.inner_steps_ = self.recovery_pgd_steps
+        self.recoveries_.append({
+            "epoch": epoch, "robust_accuracy": robust, "best_robust_accuracy": best_robust,
+            "restored_epoch": self.best_epoch_, "lr_scale": self.lr_scale_,
+            "step_scale": self.step_scale_, "inner_pgd_steps": self.inner_steps_,
+        })
 
     def _save(self, epoch: int, module: nn.Module, opt: torch.optim.Optimizer,
               best_state: dict[str, torch.Tensor] | None, best_robust: float,
@@ -609,6 +715,8 @@ class AdversarialTrainer:
             "best_epoch": self.best_epoch_,
             "stopped_early": self.stopped_early_,
             "ema_steps": ema_steps,
+            "recovery": {"recoveries": self.recoveries_, "lr_scale": self.lr_scale_,
+                         "step_scale": self.step_scale_, "inner_steps": self.inner_steps_},
         }
         save_checkpoint(self.checkpoint_dir, epoch=epoch, tensors=tensors, meta=meta)
 
