@@ -13,8 +13,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "bastion"
 
 #: The ground floor: what any layer may import.
-GROUND = {"errors", "_util", "_ray", "engine", "reporting", "store", "__version__",
-          "__init__"}
+GROUND = {"errors", "_util", "_ray", "engine", "envinfo", "reporting", "store",
+          "__version__", "__init__"}
 
 _BELOW_DEFEND = {"attacks", "evaluate", "models", "data"}
 #: package -> the Bastion packages it may import besides itself and :data:`GROUND`.
@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "_ray": set(),  # connect to a Ray cluster (one place for every Ray user)
     "engine": set(),  # where parallel work runs (local or Ray): imports errors only
     "reporting": set(),
+    "envinfo": set(),  # machine facts for reports (CPU, torch, threads): imports nothing
     "data": set(),
     "models": {"data"},
     "registry": {"models", "data"},

@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
                    f"{fmt(rep.after.robust_accuracy)}")
             if rep.after.certified_accuracy:
                 c.info(f"certified (L2 radius): {fmt(rep.after.certified_accuracy)}")
-            if rep.seeds:
+            if getattr(rep, "seeds", None):
                 st = rep.seeds["stats"]
                 for r in rep.seeds["runs"]:
                     c.info(f"seed {r['seed']}: validation robust {r['val_robust_accuracy']:.3f}"
@@ -193,7 +193,8 @@ def register(app: typer.Typer) -> None:
                 c.info(f"kept seed {rep.seeds['kept_seed']} (chosen on validation data)")
             from bastion.envinfo import environment_line
 
-            c.info(f"machine: {environment_line(rep.environment)}")
+            if getattr(rep, "environment", None):
+                c.info(f"machine: {environment_line(rep.environment)}")
             c.info(("[green]" if rep.helps else "[yellow]") + "verdict:[/] "
                    + rep.verdict.replace("[", "\\["))
             c.info(f"model: {paths['model']}; report: {paths['json']} and {paths['html']}")
