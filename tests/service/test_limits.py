@@ -482,6 +482,17 @@ def test_token_bucket_refills_and_forgets_old_keys():
     assert "a" not in b._b and len(b._b) == 2
 
 
+def test_token_bucket_lease_grants_what_is_there_and_never_more():
+    """The Ray Serve replicas lease tokens in batches from one shared bucket a key."""
+    b = TokenBuckets(rate=4.0, burst=5)
+    assert b.lease("k", 3, now=0.0) == (3, 0.0)
+    assert b.lease("k", 10, now=0.0) == (2, 0.0)  # only two left: never an overdraft
+    granted, wait = b.lease("k", 1, now=0.0)
+    assert granted == 0 and wait == pytest.approx(0.25)
+    assert b.lease("k", 10, now=0.5) == (2, 0.0)  # 0.5 s at 4/s refilled two
+    assert b.take("k", 0.5) == pytest.approx(0.25)  # take and lease share the bucket
+
+
 # -- options ------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,opt", [
     (["--rate-limit", "-1"], "--rate-limit"), (["--header-timeout", "0"], "--header-timeout"),

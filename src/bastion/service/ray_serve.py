@@ -38,7 +38,6 @@ Ray is imported lazily: a local service never needs it (extra ``ray``).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -108,33 +107,20 @@ class ClientState:
         from bastion.service.core import ExtractionWatch
 
         cfg = ServiceConfig.model_validate_json(cfg_json)
+        from bastion.web.limits import TokenBuckets
+
         lim = cfg.limits
-        self.rate, self.burst = float(lim.rate_limit_per_s), float(lim.rate_limit_burst)
-        self.max_keys = int(lim.max_keys)
-        self._b: dict[str, list[float]] = {}
+        self.buckets = TokenBuckets(lim.rate_limit_per_s, lim.rate_limit_burst,
+                                    max_keys=lim.max_keys)
         self.watch = ExtractionWatch(delta=cfg.extraction_delta,
                                      min_queries=cfg.extraction_min_queries,
                                      window=cfg.extraction_window)
         self.queries: dict[str, int] = {}
 
     def lease(self, key: str, n: int) -> tuple[int, float]:
-        """Take up to ``n`` tokens of ``key``'s bucket: ``(granted, seconds until one
-        more is there)`` (the wait is 0 when something was granted)."""
-        now = time.monotonic()
-        b = self._b.pop(key, None)
-        if b is None:
-            b = [self.burst, now]
-            if len(self._b) >= self.max_keys:
-                del self._b[next(iter(self._b))]
-        else:
-            b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
-            b[1] = now
-        self._b[key] = b
-        granted = int(min(max(int(n), 1), math.floor(b[0])))
-        b[0] -= granted
-        if granted > 0:
-            return granted, 0.0
-        return 0, (1.0 - b[0]) / self.rate if self.rate > 0 else 1.0
+        """Take up to ``n`` tokens of ``key``'s bucket (the cluster's one bucket a key):
+        ``(granted, seconds until one more is there)``."""
+        return self.buckets.lease(key, n)
 
     def observe_many(self, client_id: str, xs: Any) -> dict[str, Any]:
         self.queries[client_id] = self.queries.get(client_id, 0) + len(xs)

@@ -432,9 +432,8 @@ class TokenBuckets:
         self.rate, self.burst, self.max_keys = float(rate), float(burst), int(max_keys)
         self._b: dict[str, list[float]] = {}
 
-    def take(self, key: str, now: float | None = None) -> float:
-        """Take a token for ``key``: 0.0 when granted, else the seconds until one is."""
-        now = time.monotonic() if now is None else now
+    def _bucket(self, key: str, now: float) -> list[float]:
+        """``key``'s bucket, refilled to ``now`` (created full; most recent last)."""
         b = self._b.pop(key, None)
         if b is None:
             b = [self.burst, now]
@@ -443,11 +442,27 @@ class TokenBuckets:
         else:
             b[0] = min(self.burst, b[0] + (now - b[1]) * self.rate)
             b[1] = now
-        self._b[key] = b  # most recent last
+        self._b[key] = b
+        return b
+
+    def _wait(self, b: list[float]) -> float:
+        return (1.0 - b[0]) / self.rate if self.rate > 0 else 1.0
+
+    def take(self, key: str, now: float | None = None) -> float:
+        """Take a token for ``key``: 0.0 when granted, else the seconds until one is."""
+        b = self._bucket(key, time.monotonic() if now is None else now)
         if b[0] >= 1.0:
             b[0] -= 1.0
             return 0.0
-        return (1.0 - b[0]) / self.rate
+        return self._wait(b)
+
+    def lease(self, key: str, n: int, now: float | None = None) -> tuple[int, float]:
+        """Take up to ``n`` (at least one) tokens of ``key``'s bucket: ``(granted, seconds
+        until one more is there)`` (the wait is 0 when something was granted)."""
+        b = self._bucket(key, time.monotonic() if now is None else now)
+        granted = int(min(max(int(n), 1), math.floor(b[0])))
+        b[0] -= granted
+        return (granted, 0.0) if granted > 0 else (0, self._wait(b))
 
 
 class LimitsMiddleware:
