@@ -116,10 +116,12 @@ def _start(*, num_cpus: int, object_store_mb: int, src: Path | None) -> Cluster:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            text = log.read_text(errors="replace")[-3000:]  # stop() removes the folder
             cluster.stop()  # whatever it started before failing
-            raise RuntimeError(f"ray start failed:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"ray start failed:\n{text}")
         if "Ray runtime started" in log.read_text(errors="replace"):
             return cluster
         time.sleep(0.3)
+    text = log.read_text(errors="replace")[-3000:]
     cluster.stop()
-    raise RuntimeError(f"ray start did not come up in time:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"ray start did not come up in time:\n{text}")
