@@ -24,6 +24,21 @@ MNIST_NPZ = SHARED / "datasets" / "mnist" / "mnist.npz"
 PROMPT_INJECTION = SHARED / "datasets" / "prompt-injection"
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--dist loadgroup`` (test.sh) every ``xdist_group`` test must carry its group
+    in its node id, or xdist spreads the group over workers (two Ray clusters at once, a
+    browser tab's tests out of order). pytest 9 ignores that suffix: refuse to run then."""
+    cfg = session.config
+    if not (hasattr(cfg, "workerinput") and getattr(cfg.option, "loadgroup", False)):
+        return  # not an xdist worker under --dist loadgroup
+    bad = [i.nodeid for i in session.items
+           if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if bad:
+        raise pytest.UsageError(
+            f"--dist loadgroup does not group {bad[0]} (and {len(bad) - 1} more): this "
+            f"pytest ({pytest.__version__}) drops xdist's group suffix; use pytest < 9")
+
+
 class SmallCNN(nn.Module):
     """A tiny CNN for 1x8x8 digits; undefended, so attacks must beat it."""
 

@@ -24,10 +24,15 @@ def clean_batch(digits, n: int, start: int = 0) -> list:
     """n clean test digits as nested lists."""
     return np.asarray(digits.x_test[start:start + n]).tolist()
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason=f"{CHROMIUM} is absent: install Debian's chromium "
-           "(apt-get update && apt-get install -y chromium)")
+pytestmark = [
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason=f"{CHROMIUM} is absent: install Debian's chromium "
+               "(apt-get update && apt-get install -y chromium)"),
+    # one tab for the module, in order (a test reuses the key the one before typed in):
+    # one xdist worker runs them all (test.sh distributes with --dist loadgroup)
+    pytest.mark.xdist_group("browser"),
+]
 
 
 @pytest.fixture(scope="module")
