@@ -84,9 +84,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "val_clean_accuracy", "train_s", "train_cpu_s") if all(k in r for r in rows)}
     kept = max(rows, key=lambda r: (r["val_robust_accuracy"], r["val_clean_accuracy"]))
     minutes = summary["train_s"]["median"] / 60
-    return {"summary": summary, "kept_seed_on_validation": kept["seed"],
-            "median_pgd50_per_train_minute": summary["test_pgd50_accuracy"]["median"]
-            / max(minutes, 1e-9)}
+    out = {"summary": summary, "kept_seed_on_validation": kept["seed"],
+           "median_pgd50_per_train_minute": summary["test_pgd50_accuracy"]["median"]
+           / max(minutes, 1e-9)}
+    if "train_cpu_s" in summary:  # the criterion the README ranks by (load barely moves it)
+        out["median_pgd50_points_per_train_cpu_minute"] = (
+            100 * summary["test_pgd50_accuracy"]["median"]
+            / max(summary["train_cpu_s"]["median"] / 60, 1e-9))
+    return out
 
 
 def merge(names: list[str], name: str) -> None:
