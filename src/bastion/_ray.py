@@ -4,7 +4,6 @@ needs no Ray installed (extra ``ray``)."""
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -27,19 +26,12 @@ def import_ray(what: str = "--engine ray") -> Any:
 def connect(address: str | None = None) -> Any:
     """Connect this process to the Ray cluster at ``address`` (``auto``, ``HOST:PORT``,
     ``ray://HOST:PORT``; default ``$BASTION_RAY_ADDRESS``, else ``auto``); return the
-    ``ray`` module. An unreachable cluster is one :class:`BastionError` line."""
-    ray = import_ray()
-    addr = address or os.environ.get(ADDRESS_ENV) or "auto"
-    if ray.is_initialized():
-        return ray
-    try:
-        ray.init(address=addr, namespace=NAMESPACE, log_to_driver=False,
-                 logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise BastionError(f"cannot connect to the Ray cluster at {addr}: {first}",
-                           hint="start one with `ray start --head` and pass --ray-address "
-                           "HOST:PORT (or ray://HOST:10001), or set $BASTION_RAY_ADDRESS"
-                           ) from None
-    return ray
+    ``ray`` module. The engine's connection (:func:`bastion.engine._ray._connect`): a bad
+    address, an unreachable cluster (a 3 s probe) or one that does not answer within
+    30 s is one :class:`~bastion.engine.EngineError` line."""
+    import_ray()
+    from bastion.engine import _ray as ray_engine
+    from bastion.engine.base import check_address
+
+    ray_engine._connect(check_address(address or os.environ.get(ADDRESS_ENV) or "auto"))
+    return ray_engine.ray

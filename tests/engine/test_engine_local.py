@@ -182,3 +182,23 @@ def test_cli_streamed_audit_on_the_local_engine(tmp_path, digits_arrays, monkeyp
                 "--out", str(tmp_path / "b"), "--no-track"]) == 1
     assert run(["audit", "data", "--data", f"parquet:{shards}", "--engine", "local",
                 "--mode", "relabel", "--out", str(tmp_path / "c"), "--no-track"]) == 1
+
+
+def test_serve_and_train_connect_through_the_engine(monkeypatch) -> None:
+    """``bastion._ray.connect`` (Ray Serve, Ray Train) checks and probes the address as
+    the engine does: one line, fast, never Ray's minute of retries."""
+    import time
+
+    pytest.importorskip("ray")
+    from bastion._ray import connect
+
+    monkeypatch.delenv("BASTION_RAY_ADDRESS", raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(EngineError, match="not a Ray address"):
+        connect("bad address")
+    with pytest.raises(EngineError, match="no Ray cluster answers at 127.0.0.1:1"):
+        connect("127.0.0.1:1")
+    monkeypatch.setenv("BASTION_RAY_ADDRESS", "ray://127.0.0.1:1")
+    with pytest.raises(EngineError, match="no Ray cluster answers at ray://127.0.0.1:1"):
+        connect()
+    assert time.perf_counter() - t0 < 15
