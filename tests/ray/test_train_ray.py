@@ -141,3 +141,31 @@ def test_methods_that_do_not_train_on_ray_are_refused_before_anything_runs(tmp_p
     assert not (tmp_path / "o").exists()
     with pytest.raises(BastionError, match="--workers 0 is not allowed"):
         RayFit(workers=0)
+
+
+def test_cli_harden_on_ray_trains_on_two_workers(cluster, tmp_path, capsys):
+    """`bastion harden --engine ray` end to end: trained by Ray Train's two workers,
+    evaluated here, the report says where it trained; a cluster that does not answer is
+    one line, exit 2, nothing written."""
+    from bastion.cli.main import run
+
+    folder = _model(tmp_path / "model")
+    out = tmp_path / "hardened"
+    code = run(["harden", "--model", str(folder), "--data", "builtin:digits",
+                "--method", "fast-at", "--eps", "0.1", "--epochs", "2", "--batch-size", "64",
+                "--engine", "ray", "--workers", "2", "--ray-address", cluster.address,
+                "--limit", "40", "--attacks", "pgd", "--out", str(out), "--no-track",
+                "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["settings"]["engine"] == "ray" and rep["settings"]["workers"] == 2
+    assert [e["epoch"] for e in rep["training"]] == [1, 2]
+    assert (out / "model").is_dir()
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert run(["harden", "--model", str(folder), "--data", "builtin:digits",
+                "--method", "fast-at", "--engine", "ray", "--ray-address", "127.0.0.1:1",
+                "--out", str(bad), "--no-track"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no Ray cluster answers" in err
+    assert not bad.exists()

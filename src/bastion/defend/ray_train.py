@@ -128,7 +128,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
                     "history": [asdict(h) for h in trainer.history_],
                     "stopped_early": trainer.stopped_early_,
                     "best_epoch": trainer.best_epoch_,
-                    "resumed_from": trainer.resumed_from_, "workers": world}))
+                    "resumed_from": trainer.resumed_from_,
+                    "recoveries": list(getattr(trainer, "recoveries_", [])),
+                    "ended_on_best": bool(getattr(trainer, "ended_on_best_", False)),
+                    "workers": world}))
             ray.train.report(extra, checkpoint=Checkpoint.from_directory(str(out)))
             shutil.rmtree(out, ignore_errors=True)
 
@@ -167,7 +170,8 @@ def train_on_ray(trainer: AdversarialTrainer, model: Any, data: Any, *, workers:
                  on_epoch: Any = None) -> Any:
     """Run ``trainer.fit(model, data)`` data-parallel on ``workers`` Ray Train CPU
     workers; return the trained model, with ``trainer``'s fitted attributes
-    (``history_``, ``stopped_early_``, ``best_epoch_``, ``resumed_from_``) set as a local
+    (``history_``, ``stopped_early_``, ``best_epoch_``, ``resumed_from_``, ``recoveries_``,
+    ``ended_on_best_``) set as a local
     :meth:`~AdversarialTrainer.fit` sets them, and ``workers_``.
 
     ``storage_path``: shared storage for the checkpoints (default: the trainer's
@@ -236,6 +240,8 @@ def train_on_ray(trainer: AdversarialTrainer, model: Any, data: Any, *, workers:
     trainer.stopped_early_ = bool(doc["stopped_early"])
     trainer.best_epoch_ = int(doc["best_epoch"])
     trainer.resumed_from_ = int(doc["resumed_from"])
+    trainer.recoveries_ = list(doc.get("recoveries", []))
+    trainer.ended_on_best_ = bool(doc.get("ended_on_best", False))
     setattr(trainer, "workers_", int(doc["workers"]))  # noqa: B010 - a Ray-only attribute
     if on_epoch is not None:
         for h in trainer.history_[trainer.resumed_from_:]:

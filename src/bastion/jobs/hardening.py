@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 
 from bastion.errors import BastionError
 from bastion.jobs.deadline import run_with_deadline
-from bastion.jobs.spec import DeadlineSpec, JobResult, Names, Numbers, engine_of
+from bastion.jobs.spec import DeadlineSpec, JobResult, Names, Numbers, engine_of, ray_engine
 
 
 class HardenSpec(DeadlineSpec):
@@ -88,8 +88,11 @@ def harden(spec: HardenSpec, *, progress: bool = False,
     """
     fit: Any = None
     if spec.engine == "ray":
-        # adversarial training on Ray Train; evaluation stays in this process
+        # adversarial training on Ray Train; evaluation stays in this process. The
+        # address is checked (and probed) here, before anything is written.
         from bastion.defend.ray_train import RayFit
+
+        ray_engine(spec)
 
         fit = RayFit(workers=spec.workers, address=spec.ray_address)
     else:
