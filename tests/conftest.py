@@ -20,6 +20,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BASTION_SHARED", REPO.parent / "shared"))
+os.environ["BASTION_SHARED"] = str(SHARED)  # one answer for every test module
 MNIST_NPZ = SHARED / "datasets" / "mnist" / "mnist.npz"
 PROMPT_INJECTION = SHARED / "datasets" / "prompt-injection"
 

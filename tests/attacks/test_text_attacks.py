@@ -3,6 +3,7 @@ thirty CLINC150 intents): each fools it, within its query budget and constraints
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,8 @@ from bastion.attacks.text.base import split_words, stop_words  # noqa: E402
 from bastion.attacks.text.charlevel import HOMOGLYPHS, char_edits  # noqa: E402
 from bastion.errors import BastionError  # noqa: E402
 
-CLINC = Path("/work/shared/datasets/clinc150/data_full.json")
-for parent in Path(__file__).resolve().parents:
-    if (parent / "shared" / "datasets" / "clinc150" / "data_full.json").is_file():
-        CLINC = parent / "shared" / "datasets" / "clinc150" / "data_full.json"
-        break
+# tests/conftest.py sets BASTION_SHARED (default: ../shared beside the repository)
+CLINC = Path(os.environ["BASTION_SHARED"]) / "datasets" / "clinc150" / "data_full.json"
 
 pytestmark = pytest.mark.skipif(not CLINC.is_file(), reason="CLINC150 not available")
 

