@@ -139,6 +139,10 @@ def test_methods_that_do_not_train_on_ray_are_refused_before_anything_runs(tmp_p
     with pytest.raises(BastionError, match="squeeze does not run on Ray Train"):
         harden(model, ds, method="squeeze", fit=RayFit(workers=2), out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+    with pytest.raises(BastionError, match="several seeds do not run on Ray Train"):
+        harden(model, ds, method="fast-at", fit=RayFit(workers=2), out=tmp_path / "o",
+               options={"seeds": 3})
+    assert not (tmp_path / "o").exists()
     with pytest.raises(BastionError, match="--workers 0 is not allowed"):
         RayFit(workers=0)
 
