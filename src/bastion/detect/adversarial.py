@@ -66,7 +66,9 @@ class ConfidenceDetector(CalibratedDetector):
         return self
 
     def score(self, x: Any) -> np.ndarray:
-        p = _proba(self.model, as_batch(x))
+        # a text model takes its list of strings as it is
+        text = getattr(self.model, "modality", None) == "text"
+        p = _proba(self.model, list(x) if text else as_batch(x))
         return 1.0 - p.max(axis=1) if self.kind == "maxprob" else _entropy(p)
 
     @staticmethod

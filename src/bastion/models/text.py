@@ -35,8 +35,11 @@ __all__ = [
     "HFTextModel",
     "MeanPoolTextModel",
     "TextModel",
+    "check_text_folder",
+    "is_text_folder",
     "is_text_model",
     "load_hf",
+    "load_text_folder",
     "load_text_model",
     "minilm_path",
 ]
@@ -380,6 +383,48 @@ def load_text_model(path: str | os.PathLike[str]) -> MeanPoolTextModel:
     return MeanPoolTextModel(net, tok, layers=layers, fine_tuned=bool(doc.get("fine_tuned")),
                              n_classes=n, class_names=[str(c) for c in names or range(n)],
                              max_length=int(doc.get("max_length", 64)), name=d.name)
+
+
+# ---------------------------------------------------------------- folders (registry, serve)
+
+HF_FOLDER_FILES = ("config.json", "model.safetensors")
+
+
+def is_text_folder(path: str | os.PathLike[str]) -> bool:
+    """A folder holding a text model: the zoo's (``bastion-text-model.json``) or a Hugging
+    Face sequence classifier (``config.json`` and ``model.safetensors``), and not a Bastion
+    image/tabular model folder."""
+    d = Path(path).expanduser()
+    if not d.is_dir() or (d / "bastion-model.json").is_file():
+        return False
+    return is_text_model_folder(d) or all((d / f).is_file() for f in HF_FOLDER_FILES)
+
+
+def check_text_folder(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a text model folder without loading it (the registry calls this before it
+    copies the folder): no link or special file inside, the weights present as
+    safetensors. Returns metadata with ``arch`` (``text-intent`` or ``hf``) and
+    ``kind = "text"``; raises ModelError naming the problem."""
+    from bastion._util import safe_files
+
+    d = Path(path).expanduser()
+    if not is_text_folder(d):
+        raise ModelError(f"{d} is not a text model folder",
+                         hint="a folder from bastion train --model text-intent, or a Hugging "
+                         "Face folder with config.json and model.safetensors")
+    safe_files(d)
+    if is_text_model_folder(d):
+        if not (d / "head.safetensors").is_file():
+            raise ModelError(f"{d} has no head.safetensors", hint="train the model again")
+        return {"arch": "text-intent", "kind": "text"}
+    return {"arch": "hf", "kind": "text"}
+
+
+def load_text_folder(path: str | os.PathLike[str]) -> TextModel:
+    """Load a folder :func:`check_text_folder` accepts (the zoo's or a Hugging Face one)."""
+    d = Path(path).expanduser()
+    meta = check_text_folder(d)
+    return load_text_model(d) if meta["arch"] == "text-intent" else load_hf(d)
 
 
 # ---------------------------------------------------------------- training

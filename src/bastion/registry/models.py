@@ -202,11 +202,13 @@ class ModelRegistry:
         version from them; return the version number. No alias moves."""
         from bastion._util import copy_folder_safely
         from bastion.models.persist import check_model_folder
+        from bastion.models.text import check_text_folder, is_text_folder
 
         d = Path(model_dir).expanduser()
         # a model folder with no link in it, whose skops file (if any) passes the
         # allowlist: nothing outside the folder, and no refused model, reaches MLflow
-        meta = check_model_folder(d)
+        # (a text model folder: safetensors weights only, see check_text_folder)
+        meta = check_text_folder(d) if is_text_folder(d) else check_model_folder(d)
         staging = Path(tempfile.mkdtemp(prefix="bastion-register-"))
         try:
             copy_folder_safely(d, staging / "model")
@@ -417,12 +419,14 @@ class ModelRegistry:
         return target
 
     def load(self, ref: int | str) -> Any:
-        """Download and load version or alias ``ref`` (a TorchModel or SklearnModel)."""
+        """Download and load version or alias ``ref`` (a TorchModel or SklearnModel, or a
+        text model for a text model folder)."""
         from bastion.models.persist import load_model
+        from bastion.models.text import is_text_folder, load_text_folder
 
         path = self.download(ref)
         try:
-            return load_model(path)
+            return load_text_folder(path) if is_text_folder(path) else load_model(path)
         except ModelError:
             raise
         finally:

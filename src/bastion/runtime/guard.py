@@ -109,6 +109,11 @@ def check_inputs(x: Any, *, input_shape: Sequence[int], bounds: tuple[Any, ...],
     kind = a.dtype.kind
     if kind == "b" or (scan_bools and kind in "iu" and isinstance(x, list) and _any_bool(x)):
         raise InputError("inputs must be numbers, not booleans", code="invalid_request")
+    if kind == "U" or (kind == "O" and isinstance(x, list) and x
+                       and all(isinstance(t, str) for t in x)):
+        raise InputError(f"this model takes numeric inputs of shape "
+                         f"({', '.join(map(str, shape))}), not text: send arrays of numbers",
+                         code="invalid_request")
     if kind not in "iuf":
         raise InputError("inputs must be numeric: a rectangular array of numbers (every "
                          "input the same shape, no strings, booleans or nulls)",
@@ -144,6 +149,85 @@ def check_inputs(x: Any, *, input_shape: Sequence[int], bounds: tuple[Any, ...],
         raise InputError(f"input values fall outside the model's bounds [{blo}, {bhi}] "
                          f"(min {lo:.4g}, max {hi:.4g})")
     return CheckedInputs(a, shape, tuple(bounds))  # type: ignore[arg-type]
+
+
+class CheckedTexts:
+    """A batch of texts :func:`check_texts` accepted: a 1-d object array of ``str``."""
+
+    __slots__ = ("array", "max_chars")
+
+    def __init__(self, array: np.ndarray, max_chars: int) -> None:
+        self.array, self.max_chars = array, max_chars
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+
+#: a text input's characters that are refused: control characters (Unicode category Cc)
+#: other than tab, newline and carriage return, and lone surrogates (not valid UTF-8)
+_ALLOWED_CC = frozenset("\t\n\r")
+
+
+def _bad_char(t: str) -> str | None:
+    for ch in t:
+        o = ord(ch)
+        if (o < 32 or 127 <= o < 160) and ch not in _ALLOWED_CC:
+            return f"control character U+{o:04X}"
+        if 0xD800 <= o <= 0xDFFF:
+            return f"lone surrogate U+{o:04X} (not valid UTF-8)"
+    return None
+
+
+def check_texts(x: Any, *, max_batch: int, max_chars: int,
+                allow_single: bool = False) -> CheckedTexts:
+    """The one check of a batch of texts for a text model (``modality == "text"``).
+
+    A non-empty JSON list of at most ``max_batch`` strings, each with some non-blank
+    character, at most ``max_chars`` characters, and no control character (tab, newline
+    and carriage return allowed) or lone surrogate. ``allow_single`` takes one string
+    (library callers).
+
+    Raises:
+        InputError: what is wrong, with its ``code`` (``text_too_long`` for a string over
+            the limit).
+    """
+    if allow_single and isinstance(x, str):
+        x = [x]
+    if isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype.kind in "OU":
+        x = x.tolist()
+    if not isinstance(x, list | tuple):
+        raise InputError("this model classifies text: inputs must be a list of strings, "
+                         "e.g. [\"book a flight to paris\"]", code="invalid_request")
+    if not x:
+        raise InputError("inputs must be a non-empty list of strings (empty batch)",
+                         code="invalid_request")
+    if len(x) > max_batch:
+        raise InputError(f"batch of {len(x)} inputs is larger than the limit {max_batch}",
+                         code="batch_too_large", hint="send smaller batches")
+    for i, t in enumerate(x):
+        if not isinstance(t, str):
+            raise InputError(f"this model classifies text: input {i} is "
+                             f"{type(t).__name__ if t is not None else 'null'}, not a string "
+                             "(send a list of strings, e.g. [\"book a flight\"])",
+                             code="invalid_request")
+        if len(t) > max_chars:
+            raise InputError(f"input {i} has {len(t)} characters; the limit is {max_chars}",
+                             code="text_too_long", hint="send shorter texts")
+        if not t.strip():
+            raise InputError(f"input {i} is empty or blank: send some text",
+                             code="invalid_request")
+        bad = _bad_char(t) if not t.isprintable() else None
+        if bad is not None:
+            raise InputError(f"input {i} contains a {bad}: send plain text",
+                             code="invalid_request")
+    a = np.empty(len(x), dtype=object)
+    a[:] = [str(t) for t in x]
+    return CheckedTexts(a, int(max_chars))
+
+
+def is_text(model: Any) -> bool:
+    """A model that classifies strings (``modality == "text"``)."""
+    return getattr(model, "modality", None) == "text"
 
 
 class GuardPolicy(BaseModel):
@@ -327,6 +411,7 @@ class GuardedModel:
         store: event store for prediction/verdict events and the shared state.
         model_version / fallback_version: labels recorded with each answer.
         max_batch: largest batch accepted in one call.
+        max_text_chars: longest text accepted (a text model's inputs).
     """
 
     def __init__(
@@ -341,6 +426,7 @@ class GuardedModel:
         model_version: str | int | None = None,
         fallback_version: str | int | None = None,
         max_batch: int = 1024,
+        max_text_chars: int = 10_000,
     ) -> None:
         self.detectors = dict(detectors or {})
         for name, d in self.detectors.items():
@@ -353,6 +439,11 @@ class GuardedModel:
         self.extraction_detector = extraction_detector
         self.store = store
         self.max_batch = int(max_batch)
+        self.max_text_chars = int(max_text_chars)
+        if extraction_detector is not None and is_text(model):
+            raise BastionError("the extraction detector (PRADA) measures distances between "
+                               "numeric inputs; it does not apply to a text model",
+                               hint="build the guard without extraction_detector")
         self._lock = threading.RLock()
         self.quarantined: set[str] = set()
         self.traffic: Literal["champion", "fallback"] = "champion"
@@ -437,6 +528,11 @@ class GuardedModel:
     # -- the request path -----------------------------------------------------------
     def _inputs(self, x: Any) -> np.ndarray:
         model = self.model
+        if is_text(model):
+            if type(x) is CheckedTexts:
+                return x.array  # checked by check_texts: trusted as is
+            return check_texts(x, max_batch=self.max_batch, max_chars=self.max_text_chars,
+                               allow_single=True).array
         bounds = tuple(getattr(model, "bounds", (-np.inf, np.inf)))
         if type(x) is CheckedInputs and x.fits(model.input_shape, bounds):
             return x.array  # checked by check_inputs against this model: trusted as is
@@ -655,7 +751,9 @@ class GuardedModel:
         ent = _entropy(p_champ).tolist()
         labels = p_champ.argmax(1).tolist()
         conf = p_champ.max(1).tolist()
-        inputs = a.reshape(len(a), -1).round(6).tolist() if self.policy.log_inputs else None
+        inputs: list[Any] | None = None
+        if self.policy.log_inputs:
+            inputs = a.tolist() if a.dtype == object else a.reshape(len(a), -1).round(6).tolist()
         rows: list[dict[str, Any]] = []
         for i, d in enumerate(decisions):  # row i of ``a`` and ``p_champ``
             payload: dict[str, Any] = {

@@ -268,7 +268,8 @@ class GuardMiddleware:
                                     f"internal error: {type(exc).__name__} (the service "
                                     "keeps running)")
         data = s.predict_response_json(
-            None if svc.champion_version is None else str(svc.champion_version), cid, out)
+            None if svc.champion_version is None else str(svc.champion_version), cid, out,
+            svc.label_names())
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-length", str(len(data)).encode()),
             (b"content-type", b"application/json")]})

@@ -41,6 +41,10 @@ class ServiceConfig(BaseModel):
     - ``detectors``, ``fpr``: which detectors, calibrated to what false-positive rate.
     - ``outlier_method``: ``knn`` (NumPy k-NN distance, fast enough for the request path;
       the default) or PyOD's ``iforest`` / ``ecod`` (30-120 ms per request).
+    - ``text_embedder``: for a text model, what the outlier detector embeds texts with:
+      ``minilm`` (the shipped sentence encoder, the default) or ``model`` (the served
+      model's own pooled features); see :mod:`bastion.detect.text`. ``max_text_chars``:
+      the longest text a text model is sent (a longer one is a 413).
     - ``extraction``: per-client extraction (PRADA) detection.
     - ``policy``: the :class:`~bastion.runtime.guard.GuardPolicy`.
     - ``healing``: the :class:`~bastion.runtime.healing.HealingPolicy`;
@@ -86,6 +90,8 @@ class ServiceConfig(BaseModel):
     fpr: float = Field(default=0.01, gt=0.0, lt=0.5)
     outlier_method: Literal["knn", "iforest", "ecod"] = "knn"
     reference_limit: int = Field(default=1000, ge=50)
+    text_embedder: Literal["minilm", "model"] = "minilm"
+    max_text_chars: int = Field(default=2000, ge=1, le=1_000_000)
     extraction: bool = True
     extraction_delta: float = Field(default=0.85, gt=0.0, lt=1.0)
     extraction_min_queries: int = Field(default=50, ge=3)

@@ -36,9 +36,12 @@ from bastion.runtime.guard import (
     STATE_QUARANTINE,
     STATE_TRAFFIC,
     CheckedInputs,
+    CheckedTexts,
     GuardDecision,
     GuardedModel,
     check_inputs,
+    check_texts,
+    is_text,
 )
 from bastion.service.config import ServiceConfig
 from bastion.service.fastdetect import KnnOutlierDetector
@@ -58,19 +61,34 @@ def folder_digest(folder: Path) -> str:
 
 
 def model_folder(spec: str) -> Path:
-    """The Bastion model folder behind ``spec`` (a folder or ``builtin:NAME``)."""
+    """The model folder behind ``spec``: a Bastion model folder, ``builtin:NAME``, a text
+    model folder (``bastion train --model text-intent``) or ``hf:PATH`` (a local Hugging
+    Face sequence classifier, checked by :func:`~bastion.models.text.check_text_folder`)."""
     from bastion.models.persist import is_model_folder
     from bastion.models.resolve import builtin_model_path, load_builtin
+    from bastion.models.text import check_text_folder, is_text_folder
 
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         load_builtin(name)  # trains and caches on first use
         return builtin_model_path(name)
+    if spec.startswith("hf:"):
+        p = Path(spec[3:]).expanduser()
+        if not is_text_folder(p) or is_model_folder(p):
+            raise ModelError(f"cannot serve {spec!r}: not a Hugging Face model folder "
+                             "(config.json and model.safetensors)",
+                             hint="save it with model.save_pretrained(PATH, "
+                             "safe_serialization=True) and tokenizer.save_pretrained(PATH)")
+        check_text_folder(p)
+        return p
     p = Path(spec).expanduser()
     if p.is_dir() and is_model_folder(p):
         return p
-    raise ModelError(f"cannot serve {spec!r}: not a Bastion model folder, builtin:NAME or "
-                     "registry:NAME",
+    if p.is_dir() and is_text_folder(p):
+        check_text_folder(p)
+        return p
+    raise ModelError(f"cannot serve {spec!r}: not a Bastion model folder, text model folder, "
+                     "hf:FOLDER, builtin:NAME or registry:NAME",
                      hint="save the model with bastion train / save_model, or register it")
 
 
@@ -85,7 +103,7 @@ def default_model_name(spec: str) -> str:
     if spec.startswith(("builtin:", "registry:")):
         base = spec.split(":", 1)[1]
     else:
-        p = Path(spec).expanduser().resolve()
+        p = Path(spec.removeprefix("hf:")).expanduser().resolve()
         base = p.name
         while base.lower() in _GENERIC_FOLDERS and p.parent != p:
             p = p.parent
@@ -416,6 +434,9 @@ class BastionService:
         self._champion: Any = None
         self._fallback: Any = None
         self.guard: GuardedModel
+        #: detectors of ``config.detectors`` not run for this champion, with why (a text
+        #: model has no pixels to squeeze); shown in ``GET /v1/health``
+        self.skipped_detectors: dict[str, str] = {}
         self._controller: Any = None
         self._cursor = self.store.last_id()
         self.metrics.watch_store(self.store)
@@ -444,8 +465,31 @@ class BastionService:
         from bastion.data.validate import check_dataset_for_model
 
         m = self.registry.load(version)
-        check_dataset_for_model(self.data, m)
+        if is_text(m) or getattr(self.data, "kind", None) == "text":
+            self._check_text_reference(m)
+        else:
+            check_dataset_for_model(self.data, m)
         return m
+
+    def _check_text_reference(self, m: Any) -> None:
+        """A text model needs text reference data whose labels it knows (by name), and
+        text data needs a text model: one line otherwise."""
+        ds = self.data
+        if not is_text(m):
+            raise ModelError(f"the reference {self.config.reference!r} is text but the model "
+                             f"takes numeric inputs of shape {tuple(m.input_shape)}",
+                             hint="serve a text model (a text-intent folder or hf:FOLDER) "
+                             "or pick the data the model was trained on")
+        if getattr(ds, "kind", None) != "text":
+            raise ModelError(f"the model classifies text but the reference "
+                             f"{self.config.reference!r} is {ds.kind} data",
+                             hint="use text data: clinc150:PATH, jsonl:PATH or text-csv:PATH")
+        names = list(getattr(m, "class_names", None) or [])
+        missing = [n for n in (ds.class_names or []) if n not in names]
+        if names and missing:
+            raise ModelError(f"the reference has labels the model does not know: "
+                             f"{', '.join(map(str, missing[:5]))}",
+                             hint=f"the model's labels: {', '.join(names[:10])}")
 
     def _build_guard(self, champion: Any, cv: int, fallback: Any, fv: int | None
                      ) -> GuardedModel:
@@ -453,7 +497,13 @@ class BastionService:
 
         c = self.config
         dets: dict[str, Any] = {}
-        if c.guard and c.detectors:
+        self.skipped_detectors = {}
+        if c.guard and c.detectors and is_text(champion):
+            x = self._text_reference()
+            dets, self.skipped_detectors = self._text_detectors(champion, x)
+            self._record_reference_scores(dets, x)
+            self._record_calibration(dets, x, cv)
+        elif c.guard and c.detectors:
             x = self.data.x_train[: c.reference_limit]
             which = list(c.detectors)
             fast = "outlier" in which and c.outlier_method == "knn"
@@ -470,9 +520,66 @@ class BastionService:
                     x[idx[cut:]], fpr=c.fpr), **dets}
             self._record_reference_scores(dets, x)
             self._record_calibration(dets, x, cv)
+        extraction = self.extraction
+        if extraction is not None and is_text(champion):
+            extraction = None
+            self.skipped_detectors["extraction"] = (
+                "PRADA tests the distances between a client's numeric queries; not applied "
+                "to a text model")
         return GuardedModel(champion, detectors=dets, policy=c.policy, fallback=fallback,
-                            extraction_detector=self.extraction, store=self.store,
-                            model_version=cv, fallback_version=fv, max_batch=c.max_batch)
+                            extraction_detector=extraction, store=self.store,
+                            model_version=cv, fallback_version=fv, max_batch=c.max_batch,
+                            max_text_chars=c.max_text_chars)
+
+    def _text_reference(self) -> np.ndarray:
+        """Up to ``reference_limit`` training texts, a seeded random sample (a text file is
+        often sorted by label, so its first rows would cover few labels)."""
+        c = self.config
+        xt = np.asarray(self.data.x_train, dtype=object)
+        idx = np.random.default_rng(c.seed).permutation(len(xt))[: c.reference_limit]
+        return xt[np.sort(idx)]
+
+    def _text_detectors(self, model: Any, x: np.ndarray
+                        ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The guard's detectors for a text model and the ones skipped, with why: the
+        outlier detector on sentence embeddings (:mod:`bastion.detect.text`) and the
+        confidence check, fitted on 60% of the reference texts and calibrated on the
+        rest, as for other models."""
+        from bastion.detect.adversarial import ConfidenceDetector
+        from bastion.detect.outlier import OutlierDetector
+        from bastion.detect.text import TextEmbeddingDetector, text_embedder
+        from bastion.runtime.detectors import DETECTOR_NAMES
+
+        c = self.config
+        bad = set(c.detectors) - set(DETECTOR_NAMES)
+        if bad:
+            raise BastionError(f"unknown detectors {sorted(bad)}",
+                               hint=f"choose from {', '.join(DETECTOR_NAMES)}")
+        if len(x) < 50:
+            raise DataError(f"detectors need at least 50 clean reference texts, got {len(x)}")
+        idx = np.random.default_rng(c.seed).permutation(len(x))
+        cut = int(0.6 * len(x))
+        x_fit, x_cal = x[idx[:cut]], x[idx[cut:]]
+        dets: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
+        for name in c.detectors:
+            if name == "outlier":
+                inner: Any = (KnnOutlierDetector(seed=c.seed) if c.outlier_method == "knn"
+                              else OutlierDetector(method=c.outlier_method, seed=c.seed))
+                dets[name] = TextEmbeddingDetector(
+                    inner, text_embedder(c.text_embedder, model), embedder=c.text_embedder
+                ).fit(x_fit).calibrate(x_cal, fpr=c.fpr)
+            elif name == "confidence":
+                det = ConfidenceDetector(model)
+                det.calibrate(x_cal, fpr=c.fpr)
+                dets[name] = det
+            elif name == "squeeze":
+                skipped[name] = ("feature squeezing lowers pixel bit depth and smooths "
+                                 "images; a text has neither (not applied to text models)")
+            else:
+                skipped[name] = ("the learned detector trains on PGD examples, which need "
+                                 "continuous inputs (not applied to text models)")
+        return dets, skipped
 
     def _record_reference_scores(self, dets: dict[str, Any], x: np.ndarray,
                                  n_max: int = 500) -> None:
@@ -549,12 +656,16 @@ class BastionService:
         route both call it; the guard trusts what it returns): see
         :func:`~bastion.runtime.guard.check_inputs`. Raises ``InputError``."""
         model = self.guard.model
+        if is_text(model):
+            return check_texts(inputs, max_batch=self.config.max_batch,  # type: ignore[return-value]
+                               max_chars=self.config.max_text_chars)
         return check_inputs(inputs, input_shape=model.input_shape,
                             bounds=tuple(getattr(model, "bounds", (-np.inf, np.inf))),
                             max_batch=self.config.max_batch, scan_bools=scan_bools)
 
     def predict(self, inputs: Any, *, client_id: str) -> list[GuardDecision]:
-        x = inputs if isinstance(inputs, CheckedInputs) else self.prepare_inputs(inputs)
+        x = inputs if isinstance(inputs, CheckedInputs | CheckedTexts) else \
+            self.prepare_inputs(inputs)
         out = self._coalescer.predict(self.guard, x, client_id)
         self._count(out)
         return out
@@ -813,9 +924,19 @@ class BastionService:
 
     def detector_names(self) -> list[str]:
         names = list(self.guard.detectors)
-        if self.extraction is not None:
+        if self.guard.extraction_detector is not None:
             names.append("extraction")
         return names
+
+    def is_text(self) -> bool:
+        """Whether the serving model classifies text."""
+        return is_text(self.guard.model)
+
+    def label_names(self) -> list[str] | None:
+        """The serving model's class names (a text model's ``id2label``), else None."""
+        m = self.guard.model
+        names = getattr(m, "class_names", None) if is_text(m) else None
+        return [str(n) for n in names] if names else None
 
 
 __all__ = ["BastionService", "ExtractionWatch", "GuardWorker", "RequestCoalescer",

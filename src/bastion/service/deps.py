@@ -59,7 +59,9 @@ def health_view(svc: Any, auth: Any, ident: Identity | None) -> s.HealthResponse
         admin_routes=auth.admin_token_set or auth.key_count("admin") > 0 or auth.open_mode,
         auth=auth.mode,
         warning=OPEN_WARNING if auth.open_mode else None,
-        uptime_s=time.time() - svc.started_at, last_error=svc.last_error if full else None)
+        uptime_s=time.time() - svc.started_at, last_error=svc.last_error if full else None,
+        modality="text" if svc.is_text() else "numeric",
+        skipped_detectors=dict(getattr(svc, "skipped_detectors", {}) or {}))
 
 
 OPEN_WARNING = ("OPEN MODE: no API key is needed; anyone who can reach this port can read "

@@ -27,10 +27,14 @@ class PredictRequest(_Request):
     ``[[[...8 numbers...] x 8]]`` for ``(1, 8, 8)``) or a flat list of the right
     length. Numbers only: booleans, strings and nulls are refused (checked, with the
     shape and the model's bounds, by
-    :func:`~bastion.runtime.guard.check_inputs`, the one check the fast path shares)."""
+    :func:`~bastion.runtime.guard.check_inputs`, the one check the fast path shares).
+    For a text model, a list of strings instead (checked by
+    :func:`~bastion.runtime.guard.check_texts`: non-blank, at most ``max_text_chars``
+    characters, no control characters)."""
 
     inputs: list[Any] = Field(..., min_length=1,
-                              description="A batch of inputs (at least one), numbers only.")
+                              description="A batch of inputs (at least one): numbers, or "
+                              "strings for a text model.")
     client_id: str | None = Field(
         default=None, pattern=CLIENT_ID_PATTERN,
         description="A label for who is asking, in open mode only (also X-Client-Id); "
@@ -104,6 +108,9 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionOut]
     explanations: list[ExplanationOut] | None = Field(
         default=None, description="With explain: true, one per input.")
+    label_names: list[str | None] | None = Field(
+        default=None, description="A text model's class names of the labels (its "
+        "id2label); absent for other models.")
 
 
 class FeedbackItem(_Request):
@@ -144,6 +151,12 @@ class HealthResponse(BaseModel):
     warning: str | None = None
     uptime_s: float
     last_error: str | None = None
+    modality: Literal["text", "numeric"] = Field(
+        default="numeric", description="What POST /v1/predict takes: strings (text) or "
+        "arrays of numbers.")
+    skipped_detectors: dict[str, str] = Field(
+        default_factory=dict, description="Configured detectors not run on this model, "
+        "with why (e.g. feature squeezing on a text model).")
 
 
 class VersionOut(BaseModel):
@@ -245,10 +258,12 @@ class DashboardData(BaseModel):
     health: HealthResponse
 
 
-def predict_response_json(model_version: str | None, client_id: str, decisions: Any) -> bytes:
+def predict_response_json(model_version: str | None, client_id: str, decisions: Any,
+                          class_names: list[str] | None = None) -> bytes:
     """A :class:`PredictResponse` as JSON bytes, built straight from the guard's
     decisions (same fields and order as ``PredictResponse(...).model_dump_json()``;
-    a non-finite number becomes ``null``, as pydantic writes it)."""
+    a non-finite number becomes ``null``, as pydantic writes it). With ``class_names``
+    (a text model's), ``label_names`` names each label."""
     import orjson
 
     preds = []
@@ -266,6 +281,9 @@ def predict_response_json(model_version: str | None, client_id: str, decisions: 
             "probabilities": [p["probabilities"] for p in preds],
             "verdicts": [p["verdict"] for p in preds], "predictions": preds,
             "explanations": None}
+    if class_names is not None:
+        body["label_names"] = [None if p["label"] is None else class_names[p["label"]]
+                               for p in preds]
     # numpy scalars (a custom detector's score) are written as numbers too
     return orjson.dumps(body, default=_reason_fields, option=orjson.OPT_SERIALIZE_NUMPY)
 

@@ -19,7 +19,8 @@ from bastion.web.limits import Overloaded
 
 router = APIRouter()
 #: HTTP status of each InputError code
-INPUT_STATUS = {"invalid_request": 422, "bad_inputs": 422, "batch_too_large": 413}
+INPUT_STATUS = {"invalid_request": 422, "bad_inputs": 422, "batch_too_large": 413,
+                "text_too_long": 413}
 
 
 def input_error(exc: InputError) -> ApiError:
@@ -37,6 +38,9 @@ def predict(body: s.PredictRequest, request: Request,
         x = svc.prepare_inputs(body.inputs)
     except InputError as exc:
         raise input_error(exc) from None
+    if body.explain and svc.is_text():
+        raise ApiError(422, "explain_unavailable", "explain: true is not available for a "
+                       "text model (attributions are computed over numeric inputs)")
     if body.explain:
         cap = svc.config.explain_max_batch
         if len(x) > cap:
@@ -64,7 +68,8 @@ def predict(body: s.PredictRequest, request: Request,
     # the PredictResponse schema, serialised directly: validating our own answer again
     # through the response model cost more than the guard itself
     data = s.predict_response_json(
-        None if svc.champion_version is None else str(svc.champion_version), cid, out)
+        None if svc.champion_version is None else str(svc.champion_version), cid, out,
+        svc.label_names())
     if body.explain:
         import orjson
 
