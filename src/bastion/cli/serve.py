@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
         model: str | None = typer.Option(
-            None, "--model", help="Model folder, builtin:NAME, or registry:NAME (its champion)."),
+            None, "--model", help="Model folder (a text-intent one too), hf:FOLDER (a Hugging "
+            "Face text classifier), builtin:NAME, or registry:NAME (its champion)."),
         reference: str | None = typer.Option(
             None, "--reference", help="Trusted data spec (train: reference, test: holdout)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
@@ -120,6 +121,8 @@ def register(app: typer.Typer) -> None:
         svc = app_.state.service
         c.info(f"registered model name: {svc.model_name} (use it as --model in bastion heal "
                f"and bastion models; --name sets another)", quiet=quiet)
+        for name, why in svc.skipped_detectors.items():
+            c.info(f"detector {name} skipped: {why}", quiet=quiet)
         auth = app_.state.auth
         scheme = "https" if ssl_certfile else "http"
         c.info(f"serving {svc.model_name} v{svc.champion_version} on {scheme}://{host}:{port} "

@@ -40,6 +40,7 @@ __all__ = [
     "is_text_model",
     "load_hf",
     "load_text_folder",
+    "read_text_folder_meta",
     "load_text_model",
     "minilm_path",
 ]
@@ -418,6 +419,29 @@ def check_text_folder(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ModelError(f"{d} has no head.safetensors", hint="train the model again")
         return {"arch": "text-intent", "kind": "text"}
     return {"arch": "hf", "kind": "text"}
+
+
+def read_text_folder_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A text model folder's metadata without loading weights: ``arch``, ``kind``,
+    ``n_classes``, ``class_names`` (the zoo's JSON file, or a Hugging Face
+    ``config.json``'s ``num_labels``/``id2label``)."""
+    d = Path(path).expanduser()
+    meta = check_text_folder(d)
+    name = TEXT_META if meta["arch"] == "text-intent" else "config.json"
+    try:
+        doc = json.loads((d / name).read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{d / name} is corrupt: {_first_line(exc)}",
+                         hint="save the model again") from None
+    if meta["arch"] == "text-intent":
+        return {**doc, **meta, "input_shape": None}
+    id2label = doc.get("id2label") if isinstance(doc.get("id2label"), dict) else {}
+    n = doc.get("num_labels", len(id2label) or None)
+    return {**meta, "input_shape": None, "n_classes": n,
+            "class_names": [str(id2label.get(str(i), i)) for i in range(int(n or 0))],
+            "model_type": doc.get("model_type")}
 
 
 def load_text_folder(path: str | os.PathLike[str]) -> TextModel:

