@@ -292,3 +292,13 @@ def test_not_a_text_folder_is_one_line(svc_mlflow, tmp_path, make_config):
         with pytest.raises(BastionError, match="not a Hugging Face model folder") as ei:
             create_app(cfg)
         assert "\n" not in ei.value.message
+
+
+def test_healing_a_text_model_is_refused_in_one_line(router, svc_mlflow, tmp_path,
+                                                      make_config):
+    cfg = make_config(router, tmp_path / "events.db", svc_mlflow, reference=SPEC,
+                      model_name="svc-text", auth="open", heal_interval_s=5.0,
+                      detectors=["confidence"])
+    with pytest.raises(BastionError, match="not built for text models") as ei:
+        create_app(cfg)
+    assert "\n" not in ei.value.message

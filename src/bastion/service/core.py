@@ -395,6 +395,10 @@ class GuardWorker:
             t.join(timeout=30)
 
 
+_TEXT_HEALING = ("self-healing (drift monitors, retrain) is not built for text models yet; "
+                 "the guard screens their requests")
+
+
 class BastionService:
     """See the module docs. Call :meth:`start` for the background loop and :meth:`close`
     at the end."""
@@ -452,6 +456,9 @@ class BastionService:
             self.alerts = AlertDispatcher(self.store, config.alerting,
                                           model_name=self.model_name)
         self.sync_models(force=True)
+        if config.heal_interval_s > 0 and self.is_text():
+            self.close()
+            raise BastionError(_TEXT_HEALING, hint="serve it without --heal-interval")
         self._fairness_monitors()  # a bad fairness section fails here, at start-up
         last = self.store.recent(ev.HEALING_STEP, 1)
         if last:
@@ -836,6 +843,8 @@ class BastionService:
 
     def heal_once(self) -> Any:
         """One controller step (serialised), then pick up any new champion."""
+        if self.is_text():
+            raise BastionError(_TEXT_HEALING)
         with self._heal_lock:
             rep = self.controller().step()
         self.sync_models()

@@ -110,7 +110,7 @@ class PredictResponse(BaseModel):
         default=None, description="With explain: true, one per input.")
     label_names: list[str | None] | None = Field(
         default=None, description="A text model's class names of the labels (its "
-        "id2label); absent for other models.")
+        "id2label); null for other models.")
 
 
 class FeedbackItem(_Request):
@@ -280,10 +280,9 @@ def predict_response_json(model_version: str | None, client_id: str, decisions: 
             "labels": [p["label"] for p in preds],
             "probabilities": [p["probabilities"] for p in preds],
             "verdicts": [p["verdict"] for p in preds], "predictions": preds,
-            "explanations": None}
-    if class_names is not None:
-        body["label_names"] = [None if p["label"] is None else class_names[p["label"]]
-                               for p in preds]
+            "explanations": None,
+            "label_names": None if class_names is None else [
+                None if p["label"] is None else class_names[p["label"]] for p in preds]}
     # numpy scalars (a custom detector's score) are written as numbers too
     return orjson.dumps(body, default=_reason_fields, option=orjson.OPT_SERIALIZE_NUMPY)
 
