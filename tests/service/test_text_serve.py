@@ -255,13 +255,16 @@ def tiny_reference(path: Path) -> str:
 
 
 def test_hf_folder_is_served_with_id2label(svc_mlflow, tmp_path, make_config):
+    """A Hugging Face folder, its outlier detector on the model's own pooled features
+    (``text_embedder: model``; the router's tests cover the MiniLM default)."""
     d = build_tiny_bert(tmp_path / "tiny-bert")
     ref = tiny_reference(tmp_path / "ref.jsonl")
     cfg = make_config(f"hf:{d}", tmp_path / "events.db", svc_mlflow, reference=ref,
-                      auth="open", reference_limit=120)
+                      auth="open", reference_limit=120, text_embedder="model")
     app = create_app(cfg)
     svc = app.state.service
     assert svc.model_name == "tiny-bert"
+    assert svc.guard.detectors["outlier"].inner.ref_.shape[1] == 16  # the BERT's width
     with ServiceThread(app) as st, httpx.Client(base_url=st.url, timeout=60) as c:
         r = c.post("/v1/predict", json={"inputs": ["book a flight to paris",
                                                    "play some music"]})
