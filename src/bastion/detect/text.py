@@ -17,7 +17,7 @@ Two embedders (:func:`text_embedder`):
   flagged 0.7%, random characters, Cyrillic and CJK gibberish 100%, CLINC's out-of-scope
   questions 88%, questions of the 140 other intents 80%; the router's own pooled features
   reached 66% and 50% on the last two at 1.3% false positives, at a higher cost per text
-  (6.0 ms against 4.3 ms on one CPU thread).
+  (7.5 ms against 4.6 ms on one CPU thread); ``benchmarks/text_guard_embedder.py``.
 - ``model``: the guarded model's own pooled features (``model.features``), for a
   deployment without the ``llm`` extra.
 """
