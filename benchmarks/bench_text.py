@@ -2,6 +2,10 @@
 against TextAttack's TextFoolerJin2019 and DeepWordBugGao2018, same sentences, one run.
 
     .venv/bin/python benchmarks/bench_text.py --model ROUTER_DIR [--n 500] [--max-queries 300]
+        [--split test|val] [--word-options candidates=35,chunk=4]
+
+``--split val`` attacks CLINC150's validation split: the dev set settings are chosen on;
+the report uses the test split (the router trained on neither).
 
 ROUTER_DIR is ``bastion train --model text-intent --data clinc150:PATH --out ROUTER_DIR``.
 Writes ``benchmarks/results/text.json`` and prints a table.
@@ -18,9 +22,12 @@ TextAttack's own components: ``GreedyWordSwapWIR("delete")`` search,
 Bastion uses (unit length, so Euclidean neighbours are cosine neighbours; TextAttack's
 neighbour search fails under torch 2.x, so it is rewritten here, same result),
 ``WordEmbeddingDistance(min_cos_sim=0.3)`` (Bastion's neighbour cut-off),
-``RepeatModification``, ``StopwordModification``, ``MaxWordsPerturbed`` and a
+``RepeatModification``, ``StopwordModification``, a word limit and a
 ``SentenceEncoder`` subclass that scores with the same MiniLM encoder at the same threshold
-over the whole sentence; no POS constraint (Bastion has none either). DeepWordBugGao2018
+over the whole sentence; no POS constraint (Bastion has none either). The word limit is
+Bastion's (at most floor(share x words), at least one); a second row keeps TextAttack's
+``MaxWordsPerturbed``, which rounds up and so allows more than the share on most CLINC
+sentences. Each recipe starts with an empty sentence-vector cache. DeepWordBugGao2018
 is TextAttack's recipe as shipped (Levenshtein distance <= 30, no similarity constraint);
 the MiniLM similarity of its results is measured afterwards; a second run adds Bastion's
 constraints to it (MiniLM similarity, share of words). Both tools get the same query budget
@@ -217,9 +224,10 @@ def summarise(rows: list[dict[str, Any]], secs: float, cpu: float) -> dict[str, 
 
 
 def run_bastion(name: str, model: Any, texts: list[str], labels: np.ndarray, *,
-                budget: int, min_sim: float, max_share: float) -> dict[str, Any]:
+                budget: int, min_sim: float, max_share: float,
+                options: dict[str, Any] | None = None) -> dict[str, Any]:
     attack = get_text_attack(name, max_queries=budget, min_similarity=min_sim,
-                             max_word_share=max_share)
+                             max_word_share=max_share, **(options or {}))
     c0 = time.process_time()
     rep = attack.run(model, texts, labels)
     cpu = time.process_time() - c0
@@ -254,6 +262,8 @@ def main() -> None:
     ap.add_argument("--skip-textattack", action="store_true")
     ap.add_argument("--name", default="text")
     ap.add_argument("--bastion", default="word,char,hotflip", help="Bastion attacks to run")
+    ap.add_argument("--word-options", default="",
+                    help="options for Bastion's word attack, e.g. candidates=35,chunk=4")
     ap.add_argument("--recipes", default="all",
                     help="TextAttack recipes to run: all, or 'textfooler'")
     args = ap.parse_args()
@@ -273,7 +283,11 @@ def main() -> None:
     kw = {"budget": args.max_queries, "min_sim": args.min_sim, "max_share": args.max_share}
     runs: dict[str, Any] = {}
     for name in [a for a in args.bastion.split(",") if a]:
-        runs[f"bastion {name}"] = run_bastion(name, model, texts, labels, **kw)
+        opts = dict(o.split("=", 1) for o in args.word_options.split(",") if o) \
+            if name == "word" else {}
+        runs[f"bastion {name}"] = run_bastion(name, model, texts, labels, **kw,
+                                              options={k: float(v) if "." in v else int(v)
+                                                       for k, v in opts.items()})
         print(name, {k: v for k, v in runs[f"bastion {name}"].items() if k != "examples"},
               flush=True)
     if not args.skip_textattack:
@@ -311,6 +325,7 @@ def main() -> None:
                            "clean_accuracy": clean,
                            "max_queries": args.max_queries, "min_similarity": args.min_sim,
                            "max_word_share": args.max_share,
+                           "word_options": args.word_options,
                            "textattack": None if args.skip_textattack else "0.3.11",
                            "torch_threads": torch.get_num_threads()},
               "runs": runs, "goals": goals}
