@@ -155,3 +155,8 @@ def test_similarity_order_and_bad_options():
         get_text_attack("word", give_up=0)
     with pytest.raises(BastionError, match="at least 1"):
         get_text_attack("word", chunk=0)
+    # what `--set word.give_up=abc` passes: one clear line, not a ValueError
+    with pytest.raises(BastionError, match="must be numbers"):
+        get_text_attack("word", give_up="abc")
+    with pytest.raises(BastionError, match="must be numbers"):
+        get_text_attack("word", candidates=[1])

@@ -52,10 +52,16 @@ class WordSubstitution(TextAttack):
                  give_up: float = 4.0, order: str = "surrogate",
                  neighbours: WordNeighbours | None = None, **kw: Any) -> None:
         super().__init__(**kw)
-        self.candidates = int(candidates)
-        self.per_word = int(per_word)
-        self.chunk = int(chunk)
-        self.give_up = float(give_up)
+        try:
+            self.candidates = int(candidates)
+            self.per_word = int(per_word)
+            self.chunk = int(chunk)
+            self.give_up = float(give_up)
+        except (TypeError, ValueError):
+            raise BastionError(
+                f"word attack options must be numbers: candidates={candidates!r}, "
+                f"per_word={per_word!r}, chunk={chunk!r}, give_up={give_up!r}",
+                hint="e.g. --set word.candidates=35 --set word.give_up=4.0") from None
         if self.candidates < 1 or self.per_word < 1 or self.chunk < 1:
             raise BastionError("candidates, per_word and chunk must be at least 1",
                                hint="e.g. candidates=50, per_word=8, chunk=4")
