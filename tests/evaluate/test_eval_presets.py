@@ -9,7 +9,7 @@ from torch import nn
 
 from bastion.errors import BastionError
 from bastion.evaluate import scan
-from bastion.evaluate.presets import wilson_interval
+from bastion.evaluate.presets import ESCALATION_SHARE, MAX_ROUNDS, wilson_interval
 from bastion.models.torch_model import TorchModel
 
 #: the standard preset's stages, shrunk for a test (same stages, same order rules)
@@ -95,11 +95,19 @@ def test_escalation_on_a_hard_threshold_model(masked_report):
     assert ev["points"] >= 2 and ev["zero_grad_fraction"] == 1.0
     rounds = [e["round"] for e in r.escalations]
     assert rounds == list(range(1, len(rounds) + 1))
-    # it stops when a round removes nothing, or when the stated budget is spent
+    # each round restarts Square with the preset's budget on the closest fifth of the
+    # survivors; it stops when a round removes nothing, after MAX_ROUNDS, or when the next
+    # round would overspend the stated budget (queries per point standing at the start)
     last = r.escalations[-1]
-    spent = sum(e["max_queries"] for e in r.escalations)
-    assert last["removed"] == 0 or spent >= last["budget_queries_per_point"] - 50
-    assert spent <= last["budget_queries_per_point"]
+    spent = last["queries_per_point_spent"]
+    assert 0 < spent <= last["budget_queries_per_point"]
+    assert last["removed"] == 0 or len(rounds) == MAX_ROUNDS["standard"] or (
+        spent + SMALL["square"]["max_queries"] * ESCALATION_SHARE["standard"]
+        > last["budget_queries_per_point"] - 1)
+    for e in r.escalations:
+        assert e["max_queries"] == SMALL["square"]["max_queries"]
+        assert e["share_of_survivors"] <= ESCALATION_SHARE["standard"] + 0.1
+        assert e["margin_cutoff"] is None or -1.0 <= e["margin_cutoff"] <= 1.0
     esc = [s for s in r.per_attack if s.phase == "escalation"]
     assert [s.round for s in esc] == rounds
     assert [s.points_broken for s in esc] == [e["removed"] for e in r.escalations]
@@ -221,3 +229,48 @@ def test_pilot_orders_stages_by_counted_queries_not_time():
     assert [n for n, _ in _order_stages(stages, own)] == ["fab-t", "apgd-t", "square"]
     own[1]["queries_per_removal"] = None  # removed nothing in the pilot: last of the gradients
     assert [n for n, _ in _order_stages(stages, own)] == ["apgd-t", "fab-t", "square"]
+
+
+def test_escalation_restarts_the_survivors_closest_to_falling(digits_cnn, pts):
+    """The margins a gradient-free stage leaves are the probability margins at its best
+    inputs, and an escalation round attacks only the closest share of the survivors."""
+    import numpy as np
+
+    from bastion.evaluate.scan import _margins
+
+    x, y = pts
+    p = np.asarray(digits_cnn.predict_proba(x))
+    done = np.zeros(len(y), dtype=bool)
+    done[:3] = True
+    m = _margins(digits_cnn, x, y, x, done, batch_size=7)
+    assert np.isnan(m[:3]).all()
+    rows = np.arange(3, len(y))
+    other = p[rows].copy()
+    other[np.arange(len(rows)), y[rows]] = -1
+    assert np.allclose(m[3:], p[rows, y[rows]] - other.max(1))
+    # an escalation round attacks the closest fifth of the survivors, by those margins
+    from bastion.attacks import get_attack
+    from bastion.evaluate.scan import _Cascade, _escalate
+
+    correct = p.argmax(1) == y
+    run = _Cascade(digits_cnn, None, x, y, correct[None].copy(), [0.05], "linf", 64, 0)
+    rng = np.random.default_rng(0)
+    run.margin = np.where(correct, rng.uniform(0.1, 0.9, len(y)), np.nan)[None]
+    seen: list[np.ndarray] = []
+    stage = run.stage
+
+    def spy(*a, **kw):
+        seen.append(kw["mask"].copy())
+        return stage(*a, **kw)
+
+    run.stage = spy
+    standing = np.flatnonzero(correct)
+    k = int(np.ceil(ESCALATION_SHARE["standard"] * len(standing)))
+    closest = standing[np.argsort(run.margin[0, standing])[:k]]
+    cutoff = float(run.margin[0, closest].max())
+    sq = get_attack("square", norm="linf", seed=0, max_queries=30)
+    rounds = _escalate(run, "standard", "linf", 0, 1, [("square", sq)])
+    assert rounds and len(seen) == len(rounds)
+    assert set(np.flatnonzero(seen[0])) == set(closest.tolist())
+    assert rounds[0]["points_attacked"] == k
+    assert rounds[0]["margin_cutoff"] == pytest.approx(cutoff)

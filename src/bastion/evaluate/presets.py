@@ -61,11 +61,15 @@ WHITE_BOX_PRESETS: dict[str, list[tuple[str, dict[str, Any]]]] = {
 #: AutoAttack's Square schedule for L-inf (the paper's ImageNet p_init is 0.05)
 SQUARE_P_INIT = {"linf": 0.8, "l2": 0.1}
 
-#: escalation: at most this many rounds; each round's Square budget doubles
+#: escalation: at most this many rounds, each a Square restart with the preset's budget
 MAX_ROUNDS = {"quick": 0, "standard": 3, "thorough": 5}
-#: escalation budget: extra Square queries per surviving point, as a multiple of the
-#: preset's Square budget, summed over all rounds
+#: escalation budget: extra Square queries per point standing when escalation begins, as a
+#: multiple of the preset's Square budget, summed over all rounds
 ESCALATION_BUDGET = {"quick": 0.0, "standard": 1.0, "thorough": 3.0}
+#: each escalation round restarts this share of the survivors: those whose smallest
+#: margin under a gradient-free search was smallest (chosen on MNIST test points
+#: 1000-1999, see benchmarks/README.md 2b)
+ESCALATION_SHARE = {"quick": 0.0, "standard": 0.2, "thorough": 0.5}
 #: pilot: the first points (at most this many) on which every stage runs on its own, to
 #: measure each stage's cost per removed point
 PILOT_POINTS = 24

@@ -114,9 +114,15 @@ def render_scan_html(report: ScanReport) -> str:
             page.paragraph(str(so.get("note", "the order given")))
     if report.escalations:
         page.raw("<h3>Escalation</h3>")
+        page.paragraph("Each round restarts Square (new seed, the preset's budget) on the "
+                       "survivors that came closest to falling (smallest margin reached by a "
+                       "gradient-free search).")
         page.table([[e["round"], e["attack"], e["max_queries"], e["points_attacked"],
+                     f"{100 * e.get('share_of_survivors', 1.0):.0f}%",
+                     "" if e.get("margin_cutoff") is None else f"{e['margin_cutoff']:.3f}",
                      e["removed"], e["time_s"]] for e in report.escalations],
-                   ["round", "attack", "queries per point", "attacked", "removed", "time (s)"])
+                   ["round", "attack", "queries per point", "attacked", "share of survivors",
+                    "margin up to", "removed", "time (s)"])
     if report.first_broken_by:
         counts: dict[str, int] = {}
         for who in report.first_broken_by:

@@ -168,8 +168,11 @@ def check_black_box_after_white_box(
     else:
         return []
     if escalations:
-        rounds = ", ".join(f"round {e['round']} (square, {e['max_queries']} queries) removed "
-                           f"{e['removed']}" for e in escalations)
+        rounds = ", ".join(
+            f"round {e['round']} (square restart, {e['max_queries']} queries, on "
+            f"{e['points_attacked']} points: the "
+            f"{e.get('share_of_survivors', 1.0):.0%} of survivors closest to falling) "
+            f"removed {e['removed']}" for e in escalations)
         msg += (f" The scan escalated on the survivors: {rounds}; it stopped when a round "
                 "removed nothing or the budget ran out.")
     else:

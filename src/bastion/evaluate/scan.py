@@ -510,6 +510,7 @@ def _empty_stats(n_eps: int, n: int) -> dict[str, Any]:
         "grad": [],
         "rejected": 0,
         "kind": "fixed",
+        "margin": np.full((n_eps, n), np.nan),
     }
 
 
@@ -559,8 +560,32 @@ def _fixed_shard(item: tuple[np.ndarray, list[int]], *, atk: FixedEpsilonAttack,
         ok, pn, apred = _verify(model, x[c], y[c], adv_all[jj], succ_all[jj], norm,
                                 batch_size, eps_list[j])
         keep = np.flatnonzero(ok)  # only the verified adversarials travel back
-        out["per_eps"].append({"claimed": succ_all[jj], "ok": ok, "pn": pn, "apred": apred,
-                               "adv": {int(p): adv_all[jj][p].copy() for p in keep}})
+        pe: dict[str, Any] = {"claimed": succ_all[jj], "ok": ok, "pn": pn, "apred": apred,
+                              "adv": {int(p): adv_all[jj][p].copy() for p in keep}}
+        if not getattr(atk, "white_box", False):
+            # how close the random search came on the points it did not break (one forward
+            # pass each): the escalation restarts the closest first
+            pe["margin"] = _margins(model, x[c], y[c], adv_all[jj], ok, batch_size)
+        out["per_eps"].append(pe)
+    return out
+
+
+def _margins(model: Any, x: np.ndarray, y: np.ndarray, x_adv: np.ndarray, done: np.ndarray,
+             batch_size: int) -> np.ndarray:
+    """The probability margin (true class minus the best other) at ``x_adv`` for the points
+    not ``done``, NaN for the others. An input outside the budget or the bounds (an
+    attack's bug) gets NaN too: it says nothing about how close the point is."""
+    out = np.full(len(y), np.nan)
+    rest = np.flatnonzero(~done)
+    if not len(rest):
+        return out
+    xa = np.asarray(x_adv, dtype=np.float32)[rest]
+    p = np.concatenate([np.asarray(model.predict_proba(xa[i:i + batch_size]), dtype=np.float64)
+                        for i in range(0, len(xa), batch_size)])
+    rows = np.arange(len(rest))
+    true = p[rows, y[rest]].copy()
+    p[rows, y[rest]] = -np.inf
+    out[rest] = true - p.max(axis=1)
     return out
 
 
@@ -600,6 +625,8 @@ def _run_fixed(
             st["attacked"][j, c] = True
             st["success"][j, c] = ok
             st["broken"][j, c] = ok
+            if "margin" in pe:
+                st["margin"][j, c] = pe["margin"]
             for p in np.flatnonzero(ok):
                 if int(c[p]) in recorded:
                     continue  # epsilons ascend: the first record is the smallest budget
@@ -700,6 +727,9 @@ class _Cascade:
         self.summaries: list[AttackSummary] = []
         self.warnings: list[str] = []
         self.last_own = np.zeros(len(y), dtype=bool)
+        # the smallest margin a gradient-free search reached on each point it did not
+        # break, per epsilon (NaN: not searched): how close the point came to falling
+        self.margin = np.full(robust.shape, np.nan)
         # the model and the data go into the engine's object store once, for every stage
         self.engine, self.shared = _engine_and_shared(engine, None, model, attack_model, x, y)
 
@@ -733,6 +763,9 @@ class _Cascade:
                 "is an overestimate by whatever it would have found. Fix the attack "
                 "options or drop it from the list."
             )
+        m = stats.get("margin")
+        if m is not None and start is None:
+            self.margin = np.fmin(self.margin, m)
         own_mask = (stats["broken"] & todo).any(axis=0)
         own = int(own_mask.sum())
         self.last_own = own_mask
@@ -851,30 +884,54 @@ def _masking_evidence(summaries: Sequence[AttackSummary]) -> dict[str, Any]:
 
 def _escalate(run: _Cascade, preset: str, norm: str, seed: int, k0: int,
               stages: Sequence[tuple[str, Attack]]) -> list[dict[str, Any]]:
-    """Square rounds on the survivors, each with a new seed and twice the queries of the
-    last (the first gets a fifth of the preset's Square budget), until one removes nothing
-    or the budget (``ESCALATION_BUDGET`` times the preset's Square queries per point, over
-    all rounds) is spent."""
+    """Restarts of Square with the preset's full budget and schedule, each with a new seed,
+    on the surviving points that came closest to falling: the ``ESCALATION_SHARE`` of the
+    survivors with the smallest margin any gradient-free search reached (a point a random
+    search left just short of the boundary is the one another draw breaks; a fresh short
+    search on every survivor breaks almost none on a robust model). Rounds go on until one
+    removes nothing, ``MAX_ROUNDS`` ran, or the budget (``ESCALATION_BUDGET`` times the
+    preset's Square queries per point standing when escalation began, over all rounds) is
+    spent. Each round ranks the survivors again, so a point that stays close is restarted
+    again."""
     from bastion.attacks import get_attack
 
     base_q = next((int(getattr(a, "max_queries", 0)) for _, a in stages
                    if getattr(a, "name", "") == "square"), 1000) or 1000
-    budget = int(presets.ESCALATION_BUDGET.get(preset, 3.0) * base_q)
+    budget = int(presets.ESCALATION_BUDGET.get(preset, 3.0) * base_q)  # queries per point
+    share = presets.ESCALATION_SHARE.get(preset, 0.2)
+    standing0 = int(run.robust.any(axis=0).sum())
     rounds: list[dict[str, Any]] = []
-    q, spent = max(base_q // 10, 50), 0  # round 1: a fifth of the preset's Square budget
+    spent = 0.0  # queries per point standing at the start, over all rounds
     for r in range(1, presets.MAX_ROUNDS.get(preset, 3) + 1):
-        q = min(q * 2, budget - spent)
-        if q < 50 or not run.robust.any():
+        standing = run.robust.any(axis=0)
+        n_stand = int(standing.sum())
+        k = min(n_stand, max(1, math.ceil(share * n_stand)))
+        cost = base_q * k / max(standing0, 1)
+        if not n_stand or spent + cost > budget + 1e-9:
             break
-        atk = get_attack("square", norm=norm, seed=seed + 1000 * r, max_queries=q,
+        # closeness: the smallest margin at an epsilon the point still stands at (a point
+        # no gradient-free search has seen ranks after every measured one)
+        marg = np.where(run.robust, run.margin, np.nan)
+        with np.errstate(all="ignore"):
+            close = np.where(np.isnan(marg).all(axis=0), np.inf,
+                             np.nanmin(np.where(np.isnan(marg), np.inf, marg), axis=0))
+        cand = np.flatnonzero(standing)
+        pick = cand[np.argsort(close[cand], kind="stable")[:k]]
+        mask = np.zeros(len(run.y), dtype=bool)
+        mask[pick] = True
+        atk = get_attack("square", norm=norm, seed=seed + 1000 * r, max_queries=base_q,
                          p_init=presets.SQUARE_P_INIT[norm])
         set_seed(seed + 1000 * r)
         summ, removed = run.stage(k0 + r, f"square-escalation-{r}", atk, phase="escalation",
-                                  round_=r, stage_seed=seed + 1000 * r)
-        spent += q
-        rounds.append({"round": r, "attack": "square", "max_queries": q, "seed": seed + 1000 * r,
-                       "points_attacked": summ.points_attacked, "removed": removed,
-                       "time_s": round(summ.time_s, 3)})
+                                  mask=mask, round_=r, stage_seed=seed + 1000 * r)
+        spent += cost
+        worst = float(close[pick].max()) if len(pick) else float("nan")
+        rounds.append({"round": r, "attack": "square", "max_queries": base_q,
+                       "seed": seed + 1000 * r, "points_attacked": summ.points_attacked,
+                       "share_of_survivors": round(k / max(n_stand, 1), 4),
+                       "margin_cutoff": worst if math.isfinite(worst) else None,
+                       "removed": removed, "time_s": round(summ.time_s, 3),
+                       "queries_per_point_spent": round(spent, 1)})
         if removed == 0:
             break
     if rounds:
