@@ -100,3 +100,17 @@ def test_harden_text_model_by_augmentation(trained, capsys):
     code = run(["harden", "--model", str(model_dir), "--data", spec, "--method", "pgd-at",
                 "--out", str(tmp / "h2"), "--no-track", "--quiet"])
     assert code == 1 and "--method augment" in capsys.readouterr().err
+
+
+def test_heal_on_text_data_is_refused_in_one_line(trained, capsys, tmp_path):
+    """bastion heal over a text reference stops before touching the store or the registry:
+    healing (drift monitors, retraining) is not built for text models."""
+    spec, _, _ = trained
+    db = tmp_path / "events.db"
+    code = run(["heal", "--model", "router", "--reference", spec, "--once",
+                "--events", f"sqlite:///{db}", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "not built for text models" in err and err.count("\n") <= 2
+    assert "Traceback" not in err
+    assert not db.exists()  # nothing written

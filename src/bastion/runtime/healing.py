@@ -732,6 +732,11 @@ def _check_registered(registry: Any) -> None:
                        "register one first (bastion serve --model FOLDER registers it)")
 
 
+#: why a text model is not healed (the service's heal interval and ``bastion heal`` say it)
+TEXT_HEALING = ("self-healing (drift monitors, retrain) is not built for text models yet; "
+                "the guard screens their requests")
+
+
 def build_controller(
     model_name: str,
     reference: str,
@@ -758,10 +763,13 @@ def build_controller(
     pol = policy if isinstance(policy, HealingPolicy) else (
         HealingPolicy.from_file(policy) if policy is not None else HealingPolicy())
     pol = pol.model_copy(update={"retrain": pol.retrain.model_copy(update={"seed": int(seed)})})
+    ds = load_data(reference, seed=seed)
+    if ds.kind == "text":
+        raise BastionError(TEXT_HEALING, hint="serve the text model without --heal-interval; "
+                           "bastion heal takes image and tabular models")
     store = ev.EventStore(events_url)
     registry = ModelRegistry(model_name, tracking_uri=tracking_uri, store=store)
     _check_registered(registry)
-    ds = load_data(reference, seed=seed)
     pipeline = RetrainPipeline((ds.x_train, ds.y_train), (ds.x_test, ds.y_test),
                                config=pol.retrain)
     return HealingController(pol, store, registry, pipeline)

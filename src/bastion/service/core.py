@@ -43,6 +43,7 @@ from bastion.runtime.guard import (
     check_texts,
     is_text,
 )
+from bastion.runtime.healing import TEXT_HEALING
 from bastion.service.config import ServiceConfig
 from bastion.service.fastdetect import KnnOutlierDetector
 from bastion.service.metrics import ServiceMetrics
@@ -395,9 +396,6 @@ class GuardWorker:
             t.join(timeout=30)
 
 
-_TEXT_HEALING = ("self-healing (drift monitors, retrain) is not built for text models yet; "
-                 "the guard screens their requests")
-
 
 class BastionService:
     """See the module docs. Call :meth:`start` for the background loop and :meth:`close`
@@ -458,7 +456,7 @@ class BastionService:
         self.sync_models(force=True)
         if config.heal_interval_s > 0 and self.is_text():
             self.close()
-            raise BastionError(_TEXT_HEALING, hint="serve it without --heal-interval")
+            raise BastionError(TEXT_HEALING, hint="serve it without --heal-interval")
         self._fairness_monitors()  # a bad fairness section fails here, at start-up
         last = self.store.recent(ev.HEALING_STEP, 1)
         if last:
@@ -844,7 +842,7 @@ class BastionService:
     def heal_once(self) -> Any:
         """One controller step (serialised), then pick up any new champion."""
         if self.is_text():
-            raise BastionError(_TEXT_HEALING)
+            raise BastionError(TEXT_HEALING)
         with self._heal_lock:
             rep = self.controller().step()
         self.sync_models()
