@@ -267,7 +267,8 @@ def harden_text(model: Any, ds: Any, *, method: str, out: Any, limit: int | None
                f"clean accuracy {b.clean_accuracy:.1%} -> {a.clean_accuracy:.1%} on {n} texts")
     out.mkdir(parents=True, exist_ok=True)
     info.pop("adversarial", None)
-    save_text_model(hardened, out / "model", extra={"hardened": {"method": "augment", **info}})
+    save_text_model(hardened, out / "model",
+                    extra={"hardened": {"method": "augment", "options": opts, **info}})
     doc = {"kind": "text", "method": "augment", "model": model_label, "n_eval": n,
            "before": asdict(b), "after": asdict(a), "helps": helps, "verdict": verdict,
            "augmentation": info}
