@@ -89,9 +89,27 @@ def test_harden_text_model_by_augmentation(trained, capsys):
                 "--out", str(out), "--limit", "6", "--opt", "n_attack=12",
                 "--opt", "max_queries=40", "--no-track"]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["kind"] == "text" and set(rep["before"]["success_rate"]) == {"word", "char"}
-    assert rep["augmentation"]["attacked"] == 12
-    assert (out / "model" / "bastion-text-model.json").is_file()
+    evals = {"word", "char", "hotflip"}
+    assert rep["kind"] == "text" and set(rep["before"]["success_rate"]) == evals
+    assert set(rep["after"]["success_rate"]) == evals
+    for side in ("before", "after"):
+        assert all(0.0 <= v <= 1.0 for v in rep[side]["success_rate"].values())
+    assert rep["augmentation"]["attacked"] == 24  # two rounds of 12 (the default)
+    assert rep["augmentation"]["tune_layers"] == 1
+    meta = json.loads((out / "model" / "bastion-text-model.json").read_text())
+    assert meta["fine_tuned"] and (out / "model" / "encoder.safetensors").is_file()
+    # the saved model is the evaluated one: same clean accuracy on the same seeded texts
+    import numpy as np
+
+    from bastion.data import load_data
+    from bastion.models.text import load_text_model
+
+    ds = load_data(spec, seed=0)
+    pick = np.sort(np.random.default_rng(0).choice(len(ds.x_test), 6, replace=False))
+    loaded = load_text_model(out / "model")
+    acc = float((loaded.predict_proba([str(t) for t in ds.x_test[pick]]).argmax(1)
+                 == ds.y_test[pick]).mean())
+    assert acc == pytest.approx(rep["after"]["clean_accuracy"])
     assert "verdict" in capsys.readouterr().err
     # the hardened router scans like any text model
     assert run(["scan", "--model", str(out / "model"), "--data", spec, "--out",
@@ -114,3 +132,17 @@ def test_heal_on_text_data_is_refused_in_one_line(trained, capsys, tmp_path):
     assert "not built for text models" in err and err.count("\n") <= 2
     assert "Traceback" not in err
     assert not db.exists()  # nothing written
+
+
+@pytest.mark.parametrize("opt,needle", [("tune_layers=9", "tune_layers=9 but the model has"),
+                                        ("rounds=0", "rounds must be a whole number"),
+                                        ("lr=-1", "lr must be a positive number"),
+                                        ("steps=3", "unknown option 'steps'")])
+def test_bad_augment_options_are_one_line(trained, capsys, opt, needle):
+    spec, model_dir, tmp = trained
+    out = tmp / f"bad-{opt.split('=')[0]}"
+    code = run(["harden", "--model", str(model_dir), "--data", spec, "--method", "augment",
+                "--out", str(out), "--limit", "4", "--opt", opt, "--no-track", "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and needle in err and err.strip().count("\n") <= 1, err
+    assert not (out / "model").exists()

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not CLINC.is_file(), reason="CLINC150 not availa
 
 
 @pytest.mark.slow
-def test_augmentation_learns_the_adversarial_texts():
+@pytest.mark.parametrize("tune_layers,epochs,lr", [(1, 6, 2e-4), (0, 8, None)])
+def test_augmentation_learns_the_adversarial_texts(tune_layers, epochs, lr):
     from bastion.data import load_data
     from bastion.defend.text_augment import augment_text_model
     from bastion.models.text import train_text_intent
@@ -33,11 +34,16 @@ def test_augmentation_learns_the_adversarial_texts():
     xt, yt = [str(t) for t in ds.x_test[::10]], ds.y_test[::10]
     before = float((model.predict_proba(xt).argmax(1) == yt).mean())
     w_before = model.net.head.weight.clone()
-    hardened, info = augment_text_model(model, x, y, n_attack=30, attacks=("word", "char"),
-                                        max_queries=60, epochs=8, min_similarity=0.6,
-                                        max_word_share=0.5)
+    hardened, info = augment_text_model(model, x, y, n_attack=30, rounds=1,
+                                        attacks=("word", "char"), max_queries=60,
+                                        tune_layers=tune_layers, epochs=epochs, lr=lr,
+                                        min_similarity=0.6, max_word_share=0.5)
     assert info["adversarial_added"] >= 3, {k: v for k, v in info.items() if k != "adversarial"}
     assert (model.net.head.weight == w_before).all()  # the original is not changed
+    assert not model.fine_tuned and hardened.fine_tuned == (tune_layers > 0)
+    top = model.net.encoder.encoder.layer[-1].output.dense.weight
+    moved = hardened.net.encoder.encoder.layer[-1].output.dense.weight
+    assert bool((top != moved).any()) == (tune_layers > 0)
     after = float((hardened.predict_proba(xt).argmax(1) == yt).mean())
     assert after >= before - 0.05
     adv = info["adversarial"]
@@ -52,3 +58,23 @@ def test_other_models_are_refused():
 
     with pytest.raises(BastionError, match="text-intent"):
         augment_text_model(object(), ["a"], [0])
+
+
+@pytest.mark.slow
+def test_rounds_attack_the_updated_model():
+    """Round 2 attacks fresh texts against the model trained in round 1: its adversarial
+    texts fool that model, and the info counts both rounds."""
+    from bastion.data import load_data
+    from bastion.defend.text_augment import augment_text_model
+    from bastion.models.text import train_text_intent
+
+    ds = load_data(f"clinc150:{CLINC}?intents=10&oos=0")
+    keep = np.concatenate([np.flatnonzero(ds.y_train == k)[:12] for k in range(10)])
+    x, y = ds.x_train[keep], ds.y_train[keep]
+    model, _ = train_text_intent(x, y, n_classes=10, layers=1, epochs=8)
+    hardened, info = augment_text_model(model, x, y, n_attack=16, rounds=2,
+                                        attacks=("char",), max_queries=40, epochs=1,
+                                        min_similarity=0.6, max_word_share=0.5)
+    assert [r["attacked"] for r in info["rounds"]] == [16, 16]
+    assert info["attacked"] == 32
+    assert info["adversarial_added"] == sum(r["found"]["char"] for r in info["rounds"])

@@ -100,7 +100,10 @@ def register(app: typer.Typer) -> None:
         radii: str | None = typer.Option(None, "--radii",
                                          help="Smoothing: L2 radii to certify."),
         opt: list[str] | None = typer.Option(
-            None, "--opt", help="Any other method option KEY=VALUE (repeatable)."),
+            None, "--opt", help="Any other method option KEY=VALUE (repeatable). augment "
+            "(text): n_attack (training texts attacked per round, 1000), rounds (2), "
+            "max_queries (per attacked text, 100), tune_layers (top encoder layers "
+            "fine-tuned with the head, 1; 0 = head only), epochs, lr, consistency."),
         label_column: str = typer.Option("label", "--label-column"),
         seed: int = c.SeedOpt,
         engine: str = typer.Option("local", "--engine", help="local, or ray: adversarial "

@@ -1,11 +1,15 @@
-"""Adversarial data augmentation for the zoo's text model (frozen encoder + head).
+"""Adversarial data augmentation for the zoo's text model (MiniLM layers + head).
 
-``augment_text_model(model, x_train, y_train)`` attacks a sample of the training texts
-with the text attacks (word and character level by default), keeps the successful
-adversarial texts with their *true* labels, and fits a new head on the pooled features of
-the training texts plus those adversarial texts (the encoder stays frozen, so the features
-of the training texts are computed once). ``evaluate_text_robustness`` measures clean
-accuracy and attack success on held-out texts, before and after.
+``augment_text_model(model, x_train, y_train)`` runs ``rounds`` rounds: each attacks
+fresh training texts with the text attacks (word and character level by default) against
+the *current* model, keeps the successful adversarial texts with their *true* labels, and
+trains on all clean training texts plus every adversarial text found so far. By default
+the top encoder layer is fine-tuned with the head (``tune_layers=1``): a frozen encoder
+cannot move an adversarial text's embedding, and a head refitted on frozen features
+(``tune_layers=0``, the first version) was measured not to help
+(``benchmarks/bench_text_harden.py``). ``evaluate_text_robustness`` measures clean
+accuracy and attack success on held-out texts; ``harden_text`` runs every attack against
+the model it evaluates (before: the original, after: the hardened one), never transferred.
 
 Only :class:`~bastion.models.text.MeanPoolTextModel` (``bastion train --model
 text-intent``) is retrained here; other text models raise one clear error.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,50 +47,149 @@ def evaluate_text_robustness(model: Any, texts: list[str], labels: np.ndarray, *
     return out
 
 
+def _tune_top(model: Any, texts: list[str], y: np.ndarray, adv: list[tuple[str, int, int]], *,
+              layers: int, epochs: int, lr: float, head_lr: float, consistency: float,
+              batch_size: int, seed: int) -> None:
+    """Fine-tune the top ``layers`` encoder layers and the head of ``model.net`` in place on
+    the clean texts plus the adversarial ones (true labels). With ``consistency > 0`` each
+    adversarial text's prediction is also pulled (KL) towards its clean source's."""
+    from torch import nn
+
+    net = model.net
+    blocks = net.encoder.encoder.layer
+    k = max(0, min(int(layers), len(blocks)))
+    net.requires_grad_(False)
+    params = [p for b in blocks[len(blocks) - k:] for p in b.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    net.head.requires_grad_(True)
+    groups = [{"params": list(net.head.parameters()), "lr": head_lr}]
+    if params:
+        groups.append({"params": params, "lr": lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    n_clean, n_adv = len(texts), len(adv)
+    y_t = torch.as_tensor(y, dtype=torch.long)
+
+    def fwd(batch: list[str]) -> torch.Tensor:
+        ids, mask = model.tokenize(batch)
+        return net(net.encoder.get_input_embeddings()(ids), mask)
+
+    net.train()
+    try:
+        for _ in range(int(epochs)):
+            # clean and adversarial indices mixed; adversarial ones are negative (-1 - j)
+            order = torch.randperm(n_clean + n_adv, generator=gen).tolist()
+            for i in range(0, len(order), batch_size):
+                b = order[i : i + batch_size]
+                cl = [j for j in b if j < n_clean]
+                av = [j - n_clean for j in b if j >= n_clean]
+                bt = [texts[j] for j in cl] + [adv[j][0] for j in av]
+                by = torch.cat([y_t[cl], torch.as_tensor([adv[j][1] for j in av],
+                                                         dtype=torch.long)])
+                logits = fwd(bt)
+                loss = nn.functional.cross_entropy(logits, by)
+                if consistency > 0 and av:
+                    with torch.no_grad():
+                        ref = torch.log_softmax(fwd([texts[adv[j][2]] for j in av]), 1)
+                    lp = torch.log_softmax(logits[len(cl):], 1)
+                    loss = loss + consistency * nn.functional.kl_div(
+                        lp, ref, log_target=True, reduction="batchmean")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        net.eval()
+        net.requires_grad_(False)
+
+
 def augment_text_model(model: Any, x_train: Any, y_train: Any, *, n_attack: int = 1000,
-                       attacks: tuple[str, ...] = ("word", "char"), max_queries: int = 300,
-                       epochs: int = 60, lr: float = 1e-2, seed: int = 0,
+                       rounds: int = 2, attacks: tuple[str, ...] = ("word", "char"),
+                       max_queries: int = 100, tune_layers: int = 1,
+                       epochs: int | None = None, lr: float | None = None,
+                       consistency: float = 0.0, seed: int = 0,
+                       log: Callable[[str], None] | None = None,
                        **constraints: Any) -> tuple[Any, dict[str, Any]]:
-    """A copy of ``model`` with a head refitted on training + adversarial texts (see the
-    module docs); returns ``(hardened, info)``."""
+    """A hardened copy of ``model`` by adversarial data augmentation (see the module docs);
+    returns ``(hardened, info)``.
+
+    Each of ``rounds`` rounds attacks ``n_attack`` fresh training texts (split between
+    ``attacks``) against the *current* model, adds the successful adversarial texts with
+    their true labels, and trains on all training texts plus every adversarial text found
+    so far: ``tune_layers`` top encoder layers and the head (``epochs`` passes, default 1,
+    ``lr`` default 5e-5 for the layers, 1e-3 for the head), or with ``tune_layers=0`` only
+    a head refitted on frozen features (default 60 epochs, lr 1e-2)."""
     from bastion.attacks.text import get_text_attack
     from bastion.models.text import MeanPoolTextModel, fit_head, pooled_features
 
-    if not isinstance(model, MeanPoolTextModel) or model.fine_tuned:
-        raise BastionError("text augmentation retrains the head of the zoo's frozen "
-                           "text-intent model; this model is not one",
+    if not isinstance(model, MeanPoolTextModel):
+        raise BastionError("text augmentation retrains the zoo's text-intent model "
+                           "(MiniLM layers + head); this model is not one",
                            hint="train one with bastion train --model text-intent")
+    checks = {"n_attack": (n_attack, 1), "rounds": (rounds, 1), "max_queries": (max_queries, 1),
+              "tune_layers": (tune_layers, 0), "epochs": (epochs, 1)}
+    for key, (val, low) in checks.items():
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int)
+                                or val < low):
+            raise BastionError(f"{key} must be a whole number >= {low}, not {val!r}",
+                               hint=f"e.g. --opt {key}={max(low, 1)}")
+    for key, val in (("lr", lr), ("consistency", consistency)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int | float)
+                                or not np.isfinite(val) or val < 0 or (key == "lr" and val == 0)):
+            raise BastionError(f"{key} must be a positive number, not {val!r}",
+                               hint=f"e.g. --opt {key}={'5e-5' if key == 'lr' else '1.0'}")
+    if tune_layers > model.layers:
+        raise BastionError(f"tune_layers={tune_layers} but the model has {model.layers} "
+                           "encoder layers", hint=f"use 0..{model.layers}")
+    say = log or (lambda _m: None)
     t0 = time.perf_counter()
     texts = [str(t) for t in x_train]
     y = np.asarray(y_train, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    pick = rng.choice(len(texts), min(int(n_attack), len(texts)), replace=False)
-    adv_texts: list[str] = []
-    adv_labels: list[int] = []
-    per_attack: dict[str, int] = {}
-    for k, name in enumerate(attacks):
-        part = pick[k::len(attacks)]
-        rep = get_text_attack(name, max_queries=max_queries, seed=seed, **constraints).run(
-            model, [texts[i] for i in part], y[part])
-        found = [(r.adversarial, r.label) for r in rep.results if r.success]
-        per_attack[name] = len(found)
-        adv_texts += [a for a, _ in found]
-        adv_labels += [lab for _, lab in found]
+    order = rng.permutation(len(texts))
     hardened = copy.copy(model)
     hardened.net = copy.deepcopy(model.net)
-    feats = pooled_features(model, texts)
-    if adv_texts:
-        feats = torch.cat([feats, pooled_features(model, adv_texts)])
-    y_all = torch.as_tensor(np.concatenate([y, np.asarray(adv_labels, dtype=np.int64)]))
-    fit_head(hardened.net.head, feats, y_all, epochs=epochs, lr=lr, seed=seed,
-             reset=True)
+    if tune_layers > 0:
+        hardened.fine_tuned = True
+    adv: list[tuple[str, int, int]] = []  # (adversarial text, true label, source index)
+    per_round: list[dict[str, Any]] = []
+    feats = None
+    for r in range(int(rounds)):
+        pick = order[(r * n_attack) % len(texts):][:n_attack]
+        found_round: dict[str, int] = {}
+        for k, name in enumerate(attacks):
+            part = pick[k::len(attacks)]
+            rep = get_text_attack(name, max_queries=max_queries, seed=seed + r,
+                                  **constraints).run(hardened, [texts[i] for i in part],
+                                                     y[part])
+            found = [(res.adversarial, int(y[i]), int(i))
+                     for res, i in zip(rep.results, part, strict=True) if res.success]
+            found_round[name] = len(found)
+            adv += found
+            say(f"round {r + 1}: {name} fooled {len(found)}/{len(part)} training texts")
+        per_round.append({"attacked": len(pick), "found": found_round})
+        if tune_layers > 0:
+            _tune_top(hardened, texts, y, adv, layers=tune_layers,
+                      epochs=epochs or 1, lr=lr or 5e-5, head_lr=1e-3,
+                      consistency=float(consistency), batch_size=64, seed=seed + r)
+        else:
+            if feats is None:
+                feats = pooled_features(model, texts)
+            f_all = torch.cat([feats, pooled_features(model, [a for a, _, _ in adv])]) \
+                if adv else feats
+            y_all = torch.as_tensor(np.concatenate(
+                [y, np.asarray([lab for _, lab, _ in adv], dtype=np.int64)]))
+            fit_head(hardened.net.head, f_all, y_all, epochs=epochs or 60, lr=lr or 1e-2,
+                     seed=seed, reset=True)
+        hardened.queries = 0
+        say(f"round {r + 1}: trained on {len(texts)} + {len(adv)} adversarial texts "
+            f"({time.perf_counter() - t0:.0f} s)")
     hardened.net.requires_grad_(False)
-    hardened.queries = 0
-    if hasattr(hardened, "_bastion_neighbours"):
-        del hardened._bastion_neighbours
-    info = {"attacked": len(pick), "adversarial_added": len(adv_texts),
-            "per_attack": per_attack, "seconds": round(time.perf_counter() - t0, 1),
-            "adversarial": list(zip(adv_texts, adv_labels, strict=True))}
+    info = {"attacked": sum(p["attacked"] for p in per_round), "adversarial_added": len(adv),
+            "rounds": per_round, "tune_layers": tune_layers,
+            "per_attack": {a: sum(p["found"].get(a, 0) for p in per_round) for a in attacks},
+            "seconds": round(time.perf_counter() - t0, 1),
+            "adversarial": [(a, lab) for a, lab, _ in adv]}
     return hardened, info
 
 
@@ -136,33 +240,35 @@ def harden_text(model: Any, ds: Any, *, method: str, out: Any, limit: int | None
         raise BastionError(f"text models are hardened with --method augment, not {method!r}",
                            hint="bastion harden --method augment (adversarial augmentation)")
     opts = dict(options or {})
-    allowed = {"n_attack", "max_queries", "epochs", "lr"}
+    allowed = {"n_attack", "rounds", "max_queries", "tune_layers", "epochs", "lr",
+               "consistency"}
     bad = [k for k in opts if k not in allowed]
     if bad:
         raise BastionError(f"unknown option {bad[0]!r} for --method augment",
                            hint=f"options: {', '.join(sorted(allowed))}")
-    max_queries = int(opts.pop("max_queries", 300))
     out = Path(out)
     check_output_dir(out)
     n = min(len(ds.x_test), int(limit or 200))
     pick = np.sort(np.random.default_rng(seed).choice(len(ds.x_test), n, replace=False))
     texts, labels = [str(t) for t in ds.x_test[pick]], np.asarray(ds.y_test)[pick]
-    hardened, info = augment_text_model(model, ds.x_train, ds.y_train, seed=seed,
-                                        max_queries=max_queries, **opts)
+    hardened, info = augment_text_model(model, ds.x_train, ds.y_train, seed=seed, **opts)
+    evals = ("word", "char", "hotflip")
     sides = {}
     for name, m in (("before", model), ("after", hardened)):
-        r = evaluate_text_robustness(m, texts, labels, max_queries=max_queries, seed=seed)
+        # adaptive: each attack runs against the model it evaluates
+        r = evaluate_text_robustness(m, texts, labels, attacks=evals, max_queries=300,
+                                     seed=seed)
         sides[name] = TextSide(clean_accuracy=r["clean_accuracy"],
-                               robust_accuracy={a: r[a]["robust_accuracy"]
-                                                for a in ("word", "char")},
-                               success_rate={a: r[a]["success_rate"] for a in ("word", "char")})
+                               robust_accuracy={a: r[a]["robust_accuracy"] for a in evals},
+                               success_rate={a: r[a]["success_rate"] for a in evals})
     b, a = sides["before"], sides["after"]
-    helps = all(a.success_rate[k] < b.success_rate[k] for k in ("word", "char"))
-    verdict = (f"attack success {', '.join(f'{k} {b.success_rate[k]:.1%} -> {a.success_rate[k]:.1%}' for k in ('word', 'char'))}; "  # noqa: E501
+    helps = all(a.success_rate[k] < b.success_rate[k] for k in evals)
+    verdict = (f"attack success {', '.join(f'{k} {b.success_rate[k]:.1%} -> {a.success_rate[k]:.1%}' for k in evals)}; "  # noqa: E501
                f"clean accuracy {b.clean_accuracy:.1%} -> {a.clean_accuracy:.1%} on {n} texts")
     out.mkdir(parents=True, exist_ok=True)
     info.pop("adversarial", None)
-    save_text_model(hardened, out / "model", extra={"hardened": {"method": "augment", **info}})
+    save_text_model(hardened, out / "model",
+                    extra={"hardened": {"method": "augment", "options": opts, **info}})
     doc = {"kind": "text", "method": "augment", "model": model_label, "n_eval": n,
            "before": asdict(b), "after": asdict(a), "helps": helps, "verdict": verdict,
            "augmentation": info}
@@ -170,7 +276,7 @@ def harden_text(model: Any, ds: Any, *, method: str, out: Any, limit: int | None
     write_json_atomic(paths["json"], json.loads(json.dumps(doc)))
     page = HtmlPage("Text hardening: adversarial augmentation", subtitle=model_label)
     page.table([[k, b.clean_accuracy, a.clean_accuracy, b.success_rate.get(k, 0.0),
-                 a.success_rate.get(k, 0.0)] for k in ("word", "char")],
+                 a.success_rate.get(k, 0.0)] for k in evals],
                ["attack", "clean before", "clean after", "success before", "success after"])
     (page.good if helps else page.bad)(verdict)
     page.paragraph(f"Augmentation: {info}")
