@@ -302,6 +302,19 @@ class TextAttack:
         order = np.argsort(-score, kind="stable")
         return [pos[j] for j in order]
 
+    def _take_flip(self, cur: list[str], i: int, words: list[str], asked: list[int],
+                   p: np.ndarray, sims: np.ndarray, label: int, changed: set[int]) -> bool:
+        """If a queried candidate (``words[asked[k]]``, answered ``p[k]``) flips the label,
+        put the most similar such at word ``i`` of ``cur``, record it and say so."""
+        flips = [k for k in range(len(asked)) if p[k].argmax() != label]
+        if not flips:
+            return False
+        k = max(flips, key=lambda k: sims[asked[k]])
+        cur[i] = words[asked[k]]
+        changed.add(i)
+        self._record(cur, len(changed), int(p[k].argmax()))
+        return True
+
     def _greedy(self, budget: Budget, parts: list[str], order: list[int], label: int,
                 p0: np.ndarray, candidates_for: Any) -> tuple[list[str], int]:
         """Greedy substitution along ``order``: at each word, query the candidates that
@@ -329,12 +342,7 @@ class TextAttack:
                 continue
             p = budget.proba([texts[j] for j in keep])
             keep = keep[: len(p)]
-            flips = [k for k in range(len(keep)) if p[k].argmax() != label]
-            if flips:
-                k = max(flips, key=lambda k: sims[keep[k]])
-                cur[i] = words[keep[k]]
-                changed.add(i)
-                self._record(cur, len(changed), int(p[k].argmax()))
+            if self._take_flip(cur, i, words, keep, p, sims, label, changed):
                 return cur, len(changed)
             k = int(np.argmin(p[:, label]))
             if p[k, label] < cur_p:

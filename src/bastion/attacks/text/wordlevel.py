@@ -150,12 +150,7 @@ class WordSubstitution(TextAttack):
                 batch = batch[: len(p)]
                 self._seen[0].extend(texts[j] for j in batch)
                 self._seen[1].extend(_margin(p, label))
-                flips = [k for k in range(len(batch)) if p[k].argmax() != label]
-                if flips:
-                    k = max(flips, key=lambda k: sims[batch[k]])
-                    cur[i] = words[batch[k]]
-                    changed.add(i)
-                    self._record(cur, len(changed), int(p[k].argmax()))
+                if self._take_flip(cur, i, words, batch, p, sims, label, changed):
                     return cur, len(changed)
                 k = int(np.argmin(p[:, label]))
                 if best is None or p[k, label] < best[0]:
