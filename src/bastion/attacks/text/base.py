@@ -40,6 +40,30 @@ def join(parts: list[str]) -> str:
     return "".join(parts)
 
 
+def deletions(parts: list[str], positions: list[int]) -> list[str]:
+    """The text with each of the words at ``positions`` deleted in turn."""
+    out = []
+    for i in positions:
+        out += substitutions(parts, i, [""])
+    return out
+
+
+def substitutions(parts: list[str], i: int, words: list[str]) -> list[str]:
+    """The text with word ``i`` replaced by each of ``words`` in turn."""
+    out = []
+    for w in words:
+        q = list(parts)
+        q[i] = w
+        out.append(join(q))
+    return out
+
+
+def deletion_drop(p: np.ndarray, p0: np.ndarray, label: int) -> np.ndarray:
+    """How much each deletion (answers ``p``) lowers the true class from ``p0``, plus the
+    winning class's lead where a deletion alone flips the label."""
+    return p0[label] - p[:, label] + (p.argmax(1) != label) * (p.max(1) - p[:, label])
+
+
 def stop_words() -> frozenset[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
@@ -290,16 +314,9 @@ class TextAttack:
         """Positions ordered by how much deleting the word lowers the true class."""
         if not positions:
             return []
-        cands = []
-        for i in positions:
-            q = list(parts)
-            q[i] = ""
-            cands.append(join(q))
-        p = budget.proba(cands)
+        p = budget.proba(deletions(parts, positions))
         pos = positions[: len(p)]
-        score = p0[label] - p[:, label]
-        score = score + (p.argmax(1) != label) * (p.max(1) - p[:, label])
-        order = np.argsort(-score, kind="stable")
+        order = np.argsort(-deletion_drop(p, p0, label), kind="stable")
         return [pos[j] for j in order]
 
     def _take_flip(self, cur: list[str], i: int, words: list[str], asked: list[int],
@@ -331,11 +348,7 @@ class TextAttack:
             words = [w for w in candidates_for(cur, i) if w and w != parts[i]]
             if not words:
                 continue
-            texts = []
-            for w in words:
-                q = list(cur)
-                q[i] = w
-                texts.append(join(q))
+            texts = substitutions(cur, i, words)
             sims = self.similarity(original, texts)
             keep = [j for j in range(len(texts)) if sims[j] >= self.constraints.min_similarity]
             if not keep:

@@ -38,7 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from bastion.attacks.text.base import Budget, TextAttack, join
+from bastion.attacks.text.base import (
+    Budget,
+    TextAttack,
+    deletion_drop,
+    deletions,
+    join,
+    substitutions,
+)
 from bastion.attacks.text.neighbours import WordNeighbours, minilm_neighbours
 from bastion.errors import BastionError
 
@@ -86,18 +93,14 @@ class WordSubstitution(TextAttack):
         self._record(parts, 0, None)
         if not positions:
             return parts, 0
-        deleted = []
-        for i in positions:
-            q = list(parts)
-            q[i] = ""
-            deleted.append(join(q))
+        deleted = deletions(parts, positions)
         p = budget.proba(deleted)
         if len(p) < len(positions):
             return parts, 0
         margins = _margin(p, label)
         if min(margins) >= self.give_up:
             return parts, 0
-        drop = p0[label] - p[:, label] + (p.argmax(1) != label) * (p.max(1) - p[:, label])
+        drop = deletion_drop(p, p0, label)
         order = [positions[j] for j in np.argsort(-drop, kind="stable")]
         self._seen = ([join(parts), *deleted], [_margin(p0, label), *margins])
         return self._search(budget, parts, order, label, p0, nb)
@@ -132,11 +135,7 @@ class WordSubstitution(TextAttack):
                 break
             last = len(changed) == limit - 1
             words = [w for w in nb.neighbours(parts[i], self.candidates) if w != parts[i]]
-            texts = []
-            for w in words:
-                q = list(cur)
-                q[i] = w
-                texts.append(join(q))
+            texts = substitutions(cur, i, words)
             sims = self.similarity(original, texts)
             todo = [j for j in range(len(texts)) if sims[j] >= min_sim]
             best: tuple[float, int, int] | None = None
