@@ -130,3 +130,23 @@ def test_scan_of_an_hf_model_maps_labels_by_id2label(tmp_path):
     assert report.kind == "text" and report.n_points == 3
     assert report.model["class_names"] == ["travel", "music", "weather"]
     assert paths["html"].is_file()
+
+
+@pytest.mark.parametrize("num_labels", ['"three"', "-1", "true", "1e9"])
+def test_hostile_num_labels_in_config_is_one_line(tmp_path, num_labels):
+    """The metadata a registry or a factsheet reads without loading the weights: a
+    config.json whose num_labels is not a sane class count is refused, not a crash."""
+    import json
+
+    from bastion.models.text import read_text_folder_meta
+
+    d = build_tiny_bert(tmp_path / "bert")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_labels"] = json.loads(num_labels)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="num_labels must be a whole number") as ei:
+        read_text_folder_meta(d)
+    assert "\n" not in ei.value.message
+    cfg["num_labels"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert read_text_folder_meta(d)["n_classes"] == 3

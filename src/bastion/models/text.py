@@ -439,6 +439,9 @@ def read_text_folder_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {**doc, **meta, "input_shape": None}
     id2label = doc.get("id2label") if isinstance(doc.get("id2label"), dict) else {}
     n = doc.get("num_labels", len(id2label) or None)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= 100_000):
+        raise ModelError(f"{d / name}: num_labels must be a whole number of classes, got "
+                         f"{str(n)[:40]!r}", hint="fix the model's config.json")
     return {**meta, "input_shape": None, "n_classes": n,
             "class_names": [str(id2label.get(str(i), i)) for i in range(int(n or 0))],
             "model_type": doc.get("model_type")}
