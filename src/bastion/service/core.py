@@ -396,7 +396,6 @@ class GuardWorker:
             t.join(timeout=30)
 
 
-
 class BastionService:
     """See the module docs. Call :meth:`start` for the background loop and :meth:`close`
     at the end."""
