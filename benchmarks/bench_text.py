@@ -1,8 +1,20 @@
-"""Text evasion on the CLINC150 intent router: Bastion's word- and character-level attacks
-against TextAttack's TextFoolerJin2019 and DeepWordBugGao2018, same sentences, one run.
+"""Text evasion on the CLINC150 intent router (or a prompt-injection filter): Bastion's
+word- and character-level attacks against TextAttack's TextFoolerJin2019 and
+DeepWordBugGao2018, same sentences, one run.
 
     .venv/bin/python benchmarks/bench_text.py --model ROUTER_DIR [--n 500] [--max-queries 300]
         [--split test|val] [--word-options candidates=35,chunk=4]
+    .venv/bin/python benchmarks/bench_text.py --data prompt-filter --prepare-only
+    .venv/bin/python benchmarks/bench_text.py --data prompt-filter --model FILTER_DIR --n 240
+
+``--data prompt-filter`` is the second text model: a moderation-style binary filter
+(``attack`` = injection or jailbreak, ``benign``) on ``datasets/prompt-injection/
+prompts.jsonl`` with the file's own train/test split. The script writes the relabelled
+file (``--prepared``, default ``benchmarks/.cache/prompt_filter.jsonl``); ``--prepare-only``
+stops there and prints the ``bastion train`` command. It attacks test texts of at most
+``--max-words`` words (default 60, for attack cost; the model truncates at 64 word pieces),
+half of them ``attack`` and half ``benign`` (seeded), and reports each run's success per
+true class: ``attack`` -> ``benign`` is the evasion of the filter that matters.
 
 ``--split val`` attacks CLINC150's validation split: the dev set settings are chosen on;
 the report uses the test split (the router trained on neither).
@@ -181,7 +193,7 @@ def textattack_recipes(ta: Any, wrapper: Any, *, min_sim: float, max_share: floa
 
 
 def run_textattack(attack: Any, texts: list[str], labels: np.ndarray,
-                   sim: Similarity) -> dict[str, Any]:
+                   sim: Similarity, names: list[str]) -> dict[str, Any]:
     from textattack.attack_results import FailedAttackResult, SkippedAttackResult
 
     rows = []
@@ -194,7 +206,7 @@ def run_textattack(attack: Any, texts: list[str], labels: np.ndarray,
         adv = r.perturbed_result.attacked_text
         orig = r.original_result.attacked_text
         changed = len(orig.all_words_diff(adv)) if ok else 0
-        rows.append({"skipped": skipped, "success": ok,
+        rows.append({"skipped": skipped, "success": ok, "label": names[int(y)],
                      "queries": int(r.perturbed_result.num_queries),
                      "words_changed": changed, "n_words": len(orig.words),
                      "original": t, "adversarial": adv.text})
@@ -205,10 +217,24 @@ def run_textattack(attack: Any, texts: list[str], labels: np.ndarray,
     return summarise(rows, secs, cpu)
 
 
+def by_class(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Success per true class (on a binary filter: the direction of the evasion)."""
+    out = {}
+    for name in sorted({r["label"] for r in rows}):
+        att = [r for r in rows if r["label"] == name and not r["skipped"]]
+        suc = [r for r in att if r["success"]]
+        out[name] = {"attacked": len(att), "successes": len(suc),
+                     "success_rate": len(suc) / max(len(att), 1),
+                     "queries_mean": float(np.mean([r["queries"] for r in att])) if att
+                     else None}
+    return out
+
+
 def summarise(rows: list[dict[str, Any]], secs: float, cpu: float) -> dict[str, Any]:
     att = [r for r in rows if not r["skipped"]]
     suc = [r for r in att if r["success"]]
     return {
+        "by_class": by_class(rows),
         "attacked": len(att), "successes": len(suc),
         "success_rate": len(suc) / max(len(att), 1),
         "queries_mean": float(np.mean([r["queries"] for r in att])) if att else None,
@@ -224,7 +250,7 @@ def summarise(rows: list[dict[str, Any]], secs: float, cpu: float) -> dict[str, 
 
 
 def run_bastion(name: str, model: Any, texts: list[str], labels: np.ndarray, *,
-                budget: int, min_sim: float, max_share: float,
+                budget: int, min_sim: float, max_share: float, names: list[str],
                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     attack = get_text_attack(name, max_queries=budget, min_similarity=min_sim,
                              max_word_share=max_share, **(options or {}))
@@ -232,6 +258,7 @@ def run_bastion(name: str, model: Any, texts: list[str], labels: np.ndarray, *,
     rep = attack.run(model, texts, labels)
     cpu = time.process_time() - c0
     rows = [{"skipped": r.skipped, "success": r.success, "queries": r.queries,
+             "label": names[int(r.label)],
              "words_changed": r.words_changed, "n_words": r.n_words, "original": r.original,
              "adversarial": r.adversarial, "similarity": r.similarity} for r in rep.results]
     return summarise(rows, rep.seconds, cpu)
@@ -249,9 +276,57 @@ def clinc_val(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
             np.array([j for _, j in pairs], dtype=np.int64))
 
 
+PROMPTS = common.SHARED / "datasets" / "prompt-injection" / "prompts.jsonl"
+PREPARED = common.CACHE / "prompt_filter.jsonl"
+
+
+def prepare_filter(src: Path, out: Path) -> Path:
+    """``prompts.jsonl`` relabelled for a binary filter: injection and jailbreak ->
+    ``attack``, benign -> ``benign``; text and the file's own split kept as they are."""
+    import json
+
+    if not src.is_file():
+        raise SystemExit(f"prompt-injection data not found at {src}: set BASTION_SHARED")
+    with open(src, encoding="utf-8") as fh:  # not splitlines(): texts hold U+2028
+        rows = [json.loads(line) for line in fh if line.strip()]
+    known = {"benign", "injection", "jailbreak"}
+    bad = [r.get("label") for r in rows if r.get("label") not in known]
+    if bad:
+        raise SystemExit(f"{src}: unknown labels {sorted(set(map(str, bad)))[:5]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps({"text": r["text"], "split": r["split"],
+                                 "label": "benign" if r["label"] == "benign" else "attack",
+                                 "kind": r["label"]}) + "\n")
+    return out
+
+
+def pick_balanced(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Up to n // 2 indices of each class (seeded), the rest from the larger class."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    per = n // len(classes)
+    chosen = [rng.choice(np.flatnonzero(y == c), min(per, int((y == c).sum())), replace=False)
+              for c in classes]
+    got = np.concatenate(chosen)
+    rest = np.setdiff1d(np.arange(len(y)), got)
+    extra = rng.choice(rest, min(n - len(got), len(rest)), replace=False)
+    return np.sort(np.concatenate([got, extra]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, help="the text-intent router folder")
+    ap.add_argument("--model", help="the text-intent model folder (router or filter)")
+    ap.add_argument("--data", choices=("clinc150", "prompt-filter"), default="clinc150",
+                    help="clinc150: the intent router's data; prompt-filter: the "
+                    "prompt-injection filter's (attack vs benign, the file's own split)")
+    ap.add_argument("--prepared", type=Path, default=PREPARED,
+                    help="where --data prompt-filter writes its relabelled jsonl")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="write the prompt-filter jsonl, print the train command, stop")
+    ap.add_argument("--max-words", type=int, default=60,
+                    help="prompt-filter: attack test texts of at most this many words")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--max-queries", type=int, default=300)
     ap.add_argument("--min-sim", type=float, default=0.8)
@@ -268,19 +343,40 @@ def main() -> None:
                     help="TextAttack recipes to run: all, or 'textfooler'")
     args = ap.parse_args()
     torch.set_num_threads(common.THREADS)
-    clinc = common.SHARED / "datasets" / "clinc150" / "data_full.json"
-    ds = load_data(f"clinc150:{clinc}")
+    if args.data == "prompt-filter":
+        spec = f"jsonl:{prepare_filter(PROMPTS, args.prepared)}?split=split"
+        if args.prepare_only or not args.model:
+            print(f"wrote {args.prepared}; train the filter with:\n  bastion train --model "
+                  f"text-intent --data '{spec}' --out FILTER_DIR")
+            return
+        if args.split == "val":
+            ap.error("--split val is CLINC150's; the prompt-injection file has train/test")
+    elif not args.model:
+        ap.error("--model is required")
     model = resolve_model(args.model)
-    x, y = ds.x_test, ds.y_test
-    if args.split == "val":
-        x, y = clinc_val(ds, clinc)
-    pick = np.sort(np.random.default_rng(0).choice(len(x), args.n, replace=False))
+    if args.data == "clinc150":
+        clinc = common.SHARED / "datasets" / "clinc150" / "data_full.json"
+        ds = load_data(f"clinc150:{clinc}")
+        x, y = ds.x_test, ds.y_test
+        if args.split == "val":
+            x, y = clinc_val(ds, clinc)
+        pick = np.sort(np.random.default_rng(0).choice(len(x), args.n, replace=False))
+    else:
+        ds = load_data(spec)
+        if list(model.class_names) != list(ds.class_names):
+            raise SystemExit(f"the model's classes {model.class_names} are not the data's "
+                             f"{ds.class_names}: train it on {spec}")
+        short = np.array([len(str(t).split()) <= args.max_words for t in ds.x_test])
+        x, y = ds.x_test[short], ds.y_test[short]
+        pick = pick_balanced(y, args.n)
     texts, labels = [str(t) for t in x[pick]], y[pick]
+    names = [str(c) for c in ds.class_names]
     clean = float((model.predict_proba(texts).argmax(1) == labels).mean())
     sim = Similarity()
     sim("warm up", ["the encoder and the neighbours"])  # loaded before any timing
     minilm_neighbours()
-    kw = {"budget": args.max_queries, "min_sim": args.min_sim, "max_share": args.max_share}
+    kw = {"budget": args.max_queries, "min_sim": args.min_sim, "max_share": args.max_share,
+          "names": names}
     runs: dict[str, Any] = {}
     for name in [a for a in args.bastion.split(",") if a]:
         opts = dict(o.split("=", 1) for o in args.word_options.split(",") if o) \
@@ -307,7 +403,7 @@ def main() -> None:
         if args.recipes == "textfooler":
             recipes = {k: v for k, v in recipes.items() if k.startswith("TextFooler")}
         for name, attack in recipes.items():
-            runs[f"textattack {name}"] = run_textattack(attack, texts, labels, sim)
+            runs[f"textattack {name}"] = run_textattack(attack, texts, labels, sim, names)
             print(name, {k: v for k, v in runs[f"textattack {name}"].items()
                          if k != "examples"}, flush=True)
     goals = {}
@@ -321,7 +417,19 @@ def main() -> None:
         goals["word_time_ratio"] = round(b["seconds"] / max(tf["seconds"], 1e-9), 3)
         goals["word_cpu_time_ratio"] = round(b["cpu_seconds"] / max(tf["cpu_seconds"], 1e-9), 3)
         goals["word_time_at_most_half"] = goals["word_cpu_time_ratio"] <= 0.5
+        if args.data == "prompt-filter":  # the evasion that matters: attack -> benign
+            b_a, tf_a = b["by_class"]["attack"], tf["by_class"]["attack"]
+            goals["attack_to_benign_success"] = {"bastion word": b_a["success_rate"],
+                                                 "textfooler": tf_a["success_rate"]}
+            goals["attack_to_benign_success_at_least_textattack"] = (
+                b_a["success_rate"] >= tf_a["success_rate"])
+            if b_a["queries_mean"] and tf_a["queries_mean"]:
+                goals["attack_to_benign_queries_ratio"] = round(
+                    b_a["queries_mean"] / tf_a["queries_mean"], 3)
     result = {"settings": {"n": args.n, "split": args.split, "model": args.model,
+                           "data": args.data, "class_counts": None if args.data == "clinc150"
+                           else {names[c]: int((labels == c).sum()) for c in np.unique(labels)},
+                           "max_words": args.max_words if args.data != "clinc150" else None,
                            "clean_accuracy": clean,
                            "max_queries": args.max_queries, "min_similarity": args.min_sim,
                            "max_word_share": args.max_share,
@@ -336,9 +444,14 @@ def main() -> None:
              f"{v['words_changed_share']:.2f}" if v["words_changed_share"] else "-",
              f"{v['similarity_mean']:.3f}" if v["similarity_mean"] else "-",
              v["seconds"], v["cpu_seconds"]] for k, v in runs.items()]
-    print(common.markdown_table(["attack", "attacked", "success", "queries/text",
-                                 "queries/success", "words changed", "similarity", "s",
-                                 "CPU s"], rows))
+    head = ["attack", "attacked", "success", "queries/text", "queries/success",
+            "words changed", "similarity", "s", "CPU s"]
+    if args.data == "prompt-filter":
+        head.append("success by true class")
+        for row, v in zip(rows, runs.values(), strict=True):
+            row.append(", ".join(f"{c} {d['success_rate']:.1%} of {d['attacked']}"
+                                 for c, d in v["by_class"].items()))
+    print(common.markdown_table(head, rows))
     print("goals:", goals)
 
 

@@ -86,3 +86,39 @@ def test_clinc_wrong_file(tmp_path):
     p.write_text('{"rows": []}')
     with pytest.raises(DataError, match="train and test"):
         load_data(f"clinc150:{p}")
+
+
+def test_own_split_column(tmp_path):
+    rows = [{"text": f"{t} {i}", "label": lab, "part": part}
+            for i, ((t, lab), part) in enumerate(zip(ROWS, ["train", "test", "validation"] * 8,
+                                                     strict=True))]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = load_data(f"jsonl:{p}?split=part")
+    want = {r["text"]: r["part"] for r in rows}
+    assert sorted(want[t] for t in ds.x_train) == ["train"] * 8
+    assert sorted(want[t] for t in ds.x_test) == ["test"] * 8  # validation rows left out
+    assert ds.meta["split_column"] == "part"
+    c = tmp_path / "d.csv"
+    c.write_text("text,label,part\n" + "\n".join(f"{r['text']},{r['label']},{r['part']}"
+                                                 for r in rows))
+    assert len(load_data(f"text-csv:{c}?split=part").x_test) == 8
+
+
+@pytest.mark.parametrize("parts,match", [
+    (["train"] * 24, "0 test rows"),
+    (["test"] * 24, "0 train"),
+    (None, "split column 'part' missing"),
+])
+def test_own_split_column_mistakes_are_one_line(tmp_path, parts, match):
+    rows = [{"text": t, "label": lab} | ({"part": parts[i]} if parts else {})
+            for i, (t, lab) in enumerate(ROWS)]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match=match) as ei:
+        load_data(f"jsonl:{p}?split=part")
+    assert "\n" not in ei.value.message and ei.value.hint
+    c = tmp_path / "d.csv"
+    c.write_text("text,label\n" + "\n".join(f"{t},{lab}" for t, lab in ROWS))
+    with pytest.raises(DataError, match="split column 'part' not in"):
+        load_data(f"text-csv:{c}?split=part")

@@ -8,7 +8,9 @@ Options follow the path after ``?``, as ``NAME=VALUE`` joined by ``&``:
 - ``text-csv:PATH?text=COLUMN&label=COLUMN`` and ``jsonl:PATH?text=KEY&label=KEY``:
   the text and label columns (defaults ``text`` and ``label``; ``label_column=``, the CLI's
   ``--label-column``, sets the label too). The rows are split into train and test
-  (stratified, ``test_size``, ``seed``).
+  (stratified, ``test_size``, ``seed``), or by the file's own split column with
+  ``?split=COLUMN``: rows whose value is ``train`` or ``test`` go there, other rows (e.g.
+  ``validation``) are left out.
 - ``clinc150:PATH`` reads CLINC150's ``data_full.json`` (Larson et al., 2019: 150 intents
   plus out-of-scope queries, the job an agent's router does) with its own train and test
   splits; out-of-scope queries are the class ``oos``. ``?oos=0`` drops them;
@@ -81,7 +83,7 @@ def _split_text(x: np.ndarray, y: np.ndarray, *, test_size: float, seed: int) ->
 
 
 def _table(rows: list[dict[str, Any]], *, text: str, label: str, where: str, name: str,
-           source: str, test_size: float, seed: int) -> Dataset:
+           source: str, test_size: float, seed: int, split: str | None = None) -> Dataset:
     if not rows:
         raise DataError(f"{where} has no rows", hint="the file is empty")
     cols = sorted({k for r in rows[:100] for k in r})
@@ -92,17 +94,40 @@ def _table(rows: list[dict[str, Any]], *, text: str, label: str, where: str, nam
                             f"of {where}; columns: {cols[:20]}",
                             hint=f"name it with ?{opt}=COLUMN after the path"
                             + (" or --label-column" if what == "label" else ""))
+    if split is not None:
+        rows = _own_split(rows, split, where)
     labels = [r[label] for r in rows]
     if any(v is None or (isinstance(v, float) and v != v) for v in labels):
         raise DataError(f"{where}: missing labels in column {label!r}",
                         hint="drop the unlabelled rows")
     x = _texts([r[text] for r in rows], text, where)
     y, names = _labels(labels, label)
-    x_tr, y_tr, x_te, y_te = _split_text(x, y, test_size=test_size, seed=seed)
+    if split is not None:
+        te = np.array([str(r[split]).strip().lower() == "test" for r in rows])
+        x_tr, y_tr, x_te, y_te = x[~te], y[~te], x[te], y[te]
+    else:
+        x_tr, y_tr, x_te, y_te = _split_text(x, y, test_size=test_size, seed=seed)
     return Dataset(name=name, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
                    n_classes=len(names), kind="text", class_names=names,
                    meta={"source": source, "text_column": text, "label_column": label,
-                         "test_size": test_size, "seed": seed})
+                         "split_column": split, "test_size": None if split else test_size,
+                         "seed": seed})
+
+
+def _own_split(rows: list[dict[str, Any]], column: str, where: str) -> list[dict[str, Any]]:
+    """The rows whose ``column`` says ``train`` or ``test``; one of each at least."""
+    missing = sum(column not in r for r in rows)
+    if missing:
+        raise DataError(f"split column {column!r} missing in {missing} of {len(rows)} rows "
+                        f"of {where}", hint="every row needs a split value (train or test), "
+                        "or drop ?split= to split at random")
+    kept = [r for r in rows if str(r[column]).strip().lower() in ("train", "test")]
+    n_test = sum(str(r[column]).strip().lower() == "test" for r in kept)
+    if n_test == 0 or n_test == len(kept):
+        raise DataError(f"split column {column!r} of {where} has {len(kept) - n_test} train "
+                        f"and {n_test} test rows", hint="it needs the values train and test; "
+                        "drop ?split= to split at random")
+    return kept
 
 
 def load_text_data(scheme: str, arg: str, *, label_column: str = "label",
@@ -110,10 +135,11 @@ def load_text_data(scheme: str, arg: str, *, label_column: str = "label",
     """Load a text dataset (see the module docs)."""
     if scheme == "clinc150":
         return _clinc(arg)
-    path, opts = _options(arg, ("text", "label"), scheme)
+    path, opts = _options(arg, ("text", "label", "split"), scheme)
     p = _file(path, scheme)
     text = opts.get("text", "text")
     label = opts.get("label", label_column)
+    split = opts.get("split") or None
     source = f"{scheme}:{arg}"
     if scheme == "text-csv":
         import pandas as pd
@@ -131,7 +157,12 @@ def load_text_data(scheme: str, arg: str, *, label_column: str = "label",
                                 f"{[str(c) for c in df.columns][:20]}",
                                 hint=f"name it with ?{opt}=COLUMN after the path"
                                 + (" or --label-column" if what == "label" else ""))
-        rows = df[[text, label]].to_dict("records")
+        if split is not None and split not in df.columns:
+            raise DataError(f"split column {split!r} not in {p.name}; columns: "
+                            f"{[str(c) for c in df.columns][:20]}",
+                            hint="name it with ?split=COLUMN, or drop ?split= to split at "
+                            "random")
+        rows = df[[text, label] + ([split] if split else [])].to_dict("records")
         rows = [{k: (None if k == label and v == "" else v) for k, v in r.items()}
                 for r in rows]
     else:
@@ -154,7 +185,7 @@ def load_text_data(scheme: str, arg: str, *, label_column: str = "label",
             except UnicodeDecodeError:
                 raise DataError(f"{p} is not UTF-8 text", hint="save it as UTF-8") from None
     return _table(rows, text=text, label=label, where=p.name, name=p.stem, source=source,
-                  test_size=test_size, seed=seed)
+                  test_size=test_size, seed=seed, split=split)
 
 
 def _clinc(arg: str) -> Dataset:
