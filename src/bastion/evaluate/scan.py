@@ -573,8 +573,7 @@ def _fixed_shard(item: tuple[np.ndarray, list[int]], *, atk: FixedEpsilonAttack,
 def _margins(model: Any, x: np.ndarray, y: np.ndarray, x_adv: np.ndarray, done: np.ndarray,
              batch_size: int) -> np.ndarray:
     """The probability margin (true class minus the best other) at ``x_adv`` for the points
-    not ``done``, NaN for the others. An input outside the budget or the bounds (an
-    attack's bug) gets NaN too: it says nothing about how close the point is."""
+    not ``done``, NaN for the others."""
     out = np.full(len(y), np.nan)
     rest = np.flatnonzero(~done)
     if not len(rest):
@@ -911,10 +910,8 @@ def _escalate(run: _Cascade, preset: str, norm: str, seed: int, k0: int,
             break
         # closeness: the smallest margin at an epsilon the point still stands at (a point
         # no gradient-free search has seen ranks after every measured one)
-        marg = np.where(run.robust, run.margin, np.nan)
-        with np.errstate(all="ignore"):
-            close = np.where(np.isnan(marg).all(axis=0), np.inf,
-                             np.nanmin(np.where(np.isnan(marg), np.inf, marg), axis=0))
+        marg = np.where(run.robust & ~np.isnan(run.margin), run.margin, np.inf)
+        close = marg.min(axis=0)
         cand = np.flatnonzero(standing)
         pick = cand[np.argsort(close[cand], kind="stable")[:k]]
         mask = np.zeros(len(run.y), dtype=bool)
