@@ -30,6 +30,14 @@ pytest.importorskip("ray")
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
+# Ray >= 2.5x turns token authentication on for a cluster whenever ~/.ray/auth_token exists
+# (and a local ray.init() writes that file), while a client without the token is refused
+# ("InvalidAuthToken"): a token left in the home folder by any earlier Ray run broke every
+# test cluster here. The test clusters live on 127.0.0.1 and die with the test, so their
+# mode is set explicitly for the driver and every process started from this environment.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
