@@ -355,8 +355,8 @@ def main() -> None:
         ap.error("--model is required")
     model = resolve_model(args.model)
     if args.data == "clinc150":
-        clinc = common.SHARED / "datasets" / "clinc150" / "data_full.json"
-        ds = load_data(f"clinc150:{clinc}")
+        clinc = common.CLINC
+        ds = common.clinc()
         x, y = ds.x_test, ds.y_test
         if args.split == "val":
             x, y = clinc_val(ds, clinc)

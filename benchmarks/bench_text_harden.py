@@ -33,7 +33,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from bastion.data import load_data  # noqa: E402
 from bastion.defend.text_augment import augment_text_model, evaluate_text_robustness  # noqa: E402
 from bastion.models import resolve_model  # noqa: E402
 from bastion.models.text import save_text_model  # noqa: E402
@@ -53,8 +52,8 @@ def main() -> None:
     ap.add_argument("--name", default="text_harden")
     args = ap.parse_args()
     torch.set_num_threads(common.THREADS)
-    path = common.SHARED / "datasets" / "clinc150" / "data_full.json"
-    ds = load_data(f"clinc150:{path}")
+    path = common.CLINC
+    ds = common.clinc()
     if args.split == "test":
         ex, ey = ds.x_test, np.asarray(ds.y_test)
     else:  # CLINC's validation split, mapped to the loader's label ids

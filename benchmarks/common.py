@@ -39,6 +39,17 @@ MNIST_NPZ = SHARED / "datasets" / "mnist" / "mnist.npz"
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
+#: CLINC150 in ``../shared`` (the text benchmarks' intent data)
+CLINC = SHARED / "datasets" / "clinc150" / "data_full.json"
+
+
+def clinc(query: str = "") -> Any:
+    """CLINC150 through Bastion's loader, e.g. ``clinc("?intents=10&oos=0")``."""
+    from bastion.data import load_data
+
+    return load_data(f"clinc150:{CLINC}{query}")
+
+
 def wong_cnn() -> nn.Sequential:
     """The small MNIST CNN used by the benchmarks."""
     return nn.Sequential(

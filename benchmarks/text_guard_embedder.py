@@ -27,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from bastion.data import load_data  # noqa: E402
 from bastion.llm.embed import get_embedder  # noqa: E402
 from bastion.models.text import train_text_intent  # noqa: E402
 from bastion.service.fastdetect import KnnOutlierDetector  # noqa: E402
@@ -38,9 +37,8 @@ def main() -> None:
     ap.add_argument("--intents", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(common.THREADS)
-    path = f"{common.SHARED}/datasets/clinc150/data_full.json"
-    ds = load_data(f"clinc150:{path}?intents={args.intents}&oos=0")
-    full = load_data(f"clinc150:{path}")
+    ds = common.clinc(f"?intents={args.intents}&oos=0")
+    full = common.clinc()
     model, _ = train_text_intent(ds.x_train, ds.y_train, n_classes=ds.n_classes,
                                  class_names=ds.class_names)
     rng = np.random.default_rng(0)

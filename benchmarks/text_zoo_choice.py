@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from bastion.data import load_data  # noqa: E402
 from bastion.models.text import train_text_intent  # noqa: E402
 
 
@@ -28,8 +27,7 @@ def main() -> None:
     ap.add_argument("--intents", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(common.THREADS)
-    ds = load_data(f"clinc150:{common.SHARED}/datasets/clinc150/data_full.json"
-                   f"?intents={args.intents}&oos=0")
+    ds = common.clinc(f"?intents={args.intents}&oos=0")
     runs = []
     for layers, ft, epochs in ((3, False, None), (6, False, None), (3, True, 1)):
         _, m = train_text_intent(ds.x_train, ds.y_train, n_classes=ds.n_classes,
