@@ -17,7 +17,10 @@ half of them ``attack`` and half ``benign`` (seeded), and reports each run's suc
 true class: ``attack`` -> ``benign`` is the evasion of the filter that matters.
 
 ``--split val`` attacks CLINC150's validation split: the dev set settings are chosen on;
-the report uses the test split (the router trained on neither).
+the report uses the test split (the router trained on neither). The filter's dev set is
+``--dev``: the file's train split re-split 80/20 (its test split left out); train a dev
+filter on the prepared file (``--prepare-only --dev --prepared DEV.jsonl``) and attack its
+held-out fifth with ``--dev --prepared DEV.jsonl --model DEV_FILTER``.
 
 ROUTER_DIR is ``bastion train --model text-intent --data clinc150:PATH --out ROUTER_DIR``.
 Writes ``benchmarks/results/text.json`` and prints a table.
@@ -280,9 +283,13 @@ PROMPTS = common.SHARED / "datasets" / "prompt-injection" / "prompts.jsonl"
 PREPARED = common.CACHE / "prompt_filter.jsonl"
 
 
-def prepare_filter(src: Path, out: Path) -> Path:
+def prepare_filter(src: Path, out: Path, dev: bool = False) -> Path:
     """``prompts.jsonl`` relabelled for a binary filter: injection and jailbreak ->
-    ``attack``, benign -> ``benign``; text and the file's own split kept as they are."""
+    ``attack``, benign -> ``benign``; text and the file's own split kept as they are.
+
+    ``dev``: the file's test split is left out and its train split re-split, seeded, into
+    ``train`` (80%) and ``test`` (20%, the dev texts): a dev filter trained on that file and
+    attacked on its ``test`` rows shares no text with the report's model or texts."""
     import json
 
     if not src.is_file():
@@ -293,6 +300,10 @@ def prepare_filter(src: Path, out: Path) -> Path:
     bad = [r.get("label") for r in rows if r.get("label") not in known]
     if bad:
         raise SystemExit(f"{src}: unknown labels {sorted(set(map(str, bad)))[:5]}")
+    if dev:
+        rows = [r for r in rows if r["split"] == "train"]
+        held = np.random.default_rng(20).random(len(rows)) < 0.2
+        rows = [{**r, "split": "test" if h else "train"} for r, h in zip(rows, held, strict=True)]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as fh:
         for r in rows:
@@ -315,7 +326,30 @@ def pick_balanced(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate([got, extra]))
 
 
-def main() -> None:
+def attacked_texts(args: argparse.Namespace, spec: str | None, model: Any,
+                   ) -> tuple[list[str], np.ndarray, list[str]]:
+    """The texts the run attacks (seeded), their labels and the class names."""
+    if args.data == "clinc150":
+        clinc = common.CLINC
+        ds = common.clinc()
+        x, y = ds.x_test, ds.y_test
+        if args.split == "val":
+            x, y = clinc_val(ds, clinc)
+        pick = np.sort(np.random.default_rng(0).choice(len(x), args.n, replace=False))
+    else:
+        ds = load_data(spec)
+        if list(model.class_names) != list(ds.class_names):
+            raise SystemExit(f"the model's classes {model.class_names} are not the data's "
+                             f"{ds.class_names}: train it on {spec}")
+        short = np.array([len(str(t).split()) <= args.max_words for t in ds.x_test])
+        x, y = ds.x_test[short], ds.y_test[short]
+        pick = pick_balanced(y, args.n)
+    texts, labels = [str(t) for t in x[pick]], y[pick]
+    names = [str(c) for c in ds.class_names]
+    return texts, labels, names
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="the text-intent model folder (router or filter)")
     ap.add_argument("--data", choices=("clinc150", "prompt-filter"), default="clinc150",
@@ -334,6 +368,9 @@ def main() -> None:
     ap.add_argument("--split", choices=("test", "val"), default="test",
                     help="CLINC150 split to attack: test (the report) or val (a dev set for "
                     "choosing settings; the router never trained on either)")
+    ap.add_argument("--dev", action="store_true",
+                    help="prompt-filter: the dev set (train split re-split 80/20, the file's "
+                    "test split left out); train a dev filter on it and attack its test rows")
     ap.add_argument("--skip-textattack", action="store_true")
     ap.add_argument("--name", default="text")
     ap.add_argument("--bastion", default="word,char,hotflip", help="Bastion attacks to run")
@@ -341,36 +378,27 @@ def main() -> None:
                     help="options for Bastion's word attack, e.g. candidates=35,chunk=4")
     ap.add_argument("--recipes", default="all",
                     help="TextAttack recipes to run: all, or 'textfooler'")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     torch.set_num_threads(common.THREADS)
     if args.data == "prompt-filter":
-        spec = f"jsonl:{prepare_filter(PROMPTS, args.prepared)}?split=split"
+        spec = f"jsonl:{prepare_filter(PROMPTS, args.prepared, args.dev)}?split=split"
         if args.prepare_only or not args.model:
             print(f"wrote {args.prepared}; train the filter with:\n  bastion train --model "
                   f"text-intent --data '{spec}' --out FILTER_DIR")
             return
         if args.split == "val":
-            ap.error("--split val is CLINC150's; the prompt-injection file has train/test")
-    elif not args.model:
-        ap.error("--model is required")
-    model = resolve_model(args.model)
-    if args.data == "clinc150":
-        clinc = common.CLINC
-        ds = common.clinc()
-        x, y = ds.x_test, ds.y_test
-        if args.split == "val":
-            x, y = clinc_val(ds, clinc)
-        pick = np.sort(np.random.default_rng(0).choice(len(x), args.n, replace=False))
+            ap.error("--split val is CLINC150's; the prompt-filter's dev set is --dev")
     else:
-        ds = load_data(spec)
-        if list(model.class_names) != list(ds.class_names):
-            raise SystemExit(f"the model's classes {model.class_names} are not the data's "
-                             f"{ds.class_names}: train it on {spec}")
-        short = np.array([len(str(t).split()) <= args.max_words for t in ds.x_test])
-        x, y = ds.x_test[short], ds.y_test[short]
-        pick = pick_balanced(y, args.n)
-    texts, labels = [str(t) for t in x[pick]], y[pick]
-    names = [str(c) for c in ds.class_names]
+        spec = None
+        if not args.model:
+            ap.error("--model is required")
+    model = resolve_model(args.model)
+    texts, labels, names = attacked_texts(args, spec, model)
     clean = float((model.predict_proba(texts).argmax(1) == labels).mean())
     sim = Similarity()
     sim("warm up", ["the encoder and the neighbours"])  # loaded before any timing
@@ -427,6 +455,7 @@ def main() -> None:
                 goals["attack_to_benign_queries_ratio"] = round(
                     b_a["queries_mean"] / tf_a["queries_mean"], 3)
     result = {"settings": {"n": args.n, "split": args.split, "model": args.model,
+                           "dev": args.dev,
                            "data": args.data, "class_counts": None if args.data == "clinc150"
                            else {names[c]: int((labels == c).sum()) for c in np.unique(labels)},
                            "max_words": args.max_words if args.data != "clinc150" else None,

@@ -15,7 +15,7 @@ import pytest
 from bastion.attacks.text import get_text_attack
 from bastion.attacks.text.base import Similarity, TextConstraints, split_words
 from bastion.attacks.text.neighbours import WordNeighbours
-from bastion.attacks.text.wordlevel import WordSubstitution
+from bastion.attacks.text.wordlevel import WordSubstitution, reachable_margin
 from bastion.errors import BastionError
 
 # class 0 ("travel") logit: sum of the weights minus BIAS; class 1 logit: 0
@@ -125,6 +125,31 @@ def test_robust_text_is_given_up_after_the_ranking():
     model = ToyModel(bias=-10.0)
     r = _attack(give_up=float("inf")).attack_text(model, TEXT, 0)
     assert r.queries > 1 + 4  # never giving up: the swaps are tried
+
+
+def test_reachable_margin_adds_the_limit_largest_drops():
+    # drops from m0 = 5: 1, 2, none (a deletion that raises the margin), none
+    assert reachable_margin(5.0, [4.0, 3.0, 6.0, 5.0], 1) == 3.0  # = the smallest margin
+    assert reachable_margin(5.0, [4.0, 3.0, 6.0, 5.0], 2) == 2.0
+    assert reachable_margin(5.0, [4.0, 3.0, 6.0, 5.0], 10) == 2.0  # rises never count
+    assert reachable_margin(5.0, [4.0], 0) == 4.0  # at least one change
+
+
+def test_give_up_weighs_what_the_word_limit_allows():
+    # every single deletion leaves a margin >= 3 (z = 6.0 - 3 for "book"), so a text that
+    # allows one change is given up; a text that allows two changes ("book" and "flight"
+    # together: 6.0 - 5 = 1.0 < 2.5) is attacked
+    short = ToyModel(bias=-0.3)
+    r = _attack(give_up=2.5).attack_text(short, TEXT, 0)
+    assert r.queries == len(short.seen) == 1 + 4 and not r.success
+    long_text = "please book cheap flight tickets now for me"  # 8 words: two changes
+    assert TextConstraints().max_changes(8) == 2
+    model = ToyModel(bias=-0.3)
+    att = _attack(give_up=2.5)
+    editable = len(att.constraints.editable(split_words(long_text)))
+    r = att.attack_text(model, long_text, 0)
+    assert r.queries > 1 + editable  # swaps were tried after the ranking
+    assert r.queries == len(model.seen)
 
 
 def test_stop_words_and_share_of_words_hold_over_many_texts():

@@ -22,10 +22,17 @@ where a flip is likely (measured on CLINC150's validation split, ``benchmarks/RE
   mere improvement: each remaining word is tried from the current text instead (TextFooler
   spends it on the first word tried and stops, which with one change allowed (half of the
   CLINC sentences) means it only ever tries one word);
-- a text whose every single-word deletion leaves a log-odds margin of ``give_up`` or more
-  (true class against the runner-up) is left alone after the ranking: a swap for a near
-  neighbour rarely moves a model that losing a whole word does not (of 64 dev sentences
-  whose deletions all left p >= 0.9, one had any flipping swap);
+- a text is left alone after the ranking when the word limit looks unable to flip it: when
+  the original log-odds margin (true class against the runner-up) minus the ``limit``
+  largest drops that single deletions caused is still ``give_up`` or more (an additive
+  estimate of what ``limit`` changes can reach; with one change allowed, the margin the
+  most damaging deletion leaves). A swap for a near neighbour rarely moves a model that
+  losing the whole word does not (of 64 CLINC dev sentences whose deletions all left
+  p >= 0.9, one had any flipping swap). The rule and ``give_up`` = 2.5 were chosen on two
+  dev sets (CLINC150's validation split and a prompt-injection filter trained and attacked
+  on the prompt file's train split, ``benchmarks/text_word_giveup_dev.py``): the earlier
+  rule (every single deletion leaves >= 4.0) gave up on long texts that several changes
+  could flip;
 - 35 neighbours a word, not TextFooler's 50: on the dev set the same successes with fewer
   queries and similarity checks (flipping swaps beyond the 35th neighbour are rare).
 
@@ -56,7 +63,7 @@ class WordSubstitution(TextAttack):
     name = "word"
 
     def __init__(self, *, candidates: int = 35, per_word: int = 50, chunk: int = 4,
-                 give_up: float = 4.0, order: str = "surrogate",
+                 give_up: float = 2.5, order: str = "surrogate",
                  neighbours: WordNeighbours | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         try:
@@ -68,13 +75,13 @@ class WordSubstitution(TextAttack):
             raise BastionError(
                 f"word attack options must be numbers: candidates={candidates!r}, "
                 f"per_word={per_word!r}, chunk={chunk!r}, give_up={give_up!r}",
-                hint="e.g. --set word.candidates=35 --set word.give_up=4.0") from None
+                hint="e.g. --set word.candidates=35 --set word.give_up=2.5") from None
         if self.candidates < 1 or self.per_word < 1 or self.chunk < 1:
             raise BastionError("candidates, per_word and chunk must be at least 1",
                                hint="e.g. candidates=50, per_word=8, chunk=4")
         if not self.give_up > 0.0:
             raise BastionError(f"give_up must be a positive margin, got {self.give_up}",
-                               hint="4.0 is the default; float('inf') never gives up")
+                               hint="2.5 is the default; float('inf') never gives up")
         if order not in ("surrogate", "similarity"):
             raise BastionError(f"order must be surrogate or similarity, got {order!r}",
                                hint="surrogate (the default) or similarity")
@@ -98,11 +105,13 @@ class WordSubstitution(TextAttack):
         if len(p) < len(positions):
             return parts, 0
         margins = _margin(p, label)
-        if min(margins) >= self.give_up:
+        m0 = _margin(p0, label)
+        if reachable_margin(m0, margins, self.constraints.max_changes(len(parts) // 2)) \
+                >= self.give_up:
             return parts, 0
         drop = deletion_drop(p, p0, label)
         order = [positions[j] for j in np.argsort(-drop, kind="stable")]
-        self._seen = ([join(parts), *deleted], [_margin(p0, label), *margins])
+        self._seen = ([join(parts), *deleted], [m0, *margins])
         return self._search(budget, parts, order, label, p0, nb)
 
     def _rank(self, texts: list[str], valid: list[int], sims: np.ndarray) -> list[int]:
@@ -167,3 +176,10 @@ def _margin(p: np.ndarray, label: int) -> Any:
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1.0)
     other = np.delete(p, label, axis=-1).max(-1)
     return (np.log(p[..., label]) - np.log(other)).tolist()
+
+
+def reachable_margin(m0: float, margins: list[float], limit: int) -> float:
+    """The margin ``limit`` changes are estimated to reach: ``m0`` minus the ``limit``
+    largest drops single deletions (leaving ``margins``) caused; drops add up."""
+    drops = sorted((max(m0 - m, 0.0) for m in margins), reverse=True)
+    return float(m0 - sum(drops[: max(int(limit), 1)]))
