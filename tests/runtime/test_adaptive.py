@@ -128,3 +128,45 @@ def test_controller_explores_safely_and_audits_its_reasoning(tmp_path, mlflow_ur
     assert {p["context"] for p in st["pending"]} == {"client_alert_rate"}
     assert np.isfinite([v[1] for c in st["arms"].values() for v in c.values()]).all()
     store.close()
+
+
+def test_a_choice_about_one_client_is_credited_with_that_clients_harm(tmp_path):
+    """Drift errors on the benign clients are not charged to a quarantine of the attacker:
+    a client choice gets the harm of its client's requests, a global one the overall."""
+    store = ev.EventStore(f"sqlite:///{tmp_path / 'events.db'}")
+    for i in range(4):  # alice: labelled answers, all wrong (a drift nobody can fix)
+        store.append(ev.PREDICTION, {"label": 1, "verdict": "allow"},
+                     request_id=f"a{i}", client_id="alice")
+        store.append(ev.FEEDBACK, {"label": 2}, request_id=f"a{i}", client_id="alice")
+    for i in range(4):  # mallory, quarantined: blocked, unlabelled (no harm done)
+        store.append(ev.PREDICTION, {"label": None, "verdict": "block"},
+                     request_id=f"m{i}", client_id="mallory")
+    store.append(ev.PREDICTION, {"label": 3, "verdict": "flag", "answered_by": "champion"},
+                 request_id="e0", client_id="eve")  # eve: one flagged input answered
+    last = store.last_id()
+    overall = observed_harm(store, after_id=0, upto_id=last)
+    assert overall["n"] == 9 and overall["harm"] == (4 + 0.5) / 9
+    mallory = observed_harm(store, after_id=0, upto_id=last, client_id="mallory")
+    assert mallory["n"] == 4 and mallory["harm"] == 0.0
+    eve = observed_harm(store, after_id=0, upto_id=last, client_id="eve")
+    assert eve["suspect"] == 1 and eve["harm"] == 0.5
+    nobody = observed_harm(store, after_id=0, upto_id=last, client_id="trudy")
+    assert nobody["n"] == 0 and nobody["harm"] is None
+
+    ch = AdaptiveChooser(AdaptiveSettings(enabled=True))
+    ch.pending = [{"context": "client_alert_rate", "monitor": "m", "arm": "quarantine_client",
+                   "client_id": "mallory"},
+                  {"context": "client_alert_rate", "monitor": "m", "arm": "none",
+                   "client_id": "eve"},
+                  {"context": "client_alert_rate", "monitor": "m", "arm": "none",
+                   "client_id": "trudy"},
+                  {"context": "input_drift", "monitor": "m", "arm": "none"}]
+    done = ch.settle(overall, {"mallory": mallory, "eve": eve, "trudy": nobody})
+    got = {(d["arm"], d.get("client_id")): d["harm"] for d in done}
+    assert got == {("quarantine_client", "mallory"): 0.0, ("none", "eve"): 0.5,
+                   ("none", None): overall["harm"]}
+    # trudy sent nothing since: her choice waits for its outcome
+    assert [p.get("client_id") for p in ch.pending] == ["trudy"]
+    assert ch.posterior("client_alert_rate", "quarantine_client")[0] < \
+        ch.posterior("client_alert_rate", "none")[0]
+    store.close()

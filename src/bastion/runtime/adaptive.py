@@ -14,7 +14,11 @@ The fixed policy maps every signal to the same actions. With ``adaptive.enabled`
   alias, a signal naming no client, too few labels for a retrain or its cooldown not over:
   the cases the controller would refuse or defer), so exploring never tries an action
   Bastion would refuse;
-- **outcome**: the harm observed between this step and the next (:func:`observed_harm`):
+- **outcome**: the harm observed between this step and the next (:func:`observed_harm`),
+  of the client's own requests for a choice about one client (``client_alert_rate``:
+  the campaign the action was meant to stop; before, every choice of a step shared the
+  step's overall harm, so drift errors nobody could fix were charged to a quarantine),
+  of all requests otherwise:
   answers the feedback labels say were wrong, blocked requests whose client labelled them
   anyway (it wanted an answer), and flagged inputs the champion answered that nobody
   labelled (the visible trace of an evasion), per request;
@@ -67,8 +71,10 @@ class AdaptiveSettings(BaseModel):
 
 
 def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int,
-                  suspect_weight: float = 0.5) -> dict[str, Any]:
-    """Harm visible in ``(after_id, upto_id]``, per answered request:
+                  suspect_weight: float = 0.5, client_id: str | None = None
+                  ) -> dict[str, Any]:
+    """Harm visible in ``(after_id, upto_id]``, per answered request (only ``client_id``'s
+    requests when given):
 
     - ``wrong``: labelled answers the label disagrees with;
     - ``blocked``: requests answered with nothing (blocked, quarantined) that their
@@ -85,6 +91,8 @@ def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int,
     wrong = blocked = 0
     labelled: set[str] = set()
     for p, f in labelled_feedback(store, after_id=after_id, upto_id=upto_id, limit=None):
+        if client_id is not None and p.client_id != client_id:
+            continue
         labelled.add(str(p.request_id))
         served = p.payload.get("label")
         if served is None or p.payload.get("verdict") == "block":
@@ -93,7 +101,7 @@ def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int,
             wrong += 1
     n = suspect = 0
     for p in store.query(kinds=ev.PREDICTION, after_id=after_id, before_id=upto_id,
-                         limit=None):
+                         client_id=client_id, limit=None):
         n += 1
         pl = p.payload
         if str(p.request_id) not in labelled and pl.get("verdict") == "flag" and \
@@ -149,23 +157,33 @@ class AdaptiveChooser:
         return arm, {"context": context, "offered": table, "excluded": excluded,
                      "chosen": arm, "rule": "lowest sampled harm (Thompson sampling)"}
 
-    def settle(self, harm: dict[str, Any]) -> list[dict[str, Any]]:
-        """Give the observed ``harm`` to every pending choice; return what was settled."""
-        if harm.get("harm") is None or not self.pending:
-            return []
+    def settle(self, harm: dict[str, Any],
+               per_client: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Give each pending choice its outcome and return what was settled: a choice
+        about one client (``client_id``, with its harm in ``per_client``) gets the harm of
+        that client's requests, any other the overall ``harm``. A choice whose harm is
+        unknown (no requests) waits for the next step."""
         d = self.s.discount
-        done = []
+        done, waiting = [], []
         for p in self.pending:
+            c = p.get("client_id")
+            h_of = per_client[c] if per_client is not None and c and c in per_client \
+                else harm
+            if h_of.get("harm") is None:
+                waiting.append(p)
+                continue
             ctx = self.arms.setdefault(p["context"], {})
             for a in ctx.values():  # forget slowly: campaigns change
                 a[0] *= d
                 a[1] *= d
                 a[2] *= d
-            h = float(harm["harm"])
+            h = float(h_of["harm"])
             v = ctx.setdefault(p["arm"], [0.0, 0.0, 0.0])
             v[0] += 1.0
             v[1] += h
             v[2] += h * h
-            done.append({**p, "harm": h, "n_labelled": harm["n"]})
-        self.pending = []
+            done.append({**p, "harm": h, "n_labelled": h_of["n"],
+                         "scope": f"client {c}" if h_of is not harm else "all requests",
+                         "observed": h_of})
+        self.pending = waiting
         return done

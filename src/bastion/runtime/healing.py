@@ -489,12 +489,16 @@ class HealingController:
         chooser = AdaptiveChooser(self.policy.adaptive,
                                   self.store.get_state(self._adaptive_key, None))
         harm = observed_harm(self.store, after_id=cursor, upto_id=upto)
-        for d in chooser.settle(harm):
+        per_client = {c: observed_harm(self.store, after_id=cursor, upto_id=upto, client_id=c)
+                      for c in {str(p["client_id"]) for p in chooser.pending
+                                if p.get("client_id")}}
+        for d in chooser.settle(harm, per_client):
+            h = d.pop("observed")
             self._audit("adaptive_outcome", d["monitor"], True,
                         f"{d['context']}: {d['arm']} was followed by harm {d['harm']:.3f} "
-                        f"({harm['wrong']} wrong, {harm['blocked']} blocked, "
-                        f"{harm['suspect']} flagged answered, of {harm['n']} requests)",
-                        {"outcome": d, "harm": harm}, d.get("client_id"))
+                        f"({h['wrong']} wrong, {h['blocked']} blocked, "
+                        f"{h['suspect']} flagged answered, of {h['n']} requests; "
+                        f"{d['scope']})", {"outcome": d, "harm": h}, d.get("client_id"))
         return chooser
 
     def _safe_arms(self, sig: Signal, upto: int) -> tuple[list[str], dict[str, str]]:
