@@ -170,3 +170,33 @@ def test_a_choice_about_one_client_is_credited_with_that_clients_harm(tmp_path):
     assert ch.posterior("client_alert_rate", "quarantine_client")[0] < \
         ch.posterior("client_alert_rate", "none")[0]
     store.close()
+
+
+def test_the_client_under_suspicion_cannot_steer_its_own_outcome(tmp_path):
+    """An attacker who reads the bandit's rules labels its traffic to make the next
+    quarantine look costly (labels on its blocked requests) or its evasions look harmless
+    (each flagged answer labelled with the label it got): neither moves the outcome."""
+    store = ev.EventStore(f"sqlite:///{tmp_path / 'events.db'}")
+    for i in range(4):  # mallory, quarantined, labels every blocked request
+        store.append(ev.PREDICTION, {"label": None, "verdict": "block",
+                                     "fired": ["quarantine"]},
+                     request_id=f"m{i}", client_id="mallory")
+        store.append(ev.FEEDBACK, {"label": 7}, request_id=f"m{i}", client_id="mallory")
+    for i in range(4):  # eve's evasions answered with a flag, labelled "correct" by eve
+        store.append(ev.PREDICTION, {"label": 3, "verdict": "flag", "answered_by": "champion",
+                                     "fired": ["squeeze"]},
+                     request_id=f"e{i}", client_id="eve")
+        store.append(ev.FEEDBACK, {"label": 3}, request_id=f"e{i}", client_id="eve")
+    store.append(ev.PREDICTION, {"label": None, "verdict": "block", "fired": ["outlier"]},
+                 request_id="b0", client_id="bob")  # a benign request blocked, labelled
+    store.append(ev.FEEDBACK, {"label": 1}, request_id="b0", client_id="bob")
+    last = store.last_id()
+    mallory = observed_harm(store, after_id=0, upto_id=last, client_id="mallory")
+    assert mallory["harm"] == 0.0 and mallory["blocked"] == 0
+    eve = observed_harm(store, after_id=0, upto_id=last, client_id="eve")
+    assert eve["suspect"] == 4 and eve["harm"] == 0.5
+    overall = observed_harm(store, after_id=0, upto_id=last)
+    # bob's blocked request is harm; mallory's labels are not; eve's labels count here
+    # (the overall outcome reads every client's labels but a quarantined one's)
+    assert overall["blocked"] == 1 and overall["n"] == 9
+    store.close()

@@ -21,7 +21,10 @@ The fixed policy maps every signal to the same actions. With ``adaptive.enabled`
   of all requests otherwise:
   answers the feedback labels say were wrong, blocked requests whose client labelled them
   anyway (it wanted an answer), and flagged inputs the champion answered that nobody
-  labelled (the visible trace of an evasion), per request;
+  labelled (the visible trace of an evasion), per request. The client under suspicion
+  has no say in its own outcome: a client-scoped outcome reads none of its labels, and a
+  quarantined client's labels never count as blocked harm (else an attacker could label
+  its way out of the next quarantine);
 - **learning**: discounted Thompson sampling (Gaussian posterior of each arm's mean harm,
   old outcomes weighed down by ``discount`` per update, so a campaign that changes is
   followed). An arm never tried is sampled from the prior (mean ``prior_harm``).
@@ -73,16 +76,23 @@ class AdaptiveSettings(BaseModel):
 def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int,
                   suspect_weight: float = 0.5, client_id: str | None = None
                   ) -> dict[str, Any]:
-    """Harm visible in ``(after_id, upto_id]``, per answered request (only ``client_id``'s
-    requests when given):
+    """Harm visible in ``(after_id, upto_id]``, per answered request:
 
     - ``wrong``: labelled answers the label disagrees with;
-    - ``blocked``: requests answered with nothing (blocked, quarantined) that their
-      client labelled anyway (it wanted an answer);
+    - ``blocked``: requests answered with nothing (blocked) that their client labelled
+      anyway (it wanted an answer), except a quarantined client's: its label is the word
+      of the client Bastion already judged hostile, and counting it would let an attacker
+      make its own quarantine look costly;
     - ``suspect``: unlabelled inputs the detectors flagged that the champion answered
       anyway (attackers do not label their inputs: a flagged input answered by the
       champion is the visible trace of a possibly successful evasion), weighed by
       ``suspect_weight``.
+
+    With ``client_id`` (the outcome of a choice about that client): only its requests,
+    and none of its labels, since it is the client under suspicion: labelling its flagged
+    inputs with the answer it got would otherwise hide them, and labelling its blocked
+    ones would bill the quarantine; its flagged inputs the champion answered are all
+    ``suspect``.
 
     ``harm`` = (wrong + blocked + suspect_weight * suspect) / n, None without requests.
     """
@@ -90,8 +100,10 @@ def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int,
 
     wrong = blocked = 0
     labelled: set[str] = set()
-    for p, f in labelled_feedback(store, after_id=after_id, upto_id=upto_id, limit=None):
-        if client_id is not None and p.client_id != client_id:
+    pairs = [] if client_id is not None else \
+        labelled_feedback(store, after_id=after_id, upto_id=upto_id, limit=None)
+    for p, f in pairs:
+        if "quarantine" in (p.payload.get("fired") or []):
             continue
         labelled.add(str(p.request_id))
         served = p.payload.get("label")
