@@ -182,17 +182,27 @@ def test_two_replicas_answer_with_keys_and_share_the_query_stream(deployed) -> N
 
 def test_rate_limit_is_one_bucket_per_key_across_replicas(deployed) -> None:
     svc, tokens, _ = deployed
-    t0 = time.monotonic()
-    res = _burst(svc.url, tokens["burst"], 90, threads=6)
-    elapsed = time.monotonic() - t0
-    codes = [r[0] for r in res]
-    assert set(codes) <= {200, 429}
-    ok = codes.count(200)
-    assert len({r[2] for r in res}) == 2
-    # one bucket: at most burst + rate * t for the whole cluster (two separate buckets
-    # would grant up to twice that)
-    assert ok <= RATE + RATE * elapsed + 1, (ok, elapsed)
-    assert ok >= RATE * 0.75
+    # Serve's router may send a whole burst to one replica, which proves nothing about
+    # sharing; burst again (after the bucket refills) until one burst reached both.
+    # Every burst must respect the one-bucket bound.
+    both = False
+    for k in range(5):
+        if k:
+            time.sleep(1.5)  # at RATE/s the bucket is full again after a second
+        t0 = time.monotonic()
+        res = _burst(svc.url, tokens["burst"], 90, threads=6, start=1000 + 90 * k)
+        elapsed = time.monotonic() - t0
+        codes = [r[0] for r in res]
+        assert set(codes) <= {200, 429}
+        ok = codes.count(200)
+        # one bucket: at most burst + rate * t for the whole cluster (two separate
+        # buckets would grant up to twice that)
+        assert ok <= RATE + RATE * elapsed + 1, (ok, elapsed)
+        assert ok >= RATE * 0.75
+        if len({r[2] for r in res}) == 2:
+            both = True
+            break
+    assert both, "five bursts of 90 requests never reached both replicas"
 
 
 def test_quarantine_lifted_through_one_replica_holds_on_both(deployed) -> None:
