@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bastion.errors import UnsafePathError
+from bastion.errors import BastionError, UnsafePathError
 
 _LINK_HINT = "replace the link with the real file or folder"
 
@@ -212,3 +212,32 @@ def model_digest_tag(model_spec: str | None) -> dict[str, str]:
         return {"bastion.model_sha256": folder_digest(d)}
     except Exception:  # an unreadable folder simply goes untagged
         return {}
+
+
+def read_mapping_file(path: str | os.PathLike[str], *, what: str, hint: str
+                      ) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON file holding a mapping at the top level.
+    Errors are one line naming the file and, for a syntax error, its line and column,
+    never the file's text (a config may hold a token). ``what`` names the file in the
+    messages ("policy file"), ``hint`` says how to fix a file that is not found."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BastionError(f"{what} not found: {p}", hint=hint)
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            doc = yaml.safe_load(text)
+        else:
+            doc = json.loads(text)
+    except Exception as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark is not None else \
+            (getattr(exc, "lineno", None), getattr(exc, "colno", None))
+        where = f" at line {line}, column {col}" if line is not None else ""
+        raise BastionError(f"cannot parse {p}{where}: {type(exc).__name__}",
+                           hint="write it as YAML or JSON") from None
+    if not isinstance(doc, dict):
+        raise BastionError(f"{p} must hold a mapping at the top level")
+    return doc

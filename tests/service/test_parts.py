@@ -118,6 +118,30 @@ def test_config_token_sources_and_secrecy(monkeypatch, tmp_path):
         ServiceConfig.build(model="m", reference="r", typo=1)
 
 
+def test_a_broken_config_file_says_where_and_never_echoes_its_text(tmp_path):
+    """A config holds tokens: a syntax error names the line and column, not the text."""
+    from bastion.errors import BastionError
+    from bastion.service.config import ServiceConfig
+
+    secret = "tok_" + "s3cr3t" * 6
+    f = tmp_path / "c.yaml"
+    f.write_text(f"service:\n  model: m\n  admin_token: {secret}\n  limits: [unclosed\n")
+    with pytest.raises(BastionError) as e:
+        ServiceConfig.from_file(f)
+    msg = str(e.value)
+    assert "line" in msg and "column" in msg and secret not in msg and "\n" not in msg
+    j = tmp_path / "c.json"
+    j.write_text('{"admin_token": "' + secret + '",\n "model": }')
+    with pytest.raises(BastionError, match="line 2, column") as e:
+        ServiceConfig.from_file(j)
+    assert secret not in str(e.value)
+    j.write_text('["a list"]')
+    with pytest.raises(BastionError, match="mapping at the top level"):
+        ServiceConfig.from_file(j)
+    with pytest.raises(BastionError, match="config file not found"):
+        ServiceConfig.from_file(tmp_path / "missing.yaml")
+
+
 def test_metrics_from_events():
     from bastion.service.metrics import ServiceMetrics
 

@@ -21,7 +21,6 @@ Policies are pydantic models, readable from YAML or JSON (:meth:`HealingPolicy.f
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from bastion._util import read_mapping_file
 from bastion.errors import BastionError
 from bastion.runtime.adaptive import (
     STATE_ADAPTIVE,
@@ -119,7 +119,8 @@ class HealingPolicy(BaseModel):
       (``max_client_share``, ``client_trust``, ``default_client_trust``), so no single
       client dominates a retrain set. A retrain runs after the step's quarantines.
     - ``adaptive``: choose the action per kind of attack with a contextual bandit over
-      the recorded outcomes instead of the rules' fixed actions
+      the recorded outcomes instead of the rules' fixed actions; the rules' action is
+      where it starts (its prior), so it leaves them only on evidence
       (:mod:`bastion.runtime.adaptive`; off by default).
     - ``return_to_champion_after``: steps in a row without any monitor whose rule
       switches to the fallback firing, after which traffic returns to the champion
@@ -158,23 +159,7 @@ class HealingPolicy(BaseModel):
 
 
 def _read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise BastionError(f"policy file not found: {p}", hint="check the path")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            doc = yaml.safe_load(text)
-        else:
-            doc = json.loads(text)
-    except Exception as exc:
-        raise BastionError(f"cannot parse {p}: {exc}",
-                           hint="write the policy as YAML or JSON") from None
-    if not isinstance(doc, dict):
-        raise BastionError(f"{p} must hold a mapping at the top level")
-    return doc
+    return read_mapping_file(path, what="policy file", hint="check the path")
 
 
 def _validate(cls: Any, doc: Any, path: str | os.PathLike[str]) -> Any:
@@ -535,10 +520,17 @@ class HealingController:
                 excluded[arm] = why
         return offered or ["none"], excluded
 
+    def _rule_arm(self, monitor: str) -> str:
+        """The arm the fixed rules take for ``monitor``: their first action the bandit
+        may choose, ``none`` when they take none of them (alert only)."""
+        arms = self.policy.adaptive.actions.get(monitor, [])
+        return next((a for a in self.policy.actions_for(monitor) if a in arms), "none")
+
     def _adaptive_pick(self, chooser: AdaptiveChooser, sig: Signal,
                        evidence: dict[str, Any], upto: int) -> list[str]:
         offered, excluded = self._safe_arms(sig, upto)
-        arm, why = chooser.choose(sig.monitor, offered, excluded)
+        arm, why = chooser.choose(sig.monitor, offered, excluded,
+                                  self._rule_arm(sig.monitor))
         chooser.pending.append({"context": sig.monitor, "monitor": sig.monitor, "arm": arm,
                                 "client_id": sig.client_id, "at_id": upto})
         self._audit("adaptive_choice", sig.monitor, True,

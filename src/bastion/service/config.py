@@ -8,13 +8,13 @@ is a :class:`pydantic.SecretStr`, so it never shows in a repr, a log line or the
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from bastion._util import read_mapping_file
 from bastion.errors import BastionError
 from bastion.runtime.alerting import AlertingConfig
 from bastion.runtime.fairness import FairnessSettings
@@ -119,22 +119,7 @@ class ServiceConfig(BaseModel):
     def from_file(cls, path: str | Path, **overrides: Any) -> ServiceConfig:
         """Read a YAML (``.yaml``/``.yml``) or JSON file; a top-level ``service:`` key is
         accepted; ``overrides`` (not None) win over the file."""
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise BastionError(f"config file not found: {p}", hint="check --config")
-        text = p.read_text(encoding="utf-8")
-        try:
-            if p.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
-                doc = yaml.safe_load(text)
-            else:
-                doc = json.loads(text)
-        except Exception as exc:
-            raise BastionError(f"cannot parse {p}: {type(exc).__name__}",
-                               hint="write the config as YAML or JSON") from None
-        if not isinstance(doc, dict):
-            raise BastionError(f"{p} must hold a mapping at the top level")
+        doc = read_mapping_file(path, what="config file", hint="check --config")
         doc = dict(doc.get("service", doc))
         doc.update({k: v for k, v in overrides.items() if v is not None})
         return cls.build(**doc)

@@ -19,27 +19,13 @@ from typing import Any
 
 from bastion.runtime.monitors import (
     Signal,
+    _binom_greater,
+    _window_info,
     client_score_shift,
     reference_scores,
     score_shift_signal,
 )
 from bastion.store import events as ev
-
-
-def _window_info(events: list[ev.Event]) -> dict[str, Any]:
-    if not events:
-        return {"n": 0}
-    return {"n": len(events), "first_id": events[0].id, "last_id": events[-1].id,
-            "from": events[0].at, "to": events[-1].at}
-
-
-def _binom_greater(k: int, n: int, p: float) -> float:
-    from scipy.stats import binomtest
-
-    if n == 0:
-        return 1.0
-    return float(binomtest(int(k), int(n), min(max(p, 1e-9), 1 - 1e-9),
-                           alternative="greater").pvalue)
 
 
 class RelativeClientAlertMonitor:
