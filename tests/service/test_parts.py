@@ -95,6 +95,38 @@ def test_relative_client_monitor_singles_out_one_client_not_a_shared_drift(tmp_p
         _preds(s2, c, 60, 40)
     sig2 = mon.evaluate(s2, after_id=0, upto_id=s2.last_id())
     assert not any(x.fired for x in sig2)
+    # rounds as real traffic comes: every client's requests interleaved. A drift
+    # flags everybody for 4 rounds, then it is over and a campaign starts: the drift's
+    # flags (still in the window) must not raise the bar the campaign is judged against
+    s3 = EventStore(f"sqlite:///{tmp_path / 'c.db'}")
+
+    def rounds(spec: dict[str, tuple[int, int]], k: int, tag: str) -> None:
+        for r in range(k):
+            for c, (n, f) in spec.items():
+                s3.append_many([{"kind": ev.PREDICTION, "client_id": c,
+                                 "request_id": f"{c}{tag}{r}-{i}",
+                                 "payload": {"verdict": "flag" if i < f else "allow"}}
+                                for i in range(n)])
+
+    benign = {c: (20, 12) for c in ("alice", "bob", "carol")}
+    rounds(benign, 4, "drift")
+    sig3 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
+    assert not any(x.fired for x in sig3)
+    rounds({**{c: (20, 1) for c in benign}, "thief": (40, 20)}, 2, "after")
+    sig3 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
+    assert [x.client_id for x in sig3 if x.fired] == ["thief"], [x.message for x in sig3]
+    thief = next(x for x in sig3 if x.fired)
+    # the others' share over the thief's span: 1 flagged of 20, per client and round
+    # (before, over the whole window: 150 of 360, and the thief went unnoticed)
+    assert thief.evidence["others_rate"] == pytest.approx(1 / 20, abs=0.02)
+    # a campaign inside a drift: compared with the drifted traffic beside it, so it is
+    # not singled out (the drift monitors report the drift)
+    s3.close()
+    s3 = EventStore(f"sqlite:///{tmp_path / 'd.db'}")
+    rounds({**benign, "late": (40, 26)}, 2, "during")
+    sig4 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
+    assert not any(x.fired for x in sig4), [x.message for x in sig4]
+    s3.close()
 
 
 def test_config_token_sources_and_secrecy(monkeypatch, tmp_path):
