@@ -119,6 +119,16 @@ def test_relative_client_monitor_singles_out_one_client_not_a_shared_drift(tmp_p
     # the others' share over the thief's span: 1 flagged of 20, per client and round
     # (before, over the whole window: 150 of 360, and the thief went unnoticed)
     assert thief.evidence["others_rate"] == pytest.approx(1 / 20, abs=0.02)
+    # a drift starts while the benign clients are active (after a retrain moved the
+    # monitors' baseline, so the window is short): alice comes first in every round;
+    # judged against the others' requests up to her last one, she alone was singled out
+    # at the drift's onset (and quarantined); the others' share must include theirs
+    s3.close()
+    s3 = EventStore(f"sqlite:///{tmp_path / 'e.db'}")
+    rounds({c: (20, 1) for c in benign}, 1, "before")
+    rounds({c: (20, 14) for c in benign}, 1, "onset")
+    sig5 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
+    assert not any(x.fired for x in sig5), [x.message for x in sig5]
     # a campaign inside a drift: compared with the drifted traffic beside it, so it is
     # not singled out (the drift monitors report the drift)
     s3.close()
