@@ -116,9 +116,10 @@ def test_relative_client_monitor_singles_out_one_client_not_a_shared_drift(tmp_p
     sig3 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
     assert [x.client_id for x in sig3 if x.fired] == ["thief"], [x.message for x in sig3]
     thief = next(x for x in sig3 if x.fired)
-    # the others' share over the thief's span: 1 flagged of 20, per client and round
-    # (before, over the whole window: 150 of 360, and the thief went unnoticed)
-    assert thief.evidence["others_rate"] == pytest.approx(1 / 20, abs=0.02)
+    # the others' share over the thief's span, padded by its 80 requests (20 of them
+    # from the drift's last round): 18 flagged of 140; over the whole window it was 150
+    # of 360, and the thief went unnoticed
+    assert thief.evidence["others_rate"] == pytest.approx(18 / 140)
     # a drift starts while the benign clients are active (after a retrain moved the
     # monitors' baseline, so the window is short): alice comes first in every round;
     # judged against the others' requests up to her last one, she alone was singled out
@@ -129,6 +130,15 @@ def test_relative_client_monitor_singles_out_one_client_not_a_shared_drift(tmp_p
     rounds({c: (20, 14) for c in benign}, 1, "onset")
     sig5 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
     assert not any(x.fired for x in sig5), [x.message for x in sig5]
+    # and the drift ends while they are active: carol comes last in every round, so her
+    # last drifted requests are followed by clean ones only; judged against the others'
+    # requests from her first one on, she alone was singled out at the drift's end
+    s3.close()
+    s3 = EventStore(f"sqlite:///{tmp_path / 'f.db'}")
+    rounds({c: (20, 14) for c in benign}, 1, "end")
+    rounds({c: (20, 1) for c in benign}, 1, "clean")
+    sig6 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
+    assert not any(x.fired for x in sig6), [x.message for x in sig6]
     # a campaign inside a drift: compared with the drifted traffic beside it, so it is
     # not singled out (the drift monitors report the drift)
     s3.close()
