@@ -235,6 +235,14 @@ def test_text_explanations_over_http(text_server):
     allowed = {rid for rid, v in zip(doc["request_ids"], doc["verdicts"], strict=True)
                if v == "allow"}
     assert not [e for e in dd["explanations"] if e["request_id"] in allowed]
+    # the reference features are kept for the model: a second flagged text is cheaper
+    assert svc._ref_text_feats[model].shape[0] == len(ref_rows)
+    t0 = time.perf_counter()
+    r = c.post("/v1/predict", json={"inputs": far_texts(1, seed=2)["random characters"],
+                                    "explain": True}, headers=bearer(keys["alice"]))
+    assert r.status_code == 200 and r.json()["explanations"][0]["words"]
+    print(f"explain: true, 1 text, {r.json()['verdicts'][0]}: "
+          f"{time.perf_counter() - t0:.2f} s (reference features kept)")
 
 
 def test_text_explain_budget_cap_and_errors(text_server):

@@ -26,6 +26,7 @@ import hashlib
 import re
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -444,6 +445,10 @@ class BastionService:
         from bastion.web.limits import TokenBuckets
 
         self._explain_lock = threading.Lock()
+        # a text model's unit-length features of the reference texts, by model (computed
+        # at its first explanation of a flagged text: 600 texts take seconds)
+        self._ref_text_feats: weakref.WeakKeyDictionary[Any, np.ndarray] = \
+            weakref.WeakKeyDictionary()
         self._explain_buckets = TokenBuckets(max(config.explain_rate_per_s, 1e-9),
                                              config.explain_burst)
         self.alerts: Any = None
@@ -741,7 +746,8 @@ class BastionService:
         (:func:`~bastion.evaluate.explain.explain_text`). A flagged or blocked text's
         nearest clean reference is the reference text (the detectors' sample of the
         training texts) whose ``features`` under the model that answered have the highest
-        cosine similarity; the reference features are computed once per call and model.
+        cosine similarity; the reference features are computed once per model (the first
+        time it has a flagged text to explain) and kept while the model is.
         The answer carries the reference's index, label, similarity and word attributions;
         the ``explanation`` event also has the reference text and its words, and the
         client's text and words under ``text``/``words``, which a reader does not see
@@ -776,7 +782,14 @@ class BastionService:
                 v = np.asarray(v, dtype=np.float64)
                 return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
-            sim = unit(embed([texts[i] for i in flagged])) @ unit(embed(ref_texts)).T
+            ref_feats = self._ref_text_feats.get(model)
+            if ref_feats is None or len(ref_feats) != len(ref_texts):
+                ref_feats = unit(embed(ref_texts))
+                try:
+                    self._ref_text_feats[model] = ref_feats
+                except TypeError:  # a model that takes no weak reference: not kept
+                    pass
+            sim = unit(embed([texts[i] for i in flagged])) @ ref_feats.T
             near = [(int(k), float(sim[r, k])) for r, k in enumerate(sim.argmax(1))]
             ref_exps = explain_text(model, [ref_texts[k] for k, _ in near],
                                     targets=[out[i]["target"] for i in flagged],  # type: ignore[index]
