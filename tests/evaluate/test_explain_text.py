@@ -285,3 +285,67 @@ def test_bad_inputs_and_black_box_ig(keyed):
         explain_text(keyed, [])
     with pytest.raises(BastionError, match="white-box text model"):
         explain_text(BlackBox(keyed), ["book a flight"], method="integrated_gradients")
+
+
+def test_explanations_beside_predictions_in_other_threads(keyed):
+    """As in the service: an explanation on a request thread takes token offsets (no
+    padding) while another thread predicts (padding) with the same model. A fast tokenizer
+    keeps padding and truncation as state, so without the model's tokenizer lock one
+    thread got the other's settings ("Unable to create tensor", "Already borrowed")."""
+    import sys
+    import threading
+
+    long = " ".join(OTHER * 20)  # 280 words: tokenizing takes a while, truncated to 16
+    batch = [long, "book a"]
+    ids_want, mask_want = keyed.tokenize(batch)
+    offsets_want = keyed.token_offsets(long)
+    errors: list[str] = []
+
+    def offsets() -> None:
+        try:
+            for _ in range(400):
+                assert keyed.token_offsets(long) == offsets_want
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            errors.append(repr(exc)[:200])
+
+    def predict() -> None:
+        try:
+            for _ in range(400):
+                ids, mask = keyed.tokenize(batch)
+                assert torch.equal(ids, ids_want) and torch.equal(mask, mask_want)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc)[:200])
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the threads often
+    try:
+        threads = [threading.Thread(target=f) for f in (offsets, predict, offsets, predict)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors[:3]
+    # and whole explanations beside predictions give the serial answers
+    texts = ["bad weather to paris", long]
+    want = [e.attribution for e in explain_text(keyed, texts, n_steps=8)]
+    got: list[list[list[float]]] = []
+
+    def explainer() -> None:
+        try:
+            for _ in range(5):
+                got.append([e.attribution for e in explain_text(keyed, texts, n_steps=8)])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc)[:200])
+
+    threads = [threading.Thread(target=f) for f in (explainer, predict, explainer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(got) == 10
+    for g in got:
+        np.testing.assert_allclose([v for a in g for v in a], [v for a in want for v in a],
+                                   atol=1e-5)
