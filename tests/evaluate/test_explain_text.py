@@ -260,6 +260,10 @@ def test_kernel_shap_through_a_black_box(keyed):
     calls = bb.calls
     explain_text(bb, [text], n_samples=50, targets=[0])
     assert bb.calls == calls + 1
+    # one word: its exact Shapley value, p(word) - p(empty text)
+    one = explain_text(bb, ["bad"], targets=[1])[0]
+    p1 = bb.predict_proba(["bad", ""])[:, 1]
+    assert one.words == ["bad"] and one.attribution == pytest.approx([float(p1[0] - p1[1])])
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [

@@ -271,14 +271,19 @@ def _shap_text(model: Any, target: int, words: list[tuple[str, tuple[int, int]]]
                  for row in present.detach().cpu().tolist()]
         return torch.from_numpy(np.asarray(model.predict_proba(batch), dtype=np.float32))
 
-    torch.manual_seed(seed)
     n = len(ws)
+    base_name = "the empty text (every word left out)"
+    if n == 1:  # one player: its Shapley value is exact (captum's sampler needs two)
+        p = forward(torch.tensor([[1.0], [0.0]]))[:, int(target)]
+        return TextExplanation("kernel_shap", int(target), ws, [s for _, s in words],
+                               [float(p[0] - p[1])], base_name)
+    torch.manual_seed(seed)
     a = KernelShap(forward).attribute(torch.ones(1, n), baselines=torch.zeros(1, n),
                                       target=int(target), n_samples=int(n_samples),
                                       perturbations_per_eval=int(n_samples))
     return TextExplanation("kernel_shap", int(target), ws, [s for _, s in words],
                            [float(v) for v in a[0].detach().double().cpu().tolist()],
-                           "the empty text (every word left out)")
+                           base_name)
 
 
 def explain_text(model: Any, texts: Sequence[str], *,
