@@ -244,3 +244,126 @@ def test_flagged_input_attributions_beside_their_nearest_reference(live, page):
     errs = [e for e in page.errors  # type: ignore[attr-defined]
             if "status of 401" not in e and "status of 403" not in e]
     assert not errs, errs
+
+
+# ---------------------------------------------------------------- a text model's words
+
+TINY_WORDS = ["book", "a", "flight", "to", "paris", "play", "some", "music", "what", "is",
+              "the", "weather", "today", "good", "bad"]
+
+
+@pytest.fixture(scope="module")
+def text_live(svc_mlflow, tmp_path_factory, make_config, make_keys):
+    """A text service on loopback: a tiny untrained BERT (2 layers, hidden 16, the 15-word
+    vocabulary) built from a config, 120 reference sentences, the outlier detector on the
+    model's own features."""
+    import json
+    import random
+
+    import torch
+
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from bastion.service.app import create_app
+    from bastion.service.server import ServiceThread
+
+    d = tmp_path_factory.mktemp("svc-browser-text")
+    folder = d / "tiny-bert"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_WORDS) + "\n")
+    tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    labels = ["travel", "music", "weather"]
+    cfg = BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=3,
+                     id2label=dict(enumerate(labels)),
+                     label2id={v: k for k, v in enumerate(labels)})
+    BertForSequenceClassification(cfg).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    r = random.Random(0)
+    topics = {"travel": "book a flight to paris", "music": "play some music",
+              "weather": "what is the weather today"}
+    rows = []
+    for i in range(120):
+        label = labels[i % 3]
+        words = topics[label].split()
+        words.insert(r.randrange(len(words) + 1), r.choice(["good", "bad", "today"]))
+        rows.append({"text": " ".join(words), "label": label})
+    (d / "ref.jsonl").write_text("\n".join(json.dumps(x) for x in rows))
+    cfg = make_config(f"hf:{folder}", d / "events.db", svc_mlflow,
+                      reference=f"jsonl:{d / 'ref.jsonl'}", model_name="svc-browser-text",
+                      reference_limit=120, text_embedder="model")
+    keys = make_keys(cfg.events_url, alice="client", viewer="reader", ops="admin")
+    with ServiceThread(create_app(cfg)) as st, httpx.Client(base_url=st.url, timeout=60) as c:
+        yield st.url, c, keys
+
+
+def _rgba(style: str) -> tuple[int, int, int, float]:
+    import re
+
+    m = re.search(r"background-color:\s*rgba?\(([^)]*)\)", style or "")
+    assert m, style
+    parts = [float(v) for v in m.group(1).split(",")]
+    return int(parts[0]), int(parts[1]), int(parts[2]), parts[3] if len(parts) > 3 else 1.0
+
+
+def test_text_explanation_as_coloured_words(text_live, page):
+    """A flagged text's explanation: the reference text's words and the flagged text's
+    places in word spans coloured by attribution; the client's words only after an admin
+    asks for them (a reader's ask is refused)."""
+    from playwright.sync_api import expect
+
+    url, c, keys = text_live
+    texts = ["zq!x 9#kv ~~ plm", "qqq rrr sss ttt uuu", "book a flight to paris"]
+    r = c.post("/v1/predict", json={"inputs": texts, "explain": True},
+               headers={"Authorization": f"Bearer {keys['alice']}"})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    flagged = [i for i, v in enumerate(doc["verdicts"]) if v != "allow"]
+    assert flagged, doc["verdicts"]
+    i = flagged[0]
+    rid = doc["request_ids"][i]
+    full = c.get("/v1/events", params={"kind": "explanation", "request_id": rid,
+                                       "include_inputs": "true"},
+                 headers={"Authorization": f"Bearer {keys['ops']}"}).json()["events"][0]
+    p = full["payload"]
+    assert p["words"] == texts[i].split()
+    page.goto(f"{url}/dashboard")
+    page.fill("#api-key", keys["viewer"])
+    page.click("#key-btn")
+    row = page.locator(f'#explanations .explained[data-request="{rid}"]')
+    expect(row).to_have_count(1, timeout=30_000)
+    mine = row.locator('figure[data-role="flagged"] span.w')
+    ref = row.locator('figure[data-role="reference"] span.w')
+    # one span per word, the value in its title, coloured by sign, full strength at the
+    # largest |attribution|
+    assert mine.count() == len(p["attribution"]) == len(texts[i].split())
+    assert ref.count() == len(p["reference"]["reference_words"])
+    assert ref.all_text_contents() == p["reference"]["reference_words"]
+    for spans, values in ((mine, p["attribution"]), (ref, p["reference"]["attribution"])):
+        assert [float(spans.nth(k).get_attribute("title")) for k in range(spans.count())] \
+            == pytest.approx(values)
+        top = int(np.argmax(np.abs(values)))
+        red, green, blue, alpha = _rgba(spans.nth(top).get_attribute("style"))
+        assert alpha == pytest.approx(1.0)
+        assert (red, green, blue) == ((192, 38, 45) if values[top] > 0 else (59, 111, 216))
+    # a reader sees where the words are, not the words
+    shown = row.text_content()
+    assert not any(w in shown for w in texts[i].split())
+    assert "nearest clean reference" in shown and "hidden" in shown
+    row.locator("button.reveal").click()
+    expect(row.locator(".reveal-result")).to_contain_text("refused (403)", timeout=20_000)
+    # an admin who asks sees them
+    page.fill("#api-key", keys["ops"])
+    page.click("#key-btn")
+    row.locator("button.reveal").click()
+    expect(row.locator('figure[data-role="flagged"] span.w').first).to_have_text(
+        texts[i].split()[0], timeout=20_000)
+    assert row.locator('figure[data-role="flagged"] span.w').all_text_contents() == \
+        texts[i].split()
+    assert row.locator("button.reveal").count() == 0
+    errs = [e for e in page.errors  # type: ignore[attr-defined]
+            if "status of 401" not in e and "status of 403" not in e]
+    assert not errs, errs

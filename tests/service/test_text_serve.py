@@ -63,8 +63,10 @@ def text_server(router, svc_mlflow, tmp_path_factory, make_config, make_keys):
     d = tmp_path_factory.mktemp("svc-text")
     cfg = make_config(router, d / "events.db", svc_mlflow, model_name="svc-text",
                       reference=SPEC, reference_limit=600, max_batch=64,
-                      max_body_bytes=20_000, max_text_chars=500)
-    keys = make_keys(cfg.events_url, ops="admin", alice="client", viewer="reader")
+                      max_body_bytes=20_000, max_text_chars=500,
+                      explain_rate_per_s=0.01, explain_burst=3, explain_max_batch=4)
+    keys = make_keys(cfg.events_url, ops="admin", alice="client", bob="client",
+                     carol="client", viewer="reader")
     app = create_app(cfg)
     with ServiceThread(app) as st, httpx.Client(base_url=st.url, timeout=60) as c:
         yield c, keys, app.state.service
@@ -142,7 +144,9 @@ def test_health_names_text_and_skipped_detectors(text_server):
     ({"inputs": ["ok\x1b[31m red"]}, 422, "control character U+001B"),
     ({"inputs": ["ok"] * 65}, 413, "larger than the limit 64"),
     ({"inputs": ["x" * 400] * 60}, 413, "body is larger"),
-    ({"inputs": ["book a flight"], "explain": True}, 422, "not available for a text"),
+    ({"inputs": [""], "explain": True}, 422, "empty or blank"),
+    ({"inputs": ["book a flight"] * 5, "explain": True}, 413, "at most 4 inputs"),
+    ({"inputs": ["book a flight"], "explain": "yes"}, 422, "explain"),
     ({"inputs": []}, 422, "inputs"),
 ])
 def test_bad_text_inputs_are_one_clear_4xx(text_server, body, status, needle):
@@ -155,6 +159,126 @@ def test_bad_text_inputs_are_one_clear_4xx(text_server, body, status, needle):
     ok = c.post("/v1/predict", json={"inputs": ["what is my balance"]},
                 headers=bearer(keys["alice"]))
     assert ok.status_code == 200 and ok.json()["label_names"] == ["balance"]
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+def test_text_explanations_over_http(text_server):
+    """explain: true on the text router: word attributions per input (integrated
+    gradients, one per word); a flagged text gets the most similar clean reference text's
+    attribution for the same class, recorded for the dashboard (the reference text for a
+    reader, the client's text only for an admin who asks)."""
+    import time
+
+    from bastion.data import load_data
+
+    c, keys, svc = text_server
+    far = far_texts(2, seed=1)["random characters"]
+    texts = ["what is my balance", "how much money is in my bank account"] + far
+    t0 = time.perf_counter()
+    r = c.post("/v1/predict", json={"inputs": texts, "explain": True},
+               headers=bearer(keys["alice"]))
+    took = time.perf_counter() - t0
+    assert r.status_code == 200, r.text[:300]
+    doc = r.json()
+    ex = doc["explanations"]
+    assert len(ex) == len(texts)
+    print(f"explain: true, {len(texts)} texts, "
+          f"{sum(v != 'allow' for v in doc['verdicts'])} flagged: {took:.2f} s")
+    for text, e, label, verdict in zip(texts, ex, doc["labels"], doc["verdicts"],
+                                       strict=True):
+        assert e["method"] == "integrated_gradients" and e["unit"] == "word"
+        assert e["explained_model"] == "champion" and e["target"] == label
+        assert e["words"] == text.split() and len(e["attribution"]) == len(e["words"])
+        assert [text[a:b] for a, b in e["spans"]] == e["words"]
+        assert all(np.isfinite(e["attribution"])) and e["truncated_at"] is None
+        assert (e["reference"] is None) == (verdict == "allow")
+    assert "allow" in doc["verdicts"]
+    flagged = [i for i, v in enumerate(doc["verdicts"]) if v != "allow"]
+    assert flagged  # random characters
+    ds = load_data(SPEC)
+    ref_rows = svc._text_reference_index()
+    model = svc.guard.model
+    ref_feats = model.features([str(ds.x_train[j]) for j in ref_rows])
+    for i in flagged:
+        ref = ex[i]["reference"]
+        # the training text with the most similar features under the answering model
+        sims = _cos(model.features([texts[i]]), ref_feats)[0]
+        assert ref["index"] == int(ref_rows[int(sims.argmax())])
+        assert ref["similarity"] == pytest.approx(float(sims.max()), abs=1e-4)
+        assert ref["label"] == int(ds.y_train[ref["index"]])
+        assert len(ref["attribution"]) == len(str(ds.x_train[ref["index"]]).split())
+        # the answer names the reference but does not hand training text to a client
+        assert "reference_text" not in ref and "words" not in ref
+    # recorded: a reader sees the attributions and the reference text, not the client's
+    dd = c.get("/v1/dashboard/data", headers=bearer(keys["viewer"])).json()
+    rid = doc["request_ids"][flagged[0]]
+    got = [e for e in dd["explanations"] if e["request_id"] == rid]
+    assert len(got) == 1
+    p = got[0]["payload"]
+    assert p["unit"] == "word" and p["verdict"] != "allow" and "shape" not in p
+    assert p["attribution"] == ex[flagged[0]]["attribution"]
+    ref = p["reference"]
+    assert ref["reference_text"] == str(ds.x_train[ref["index"]])
+    assert ref["reference_words"] == ref["reference_text"].split()
+    assert len(ref["attribution"]) == len(ref["reference_words"])
+    assert "text" not in p and "words" not in p and texts[flagged[0]] not in str(dd)
+    ev = c.get("/v1/events", params={"kind": "explanation", "request_id": rid,
+                                     "include_inputs": "true"}, headers=bearer(keys["ops"]))
+    full = ev.json()["events"][0]["payload"]
+    assert full["text"] == texts[flagged[0]] and full["words"] == texts[flagged[0]].split()
+    # the allowed texts are explained in the answer, not recorded
+    allowed = {rid for rid, v in zip(doc["request_ids"], doc["verdicts"], strict=True)
+               if v == "allow"}
+    assert not [e for e in dd["explanations"] if e["request_id"] in allowed]
+    # the reference features are kept for the model: a second flagged text is cheaper
+    assert svc._ref_text_feats[model].shape[0] == len(ref_rows)
+    t0 = time.perf_counter()
+    r = c.post("/v1/predict", json={"inputs": far_texts(1, seed=2)["random characters"],
+                                    "explain": True}, headers=bearer(keys["alice"]))
+    assert r.status_code == 200 and r.json()["explanations"][0]["words"]
+    print(f"explain: true, 1 text, {r.json()['verdicts'][0]}: "
+          f"{time.perf_counter() - t0:.2f} s (reference features kept)")
+
+
+def test_text_explain_budget_cap_and_errors(text_server):
+    c, keys, _ = text_server
+    body = {"inputs": ["what is my balance"], "explain": True}
+    codes = [c.post("/v1/predict", json=body, headers=bearer(keys["bob"])).status_code
+             for _ in range(4)]
+    assert codes == [200, 200, 200, 429]  # burst 3
+    r = c.post("/v1/predict", json=body, headers=bearer(keys["bob"]))
+    assert r.status_code == 429 and r.json()["error"]["code"] == "explain_rate_limited"
+    assert int(r.headers["Retry-After"]) >= 1
+    # plain predicts of the same client go on; another client has its own budget
+    assert c.post("/v1/predict", json={"inputs": body["inputs"]},
+                  headers=bearer(keys["bob"])).status_code == 200
+    # the batch cap (4) is checked before the budget is spent
+    r = c.post("/v1/predict", json={**body, "inputs": ["book a flight"] * 5},
+               headers=bearer(keys["carol"]))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "batch_too_large"
+    long = ("please book a flight to paris " * 17)[:500].strip()
+    r = c.post("/v1/predict", json={**body, "inputs": [long, "what is my balance"] * 2},
+               headers=bearer(keys["carol"]))
+    assert r.status_code == 200, r.text[:300]
+    e = r.json()["explanations"][0]
+    assert e["words"] == long.split() and len(e["attribution"]) == len(e["words"])
+    # ~100 words, more word pieces than max_length (64): where the cut was is reported,
+    # and the words after it get 0.0
+    cut = e["truncated_at"]
+    assert cut is not None and 0 < cut < len(long)
+    after = [a for a, (s_, _) in zip(e["attribution"], e["spans"], strict=True) if s_ >= cut]
+    assert after and all(a == 0.0 for a in after)
+    assert any(a != 0.0 for a in e["attribution"][:10])
+    for bad, code in [([1, 2], 422), ([""], 422), (["ok\x00"], 422), ([], 422)]:
+        r = c.post("/v1/predict", json={"inputs": bad, "explain": True},
+                   headers=bearer(keys["carol"]))
+        assert r.status_code == code, (bad, r.text[:300])
+    assert c.post("/v1/predict", json=body, headers=bearer(keys["carol"])).status_code == 200
 
 
 def test_non_utf8_and_lone_surrogates_are_refused(text_server):

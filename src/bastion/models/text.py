@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ __all__ = [
 
 TEXT_META = "bastion-text-model.json"
 TEXT_FORMAT = "bastion-text-model"
+#: one call into a tokenizer at a time: a fast (Rust) tokenizer keeps its truncation and
+#: padding settings as state, so two threads that tokenize with different settings (a
+#: served prediction, an explanation's token offsets) can get each other's padding or
+#: "Already borrowed"; tokenizing is quick, so one lock for all models
+_TOKENIZE_LOCK = threading.Lock()
 
 
 def is_text_model(model: object) -> bool:
@@ -91,14 +97,16 @@ class TextModel:
 
     # -- shared
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        with _TOKENIZE_LOCK:
+            enc = self.tokenizer(list(texts), padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """Character span of each token of ``text`` (special tokens: ``(0, 0)``)."""
-        enc = self.tokenizer([text], truncation=True, max_length=self.max_length,
-                             return_offsets_mapping=True)
+        with _TOKENIZE_LOCK:
+            enc = self.tokenizer([text], truncation=True, max_length=self.max_length,
+                                 return_offsets_mapping=True)
         return [tuple(int(v) for v in span) for span in enc["offset_mapping"][0]]
 
     def logits_from_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import hashlib
 import re
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -444,6 +445,10 @@ class BastionService:
         from bastion.web.limits import TokenBuckets
 
         self._explain_lock = threading.Lock()
+        # a text model's unit-length features of the reference texts, by model (computed
+        # at its first explanation of a flagged text: 600 texts take seconds)
+        self._ref_text_feats: weakref.WeakKeyDictionary[Any, np.ndarray] = \
+            weakref.WeakKeyDictionary()
         self._explain_buckets = TokenBuckets(max(config.explain_rate_per_s, 1e-9),
                                              config.explain_burst)
         self.alerts: Any = None
@@ -535,13 +540,16 @@ class BastionService:
                             model_version=cv, fallback_version=fv, max_batch=c.max_batch,
                             max_text_chars=c.max_text_chars)
 
+    def _text_reference_index(self) -> np.ndarray:
+        """The training rows of :meth:`_text_reference`, in order."""
+        c = self.config
+        n = len(self.data.x_train)
+        return np.sort(np.random.default_rng(c.seed).permutation(n)[: c.reference_limit])
+
     def _text_reference(self) -> np.ndarray:
         """Up to ``reference_limit`` training texts, a seeded random sample (a text file is
         often sorted by label, so its first rows would cover few labels)."""
-        c = self.config
-        xt = np.asarray(self.data.x_train, dtype=object)
-        idx = np.random.default_rng(c.seed).permutation(len(xt))[: c.reference_limit]
-        return xt[np.sort(idx)]
+        return np.asarray(self.data.x_train, dtype=object)[self._text_reference_index()]
 
     def _text_detectors(self, model: Any, x: np.ndarray
                         ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -687,9 +695,12 @@ class BastionService:
         """An attribution per input, by the model that answered it (the champion for a
         blocked input). A flagged or blocked input's explanation also gets its nearest
         clean reference input's attribution for the same class, and both are recorded
-        as an ``explanation`` event (the dashboard shows them side by side)."""
+        as an ``explanation`` event (the dashboard shows them side by side). A text
+        model's inputs get word attributions (:meth:`_explain_texts`)."""
         from bastion.evaluate.explain import explain
 
+        if self.is_text():
+            return self._explain_texts(x, decisions, client_id=client_id)
         x = np.asarray(getattr(x, "array", x), dtype=np.float32)
         with self._lock:
             models = {"champion": self._champion, "fallback": self._fallback}
@@ -726,6 +737,79 @@ class BastionService:
                                            "shape": list(x.shape[1:]),
                                            "reference": {**r, "reference_input": np.round(
                                                ref[j], 5).tolist()}}})
+            self.store.append_many(events)
+        return [o for o in out if o is not None]
+
+    def _explain_texts(self, x: Any, decisions: list[GuardDecision], *,
+                       client_id: str) -> list[dict[str, Any]]:
+        """:meth:`explain` for a text model: word attributions
+        (:func:`~bastion.evaluate.explain.explain_text`). A flagged or blocked text's
+        nearest clean reference is the reference text (the detectors' sample of the
+        training texts) whose ``features`` under the model that answered have the highest
+        cosine similarity; the reference features are computed once per model (the first
+        time it has a flagged text to explain) and kept while the model is.
+        The answer carries the reference's index, label, similarity and word attributions;
+        the ``explanation`` event also has the reference text and its words, and the
+        client's text and words under ``text``/``words``, which a reader does not see
+        (:mod:`bastion.web.redact`)."""
+        from bastion.detect.text import text_embedder
+        from bastion.evaluate.explain import explain_text
+
+        texts = [str(t) for t in np.asarray(getattr(x, "array", x), dtype=object).tolist()]
+        with self._lock:
+            models = {"champion": self._champion, "fallback": self._fallback}
+        out: list[dict[str, Any] | None] = [None] * len(decisions)
+        ref_rows: np.ndarray | None = None
+        for name in ("champion", "fallback"):
+            idx = [i for i, d in enumerate(decisions)
+                   if (d.answered_by if d.answered_by != "none" else "champion") == name]
+            model = models[name]
+            if not idx or model is None:
+                continue
+            exps = explain_text(model, [texts[i] for i in idx], seed=self.config.seed)
+            for i, e in zip(idx, exps, strict=True):
+                out[i] = {**e.as_dict(), "explained_model": name, "reference": None}
+            flagged = [i for i in idx if decisions[i].verdict != "allow"]
+            if not flagged:
+                continue
+            if ref_rows is None:
+                ref_rows = self._text_reference_index()
+            ref_texts = [str(self.data.x_train[j]) for j in ref_rows]
+            embed = text_embedder("model" if callable(getattr(model, "features", None))
+                                  else "minilm", model)
+
+            def unit(v: np.ndarray) -> np.ndarray:
+                v = np.asarray(v, dtype=np.float64)
+                return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+            ref_feats = self._ref_text_feats.get(model)
+            if ref_feats is None or len(ref_feats) != len(ref_texts):
+                ref_feats = unit(embed(ref_texts))
+                try:
+                    self._ref_text_feats[model] = ref_feats
+                except TypeError:  # a model that takes no weak reference: not kept
+                    pass
+            sim = unit(embed([texts[i] for i in flagged])) @ ref_feats.T
+            near = [(int(k), float(sim[r, k])) for r, k in enumerate(sim.argmax(1))]
+            ref_exps = explain_text(model, [ref_texts[k] for k, _ in near],
+                                    targets=[out[i]["target"] for i in flagged],  # type: ignore[index]
+                                    seed=self.config.seed)
+            events = []
+            for i, (k, similarity), re_ in zip(flagged, near, ref_exps, strict=True):
+                j = int(ref_rows[k])
+                r = {"index": j, "label": int(self.data.y_train[j]),
+                     "similarity": round(similarity, 5), "attribution": re_.as_dict()[
+                         "attribution"]}
+                out[i]["reference"] = r  # type: ignore[index]
+                mine = {k_: v for k_, v in out[i].items()  # type: ignore[union-attr]
+                        if k_ not in ("spans", "reference")}
+                events.append({"kind": ev.EXPLANATION, "client_id": client_id,
+                               "request_id": decisions[i].request_id,
+                               "model_version": decisions[i].model_version,
+                               "payload": {**mine, "verdict": decisions[i].verdict,
+                                           "unit": "word", "text": texts[i],
+                                           "reference": {**r, "reference_text": ref_texts[k],
+                                                         "reference_words": re_.words}}})
             self.store.append_many(events)
         return [o for o in out if o is not None]
 

@@ -41,8 +41,9 @@ class PredictRequest(_Request):
                     "with API keys the key names the client.")
     explain: StrictBool = Field(
         default=False, description="Also return an attribution per input (integrated "
-        "gradients for torch models, KernelSHAP otherwise); rate-limited per client "
-        "(explain_rate_per_s) and at most explain_max_batch inputs.")
+        "gradients for torch models, KernelSHAP otherwise; one value per word for a text "
+        "model); rate-limited per client (explain_rate_per_s) and at most "
+        "explain_max_batch inputs.")
 
 
 class ReferenceOut(BaseModel):
@@ -50,18 +51,31 @@ class ReferenceOut(BaseModel):
 
     index: int
     label: int
-    distance: float
+    distance: float | None = Field(default=None, description="Euclidean distance to the "
+                                   "input (numeric models).")
+    similarity: float | None = Field(default=None, description="Cosine similarity of the "
+                                     "model's features (text models).")
     attribution: list[Any]
 
 
 class ExplanationOut(BaseModel):
-    """One input's attribution (same shape as the input)."""
+    """One input's attribution: in the input's shape, or one value per word for a text
+    model (``unit: word``, with the words and their character spans)."""
 
     method: Literal["integrated_gradients", "kernel_shap"]
     target: int
     attribution: list[Any]
     baseline: str
     convergence_delta: float | None = None
+    unit: Literal["word"] | None = Field(default=None, description="`word` for a text "
+                                         "model, absent otherwise.")
+    words: list[str] | None = Field(default=None, description="A text's words (runs of "
+                                    "non-space characters), one attribution each.")
+    spans: list[list[int]] | None = Field(default=None, description="Each word's [start, "
+                                          "end) character offsets in the text.")
+    truncated_at: int | None = Field(default=None, description="Where the tokenizer cut "
+                                     "the text (its words after it get 0.0); null if not "
+                                     "cut.")
     explained_model: Literal["champion", "fallback"]
     reference: ReferenceOut | None = Field(
         default=None, description="For a flagged or blocked input: the nearest clean "

@@ -1,9 +1,10 @@
 """What a ``reader`` may see of a stored event: the payload without client data or text.
 
 :data:`CLIENT_TEXT_KEYS` names the payload keys that carry a client's data or words (model
-inputs, the LLM proxy's prompt excerpts, tool-call arguments, tracebacks that may quote
-them); :func:`redact` removes them at any depth. Only an ``admin`` who asks
-(``include_inputs=true``) gets whole payloads. Both apps' events routes use it.
+inputs, a text's words in an explanation, the LLM proxy's prompt excerpts, tool-call
+arguments, tracebacks that may quote them); :func:`redact` removes them at any depth.
+Only an ``admin`` who asks (``include_inputs=true``) gets whole payloads. Both apps'
+events routes use it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ __all__ = ["CLIENT_TEXT_KEYS", "redact"]
 
 CLIENT_TEXT_KEYS = frozenset({
     "input", "inputs", "excerpt", "excerpts", "prompt", "prompts", "content", "text",
-    "messages", "arguments", "answer_text", "traceback"})
+    "words", "messages", "arguments", "answer_text", "traceback"})
 
 
 def redact(o: Any) -> Any:

@@ -38,9 +38,6 @@ def predict(body: s.PredictRequest, request: Request,
         x = svc.prepare_inputs(body.inputs)
     except InputError as exc:
         raise input_error(exc) from None
-    if body.explain and svc.is_text():
-        raise ApiError(422, "explain_unavailable", "explain: true is not available for a "
-                       "text model (attributions are computed over numeric inputs)")
     if body.explain:
         cap = svc.config.explain_max_batch
         if len(x) > cap:
