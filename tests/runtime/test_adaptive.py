@@ -57,6 +57,66 @@ def test_chooser_learns_the_less_harmful_arm_and_forgets_slowly():
     assert ch.settle({"harm": None, "n": 0}) == [] and len(ch.pending) == 1
 
 
+def test_the_bandit_starts_from_the_rules_and_leaves_them_on_evidence():
+    arms = ["none", "quarantine_client", "switch_to_fallback"]
+    # no outcomes yet: the rules' arm is the likeliest pick, the others still explored
+    ch = AdaptiveChooser(AdaptiveSettings(enabled=True, seed=0, off_rule_prior=0.2))
+    picks = []
+    for step in range(300):
+        ch.steps = step
+        picks.append(ch.choose("client_alert_rate", arms, {}, "quarantine_client")[0])
+    share = picks.count("quarantine_client") / len(picks)
+    # N(0, 0.3) against two N(0.2, 0.3): the lowest about half the time
+    assert 0.4 < share < 0.6 and picks.count("none") > 30, share
+    assert all(picks.count(a) / len(picks) < 0.35 for a in arms[::2])
+    arm, why = ch.choose("client_alert_rate", arms, {}, "quarantine_client")
+    assert why["rule_arm"] == "quarantine_client"
+    assert why["offered"]["quarantine_client"]["prior_harm"] == 0.0
+    assert why["offered"]["none"]["prior_harm"] == 0.2
+    # off_rule_prior = 0: every arm starts equal (about a third each)
+    ch0 = AdaptiveChooser(AdaptiveSettings(enabled=True, seed=0, off_rule_prior=0.0))
+    flat = []
+    for step in range(300):
+        ch0.steps = step
+        flat.append(ch0.choose("client_alert_rate", arms, {}, "quarantine_client")[0])
+    assert all(0.2 < flat.count(a) / 300 < 0.47 for a in arms)
+    # the rules' arm keeps doing harm, another does none: the bandit leaves the rules
+    picks = []
+    for _ in range(40):
+        arm, _ = ch.choose("client_alert_rate", arms, {}, "quarantine_client")
+        picks.append(arm)
+        ch.pending.append({"context": "client_alert_rate", "monitor": "m", "arm": arm})
+        ch.settle({"harm": 0.05 if arm == "switch_to_fallback" else 0.6, "n": 50})
+        ch.steps += 1
+    assert picks[-15:].count("switch_to_fallback") >= 13, picks
+
+
+def test_controller_takes_the_rules_arm_as_the_prior(tmp_path, mlflow_uri, zoo_digits,
+                                                     splits):
+    from bastion.registry.models import ModelRegistry
+
+    _, folder = zoo_digits
+    store = ev.EventStore(f"sqlite:///{tmp_path / 'events.db'}")
+    reg = ModelRegistry("adaptive-prior", tracking_uri=mlflow_uri, store=store)
+    reg.promote(reg.register(folder), reason="baseline", actor="test")
+    mons = [Switch("client_alert_rate"), Switch("alert_rate")]
+    pol = HealingPolicy(rules=[Rule(monitor="client_alert_rate",
+                                    actions=["alert", "quarantine_client"]),
+                               Rule(monitor="alert_rate", actions=["alert"])],
+                        adaptive=AdaptiveSettings(enabled=True, seed=0))
+    ctl = HealingController(pol, store, reg, RetrainPipeline(splits[0], splits[1]),
+                            monitors=mons)
+    assert ctl._rule_arm("client_alert_rate") == "quarantine_client"
+    assert ctl._rule_arm("alert_rate") == "none"  # the rules only alert
+    assert ctl._rule_arm("input_drift") == "none"
+    mons[1].on = True
+    ctl.step()
+    why = [e.payload["evidence"]["adaptive"] for e in store.query(kinds=ev.AUDIT, limit=None)
+           if e.payload["action"] == "adaptive_choice"]
+    assert why and why[0]["rule_arm"] == "none"
+    store.close()
+
+
 def test_controller_explores_safely_and_audits_its_reasoning(tmp_path, mlflow_uri, zoo_digits,
                                                              splits):
     from bastion.registry.models import ModelRegistry
@@ -69,7 +129,10 @@ def test_controller_explores_safely_and_audits_its_reasoning(tmp_path, mlflow_ur
     client_mon, rate_mon = Switch("client_alert_rate"), Switch("alert_rate")
     pol = HealingPolicy(rules=[Rule(monitor="client_alert_rate", actions=["alert"]),
                                Rule(monitor="alert_rate", actions=["alert"])],
-                        adaptive=AdaptiveSettings(enabled=True, seed=1, actions={
+                        # every arm starts equal: this test is about what exploring
+                        # may try
+                        adaptive=AdaptiveSettings(enabled=True, seed=1, off_rule_prior=0.0,
+                                                  actions={
                             "client_alert_rate": ["none", "quarantine_client",
                                                   "switch_to_fallback"],
                             "alert_rate": ["none", "switch_to_fallback"]}))
@@ -113,14 +176,16 @@ def test_controller_explores_safely_and_audits_its_reasoning(tmp_path, mlflow_ur
               if e.payload["action"] == "adaptive_choice"][1:]
     assert set(chosen[0]["offered"]) == {"none", "quarantine_client", "switch_to_fallback"}
     # the bandit tried the untried arms after "none" was followed by harm; once mallory
-    # is quarantined, quarantining again is never offered
+    # is quarantined, her signal asks for no choice at all: a "none" there would be
+    # credited with the quarantine's effect (her blocked requests do no harm)
     picked = [c["chosen"] for c in chosen]
     assert all(p_ in c["offered"] for p_, c in zip(picked, chosen, strict=True))
-    assert "quarantine_client" in picked, picked
-    first = picked.index("quarantine_client")
+    assert picked[-1] == "quarantine_client", picked
     assert "mallory" in store.get_state(STATE_QUARANTINE, [])
-    for c in chosen[first + 1:]:
-        assert "already quarantined" in c["excluded"]["quarantine_client"]
+    skips = [e.payload for e in store.query(kinds=ev.AUDIT, limit=None)
+             if e.payload["action"] == "adaptive_skip"]
+    assert skips and all("already quarantined" in p_["decision"] for p_ in skips)
+    assert len(chosen) + len(skips) == 6  # one per step after the first
     # the statistics are in the store for the next controller
     st = store.get_state("adaptive:adaptive-test")
     # no labels arrived after the client choices: they wait for their outcome
@@ -199,4 +264,30 @@ def test_the_client_under_suspicion_cannot_steer_its_own_outcome(tmp_path):
     # bob's blocked request is harm; mallory's labels are not; eve's labels count here
     # (the overall outcome reads every client's labels but a quarantined one's)
     assert overall["blocked"] == 1 and overall["n"] == 9
+    store.close()
+
+
+def test_answered_extraction_queries_are_harm_whoever_answers_them(tmp_path):
+    """A theft campaign's queries answered by the fallback still hand out labels: choosing
+    "fallback" or "none" against an extraction campaign must not look free (the first
+    version saw only flagged inputs the champion answered, so against extraction every
+    arm scored 0 and the bandit had nothing to learn from)."""
+    store = ev.EventStore(f"sqlite:///{tmp_path / 'events.db'}")
+    for i in range(6):  # the extraction detector flags the thief; the fallback answers
+        store.append(ev.PREDICTION, {"label": i % 10, "verdict": "flag",
+                                     "answered_by": "fallback", "fired": ["extraction"]},
+                     request_id=f"x{i}", client_id="thief")
+    for i in range(4):  # an input flagged by an input detector, answered by the fallback
+        store.append(ev.PREDICTION, {"label": 2, "verdict": "flag", "answered_by": "fallback",
+                                     "fired": ["squeeze"]},
+                     request_id=f"f{i}", client_id="bob")
+    for i in range(2):  # the thief once quarantined: blocked, nothing handed out
+        store.append(ev.PREDICTION, {"label": None, "verdict": "block",
+                                     "fired": ["extraction", "quarantine"]},
+                     request_id=f"q{i}", client_id="thief")
+    last = store.last_id()
+    thief = observed_harm(store, after_id=0, upto_id=last, client_id="thief")
+    assert thief["suspect"] == 6 and thief["n"] == 8 and thief["harm"] == 0.5 * 6 / 8
+    bob = observed_harm(store, after_id=0, upto_id=last, client_id="bob")
+    assert bob["suspect"] == 0 and bob["harm"] == 0.0  # the robust fallback answered
     store.close()

@@ -27,7 +27,14 @@ The fixed policy maps every signal to the same actions. With ``adaptive.enabled`
   its way out of the next quarantine);
 - **learning**: discounted Thompson sampling (Gaussian posterior of each arm's mean harm,
   old outcomes weighed down by ``discount`` per update, so a campaign that changes is
-  followed). An arm never tried is sampled from the prior (mean ``prior_harm``).
+  followed);
+- **prior from the rules**: the bandit starts from the fixed rules and leaves them on
+  evidence. The arm the policy's rules take for that monitor (``none`` when they only
+  alert) has prior mean harm ``prior_harm``; every other arm ``prior_harm +
+  off_rule_prior``. With ``off_rule_prior = 0`` every arm starts equal, which is what the
+  first version did: an untried or long-unused arm was as promising as the best one seen,
+  so ``none`` was re-tried on running campaigns and each try answered a round of attack
+  inputs (benchmarks/README.md, issue 19).
 
 Every choice is an ``audit`` event (action ``adaptive_choice``) with the context, the arms
 offered and excluded (with why), each arm's posterior mean, count and sample, and the arm
@@ -60,7 +67,9 @@ def _default_arms() -> dict[str, list[Arm]]:
 
 class AdaptiveSettings(BaseModel):
     """``enabled``; ``actions``: the arms per monitor; ``discount`` of old outcomes per
-    update; ``prior_harm`` and ``prior_sd``: the prior of an untried arm; ``seed``."""
+    update; ``prior_harm`` and ``prior_sd``: the prior of the arm the rules take;
+    ``off_rule_prior``: how much more harm the prior expects of any other arm;
+    ``seed``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -69,6 +78,7 @@ class AdaptiveSettings(BaseModel):
     discount: float = Field(default=0.9, gt=0.0, le=1.0)
     prior_harm: float = Field(default=0.0, ge=0.0)
     prior_sd: float = Field(default=0.3, gt=0.0)
+    off_rule_prior: float = Field(default=0.2, ge=0.0)
     noise_sd: float = Field(default=0.15, gt=0.0)
     seed: int = 0
 
@@ -85,8 +95,10 @@ def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int,
       make its own quarantine look costly;
     - ``suspect``: unlabelled inputs the detectors flagged that the champion answered
       anyway (attackers do not label their inputs: a flagged input answered by the
-      champion is the visible trace of a possibly successful evasion), weighed by
-      ``suspect_weight``.
+      champion is the visible trace of a possibly successful evasion), and unlabelled
+      queries the extraction detector flagged that got any answer (for a theft
+      campaign the answer is the harm, whichever model gives it: a fallback answering
+      them still hands out labels), weighed by ``suspect_weight``.
 
     With ``client_id`` (the outcome of a choice about that client): only its requests,
     and none of its labels, since it is the client under suspicion: labelling its flagged
@@ -117,7 +129,9 @@ def observed_harm(store: ev.EventStore, *, after_id: int, upto_id: int,
         n += 1
         pl = p.payload
         if str(p.request_id) not in labelled and pl.get("verdict") == "flag" and \
-                pl.get("label") is not None and pl.get("answered_by") == "champion":
+                pl.get("label") is not None and (
+                    pl.get("answered_by") == "champion"
+                    or "extraction" in (pl.get("fired") or [])):
             suspect += 1
     return {"wrong": wrong, "blocked": blocked, "suspect": suspect, "n": n,
             "n_labelled": len(labelled),
@@ -143,18 +157,27 @@ class AdaptiveChooser:
         # choices still waiting for labels: the latest 100 (the state stays small)
         return {"arms": self.arms, "pending": self.pending[-100:], "steps": self.steps}
 
-    def posterior(self, context: str, arm: str) -> tuple[float, float, float]:
+    def prior_mean(self, arm: str, rule_arm: str | None) -> float:
+        """The prior mean harm of ``arm`` when the rules would take ``rule_arm``
+        (``None``: no rule known, every arm starts at ``prior_harm``)."""
+        if rule_arm is None or arm == rule_arm:
+            return self.s.prior_harm
+        return self.s.prior_harm + self.s.off_rule_prior
+
+    def posterior(self, context: str, arm: str, rule_arm: str | None = None
+                  ) -> tuple[float, float, float]:
         """``(mean, sd, weight)`` of the arm's mean harm."""
         w, s1, _ = self.arms.get(context, {}).get(arm, [0.0, 0.0, 0.0])
+        m0 = self.prior_mean(arm, rule_arm)
         p0 = 1.0 / self.s.prior_sd ** 2
         pn = w / self.s.noise_sd ** 2
-        mean = (p0 * self.s.prior_harm + (s1 / max(w, 1e-12)) * pn) / (p0 + pn) if w else \
-            self.s.prior_harm
+        mean = (p0 * m0 + (s1 / max(w, 1e-12)) * pn) / (p0 + pn) if w else m0
         return mean, math.sqrt(1.0 / (p0 + pn)), w
 
-    def choose(self, context: str, offered: list[str], excluded: dict[str, str]
-               ) -> tuple[str, dict[str, Any]]:
-        """Thompson sampling over ``offered``; returns ``(arm, reasoning)``."""
+    def choose(self, context: str, offered: list[str], excluded: dict[str, str],
+               rule_arm: str | None = None) -> tuple[str, dict[str, Any]]:
+        """Thompson sampling over ``offered``, starting from the rules' ``rule_arm``;
+        returns ``(arm, reasoning)``."""
         import zlib
 
         # seeded by the step and the context (crc32: str hashes change per process)
@@ -162,12 +185,14 @@ class AdaptiveChooser:
                                      zlib.crc32(context.encode())])
         table = {}
         for a in offered:
-            mean, sd, w = self.posterior(context, a)
-            table[a] = {"mean_harm": round(mean, 4), "sd": round(sd, 4),
+            mean, sd, w = self.posterior(context, a, rule_arm)
+            table[a] = {"prior_harm": round(self.prior_mean(a, rule_arm), 4),
+                        "mean_harm": round(mean, 4), "sd": round(sd, 4),
                         "weight": round(w, 3), "sample": round(float(rng.normal(mean, sd)), 4)}
         arm = min(offered, key=lambda a: (table[a]["sample"], a))
         return arm, {"context": context, "offered": table, "excluded": excluded,
-                     "chosen": arm, "rule": "lowest sampled harm (Thompson sampling)"}
+                     "rule_arm": rule_arm, "chosen": arm,
+                     "rule": "lowest sampled harm (Thompson sampling)"}
 
     def settle(self, harm: dict[str, Any],
                per_client: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:

@@ -369,8 +369,19 @@ class HealingController:
             wanted = self.policy.actions_for(sig.monitor)
             evidence = {"signal": sig.model_dump(mode="json")}
             if chooser is not None and sig.monitor in self.policy.adaptive.actions:
-                wanted = [a for a in wanted if a == "alert"] + self._adaptive_pick(
-                    chooser, sig, evidence, upto)
+                wanted = [a for a in wanted if a == "alert"]
+                if sig.client_id and sig.client_id in set(
+                        self.store.get_state(STATE_QUARANTINE, []) or []):
+                    # the client is already quarantined: nothing is left to decide, and
+                    # a "choice" here would be credited with the quarantine's effect
+                    # (its blocked requests do no harm), teaching the bandit that doing
+                    # nothing stops a campaign
+                    actions.append(self._audit(
+                        "adaptive_skip", sig.monitor, False,
+                        f"{sig.monitor}: client {sig.client_id} is already quarantined; "
+                        "no choice made", evidence, sig.client_id))
+                else:
+                    wanted += self._adaptive_pick(chooser, sig, evidence, upto)
             if not wanted:
                 actions.append(self._audit("none", sig.monitor, False,
                                            f"{sig.message}; no rule for {sig.monitor}",
