@@ -16,7 +16,8 @@ the goal's side condition). Policies: four fixed ones and the adaptive bandit
 (:mod:`bastion.runtime.adaptive`). Goal: the adaptive policy's cumulative harm at least
 20% below the best fixed policy's, with no more benign blocking.
 
-    .venv/bin/python benchmarks/adaptive_defense.py [--fast] [--seed 0]
+    .venv/bin/python benchmarks/adaptive_defense.py [--fast] [--seed 0] [--dev]
+        [--only NAME] [--off-rule-prior P]
 """
 
 from __future__ import annotations
@@ -35,11 +36,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 BENIGN = ("alice", "bob", "carol")
 
 
-def scenario(fast: bool) -> list[tuple[str, dict[str, Any]]]:
-    """(phase, settings) per round."""
+def scenario(fast: bool, dev: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """(phase, settings) per round. ``dev``: another order, other epsilons and client
+    names, on which the adaptive policy's settings are chosen (the report scenario is
+    only run to report)."""
     r = 2 if fast else 4
     q = 1 if fast else 2
     out: list[tuple[str, dict[str, Any]]] = []
+    if dev:
+        out += [("quiet", {})] * q
+        out += [("extraction", {"client": "dx1"})] * r
+        out += [("evasion", {"eps": 0.15, "client": "dv1"})] * r
+        out += [("poison", {"client": "dp"})] * r
+        out += [("evasion", {"eps": 0.25, "client": "dv2"})] * r
+        out += [("quiet", {})] * q
+        out += [("drift", {})] * r
+        out += [("extraction", {"client": "dx2"})] * r
+        out += [("evasion", {"eps": 0.15, "client": "dv3"})] * r
+        out += [("evasion", {"eps": 0.25, "client": "dv4"})] * r
+        return out
     out += [("quiet", {})] * q
     out += [("evasion", {"eps": 0.1, "client": "eve1"})] * r
     out += [("quiet", {})] * q
@@ -76,7 +91,9 @@ def policies() -> dict[str, Any]:
         "fixed: quarantine + fallback + retrain": (
             rules(["quarantine_client", "switch_to_fallback"], ["switch_to_fallback"],
                   ["retrain"], ["retrain"]), None),
-        "adaptive (bandit)": (rules([], [], [], []), AdaptiveSettings(enabled=True)),
+        # the bandit on top of the default rules: their action is its prior
+        "adaptive (bandit)": (rules(["quarantine_client"], ["switch_to_fallback"], [],
+                                    ["retrain"]), AdaptiveSettings(enabled=True)),
     }
 
 
@@ -85,6 +102,14 @@ def main() -> None:
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None, help="run one policy (name substring)")
+    ap.add_argument("--dev", action="store_true",
+                    help="the dev scenario (choose settings here, report on the other)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the run's folder (event stores, registry) to inspect")
+    ap.add_argument("--bandit-seed", type=int, default=None,
+                    help="the adaptive policy's own seed (default: --seed)")
+    ap.add_argument("--off-rule-prior", type=float, default=None,
+                    help="the adaptive policy's off_rule_prior (default: the shipped one)")
     args = ap.parse_args()
     import httpx
     import torch
@@ -130,7 +155,7 @@ def main() -> None:
     print(f"models trained in {time.perf_counter() - t0:.0f} s", flush=True)
 
     # the traffic, fixed for every policy
-    rounds = scenario(args.fast)
+    rounds = scenario(args.fast, args.dev)
     n_b, n_a = 20, 40
     adv_cache: dict[float, Any] = {}
     plan = []
@@ -175,7 +200,11 @@ def main() -> None:
         reg.set_alias("fallback", v2, reason="bench", actor="bench")
         kw: dict[str, Any] = {"rules": rules}
         if adaptive is not None:
-            kw["adaptive"] = adaptive.model_copy(update={"seed": seed})
+            upd: dict[str, Any] = {"seed": seed if args.bandit_seed is None
+                                   else args.bandit_seed}
+            if args.off_rule_prior is not None:
+                upd["off_rule_prior"] = args.off_rule_prior
+            kw["adaptive"] = adaptive.model_copy(update=upd)
         pol = HealingPolicy(
             monitors=MonitorSettings(window=200, min_window=60, client_min_requests=20,
                                      mmd=False),
@@ -266,8 +295,23 @@ def main() -> None:
                    "adaptive_benign_blocked": a["benign_blocked"],
                    "best_fixed_benign_blocked": b["benign_blocked"],
                    "goal_met": bool(red >= 0.2 and a["benign_blocked"] <= b["benign_blocked"])}
-        print(summary)
+    if len(results) > 1:
+        # how low any policy here got, round by round: an estimate (not a bound: actions
+        # change later rounds) of the harm no choice among these actions avoids, the
+        # first round of a campaign (before any monitor can see it) above all
+        floor = sum(min(v["rounds"][k]["harm"] for v in results.values())
+                    for k in range(len(plan)))
+        summary["per_round_min_harm"] = floor
+        summary["goal_harm"] = None if not summary.get("best_fixed_harm") else \
+            round(0.8 * summary["best_fixed_harm"], 1)
+    print(summary)
     stem = "adaptive_defense_fast" if args.fast else "adaptive_defense"
+    if args.dev:
+        stem += "_dev"
+    if args.off_rule_prior is not None:
+        stem += f"_prior{args.off_rule_prior:g}"
+    if args.bandit_seed is not None:
+        stem += f"_bandit{args.bandit_seed}"
     if args.only:
         stem += "_only_" + "".join(ch if ch.isalnum() else "-" for ch in args.only)
     path = write_result(stem, {
@@ -279,6 +323,12 @@ def main() -> None:
         "goal": "adaptive cumulative harm >= 20% below the best fixed policy, no more "
                 "benign blocking"})
     print(f"wrote {path}")
+    if args.keep:
+        print(f"event stores and registry kept in {out}")
+    else:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":
