@@ -78,7 +78,7 @@ class AdaptiveSettings(BaseModel):
     discount: float = Field(default=0.9, gt=0.0, le=1.0)
     prior_harm: float = Field(default=0.0, ge=0.0)
     prior_sd: float = Field(default=0.3, gt=0.0)
-    off_rule_prior: float = Field(default=0.2, ge=0.0)
+    off_rule_prior: float = Field(default=1.0, ge=0.0)
     noise_sd: float = Field(default=0.15, gt=0.0)
     seed: int = 0
 
