@@ -95,58 +95,46 @@ def test_relative_client_monitor_singles_out_one_client_not_a_shared_drift(tmp_p
         _preds(s2, c, 60, 40)
     sig2 = mon.evaluate(s2, after_id=0, upto_id=s2.last_id())
     assert not any(x.fired for x in sig2)
-    # rounds as real traffic comes: every client's requests interleaved. A drift
-    # flags everybody for 4 rounds, then it is over and a campaign starts: the drift's
-    # flags (still in the window) must not raise the bar the campaign is judged against
-    s3 = EventStore(f"sqlite:///{tmp_path / 'c.db'}")
+    # rounds as real traffic comes: every client's requests interleaved
+    def fired_after(name: str, *phases: tuple[dict[str, tuple[int, int]], int]) -> list:
+        """Play ``phases`` (per client: requests and flagged per round; rounds) on a
+        fresh store; the signals that fired."""
+        with EventStore(f"sqlite:///{tmp_path / name}") as st:
+            for k, (spec, n_rounds) in enumerate(phases):
+                for r in range(n_rounds):
+                    for c, (n, f) in spec.items():
+                        st.append_many([{"kind": ev.PREDICTION, "client_id": c,
+                                         "request_id": f"{c}-{k}-{r}-{i}",
+                                         "payload": {"verdict": "flag" if i < f else "allow"}}
+                                        for i in range(n)])
+            return [x for x in mon.evaluate(st, after_id=0, upto_id=st.last_id()) if x.fired]
 
-    def rounds(spec: dict[str, tuple[int, int]], k: int, tag: str) -> None:
-        for r in range(k):
-            for c, (n, f) in spec.items():
-                s3.append_many([{"kind": ev.PREDICTION, "client_id": c,
-                                 "request_id": f"{c}{tag}{r}-{i}",
-                                 "payload": {"verdict": "flag" if i < f else "allow"}}
-                                for i in range(n)])
-
-    benign = {c: (20, 12) for c in ("alice", "bob", "carol")}
-    rounds(benign, 4, "drift")
-    sig3 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
-    assert not any(x.fired for x in sig3)
-    rounds({**{c: (20, 1) for c in benign}, "thief": (40, 20)}, 2, "after")
-    sig3 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
-    assert [x.client_id for x in sig3 if x.fired] == ["thief"], [x.message for x in sig3]
-    thief = next(x for x in sig3 if x.fired)
+    names = ("alice", "bob", "carol")
+    drift = ({c: (20, 12) for c in names}, 4)
+    assert fired_after("c.db", drift) == []
+    # the drift is over and a campaign starts: the drift's flags (still in the window)
+    # must not raise the bar the campaign is judged against
+    got = fired_after("d.db", drift, ({**{c: (20, 1) for c in names}, "thief": (40, 20)}, 2))
+    assert [x.client_id for x in got] == ["thief"], [x.message for x in got]
     # the others' share over the thief's span, padded by its 80 requests (20 of them
     # from the drift's last round): 18 flagged of 140; over the whole window it was 150
     # of 360, and the thief went unnoticed
-    assert thief.evidence["others_rate"] == pytest.approx(18 / 140)
+    assert got[0].evidence["others_rate"] == pytest.approx(18 / 140)
     # a drift starts while the benign clients are active (after a retrain moved the
     # monitors' baseline, so the window is short): alice comes first in every round;
     # judged against the others' requests up to her last one, she alone was singled out
     # at the drift's onset (and quarantined); the others' share must include theirs
-    s3.close()
-    s3 = EventStore(f"sqlite:///{tmp_path / 'e.db'}")
-    rounds({c: (20, 1) for c in benign}, 1, "before")
-    rounds({c: (20, 14) for c in benign}, 1, "onset")
-    sig5 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
-    assert not any(x.fired for x in sig5), [x.message for x in sig5]
-    # and the drift ends while they are active: carol comes last in every round, so her
-    # last drifted requests are followed by clean ones only; judged against the others'
-    # requests from her first one on, she alone was singled out at the drift's end
-    s3.close()
-    s3 = EventStore(f"sqlite:///{tmp_path / 'f.db'}")
-    rounds({c: (20, 14) for c in benign}, 1, "end")
-    rounds({c: (20, 1) for c in benign}, 1, "clean")
-    sig6 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
-    assert not any(x.fired for x in sig6), [x.message for x in sig6]
+    clean, drifted = ({c: (20, 1) for c in names}, 1), ({c: (20, 14) for c in names}, 1)
+    got = fired_after("e.db", clean, drifted)
+    assert got == [], [x.message for x in got]
+    # and the drift ends while they are active: carol comes last in every round; judged
+    # against the others' requests from her first one on, she alone was singled out
+    got = fired_after("f.db", drifted, clean)
+    assert got == [], [x.message for x in got]
     # a campaign inside a drift: compared with the drifted traffic beside it, so it is
     # not singled out (the drift monitors report the drift)
-    s3.close()
-    s3 = EventStore(f"sqlite:///{tmp_path / 'd.db'}")
-    rounds({**benign, "late": (40, 26)}, 2, "during")
-    sig4 = mon.evaluate(s3, after_id=0, upto_id=s3.last_id())
-    assert not any(x.fired for x in sig4), [x.message for x in sig4]
-    s3.close()
+    got = fired_after("g.db", ({c: (20, 12) for c in names} | {"late": (40, 26)}, 2))
+    assert got == [], [x.message for x in got]
 
 
 def test_config_token_sources_and_secrecy(monkeypatch, tmp_path):
