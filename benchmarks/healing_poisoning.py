@@ -121,10 +121,8 @@ def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def send(c: Any, x: np.ndarray, labels: np.ndarray, client: str) -> None:
-    """Predict and label as ``client``, with that client's own API key (created on first
-    use): the service credits feedback to the key, as in production."""
-    if client not in c.keys:
-        c.keys[client] = c.keystore.create(client, "client")[0]
+    """Predict and label as ``client``, with that client's own API key: the service
+    credits feedback to the key, as in production."""
     key = {"Authorization": f"Bearer {c.keys[client]}"}
     for i in range(0, len(x), 50):
         r = c.post("/v1/predict", json={"inputs": x[i:i + 50].tolist()}, headers=key)
@@ -163,17 +161,22 @@ def run_cell(name: str, *, model_dir: Path, mlflow: str, work: Path, ds: Any, se
     t0 = time.perf_counter()
     n_poison = int(round(rate * N_FEEDBACK)) if campaign else 0
     n_honest = N_FEEDBACK - n_poison
+    from bastion.web.keys import KeyStore
+
+    # every key before the app is built, so its key table starts with them (a key
+    # created while it runs is found by a re-read the service allows at most once a
+    # second for unknown keys: creating several in a row gave 401s)
+    names = [*(f"user-{k}" for k in range(4)), "mallory", *(f"sybil-{k}" for k in range(10))]
+    with KeyStore(cfg.events_url) as ks:
+        keys = {n: ks.create(n, "client")[0] for n in names}
+        admin = ks.create("bench-operator", "admin")[0]
     app = create_app(cfg)
     svc = app.state.service
     reg = ModelRegistry(name, tracking_uri=mlflow)
     champion0 = reg.load("champion")
-    from bastion.web.keys import KeyStore
-
-    keystore = KeyStore(svc.store)
-    admin = keystore.create("bench-operator", "admin")[0]
     with ServiceThread(app) as st, httpx.Client(
             base_url=st.url, timeout=300, headers={"Authorization": f"Bearer {admin}"}) as c:
-        c.keystore, c.keys = keystore, {}
+        c.keys = keys
         # honest clients: a natural drift with true labels
         dfn = BENIGN[drift]
         i = rng.choice(len(ds.x_train), n_honest, replace=False)

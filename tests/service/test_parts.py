@@ -95,7 +95,10 @@ def test_relative_client_monitor_singles_out_one_client_not_a_shared_drift(tmp_p
         _preds(s2, c, 60, 40)
     sig2 = mon.evaluate(s2, after_id=0, upto_id=s2.last_id())
     assert not any(x.fired for x in sig2)
-    # rounds as real traffic comes: every client's requests interleaved
+    # the shapes that made three attempts (this session) to judge a client against the
+    # requests around its own rather than the whole window single out honest clients;
+    # the whole-window rule stays, with its known limit (a drift earlier in the window
+    # can hide a campaign that starts after it: docs/ARCHITECTURE.md)
     def fired_after(name: str, *phases: tuple[dict[str, tuple[int, int]], int]) -> list:
         """Play ``phases`` (per client: requests and flagged per round; rounds) on a
         fresh store; the signals that fired."""
@@ -112,18 +115,18 @@ def test_relative_client_monitor_singles_out_one_client_not_a_shared_drift(tmp_p
     names = ("alice", "bob", "carol")
     drift = ({c: (20, 12) for c in names}, 4)
     assert fired_after("c.db", drift) == []
-    # the drift is over and a campaign starts: the drift's flags (still in the window)
-    # must not raise the bar the campaign is judged against
-    got = fired_after("d.db", drift, ({**{c: (20, 1) for c in names}, "thief": (40, 20)}, 2))
-    assert [x.client_id for x in got] == ["thief"], [x.message for x in got]
-    # the others' share over the thief's span, padded by its 80 requests (20 of them
-    # from the drift's last round): 18 flagged of 140; over the whole window it was 150
-    # of 360, and the thief went unnoticed
-    assert got[0].evidence["others_rate"] == pytest.approx(18 / 140)
+    # clients that send one after another (as a batch job does): four drifted honest
+    # clients, then a poisoner whose inputs are rarely flagged. A rule that judged a
+    # client against the requests around its own singled out the last honest client
+    # (healing_poisoning.py quarantined user-3 in 3 of 50 cells); over the whole window
+    # nobody stands out
+    got = fired_after("d.db", *[({f"user-{k}": (100, 40)}, 1) for k in range(4)],
+                      ({"mallory": (120, 0)}, 1))
+    assert got == [], [x.message for x in got]
     # a drift starts while the benign clients are active (after a retrain moved the
     # monitors' baseline, so the window is short): alice comes first in every round;
     # judged against the others' requests up to her last one, she alone was singled out
-    # at the drift's onset (and quarantined); the others' share must include theirs
+    # at the drift's onset (and quarantined in a dev run)
     clean, drifted = ({c: (20, 1) for c in names}, 1), ({c: (20, 14) for c in names}, 1)
     got = fired_after("e.db", clean, drifted)
     assert got == [], [x.message for x in got]

@@ -48,27 +48,13 @@ class RelativeClientAlertMonitor:
     def evaluate(self, store: ev.EventStore, *, after_id: int, upto_id: int) -> list[Signal]:
         events = store.recent(ev.PREDICTION, self.window, after_id=after_id, before_id=upto_id)
         per: dict[str, list[int]] = {}
-        # the others' share is taken over the span of the client's own requests (its
-        # first to its last in the window), padded on both sides by as many requests
-        # as it sent (at least ``min_requests``), and widened further if that holds
-        # fewer of the others' requests than the client's: a drift that flagged
-        # everybody long before a campaign must not hide the campaign for a whole
-        # window, and a drift that starts or ends while a client is active must not
-        # single out whichever client sent first at its onset or last at its end (the
-        # padding puts the drifted requests beside the client's in the others' share)
-        first: dict[str, int] = {}
-        last: dict[str, int] = {}
-        flags: list[int] = []
         for e in events:
             if not e.client_id or "quarantine" in (e.payload.get("fired") or []):
                 continue
-            f = int(e.payload.get("verdict", "allow") != "allow")
-            first.setdefault(e.client_id, len(flags))
-            last[e.client_id] = len(flags)
-            flags.append(f)
-            per.setdefault(e.client_id, []).append(f)
-        owner = [e.client_id for e in events
-                 if e.client_id and "quarantine" not in (e.payload.get("fired") or [])]
+            per.setdefault(e.client_id, []).append(
+                int(e.payload.get("verdict", "allow") != "allow"))
+        total_k = sum(sum(v) for v in per.values())
+        total_n = sum(len(v) for v in per.values())
         judged = {c: v for c, v in per.items() if len(v) >= self.min_requests}
         m = max(len(judged), 1)
         out: list[Signal] = []
@@ -77,16 +63,7 @@ class RelativeClientAlertMonitor:
             if self.score_test else {}
         for c, v in sorted(judged.items()):
             k, n = sum(v), len(v)
-            need = max(n, self.min_requests)
-            i0, i1 = max(0, first[c] - need), min(len(flags), last[c] + 1 + need)
-            ko = sum(f for f, o in zip(flags[i0:i1], owner[i0:i1], strict=True) if o != c)
-            no = i1 - i0 - n
-            while no < need and (i0 > 0 or i1 < len(flags)):
-                for j in (i0 - 1, i1):
-                    if 0 <= j < len(flags) and no < need:
-                        i0, i1 = min(i0, j), max(i1, j + 1)
-                        if owner[j] != c:
-                            ko, no = ko + flags[j], no + 1
+            ko, no = total_k - k, total_n - n
             others = ko / no if no else None
             p0 = max(self.expected_rate, others if others is not None else 0.0)
             p = min(1.0, _binom_greater(k, n, min(p0, 0.999)) * m)
