@@ -91,7 +91,11 @@ def test_item1_reads_need_a_role_and_inputs_need_admin(sec, digits):
     # health is public but tells nobody the thresholds or who is quarantined
     h = c.get("/v1/health").json()
     assert h["thresholds"] == {} and h["quarantined_clients"] == [] and h["auth"] == "keys"
-    assert c.get("/v1/health", headers=bearer(keys["viewer"])).json()["thresholds"]
+    assert h["tuning"] == {}  # how sensitive the guard is right now: not for an attacker
+    hv = c.get("/v1/health", headers=bearer(keys["viewer"])).json()
+    assert hv["thresholds"] and hv["tuning"] == {"fpr_scale": 1.0, "squeeze_bits": None}
+    hb = c.get("/v1/health", headers=bearer(keys["bob"])).json()
+    assert hb["thresholds"] == {} and hb["tuning"] == {}
 
 
 def test_item2_feedback_only_on_own_requests_and_quarantine_follows_the_key(sec, digits):

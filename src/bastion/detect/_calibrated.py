@@ -3,7 +3,10 @@
 ``score(x)`` is higher for more suspicious inputs; ``calibrate(x_clean, fpr=...)`` sets
 ``threshold_`` to the ``1 - fpr`` quantile of the scores of known-clean inputs, so
 about a share ``fpr`` of clean traffic is flagged; ``predict(x)`` is
-``score(x) > threshold_``. Fitted attributes end with an underscore.
+``score(x) > threshold_``. Fitted attributes end with an underscore. Calibration keeps
+the sorted clean scores (``cal_scores_``) and the rate (``fpr_``), so
+:func:`threshold_at` can move the threshold to another false-positive rate later (the
+healing controller's ``lower_threshold`` / ``raise_threshold``) without new clean data.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class CalibratedDetector(ABC):
             raise DataError("calibration needs at least two clean inputs")
         self.threshold_ = float(np.quantile(s, 1.0 - float(fpr), method="higher"))
         self.fpr_ = float(fpr)
+        self.cal_scores_ = np.sort(np.asarray(s, dtype=np.float64).reshape(-1))
         return self.threshold_
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -67,6 +71,16 @@ class CalibratedDetector(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(threshold_={self.threshold_})"
+
+
+def threshold_at(det: Any, fpr: float) -> float | None:
+    """The threshold ``det`` would have had if calibrated to ``fpr`` on the same clean
+    scores (``None`` when it kept none: a detector calibrated some other way)."""
+    cs = getattr(det, "cal_scores_", None)
+    if cs is None or len(cs) < 2:
+        return None
+    f = min(max(float(fpr), 0.0), 0.5)
+    return float(np.quantile(cs, 1.0 - f, method="higher"))
 
 
 def as_batch(x: Any, what: str = "inputs") -> np.ndarray:

@@ -101,6 +101,8 @@ class TextEmbeddingDetector:
         v = self._vectors(texts)
         self.inner.calibrate(v, fpr=fpr)
         self.threshold_ = float(self.inner.threshold_)
+        self.fpr_ = getattr(self.inner, "fpr_", float(fpr))
+        self.cal_scores_ = getattr(self.inner, "cal_scores_", None)
         self._last = (tuple(texts), v)
         return self
 

@@ -52,17 +52,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.store import events as ev
 
-Arm = Literal["none", "quarantine_client", "switch_to_fallback", "retrain"]
+Arm = Literal["none", "quarantine_client", "switch_to_fallback", "retrain", "retrain_strict",
+              "lower_threshold", "raise_threshold", "squeeze_on"]
 STATE_ADAPTIVE = "adaptive"
 
 __all__ = ["AdaptiveChooser", "AdaptiveSettings", "observed_harm"]
 
 
 def _default_arms() -> dict[str, list[Arm]]:
-    return {"client_alert_rate": ["none", "quarantine_client", "switch_to_fallback"],
-            "alert_rate": ["none", "switch_to_fallback"],
-            "input_drift": ["none", "switch_to_fallback", "retrain"],
-            "accuracy": ["none", "retrain", "switch_to_fallback"]}
+    return {"client_alert_rate": ["none", "quarantine_client", "switch_to_fallback",
+                                  "lower_threshold", "squeeze_on"],
+            "alert_rate": ["none", "switch_to_fallback", "lower_threshold", "raise_threshold",
+                           "squeeze_on"],
+            "input_drift": ["none", "switch_to_fallback", "retrain", "retrain_strict",
+                            "raise_threshold"],
+            "accuracy": ["none", "retrain", "retrain_strict", "switch_to_fallback",
+                         "squeeze_on"]}
 
 
 class AdaptiveSettings(BaseModel):

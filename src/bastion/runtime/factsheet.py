@@ -202,7 +202,7 @@ def _gates(store: ev.EventStore | None, version: int) -> dict[str, Any]:
     for e in store.query(kinds=ev.AUDIT, limit=None):
         p = e.payload
         evd = p.get("evidence") or {}
-        if p.get("action") == "retrain" and p.get("done") and \
+        if p.get("action") in ("retrain", "retrain_strict") and p.get("done") and \
                 evd.get("new_version") == version:
             return {"status": "recorded", "at": e.at, "decision": p.get("decision"),
                     "gates": [{"name": g.get("name"), "passed": g.get("passed"),

@@ -11,8 +11,10 @@ fired: detector, score, threshold, action) and which model answered and why.
 With an :class:`~bastion.store.events.EventStore`, each answer is written as a
 ``prediction`` event (plus a ``verdict`` event when flagged or blocked) and the guard
 reads the shared state the healing controller writes: quarantined clients
-(``quarantined_clients``) and where traffic goes (``traffic``: ``champion`` or
-``fallback``).
+(``quarantined_clients``), where traffic goes (``traffic``: ``champion`` or
+``fallback``) and how it is tuned (``guard_tuning``, see :class:`GuardTuning`: every
+detector's threshold moved to ``fpr_scale`` times its calibrated false-positive rate, and
+optionally every input squeezed to ``squeeze_bits`` bits before a model answers it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,50 @@ Verdict = Literal["allow", "flag", "block"]
 #: shared-state keys (in the event store) the guard reads and the controller writes
 STATE_QUARANTINE = "quarantined_clients"
 STATE_TRAFFIC = "traffic"
+STATE_TUNING = "guard_tuning"
+
+
+class GuardTuning(BaseModel):
+    """What the healing controller may turn at run time (state ``guard_tuning``).
+
+    - ``fpr_scale``: every detector that kept its calibration scores fires at the
+      threshold it would have had at ``fpr_scale`` times its calibrated false-positive
+      rate (``2``: flags about twice as much clean traffic, and more attacks; ``0.5``:
+      half). Detectors calibrated some other way keep their threshold.
+    - ``squeeze_bits``: when set, each input is reduced to ``2**bits`` levels per feature
+      (feature squeezing, Xu et al. 2018) before the champion or the fallback answers
+      it; the detectors still score the input as sent. An attacker who knows it adapts
+      (BPDA breaks squeezing): it buys time against a fixed attack, not robustness.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    fpr_scale: float = Field(default=1.0, gt=0.0, le=50.0)
+    squeeze_bits: int | None = Field(default=None, ge=1, le=16)
+
+    @property
+    def is_default(self) -> bool:
+        return self.fpr_scale == 1.0 and self.squeeze_bits is None
+
+    @classmethod
+    def read(cls, store: ev.EventStore) -> GuardTuning:
+        """The tuning in ``store`` (the default when unset or unreadable)."""
+        raw = store.get_state(STATE_TUNING, None)
+        try:
+            return cls.model_validate(raw) if isinstance(raw, dict) else cls()
+        except Exception:  # a bad value written by hand must not stop the request path
+            return cls()
+
+
+def squeeze_inputs(a: np.ndarray, bits: int, bounds: tuple[Any, ...]) -> np.ndarray:
+    """``a`` (inside ``bounds``) quantised to ``2**bits`` levels per feature; unchanged
+    when the bounds are not finite (nothing to quantise against)."""
+    lo, hi = (float(bounds[0]), float(bounds[1])) if len(bounds) == 2 else (-np.inf, np.inf)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        return a
+    levels = 2 ** int(bits) - 1
+    u = np.clip((np.asarray(a, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    return (np.round(u * levels) / levels * (hi - lo) + lo).astype(np.float32)
 
 
 class InputError(DataError):
@@ -454,6 +500,8 @@ class GuardedModel:
         self._check_model(model)
         if fallback is not None:
             self._check_model(fallback)
+        self.tuning = GuardTuning()
+        self._thr_cache: dict[tuple[int, float], float] = {}
         self._state_checked = 0.0
         self._ex_sig: tuple[Any, bool] | None = None  # (extraction detector, takes label)
 
@@ -461,12 +509,29 @@ class GuardedModel:
     def thresholds(self) -> dict[str, float | None]:
         """Each check's threshold: a score above it fires (``extraction``: the query-
         pattern detector's, ``None`` when it has none)."""
-        out: dict[str, float | None] = {n: float(d.threshold_)
+        scale = self.tuning.fpr_scale
+        out: dict[str, float | None] = {n: self._threshold(d, scale)
                                         for n, d in self.detectors.items()}
         if self.extraction_detector is not None:
             t = getattr(self.extraction_detector, "threshold_", None)
             out["extraction"] = None if t is None else float(t)
         return out
+
+    def _threshold(self, det: Any, scale: float) -> float:
+        """``det``'s threshold under ``fpr_scale`` ``scale`` (cached per detector)."""
+        base = float(det.threshold_)
+        f = getattr(det, "fpr_", None)
+        if scale == 1.0 or f is None:
+            return base
+        key = (id(det), scale)
+        thr = self._thr_cache.get(key)
+        if thr is None:
+            from bastion.detect._calibrated import threshold_at
+
+            t = threshold_at(det, float(f) * scale)
+            thr = base if t is None else t
+            self._thr_cache[key] = thr
+        return thr
 
     @staticmethod
     def _check_model(m: Any) -> None:
@@ -520,9 +585,11 @@ class GuardedModel:
             return
         q = self.store.get_state(STATE_QUARANTINE, []) or []
         t = self.store.get_state(STATE_TRAFFIC, "champion")
+        tuning = GuardTuning.read(self.store)
         with self._lock:
             self.quarantined = {str(c) for c in q}
             self.traffic = "fallback" if t == "fallback" else "champion"
+            self.tuning = tuning
             self._state_checked = time.monotonic()
 
     # -- the request path -----------------------------------------------------------
@@ -580,6 +647,13 @@ class GuardedModel:
             fb, fver = self.fallback, self.fallback_version
             traffic = self.traffic if fb is not None else "champion"
             quarantined = [c in self.quarantined for c in cids]
+            tuning = self.tuning
+        text = is_text(model)
+        # squeezing on (the healing controller's ``squeeze_on``): the models answer the
+        # squeezed input, the detectors judge the input as sent
+        a_ans = a if text or tuning.squeeze_bits is None else squeeze_inputs(
+            a, tuning.squeeze_bits, tuple(getattr(model, "bounds", ())))
+        squeezing = a_ans is not a
         # one forward pass of the champion answers the input and every squeezed copy the
         # squeeze detectors on this champion need (tiny models cost mostly per call)
         parts, squeeze_rows = [a], {}
@@ -590,10 +664,13 @@ class GuardedModel:
                 copies = det.squeezed(a)
                 squeeze_rows[name] = (len(parts), len(copies))
                 parts += copies
+        if squeezing:
+            parts.append(a_ans)
         p_all = np.asarray(model.predict_proba(parts[0] if len(parts) == 1 else
                                                np.concatenate(parts)), dtype=np.float64)
         p_champ = p_all[:n]
-        champ_labels: list[int] = p_champ.argmax(1).tolist()
+        p_ans = p_all[len(p_all) - n:] if squeezing else p_champ
+        champ_labels: list[int] = p_ans.argmax(1).tolist()
         # every check's score and whether it fired, one column per detector; a Reason is
         # built only for a check that fired (most inputs have none)
         names = list(self.detectors)
@@ -622,7 +699,7 @@ class GuardedModel:
                                                    for j2 in range(k)])
             else:
                 s = det.score(a)
-            thr = float(det.threshold_)
+            thr = self._threshold(det, tuning.fpr_scale)
             scores[:, j] = np.asarray(s, dtype=np.float64).reshape(n)
             np.greater(scores[:, j], thr, out=fired_m[:, j])
             tally(fired_m[:, j], action)
@@ -694,14 +771,16 @@ class GuardedModel:
             or (verdicts[i] == "block" and self.policy.on_block == "fallback"))]
         p_fb = None
         if need_fb and fb is not None:
-            p_fb = np.asarray(fb.predict_proba(a[need_fb]), dtype=np.float64)
+            p_fb = np.asarray(fb.predict_proba(a_ans[need_fb]), dtype=np.float64)
         fb_rows = {i: k for k, i in enumerate(need_fb)}
-        champ_probs: list[list[float]] = p_champ.tolist()
+        champ_probs: list[list[float]] = p_ans.tolist()
         fb_probs: list[list[float]] = [] if p_fb is None else p_fb.tolist()
         fb_labels: list[int] = [] if p_fb is None else p_fb.argmax(1).tolist()
         out: list[GuardDecision] = []
         by: Literal["champion", "fallback", "none"]
         no_fb_traffic = not (fb is not None and traffic == "fallback")
+        sq_note = (f"; answered on the input squeezed to {tuning.squeeze_bits} bits"
+                   if squeezing else "")
         for i in range(n):
             v = verdicts[i]
             if v == "allow" and no_fb_traffic:  # the common case, without the branches
@@ -709,7 +788,7 @@ class GuardedModel:
                     GuardDecision, index=index[i], request_id=rids[i], client_id=cids[i],
                     label=champ_labels[i], probabilities=champ_probs[i], verdict=v,
                     reasons=reasons[i], scores=score_dicts[i], answered_by="champion",
-                    model_version=mver, why="no detector fired"))
+                    model_version=mver, why="no detector fired" + sq_note))
                 continue
             fired_names = [r.detector for r in reasons[i] if r.action != "ignore"]
             label: int | None
@@ -730,6 +809,8 @@ class GuardedModel:
                 why = "no detector fired" if v == "allow" else (
                     f"{v}: {', '.join(fired_names)} fired; "
                     + ("no fallback model, " if fb is None else "") + "answered by the champion")
+            if by != "none":
+                why += sq_note
             # our own values, of the declared types: no validation pass per answer
             out.append(_trusted(
                 GuardDecision, index=index[i], request_id=rids[i], client_id=cids[i],

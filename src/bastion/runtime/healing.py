@@ -12,7 +12,13 @@ decision on record.
    ``switch_to_champion`` (traffic routing the guard reads), ``quarantine_client``
    (the signal's client), ``retrain`` (the :class:`~bastion.runtime.retrain.RetrainPipeline`
    on the recent labelled feedback; pass -> register and promote; fail -> keep the
-   champion; crash -> keep the champion);
+   champion; crash -> keep the champion), ``retrain_strict`` (the same with the stricter
+   screening of ``tuning.strict_retrain``), ``lower_threshold`` / ``raise_threshold``
+   (every guard detector's false-positive rate times / divided by ``tuning.step``, within
+   ``tuning.min_fpr_scale`` .. ``tuning.max_fpr_scale``), ``squeeze_on`` (the models
+   answer inputs squeezed to ``tuning.squeeze_bits`` bits); the guard reads the last two
+   from the store's ``guard_tuning`` state, and they return to normal with the traffic
+   after ``return_to_champion_after`` quiet steps;
 4. writes one ``audit`` event per decision with its evidence (which monitor, which
    numbers, which gates) and one ``healing_step`` event summarising the step.
 
@@ -31,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bastion._util import read_mapping_file
 from bastion.errors import BastionError
@@ -42,7 +48,13 @@ from bastion.runtime.adaptive import (
     observed_harm,
 )
 from bastion.runtime.alerting import alert_labels, fingerprint
-from bastion.runtime.guard import STATE_QUARANTINE, STATE_TRAFFIC
+from bastion.runtime.guard import (
+    STATE_QUARANTINE,
+    STATE_TRAFFIC,
+    STATE_TUNING,
+    GuardTuning,
+    squeeze_inputs,
+)
 from bastion.runtime.monitors import (
     AccuracyMonitor,
     AlertRateMonitor,
@@ -57,7 +69,10 @@ from bastion.runtime.retrain import RetrainConfig, RetrainPipeline, RetrainResul
 from bastion.store import events as ev
 
 ActionName = Literal["alert", "switch_to_fallback", "switch_to_champion", "quarantine_client",
-                     "retrain"]
+                     "retrain", "retrain_strict", "lower_threshold", "raise_threshold",
+                     "squeeze_on"]
+#: actions that change the guard's tuning (undone after quiet steps)
+TUNING_ACTIONS = ("lower_threshold", "raise_threshold", "squeeze_on")
 STATE_HEALING = "healing"
 ACTOR = "healing-controller"
 
@@ -102,6 +117,39 @@ class MonitorSettings(BaseModel):
     client_min_rate: float = Field(default=0.3, ge=0.0, le=1.0)
 
 
+def _strict_retrain() -> dict[str, Any]:
+    return {"min_votes": 2, "strip_fpr": 0.05, "max_disagreement": 0.3,
+            "max_client_share": 0.1}
+
+
+class TuningSettings(BaseModel):
+    """What the tuning actions do.
+
+    - ``step``: ``lower_threshold`` multiplies the guard's ``fpr_scale`` by it (each
+      detector then flags about ``step`` times more clean traffic, and more attacks),
+      ``raise_threshold`` divides by it; the scale stays within ``min_fpr_scale`` ..
+      ``max_fpr_scale``.
+    - ``squeeze_bits``: the bit depth ``squeeze_on`` squeezes inputs to (2, chosen on a
+      digits CNN outside the benchmarks' scenarios: PGD at eps 0.1 / 0.15 succeeded
+      42% / 80% of the time, 23% / 49% against 2 bits, for 1.3 points of clean
+      accuracy; 3 and 4 bits did not help at eps 0.15, 1 bit cost 6 points; an attacker
+      who adapts to the squeezing is not stopped by it). It is offered only while the
+      champion's accuracy on the trusted holdout with squeezing stays within the
+      retrain gates' ``margin`` of its accuracy without.
+    - ``strict_retrain``: the retrain settings ``retrain_strict`` overrides (default:
+      a row is screened out on 2 of the 4 screening votes instead of 4, STRIP at 5% FPR,
+      kNN disagreement 0.3, and at most 10% of the rows from one client).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: float = Field(default=2.0, gt=1.0, le=10.0)
+    min_fpr_scale: float = Field(default=0.25, gt=0.0, le=1.0)
+    max_fpr_scale: float = Field(default=4.0, ge=1.0, le=50.0)
+    squeeze_bits: int = Field(default=2, ge=1, le=16)
+    strict_retrain: dict[str, Any] = Field(default_factory=_strict_retrain)
+
+
 class HealingPolicy(BaseModel):
     """A declarative healing policy.
 
@@ -118,6 +166,8 @@ class HealingPolicy(BaseModel):
       quarantine included; per-client caps and trust weights are in ``retrain``
       (``max_client_share``, ``client_trust``, ``default_client_trust``), so no single
       client dominates a retrain set. A retrain runs after the step's quarantines.
+    - ``tuning``: what ``lower_threshold``, ``raise_threshold``, ``squeeze_on`` and
+      ``retrain_strict`` do (:class:`TuningSettings`).
     - ``adaptive``: choose the action per kind of attack with a contextual bandit over
       the recorded outcomes instead of the rules' fixed actions; the rules' action is
       where it starts (its prior), so it leaves them only on evidence
@@ -142,6 +192,24 @@ class HealingPolicy(BaseModel):
     feedback_window: int = Field(default=2000, ge=1)
     return_to_champion_after: int = Field(default=3, ge=0)
     adaptive: AdaptiveSettings = Field(default_factory=AdaptiveSettings)
+    tuning: TuningSettings = Field(default_factory=TuningSettings)
+
+    @model_validator(mode="after")
+    def _check_strict_retrain(self) -> HealingPolicy:
+        from pydantic import ValidationError
+
+        try:  # unknown keys or bad values fail at load time, not at the first retrain
+            self.strict_retrain_config()
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise ValueError(f"tuning.strict_retrain.{'.'.join(map(str, e['loc']))}: "
+                             f"{e['msg']}") from None
+        return self
+
+    def strict_retrain_config(self) -> RetrainConfig:
+        """``retrain`` with the overrides of ``tuning.strict_retrain``, validated."""
+        return RetrainConfig.model_validate({**self.retrain.model_dump(),
+                                             **self.tuning.strict_retrain})
 
     @classmethod
     def from_file(cls, path: str | Path) -> HealingPolicy:
@@ -359,7 +427,7 @@ class HealingController:
                                       message=f"monitor failed: {type(exc).__name__}: {exc}"))
         actions: list[ActionRecord] = []
         chooser = self._adaptive_begin(st["cursor"], upto)
-        retrain_req: tuple[Signal, dict[str, Any]] | None = None
+        retrain_req: tuple[Signal, dict[str, Any], bool] | None = None
         was_firing: dict[str, int] = st["firing"]
         firing: dict[str, int] = {}
         for sig in signals:
@@ -411,36 +479,44 @@ class HealingController:
                     actions.append(self._switch("champion", sig, evidence))
                 elif a == "quarantine_client":
                     actions.append(self._quarantine(sig, evidence))
-                elif a == "retrain":
+                elif a in ("retrain", "retrain_strict"):
                     if retrain_req is None:  # after every quarantine of this step
-                        retrain_req = (sig, evidence)
+                        retrain_req = (sig, evidence, a == "retrain_strict")
+                elif a in TUNING_ACTIONS:
+                    actions.append(self._tune(a, sig, evidence))
         self._resolve(was_firing, firing)
         if retrain_req is not None:
-            rec, promoted = self._retrain(retrain_req[0], retrain_req[1], upto)
+            rec, promoted = self._retrain(retrain_req[0], retrain_req[1], upto,
+                                          strict=retrain_req[2])
             actions.append(rec)
             if promoted:
                 baseline = upto
                 if self._default_monitors:
                     self._monitors = None  # rebuilt for the new champion
-        # traffic on the fallback goes back to the champion after enough quiet steps of
-        # every monitor whose rule switched it there
+        # traffic on the fallback goes back to the champion, and the guard's tuning back
+        # to normal, after enough quiet steps of every monitor whose rule (or arm) may
+        # have switched or tuned it
         quiet = st["quiet_steps"]
-        if self.store.get_state(STATE_TRAFFIC, "champion") == "fallback" and \
-                self.policy.return_to_champion_after > 0:
+        on_fallback = self.store.get_state(STATE_TRAFFIC, "champion") == "fallback"
+        tuned = not GuardTuning.read(self.store).is_default
+        if (on_fallback or tuned) and self.policy.return_to_champion_after > 0:
+            moves = ("switch_to_fallback", *TUNING_ACTIONS)
             switchers = {r.monitor for r in self.policy.rules
-                         if "switch_to_fallback" in r.actions}
+                         if any(a in r.actions for a in moves)}
             if chooser is not None:
                 switchers |= {m for m, arms in self.policy.adaptive.actions.items()
-                              if "switch_to_fallback" in arms}
+                              if any(a in arms for a in moves)}
             loud = [s for s in signals if s.fired and s.monitor in switchers]
             quiet = 0 if loud else quiet + 1
             if quiet >= self.policy.return_to_champion_after:
                 calm = Signal(monitor="healing", fired=True,
                               message=f"{', '.join(sorted(switchers))} quiet for {quiet} "
                                       "steps")
-                actions.append(self._switch("champion", calm,
-                                            {"quiet_steps": quiet,
-                                             "monitors": sorted(switchers)}))
+                calm_ev = {"quiet_steps": quiet, "monitors": sorted(switchers)}
+                if on_fallback:
+                    actions.append(self._switch("champion", calm, calm_ev))
+                if tuned:
+                    actions.append(self._tune("reset_tuning", calm, calm_ev))
                 quiet = 0
         else:
             quiet = 0
@@ -516,7 +592,9 @@ class HealingController:
                     fb = None
                 if fb is None:
                     why = "no 'fallback' alias in the registry"
-            elif arm == "retrain":
+            elif arm in TUNING_ACTIONS:
+                why = self._tuning_refusal(arm)
+            elif arm in ("retrain", "retrain_strict"):
                 st = self.state()
                 fs = self.feedback_set(after_id=0, upto_id=upto)
                 new = sum(1 for i in fs.ids if i > st["last_retrain_feedback_id"])
@@ -611,6 +689,75 @@ class HealingController:
         return self._audit("quarantine_client", sig.monitor, True,
                            f"client {c} quarantined: {sig.message}", evidence, c)
 
+    def _squeeze_cost(self) -> tuple[float, float]:
+        """The champion's accuracy on the trusted holdout without and with squeezing to
+        ``tuning.squeeze_bits`` bits (cached per champion version and bit depth)."""
+        bits = self.policy.tuning.squeeze_bits
+        champ, cv, path = self._champion_model()
+        shutil.rmtree(path, ignore_errors=True)
+        key = (cv, bits)
+        cache = getattr(self, "_squeeze_acc", {})
+        if key not in cache:
+            xh, yh = self.retrain.x_hold, self.retrain.y_hold
+            bounds = tuple(getattr(champ, "bounds", ()))
+            plain = float((np.asarray(champ.predict_proba(xh)).argmax(1) == yh).mean())
+            sq = float((np.asarray(champ.predict_proba(squeeze_inputs(xh, bits, bounds)))
+                        .argmax(1) == yh).mean())
+            cache = {key: (plain, sq)}
+            self._squeeze_acc = cache
+        return cache[key]
+
+    def _tuning_refusal(self, action: str) -> str | None:
+        """Why ``action`` would change nothing or cost more than the gates allow
+        (``None``: it may be taken)."""
+        t, tun = GuardTuning.read(self.store), self.policy.tuning
+        if action == "lower_threshold" and t.fpr_scale * tun.step > tun.max_fpr_scale + 1e-9:
+            return f"thresholds already at the lowest allowed (fpr scale {t.fpr_scale:g})"
+        if action == "raise_threshold" and t.fpr_scale / tun.step < tun.min_fpr_scale - 1e-9:
+            return f"thresholds already at the highest allowed (fpr scale {t.fpr_scale:g})"
+        if action == "squeeze_on":
+            if t.squeeze_bits is not None:
+                return f"inputs are already squeezed ({t.squeeze_bits} bits)"
+            try:
+                plain, sq = self._squeeze_cost()
+            except BastionError as exc:
+                return str(exc)
+            if plain - sq > self.policy.retrain.margin:
+                return (f"squeezing to {tun.squeeze_bits} bits costs the champion "
+                        f"{plain - sq:.3f} holdout accuracy ({plain:.3f} -> {sq:.3f}), more "
+                        f"than the gates' margin {self.policy.retrain.margin}")
+        return None
+
+    def _tune(self, action: str, sig: Signal, evidence: dict[str, Any]) -> ActionRecord:
+        """Change the guard's tuning (``reset_tuning``: back to the default)."""
+        before = GuardTuning.read(self.store)
+        if action == "reset_tuning":
+            after = GuardTuning()
+        else:
+            why = self._tuning_refusal(action)
+            if why is not None:
+                return self._audit(action, sig.monitor, False, why, evidence, sig.client_id)
+            step = self.policy.tuning.step
+            if action == "lower_threshold":
+                after = before.model_copy(update={"fpr_scale": before.fpr_scale * step})
+            elif action == "raise_threshold":
+                after = before.model_copy(update={"fpr_scale": before.fpr_scale / step})
+            else:
+                after = before.model_copy(
+                    update={"squeeze_bits": self.policy.tuning.squeeze_bits})
+                evidence = {**evidence, "holdout_accuracy": dict(zip(
+                    ("plain", "squeezed"), self._squeeze_cost(), strict=True))}
+        self.store.set_state(STATE_TUNING, after.model_dump(mode="json"))
+        self.store.append(ev.MODEL_CHANGE, {"type": "tuning", "action": action,
+                                            "from": before.model_dump(mode="json"),
+                                            "to": after.model_dump(mode="json"),
+                                            "reason": sig.message, "actor": ACTOR})
+        return self._audit(action, sig.monitor, True,
+                           f"guard tuning {before.model_dump(mode='json')} -> "
+                           f"{after.model_dump(mode='json')}: {sig.message}",
+                           {**evidence, "tuning_before": before.model_dump(mode="json"),
+                            "tuning_after": after.model_dump(mode="json")}, sig.client_id)
+
     def feedback_set(self, *, after_id: int, upto_id: int) -> FeedbackSet:
         """The latest labelled answers (inputs from the prediction events) with the client
         each label came from, without those of quarantined clients (retroactively: a
@@ -644,8 +791,21 @@ class HealingController:
         fs = self.feedback_set(after_id=after_id, upto_id=upto_id)
         return fs.x, fs.y, fs.ids
 
-    def _retrain(self, sig: Signal, evidence: dict[str, Any], upto: int
-                 ) -> tuple[ActionRecord, bool]:
+    def _retrain(self, sig: Signal, evidence: dict[str, Any], upto: int, *,
+                 strict: bool = False) -> tuple[ActionRecord, bool]:
+        if not strict:
+            return self._retrain_once(sig, evidence, upto, "retrain")
+        saved = self.retrain.config
+        self.retrain.config = self.policy.strict_retrain_config()
+        try:
+            return self._retrain_once(sig, {**evidence, "strict_retrain":
+                                            dict(self.policy.tuning.strict_retrain)},
+                                      upto, "retrain_strict")
+        finally:
+            self.retrain.config = saved
+
+    def _retrain_once(self, sig: Signal, evidence: dict[str, Any], upto: int, name: str
+                      ) -> tuple[ActionRecord, bool]:
         st = self.state()
         fs = self.feedback_set(after_id=0, upto_id=upto)
         x, y, ids = fs.x, fs.y, fs.ids
@@ -653,11 +813,11 @@ class HealingController:
         base_ev = {**evidence, "n_feedback": len(y), "new_feedback_since_last_retrain": new_since,
                    "excluded_quarantined": fs.excluded_quarantined}
         if len(y) < self.policy.min_feedback_for_retrain:
-            return self._audit("retrain", sig.monitor, False,
+            return self._audit(name, sig.monitor, False,
                                f"retrain deferred: {len(y)} labelled answers with logged inputs, "
                                f"need {self.policy.min_feedback_for_retrain}", base_ev), False
         if st["last_retrain_feedback_id"] and new_since < self.policy.retrain_cooldown:
-            return self._audit("retrain", sig.monitor, False,
+            return self._audit(name, sig.monitor, False,
                                f"retrain skipped: only {new_since} new labelled answers since "
                                f"the last attempt (cooldown {self.policy.retrain_cooldown})",
                                base_ev), False
@@ -685,7 +845,7 @@ class HealingController:
                          "excluded_quarantined": fs.excluded_quarantined})
             ev_ = {**base_ev, "champion": cv, "retrain": summary, "gates": gates}
             if not result.passed:
-                return self._audit("retrain", sig.monitor, False,
+                return self._audit(name, sig.monitor, False,
                                    f"candidate refused, never registered, champion v{cv} "
                                    f"kept: {result.reason}", ev_), False
             out = Path(tempfile.mkdtemp(prefix="bastion-candidate-"))
@@ -709,11 +869,11 @@ class HealingController:
                 self.store.append(ev.MODEL_CHANGE, {
                     "type": "traffic", "to": "champion", "from": "fallback",
                     "reason": f"new champion v{v}", "actor": ACTOR})
-            return self._audit("retrain", sig.monitor, True,
+            return self._audit(name, sig.monitor, True,
                                f"candidate v{v} passed every gate and is the champion "
                                f"(v{cv} is previous)", {**ev_, "new_version": v}), True
         except Exception as exc:  # a crashed retrain leaves the champion untouched
-            return self._audit("retrain", sig.monitor, False,
+            return self._audit(name, sig.monitor, False,
                                f"retrain crashed, champion kept: {type(exc).__name__}: {exc}",
                                {**base_ev, "error": f"{type(exc).__name__}: {exc}",
                                 "traceback": traceback.format_exc(limit=5)[-2000:]}), False

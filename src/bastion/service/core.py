@@ -40,6 +40,7 @@ from bastion.runtime.guard import (
     CheckedTexts,
     GuardDecision,
     GuardedModel,
+    GuardTuning,
     check_inputs,
     check_texts,
     is_text,
@@ -989,6 +990,10 @@ class BastionService:
     # -- views ----------------------------------------------------------------------
     def traffic(self) -> str:
         return str(self.store.get_state(STATE_TRAFFIC, "champion"))
+
+    def tuning(self) -> dict[str, Any]:
+        """The guard's run-time tuning set by the healing controller."""
+        return GuardTuning.read(self.store).model_dump(mode="json")
 
     def quarantined(self) -> list[str]:
         return sorted(str(c) for c in (self.store.get_state(STATE_QUARANTINE, []) or []))

@@ -84,6 +84,8 @@ class KnnOutlierDetector:
     def calibrate(self, x_clean: Any, *, fpr: float = 0.01) -> KnnOutlierDetector:
         s = self.score(x_clean)
         self.threshold_ = float(np.quantile(s, 1.0 - float(fpr)))
+        self.fpr_ = float(fpr)
+        self.cal_scores_ = np.sort(np.asarray(s, dtype=np.float64))
         return self
 
     def predict(self, x: Any) -> np.ndarray:

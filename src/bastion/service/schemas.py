@@ -158,6 +158,9 @@ class HealthResponse(BaseModel):
     thresholds: dict[str, float | None] = Field(
         description="Each check's threshold: a score above it fires.")
     quarantined_clients: list[str]
+    tuning: dict[str, Any] = Field(
+        default_factory=dict, description="The guard's run-time tuning the healing "
+        "controller set (fpr_scale, squeeze_bits); reader or admin only.")
     events: int
     admin_routes: bool
     auth: Literal["keys", "open"] = Field(
