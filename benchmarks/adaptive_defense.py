@@ -91,6 +91,12 @@ def policies() -> dict[str, Any]:
         "fixed: quarantine + fallback + retrain": (
             rules(["quarantine_client", "switch_to_fallback"], ["switch_to_fallback"],
                   ["retrain"], ["retrain"]), None),
+        # every action at once: the tuning arms too (thresholds down, squeezing on,
+        # stricter screening)
+        "fixed: every action": (
+            rules(["quarantine_client", "switch_to_fallback", "lower_threshold",
+                   "squeeze_on"], ["switch_to_fallback", "lower_threshold", "squeeze_on"],
+                  ["retrain_strict"], ["retrain_strict"]), None),
         # the bandit on top of the default rules: their action is its prior
         "adaptive (bandit)": (rules(["quarantine_client"], ["switch_to_fallback"], [],
                                     ["retrain"]), AdaptiveSettings(enabled=True)),
