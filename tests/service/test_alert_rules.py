@@ -35,7 +35,7 @@ def unit_file(tmp_path: Path, rules: Path, text: str | None = None) -> Path:
 def test_rules_file_is_valid_and_its_unit_tests_pass(tmp_path):
     r = promtool("check", "rules", str(rules_path()))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 8 rules found" in r.stdout
+    assert "SUCCESS: 9 rules found" in r.stdout
     r = promtool("test", "rules", str(unit_file(tmp_path, rules_path())))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout

@@ -63,6 +63,8 @@ def test_service_delivers_alerts_and_a_dead_receiver_blocks_nothing(
             assert 'bastion_alert_deliveries_total{outcome="failed",receiver="dead"} 2.0' in text
             assert "bastion_event_store_errors_total 0.0" in text
             assert "bastion_traffic_on_fallback 0.0" in text
+            assert "bastion_guard_fpr_scale 1.0" in text
+            assert "bastion_guard_squeeze_bits 0.0" in text
             assert len(hang.posts) == 1  # still waiting on the first attempt
         finally:
             store.close()

@@ -951,6 +951,9 @@ class BastionService:
         q = self.store.get_state(STATE_QUARANTINE, []) or []
         self.metrics.quarantined.set(len(q))
         self.metrics.fallback_active.set(1.0 if self.traffic() == "fallback" else 0.0)
+        tuning = GuardTuning.read(self.store)
+        self.metrics.fpr_scale.set(tuning.fpr_scale)
+        self.metrics.squeeze_bits.set(tuning.squeeze_bits or 0)
 
     def _loop(self) -> None:
         c = self.config

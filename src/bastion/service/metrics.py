@@ -85,6 +85,13 @@ class ServiceMetrics:
 
         self.fallback_active = Gauge("bastion_traffic_on_fallback",
                                      "1 while traffic goes to the fallback model", registry=r)
+        self.fpr_scale = Gauge("bastion_guard_fpr_scale",
+                               "Factor on every detector's calibrated false-positive rate "
+                               "set by the healing controller (1: as calibrated)",
+                               registry=r)
+        self.squeeze_bits = Gauge("bastion_guard_squeeze_bits",
+                                  "Bit depth inputs are squeezed to before a model answers "
+                                  "(0: no squeezing)", registry=r)
         self.deliveries = Counter("bastion_alert_deliveries_total",
                                   "Alert delivery attempts by receiver and outcome "
                                   "(delivered, retrying, failed, dropped, abandoned, "
