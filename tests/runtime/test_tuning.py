@@ -68,6 +68,8 @@ def test_squeeze_inputs_quantises_within_bounds():
     two = squeeze_inputs(x, 2, (0.0, 1.0))
     assert np.allclose(two * 3, np.round(two * 3)) and two.dtype == np.float32
     assert squeeze_inputs(x, 2, (-np.inf, np.inf)) is x  # nothing to quantise against
+    for bounds in ((), (0.0,), (np.zeros(7), np.ones(7)), ("a", "b"), (1.0, 0.0)):
+        assert squeeze_inputs(x, 2, bounds) is x
     assert np.allclose(squeeze_inputs(np.array([[2.0, 4.0]]), 1, (2.0, 4.0)), [[2.0, 4.0]])
 
 

@@ -75,9 +75,12 @@ class GuardTuning(BaseModel):
 
 def squeeze_inputs(a: np.ndarray, bits: int, bounds: tuple[Any, ...]) -> np.ndarray:
     """``a`` (inside ``bounds``) quantised to ``2**bits`` levels per feature; unchanged
-    when the bounds are not finite (nothing to quantise against)."""
-    lo, hi = (float(bounds[0]), float(bounds[1])) if len(bounds) == 2 else (-np.inf, np.inf)
-    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+    when the bounds are not one finite range (nothing to quantise against)."""
+    try:
+        lo, hi = float(bounds[0]), float(bounds[1])
+    except (TypeError, ValueError, IndexError):  # no scalar range (e.g. per-feature)
+        return a
+    if len(bounds) != 2 or not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
         return a
     levels = 2 ** int(bits) - 1
     u = np.clip((np.asarray(a, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
