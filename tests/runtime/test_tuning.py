@@ -249,3 +249,11 @@ def test_bad_tuning_settings_are_one_clear_error(tmp_path):
     p.write_text("rules:\n  - monitor: alert_rate\n    actions: [squeeze_on, raise_threshold]\n")
     assert HealingPolicy.from_file(p).actions_for("alert_rate") == ["squeeze_on",
                                                                     "raise_threshold"]
+
+
+def test_no_default_arm_weakens_the_guard():
+    # outcomes come from client labels: an arm that flags less would be steerable by an
+    # attacker labelling its own flagged inputs; it is opt-in only
+    arms = AdaptiveSettings().actions
+    assert all("raise_threshold" not in a for a in arms.values())
+    assert any("lower_threshold" in a for a in arms.values())

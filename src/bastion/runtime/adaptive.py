@@ -59,13 +59,14 @@ STATE_ADAPTIVE = "adaptive"
 __all__ = ["AdaptiveChooser", "AdaptiveSettings", "observed_harm"]
 
 
+#: ``raise_threshold`` is no default arm: outcomes are read from client labels, and an
+#: attacker who labels its own flagged inputs as answered wrongly by the fallback could
+#: talk the bandit into flagging less. A policy may still name it (rule or arm).
 def _default_arms() -> dict[str, list[Arm]]:
     return {"client_alert_rate": ["none", "quarantine_client", "switch_to_fallback",
                                   "lower_threshold", "squeeze_on"],
-            "alert_rate": ["none", "switch_to_fallback", "lower_threshold", "raise_threshold",
-                           "squeeze_on"],
-            "input_drift": ["none", "switch_to_fallback", "retrain", "retrain_strict",
-                            "raise_threshold"],
+            "alert_rate": ["none", "switch_to_fallback", "lower_threshold", "squeeze_on"],
+            "input_drift": ["none", "switch_to_fallback", "retrain", "retrain_strict"],
             "accuracy": ["none", "retrain", "retrain_strict", "switch_to_fallback",
                          "squeeze_on"]}
 
