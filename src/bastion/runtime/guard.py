@@ -82,9 +82,12 @@ def squeeze_inputs(a: np.ndarray, bits: int, bounds: tuple[Any, ...]) -> np.ndar
         return a
     if len(bounds) != 2 or not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
         return a
-    levels = 2 ** int(bits) - 1
-    u = np.clip((np.asarray(a, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
-    return (np.round(u * levels) / levels * (hi - lo) + lo).astype(np.float32)
+    import torch
+
+    from bastion.defend.squeeze import reduce_bit_depth
+
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return reduce_bit_depth(t, int(bits), (lo, hi)).numpy()
 
 
 class InputError(DataError):
