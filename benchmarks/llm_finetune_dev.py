@@ -83,15 +83,9 @@ class FineTuned:
         self.torch = torch
 
     def batch(self, texts: list[str]) -> tuple[Any, Any]:
-        torch = self.torch
-        encs = self.tok.encode_batch(texts)
-        n = max(len(e.ids) for e in encs)
-        ids = torch.zeros((len(encs), n), dtype=torch.long)
-        mask = torch.zeros((len(encs), n), dtype=torch.long)
-        for j, e in enumerate(encs):
-            ids[j, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-            mask[j, : len(e.ids)] = 1
-        return ids, mask
+        from bastion.llm.embed import padded_batch
+
+        return padded_batch(self.tok, texts)
 
     def logits(self, texts: list[str]) -> Any:
         ids, mask = self.batch(texts)

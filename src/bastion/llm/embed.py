@@ -48,6 +48,7 @@ __all__ = [
     "embedder_name",
     "get_embedder",
     "layers_of",
+    "padded_batch",
 ]
 
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
@@ -186,15 +187,24 @@ class _Encoder:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
-                encs = self.tok.encode_batch(texts[i : i + batch_size])
-                length = max(len(e.ids) for e in encs)
-                ids = torch.zeros((len(encs), length), dtype=torch.long)
-                mask = torch.zeros((len(encs), length), dtype=torch.long)
-                for j, e in enumerate(encs):
-                    ids[j, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-                    mask[j, : len(e.ids)] = 1
+                ids, mask = padded_batch(self.tok, texts[i : i + batch_size])
                 out.append(self._forward(ids, mask).float().numpy())
         return np.concatenate(out) if out else np.zeros((0, DIM), dtype=np.float32)
+
+
+def padded_batch(tok: Any, texts: list[str]) -> tuple[Any, Any]:
+    """Word-piece ids and attention mask of ``texts`` (a ``tokenizers`` tokenizer),
+    zero-padded to the longest: two ``(n, length)`` long tensors."""
+    import torch
+
+    encs = tok.encode_batch(texts)
+    length = max(len(e.ids) for e in encs)
+    ids = torch.zeros((len(encs), length), dtype=torch.long)
+    mask = torch.zeros((len(encs), length), dtype=torch.long)
+    for j, e in enumerate(encs):
+        ids[j, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        mask[j, : len(e.ids)] = 1
+    return ids, mask
 
 
 def _bf16_fast() -> bool:
