@@ -4,10 +4,11 @@ accuracy before and after (``bastion.defend.text_augment``).
     .venv/bin/python benchmarks/bench_text_harden.py --model ROUTER_DIR [--n 150]
         [--split test|val] [--opt KEY=VALUE ...] [--save DIR | --hardened DIR]
 
-Hardens the router with ``augment_text_model`` (its defaults: 2 rounds, each attacking
-fresh training texts with the word and character attacks against the current model, the
-top encoder layer and the head fine-tuned on all training texts plus every adversarial
-text found; ``--opt`` overrides, e.g. ``--opt tune_layers=0`` for the head-only refit),
+Hardens the router with ``augment_text_model`` (its defaults: the top encoder layer and
+the head fine-tuned for 3 epochs on all training texts plus two fresh random neighbour
+swaps of each every epoch; ``--opt`` overrides, e.g. ``--opt n_attack=1000 --opt
+rounds=2`` adds rounds of adversarial texts found by attacking the current model,
+``--opt tune_layers=0 --opt n_attack=1000`` the head-only refit),
 or evaluates a router already hardened that way (``--hardened DIR``, e.g. the folder
 ``--save`` wrote: hardening reads only the training split, so one hardened model serves
 the validation run that chose the settings and the test run). Then measures clean

@@ -87,6 +87,7 @@ def test_harden_text_model_by_augmentation(trained, capsys):
     out = tmp / "hardened"
     assert run(["harden", "--model", str(model_dir), "--data", spec, "--method", "augment",
                 "--out", str(out), "--limit", "6", "--opt", "n_attack=12",
+                "--opt", "rounds=2", "--opt", "epochs=1",
                 "--opt", "max_queries=40", "--no-track"]) == 0
     rep = json.loads((out / "report.json").read_text())
     evals = {"word", "char", "hotflip"}
@@ -94,8 +95,11 @@ def test_harden_text_model_by_augmentation(trained, capsys):
     assert set(rep["after"]["success_rate"]) == evals
     for side in ("before", "after"):
         assert all(0.0 <= v <= 1.0 for v in rep[side]["success_rate"].values())
-    assert rep["augmentation"]["attacked"] == 24  # two rounds of 12 (the default)
+    assert rep["augmentation"]["attacked"] == 24  # two rounds of 12
     assert rep["augmentation"]["tune_layers"] == 1
+    # the default random neighbour swaps ran each epoch of both rounds
+    assert rep["augmentation"]["swaps"] == 2
+    assert [len(r["swaps"]) for r in rep["augmentation"]["rounds"]] == [1, 1]
     meta = json.loads((out / "model" / "bastion-text-model.json").read_text())
     assert meta["fine_tuned"] and (out / "model" / "encoder.safetensors").is_file()
     # the saved model is the evaluated one: same clean accuracy on the same seeded texts

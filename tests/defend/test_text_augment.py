@@ -78,3 +78,78 @@ def test_rounds_attack_the_updated_model():
     assert [r["attacked"] for r in info["rounds"]] == [16, 16]
     assert info["attacked"] == 32
     assert info["adversarial_added"] == sum(r["found"]["char"] for r in info["rounds"])
+
+
+def test_random_swaps_stay_inside_the_attack_constraints():
+    """Every swap keeps stop words and entities, changes at most the word limit, keeps the
+    sentence similarity, carries its source's label, and is seeded."""
+    from bastion.attacks.text.base import Similarity, TextConstraints, split_words
+    from bastion.defend.text_augment import random_swaps
+
+    texts = ["please tell me how to book a flight to Paris tomorrow morning",
+             "what is the balance of my checking account",
+             "the and of",  # stop words only: nothing to swap
+             "set an alarm for 7 am"]
+    labels = np.array([3, 1, 2, 0])
+    cons = TextConstraints()
+    out = random_swaps(texts, labels, copies=6, seed=5, constraints=cons)
+    assert out == random_swaps(texts, labels, copies=6, seed=5, constraints=cons)
+    assert out and all(src != 2 for _, _, src in out)
+    sim = Similarity()
+    for text, lab, src in out:
+        assert lab == labels[src] and text != texts[src]
+        a, b = split_words(texts[src]), split_words(text)
+        assert len(a) == len(b)
+        changed = [i for i in range(1, len(a), 2) if a[i] != b[i]]
+        assert 1 <= len(changed) <= cons.max_changes(len(a) // 2)
+        assert set(changed) <= set(cons.editable(a))  # no stop word, "Paris", "7" changed
+        assert sim(texts[src], [text])[0] >= cons.min_similarity - 1e-5
+    loose = random_swaps(texts, labels, copies=6, seed=5,
+                         constraints=TextConstraints(min_similarity=0.0))
+    assert len(loose) >= len(out)
+
+
+@pytest.mark.parametrize("opts,needle", [
+    ({"n_attack": 0, "swaps": 0}, "nothing to train on"),
+    ({"swaps": 2, "tune_layers": 0}, "swaps needs tune_layers"),
+    ({"char_share": 1.5}, "char_share must be"),
+    ({"swaps": -1}, "swaps must be a whole number")])
+def test_bad_swap_options_are_refused(opts, needle):
+    from bastion.defend.text_augment import augment_text_model
+    from bastion.models.text import MeanPoolTextModel
+
+    model = MeanPoolTextModel.__new__(MeanPoolTextModel)
+    model.layers = 3
+    with pytest.raises(BastionError, match=needle):
+        augment_text_model(model, ["a"], [0], **opts)
+
+
+@pytest.mark.slow
+def test_swaps_alone_make_the_model_steadier_under_swaps():
+    """With no attack at all (n_attack=0), training on random neighbour swaps shrinks how
+    much held-out swaps lower the true class's probability, and answers more of them
+    correctly."""
+    from bastion.data import load_data
+    from bastion.defend.text_augment import augment_text_model, random_swaps
+    from bastion.models.text import train_text_intent
+
+    ds = load_data(f"clinc150:{CLINC}?intents=10&oos=0")
+    keep = np.concatenate([np.flatnonzero(ds.y_train == k)[:20] for k in range(10)])
+    x, y = ds.x_train[keep], ds.y_train[keep]
+    model, _ = train_text_intent(x, y, n_classes=10, layers=1, epochs=8)
+    hardened, info = augment_text_model(model, x, y, n_attack=0, swaps=4, tune_layers=1,
+                                        epochs=4, lr=2e-4)
+    assert info["attacked"] == 0 and info["adversarial_added"] == 0
+    assert len(info["rounds"][0]["swaps"]) == 4 and min(info["rounds"][0]["swaps"]) > 100
+    xt, yt = [str(t) for t in ds.x_test], np.asarray(ds.y_test)
+    held = random_swaps(xt, yt, copies=3, seed=99)  # test texts: never trained on
+    texts = [t for t, _, _ in held]
+    src = np.array([s for _, _, s in held])
+
+    def steadiness(m):
+        p0, p = m.predict_proba(xt), m.predict_proba(texts)
+        gap = float((p0[src, yt[src]] - p[np.arange(len(src)), yt[src]]).mean())
+        return gap, float((p.argmax(1) == yt[src]).mean())
+
+    (gap0, acc0), (gap1, acc1) = steadiness(model), steadiness(hardened)
+    assert gap1 < gap0 and acc1 > acc0, (gap0, gap1, acc0, acc1)

@@ -101,9 +101,11 @@ def register(app: typer.Typer) -> None:
                                          help="Smoothing: L2 radii to certify."),
         opt: list[str] | None = typer.Option(
             None, "--opt", help="Any other method option KEY=VALUE (repeatable). augment "
-            "(text): n_attack (training texts attacked per round, 1000), rounds (2), "
-            "max_queries (per attacked text, 100), tune_layers (top encoder layers "
-            "fine-tuned with the head, 1; 0 = head only), epochs, lr, consistency."),
+            "(text): swaps (random neighbour swaps of each training text per epoch, 2), "
+            "char_share (of swapped words given a typo, 0.3), epochs (3), lr (2e-4), "
+            "tune_layers (top encoder layers fine-tuned with the head, 1; 0 = head "
+            "only), n_attack (training texts attacked per round, 0), rounds (1), "
+            "max_queries (per attacked text, 100), consistency."),
         label_column: str = typer.Option("label", "--label-column"),
         seed: int = c.SeedOpt,
         engine: str = typer.Option("local", "--engine", help="local, or ray: adversarial "
