@@ -89,12 +89,13 @@ def test_random_swaps_stay_inside_the_attack_constraints():
     texts = ["please tell me how to book a flight to Paris tomorrow morning",
              "what is the balance of my checking account",
              "the and of",  # stop words only: nothing to swap
-             "set an alarm for 7 am"]
-    labels = np.array([3, 1, 2, 0])
+             "set an alarm for 7 am",
+             "", "\U0001f642\U0001f642 ???", "x" * 5000]  # hostile rows: nothing, no crash
+    labels = np.array([3, 1, 2, 0, 4, 5, 6])
     cons = TextConstraints()
     out = random_swaps(texts, labels, copies=6, seed=5, constraints=cons)
     assert out == random_swaps(texts, labels, copies=6, seed=5, constraints=cons)
-    assert out and all(src != 2 for _, _, src in out)
+    assert out and all(src in (0, 1, 3) for _, _, src in out)
     sim = Similarity()
     for text, lab, src in out:
         assert lab == labels[src] and text != texts[src]
