@@ -187,7 +187,7 @@ def augment_text_model(model: Any, x_train: Any, y_train: Any, *, n_attack: int 
     search space and constraints; ``char_share``, default 0.3, of the changed words get a
     character edit instead). The defaults (swaps alone, 3 epochs at 2e-4) were chosen on
     CLINC's validation split against the adversarial rounds (``benchmarks/README.md``)."""
-    from bastion.attacks.text import get_text_attack
+    from bastion.attacks.text import TextConstraints, get_text_attack
     from bastion.models.text import MeanPoolTextModel, fit_head, pooled_features
 
     if not isinstance(model, MeanPoolTextModel):
@@ -233,8 +233,6 @@ def augment_text_model(model: Any, x_train: Any, y_train: Any, *, n_attack: int 
     if tune_layers > 0:
         hardened.fine_tuned = True
     adv: list[tuple[str, int, int]] = []  # (adversarial text, true label, source index)
-    from bastion.attacks.text.base import TextConstraints
-
     cons = TextConstraints(**{k: v for k, v in constraints.items()
                               if k in TextConstraints.__dataclass_fields__})
     per_round: list[dict[str, Any]] = []
@@ -374,7 +372,8 @@ def harden_text(model: Any, ds: Any, *, method: str, out: Any, limit: int | None
            "augmentation": info}
     paths = {"json": out / "report.json", "html": out / "report.html", "model": out / "model"}
     write_json_atomic(paths["json"], json.loads(json.dumps(doc)))
-    page = HtmlPage("Text hardening: adversarial augmentation", subtitle=model_label)
+    page = HtmlPage("Text hardening: augmentation (neighbour swaps, adversarial texts)",
+                    subtitle=model_label)
     page.table([[k, b.clean_accuracy, a.clean_accuracy, b.success_rate.get(k, 0.0),
                  a.success_rate.get(k, 0.0)] for k in evals],
                ["attack", "clean before", "clean after", "success before", "success after"])
