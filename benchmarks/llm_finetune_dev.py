@@ -211,6 +211,19 @@ def run_fold(F: dict[str, Any], f: dict[str, Any], args: argparse.Namespace) -> 
     }
 
 
+
+def _times(fn: Any, n: int, warmup: int = 10) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
 def latency(n: int = 200) -> dict[str, Any]:
     """Median seconds to score one 500-character text, 1 thread: the fine-tuned 3-layer
     model (tokenize + forward + head) and the shipped 3-layer embedder (encode only)."""
@@ -230,24 +243,12 @@ def latency(n: int = 200) -> dict[str, Any]:
     m.bert.eval()
     out: dict[str, Any] = {"chars": len(text), "runs": n, "threads": torch.get_num_threads()}
     with torch.inference_mode():
-        for _ in range(10):
-            m.logits([text])
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            m.logits([text])
-            ts.append(time.perf_counter() - t)
+        ts = _times(lambda: m.logits([text]), n)
     out["finetuned_ms_median"] = 1000 * float(np.median(ts))
     out["finetuned_ms_p90"] = 1000 * float(np.percentile(ts, 90))
     emb = Embedder(dtype="float32")
-    for _ in range(10):
-        emb.encode([text])
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        emb.encode([text])
-        ts.append(time.perf_counter() - t)
-    out["shipped_embedder_ms_median"] = 1000 * float(np.median(ts))
+    out["shipped_embedder_ms_median"] = 1000 * float(np.median(
+        _times(lambda: emb.encode([text]), n)))
     out["n_tokens"] = len(m.tok.encode(text).ids)
     return out
 
